@@ -1,0 +1,5 @@
+import sys
+
+from multitoken.cli import main
+
+sys.exit(main())

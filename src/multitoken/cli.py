@@ -1,0 +1,148 @@
+"""``multitoken`` command line. Flags are generated from the config dataclasses, so the CLI and the
+Python API share one copy of every default; a ``--config`` file (JSON or TOML, keys = flag names)
+sits between the defaults and the flags given on the command line.
+
+Bad input prints one line, ``multitoken: error: --flag: what is wrong``, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+from multitoken.config import HeadConfig, TrainConfig, read_config_file
+from multitoken.errors import MultitokenError
+
+EXIT_USAGE = 2
+
+
+def _base_type(annotation) -> type:
+    """``int | None`` -> int, ``list[str]`` -> list."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    return origin or annotation
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One flag per field; the default shown is the dataclass's (the parser's is SUPPRESS, so
+    only flags the user typed override the config file)."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "heads":
+            continue
+        meta = f.metadata
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        kind = _base_type(hints[f.name])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = meta.get("help", "")
+        if default not in (None, [], ""):
+            help_text += f" (default: {default})"
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is list:
+            kwargs.update(nargs="+", action="extend", metavar="PATH")
+        else:
+            kwargs["type"] = kind
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]
+        group.add_argument(flag, **kwargs)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, exit 2, like every other error
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="multitoken",
+        description="Multi-token prediction: train MTP heads (bpd, meta, deepseek) on a causal LM.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser(
+        "train",
+        help="train a trunk with MTP heads",
+        description="Train a causal LM with multi-token-prediction heads. Example: multitoken "
+        "train --preset tiny --family deepseek --depth 2 --max-steps 300 --out runs/x",
+    )
+    train.add_argument(
+        "--config",
+        metavar="FILE",
+        help="JSON or TOML file of options (keys are flag names); flags win",
+    )
+    add_dataclass_flags(train, HeadConfig, "heads")
+    add_dataclass_flags(train, TrainConfig, "training")
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
+    fit = tok_sub.add_parser("train", help="fit a byte-level BPE tokenizer on a corpus")
+    fit.add_argument(
+        "--data",
+        nargs="+",
+        action="extend",
+        metavar="PATH",
+        help="text files, folders, globs or .jsonl (default: Python stdlib source)",
+    )
+    fit.add_argument("--vocab-size", type=int, default=8192, help="(default: 8192)")
+    fit.add_argument("--out", required=True, help="tokenizer.json to write")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from multitoken.trainer import run
+
+    values = read_config_file(args.config) if args.config else {}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    values.update(given)
+    result = run(TrainConfig.from_dict(values))
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _cmd_tokenizer(args: argparse.Namespace) -> int:
+    from multitoken.data import Corpus, iter_texts
+    from multitoken.tokenizer import train_bpe
+
+    corpus = Corpus.from_specs(args.data or None)
+    out = Path(args.out)
+    if out.is_dir():
+        raise MultitokenError(
+            f"{out} is a folder; give a file name such as tokenizer.json", "--out"
+        )
+    files = sorted(set(corpus.train_files) | set(corpus.val_files))  # one file may serve both
+    tok = train_bpe(iter_texts(files), args.vocab_size, out)
+    print(f"wrote {out} ({tok.vocab_size} tokens)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from multitoken.trainer import NonFiniteLoss
+
+    try:
+        if args.command == "train":
+            return _cmd_train(args)
+        return _cmd_tokenizer(args)
+    except MultitokenError as exc:
+        print(f"multitoken: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteLoss as exc:
+        print(f"multitoken: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("multitoken: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Typed configuration: trunk presets, head config, training config — validated in one place.
+
+Every default lives in a dataclass field here. The CLI builds its flags from these fields
+(``multitoken.cli``), config files name the same fields, and ``multitoken.train(**kwargs)`` takes
+them as keyword arguments, so there is exactly one copy of each default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from multitoken.errors import MultitokenError
+
+FAMILIES = ("bpd", "meta", "deepseek")
+
+
+# --------------------------------------------------------------------------------------------
+# Trunk presets (from-scratch trunks are plain Llama configs)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrunkPreset:
+    """Shape of a from-scratch Llama trunk. Parameter counts are for the byte-level vocabulary."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    lr: float  # a learning rate known to train this size well from scratch
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+
+    def llama_config(self, vocab_size: int, bos_id: int, eos_id: int, pad_id: int):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+        )
+
+
+PRESETS: dict[str, TrunkPreset] = {
+    # ~3.3M parameters: tests and the demo.
+    "tiny": TrunkPreset(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=704, lr=2e-3),
+    # ~25M parameters.
+    "small": TrunkPreset(
+        hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408, lr=1e-3
+    ),
+    # ~100M parameters.
+    "base": TrunkPreset(
+        hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2560, lr=6e-4
+    ),
+}
+
+# Learning rate when fine-tuning a pretrained --trunk (heads only or jointly).
+PRETRAINED_LR = 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# λ schedule for the MTP loss weight
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LambdaSchedule:
+    """Step-wise constant λ. ``"0.3"`` is constant; ``"0.3->0.1@0.7"`` is DeepSeek-V3's schedule
+    (0.3, then 0.1 from 70% of the run on). A boundary below 1 is a fraction of ``max_steps``,
+    an integer boundary is an absolute step; several stages chain: ``"0.5->0.3@1000->0.1@0.9"``.
+    """
+
+    values: tuple[float, ...]
+    boundaries: tuple[float, ...]  # len(values) - 1, each a fraction (<1) or a step (>=1)
+
+    @classmethod
+    def parse(cls, spec: str | float) -> LambdaSchedule:
+        text = str(spec).replace(" ", "")
+        parts = text.split("->")
+        try:
+            values = [float(parts[0])]
+            bounds: list[float] = []
+            for part in parts[1:]:
+                value, at = part.split("@")
+                values.append(float(value))
+                bounds.append(float(at))
+        except ValueError:
+            raise MultitokenError(
+                f"cannot parse {spec!r}; use a number (0.3) or stages like 0.3->0.1@0.7",
+                flag="--mtp-lambda",
+            ) from None
+        if any(v < 0 for v in values) or any(b <= 0 for b in bounds):
+            raise MultitokenError(
+                f"values and boundaries must be positive in {spec!r}", "--mtp-lambda"
+            )
+        return cls(tuple(values), tuple(bounds))
+
+    def __call__(self, step: int, max_steps: int) -> float:
+        value = self.values[0]
+        for v, b in zip(self.values[1:], self.boundaries):
+            at = b * max_steps if b < 1 else b
+            if step >= at:
+                value = v
+        return value
+
+
+def default_lambda(family: str) -> str:
+    """DeepSeek-V3 weights its MTP loss by λ = 0.3 (divided by D); Meta and Stern sum head losses."""
+    return "0.3" if family == "deepseek" else "1.0"
+
+
+# --------------------------------------------------------------------------------------------
+# Heads
+# --------------------------------------------------------------------------------------------
+
+
+def _opt(help: str, flag: str | None = None, **extra: Any) -> dict[str, Any]:
+    """Field metadata read by the CLI builder."""
+    return {"help": help, "flag": flag, **extra}
+
+
+@dataclass
+class HeadConfig:
+    """Which MTP heads to attach to the trunk (shared/DESIGN.md §The three head families)."""
+
+    family: str = field(
+        default="deepseek",
+        metadata=_opt(
+            "head family: bpd (Stern 2018 / Medusa), meta (Gloeckle 2024), "
+            "deepseek (DeepSeek-V3 sequential modules)",
+            choices=FAMILIES,
+        ),
+    )
+    depth: int = field(
+        default=1, metadata=_opt("D, the number of extra future tokens predicted per position")
+    )
+    branch_layer: int | None = field(
+        default=None,
+        metadata=_opt("meta: trunk layer b whose input stream the heads read (default L-1)"),
+    )
+    bpd_unembed: str = field(
+        default="shared",
+        metadata=_opt(
+            "bpd: share the trunk's unembedding, or give each head its own "
+            "(Medusa), initialised from the trunk's",
+            choices=("shared", "per-head"),
+        ),
+    )
+    bpd_hidden: int | None = field(
+        default=None, metadata=_opt("bpd: hidden width of each head's FFN (default: d_model)")
+    )
+
+    def validate(self, num_layers: int | None = None) -> None:
+        if self.family not in FAMILIES:
+            raise MultitokenError(
+                f"unknown head family {self.family!r} (choose from {', '.join(FAMILIES)})",
+                "--family",
+            )
+        if not isinstance(self.depth, int) or self.depth < 1:
+            raise MultitokenError(f"depth must be an integer >= 1, got {self.depth!r}", "--depth")
+        if self.bpd_unembed not in ("shared", "per-head"):
+            raise MultitokenError(
+                f"must be 'shared' or 'per-head', got {self.bpd_unembed!r}", "--bpd-unembed"
+            )
+        if self.bpd_hidden is not None and self.bpd_hidden < 1:
+            raise MultitokenError(f"must be >= 1, got {self.bpd_hidden}", "--bpd-hidden")
+        if self.branch_layer is not None:
+            if self.family != "meta":
+                raise MultitokenError("only the meta family has a branch layer", "--branch-layer")
+            if num_layers is not None and not 0 <= self.branch_layer < num_layers:
+                raise MultitokenError(
+                    f"branch layer {self.branch_layer} is out of range for a trunk with "
+                    f"{num_layers} layers (0..{num_layers - 1})",
+                    "--branch-layer",
+                )
+
+    def resolved_branch_layer(self, num_layers: int) -> int:
+        return num_layers - 1 if self.branch_layer is None else self.branch_layer
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``multitoken train`` needs. Field names are the CLI flags (``_`` → ``-``)."""
+
+    out: str = field(default="runs/mtp", metadata=_opt("output folder (checkpoints, metrics)"))
+    preset: str = field(
+        default="tiny", metadata=_opt("from-scratch trunk size", choices=tuple(PRESETS))
+    )
+    trunk: str | None = field(
+        default=None,
+        metadata=_opt(
+            "local transformers causal-LM folder to use as the trunk (overrides --preset)"
+        ),
+    )
+    data: list[str] = field(
+        default_factory=list,
+        metadata=_opt(
+            "text files, folders, globs or .jsonl (repeatable); default: the Python "
+            "standard library source of this interpreter",
+            nargs="*",
+        ),
+    )
+    tokenizer: str | None = field(
+        default=None, metadata=_opt("tokenizer.json (or a folder with one); default: bytes")
+    )
+    val_fraction: float = field(default=0.05, metadata=_opt("share of files held out"))
+    seq_len: int = field(default=256, metadata=_opt("tokens per training sequence"))
+    batch_size: int = field(default=16, metadata=_opt("sequences per micro-batch (per rank)"))
+    grad_accum: int = field(default=1, metadata=_opt("micro-batches per optimizer step"))
+    max_steps: int = field(default=1000, metadata=_opt("optimizer steps"))
+    lr: float | None = field(
+        default=None,
+        metadata=_opt(f"peak learning rate (default: the preset's; {PRETRAINED_LR} for --trunk)"),
+    )
+    min_lr_ratio: float = field(default=0.1, metadata=_opt("final lr as a fraction of peak"))
+    warmup_steps: int | None = field(
+        default=None,
+        metadata=_opt("linear warm-up steps (default: 5%% of --max-steps, at most 200)"),
+    )
+    weight_decay: float = field(default=0.1, metadata=_opt("AdamW weight decay (matrices only)"))
+    grad_clip: float = field(default=1.0, metadata=_opt("max gradient norm (0 disables)"))
+    mtp_lambda: str | None = field(
+        default=None,
+        metadata=_opt(
+            "MTP loss weight λ or schedule, e.g. 0.3 or 0.3->0.1@0.7 (default: 0.3 deepseek, "
+            "1.0 others)"
+        ),
+    )
+    meta_memory_efficient: bool = field(
+        default=True,
+        metadata=_opt(
+            "meta: head-by-head backward (Gloeckle §2); --no-meta-memory-efficient for naive"
+        ),
+    )
+    precision: str = field(
+        default="auto",
+        metadata=_opt("auto = bf16 autocast where supported", choices=("auto", "bf16", "fp32")),
+    )
+    device: str = field(default="auto", metadata=_opt("cpu, cuda, cuda:N or auto"))
+    eval_every: int = field(default=100, metadata=_opt("steps between validation runs"))
+    eval_batches: int = field(default=8, metadata=_opt("validation batches per evaluation"))
+    log_every: int = field(default=10, metadata=_opt("steps between metrics.jsonl lines"))
+    save_every: int = field(default=100, metadata=_opt("steps between checkpoints"))
+    keep_checkpoints: int = field(default=2, metadata=_opt("checkpoints kept on disk"))
+    seed: int = field(default=0, metadata=_opt("random seed"))
+    resume: bool = field(default=False, metadata=_opt("continue from the last checkpoint in --out"))
+    heads: HeadConfig = field(default_factory=HeadConfig)
+
+    def validate(self) -> None:
+        self.heads.validate()
+        if self.trunk is None and self.preset not in PRESETS:
+            raise MultitokenError(
+                f"unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})", "--preset"
+            )
+        positive = (
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+            "save_every",
+            "keep_checkpoints",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise MultitokenError(f"must be an integer >= 1, got {value!r}", _flag(name))
+        if not 0 < self.val_fraction < 1:
+            raise MultitokenError(f"must be in (0, 1), got {self.val_fraction}", "--val-fraction")
+        if self.lr is not None and self.lr <= 0:
+            raise MultitokenError(f"must be > 0, got {self.lr}", "--lr")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise MultitokenError(f"must be >= 0, got {self.warmup_steps}", "--warmup-steps")
+        if self.grad_clip < 0:
+            raise MultitokenError(f"must be >= 0, got {self.grad_clip}", "--grad-clip")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise MultitokenError(f"must be in [0, 1], got {self.min_lr_ratio}", "--min-lr-ratio")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise MultitokenError(f"unknown precision {self.precision!r}", "--precision")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise MultitokenError(f"unknown device {self.device!r}", "--device")
+        self.lambda_schedule()  # parse errors surface before anything is written
+
+    # -- resolved values -----------------------------------------------------------------------
+    def lambda_schedule(self) -> LambdaSchedule:
+        return LambdaSchedule.parse(self.mtp_lambda or default_lambda(self.heads.family))
+
+    def peak_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return PRETRAINED_LR if self.trunk else PRESETS[self.preset].lr
+
+    def resolved_warmup(self) -> int:
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, self.max_steps)
+        return min(200, max(1, self.max_steps // 20))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from flat or nested keys (``family`` or ``heads.family``); unknown keys fail."""
+        head_names = {f.name for f in dataclasses.fields(HeadConfig)}
+        train_names = {f.name for f in dataclasses.fields(cls)} - {"heads"}
+        head_values = dict(values.get("heads") or {})
+        train_values = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name == "heads":
+                continue
+            if name in head_names:
+                head_values[name] = value
+            elif name in train_names:
+                train_values[name] = value
+            else:
+                raise MultitokenError(f"unknown option {key!r}", "--config")
+        unknown = set(head_values) - head_names
+        if unknown:
+            raise MultitokenError(f"unknown head option(s) {sorted(unknown)}", "--config")
+        return cls(**train_values, heads=HeadConfig(**head_values))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a JSON or TOML file whose keys are the flag names."""
+    p = Path(path)
+    if not p.is_file():
+        raise MultitokenError(f"no such config file: {p}", "--config")
+    try:
+        if p.suffix == ".toml":
+            return tomllib.loads(p.read_text())
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise MultitokenError(f"cannot parse {p}: {exc}", "--config") from None

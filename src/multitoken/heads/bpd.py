@@ -1,0 +1,68 @@
+"""Blockwise-Parallel-Decoding heads (Stern, Shazeer, Uszkoreit 2018); Medusa is the same family.
+
+Head k reads the trunk's final hidden state h^0_i (after its final norm) and predicts t_{i+1+k}:
+
+    z_k = h^0_i + W_out_k · SiLU(W_in_k · h^0_i + b_in_k)        one hidden layer, residual
+    logits_k = Unembed_k(z_k)
+
+``W_out`` starts at zero, so a fresh head predicts exactly what the trunk predicts. ``Unembed`` is
+the trunk's lm_head (shared) or, Medusa-style, a per-head copy initialised from it. The D heads'
+weights are stacked so all heads run in one batched call (drafting is one einsum, not D).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from multitoken.config import HeadConfig
+from multitoken.trunk import TrunkParts
+
+
+class BPDHeads(nn.Module):
+    family = "bpd"
+
+    def __init__(self, parts: TrunkParts, config: HeadConfig) -> None:
+        super().__init__()
+        self.parts = parts
+        self.depth = config.depth
+        d = parts.hidden_size
+        hidden = config.bpd_hidden or d
+        ref = parts.embed.weight
+        std = getattr(parts.config, "initializer_range", 0.02)
+        self.w_in = nn.Parameter(torch.randn(self.depth, d, hidden, dtype=ref.dtype) * std)
+        self.b_in = nn.Parameter(torch.zeros(self.depth, hidden, dtype=ref.dtype))
+        self.w_out = nn.Parameter(torch.zeros(self.depth, hidden, d, dtype=ref.dtype))
+        self.unembed_weight: nn.Parameter | None = None
+        self.unembed_bias: nn.Parameter | None = None
+        if config.bpd_unembed == "per-head":
+            lm_head = parts.unembed
+            self.unembed_weight = nn.Parameter(
+                lm_head.weight.detach().clone().unsqueeze(0).repeat(self.depth, 1, 1)
+            )  # [D, V, d]
+            if getattr(lm_head, "bias", None) is not None:
+                self.unembed_bias = nn.Parameter(
+                    lm_head.bias.detach().clone().unsqueeze(0).repeat(self.depth, 1)
+                )
+        self.to(ref.device)
+
+    def residual(self, h0: torch.Tensor) -> torch.Tensor:
+        """z for every head: h0 [..., d] -> [D, ..., d]."""
+        pre = torch.einsum("...d,kdh->k...h", h0, self.w_in)
+        pre = pre + self.b_in.view(self.depth, *([1] * (h0.dim() - 1)), -1)
+        return h0.unsqueeze(0) + torch.einsum(
+            "k...h,khd->k...d", nn.functional.silu(pre), self.w_out
+        )
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """[D, ..., d] -> [D, ..., V]."""
+        if self.unembed_weight is None:
+            return self.parts.unembed(z)
+        out = torch.einsum("k...d,kvd->k...v", z, self.unembed_weight)
+        if self.unembed_bias is not None:
+            out = out + self.unembed_bias.view(self.depth, *([1] * (z.dim() - 2)), -1)
+        return out
+
+    def forward(self, h0: torch.Tensor) -> list[torch.Tensor]:
+        """Training forward: h0 [B, T, d] -> D logits tensors [B, T, V], head k at index k-1."""
+        return list(self.logits(self.residual(h0)).unbind(0))

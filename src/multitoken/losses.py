@@ -1,0 +1,76 @@
+"""Label shift and losses of every head — the one place that says which token each head predicts.
+
+Convention (shared/DESIGN.md §Notation): the trunk is head 0 and predicts t_{i+1} from position
+i; MTP head k (k = 1..D) predicts t_{i+1+k}. Every head's logits are laid out over the same
+positions 0..T-1 as the trunk's, and :func:`shift_labels` gives the matching labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def shift_labels(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Labels for head ``k`` at input positions ``0..T-1``, where ``T = tokens.size(1) - 1``.
+
+    ``tokens`` is a packed row of ``T + 1`` tokens; the model reads ``tokens[:, :T]``. Position i
+    of head k is labelled ``tokens[:, i + 1 + k]``; positions whose label lies past the row get
+    ``IGNORE``.
+
+    Worked example, one row ``tokens = [a, b, c, d, e]`` (T = 4, inputs ``a b c d``)::
+
+        position            0  1  2  3
+        head 0 (the trunk)  b  c  d  e      next token
+        head 1              c  d  e  -      token after next
+        head 2              d  e  -  -
+        head 4              -  -  -  -      (every label is past the row)
+    """
+    if k < 0:
+        raise ValueError(f"head index must be >= 0, got {k}")
+    batch, length = tokens.shape
+    T = length - 1
+    labels = torch.full((batch, T), IGNORE, dtype=torch.long, device=tokens.device)
+    n = max(0, T - k)
+    labels[:, :n] = tokens[:, 1 + k : 1 + k + n]
+    return labels
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over labelled positions (fp32 softmax) and top-1 accuracy (no grad).
+
+    logits: [B, T, V]; labels: [B, T] with ``IGNORE`` where there is no label.
+    """
+    flat = logits.reshape(-1, logits.size(-1)).float()  # [B*T, V]
+    target = labels.reshape(-1)
+    loss = F.cross_entropy(flat, target, ignore_index=IGNORE)
+    with torch.no_grad():
+        valid = target != IGNORE
+        hits = (flat.argmax(-1) == target) & valid
+        acc = hits.sum().float() / valid.sum().clamp(min=1)
+    return loss, acc
+
+
+def head_weights(family: str, depth: int, lam: float) -> list[float]:
+    """Weight of each MTP head's loss in the total (the trunk's weight is 1).
+
+    DeepSeek-V3 (§2.2): ``L = L_main + (λ / D) Σ_k L^k``. Meta (Gloeckle 2024) and Stern 2018 sum
+    the heads' losses, ``L = L_main + λ Σ_k L^k`` with λ = 1 by default.
+    """
+    per_head = lam / depth if family == "deepseek" else lam
+    return [per_head] * depth
+
+
+@dataclass
+class LossOutput:
+    """One training forward: the loss to backpropagate and the figures to report."""
+
+    loss: torch.Tensor  # scalar, differentiable
+    main_loss: torch.Tensor  # scalar, detached
+    main_acc: torch.Tensor
+    head_losses: torch.Tensor  # [D], detached
+    head_acc: torch.Tensor  # [D]

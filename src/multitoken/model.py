@@ -1,0 +1,163 @@
+"""MTPModel: a `transformers` trunk plus one family of MTP heads, and the training forward.
+
+The trunk stays an ordinary causal LM (``model.trunk``): dropping the heads is decoding method 1.
+The training forward returns the λ-weighted loss of shared/DESIGN.md with the trunk's loss and
+each head's loss and accuracy reported separately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from multitoken.config import HeadConfig
+from multitoken.heads import build_heads
+from multitoken.losses import LossOutput, cross_entropy, head_weights, shift_labels
+from multitoken.trunk import TrunkParts, inspect_trunk
+
+
+@dataclass
+class TrunkOutput:
+    logits: torch.Tensor  # [B, T, V] the trunk's next-token logits
+    hidden: torch.Tensor  # [B, T, d] h^0, after the final norm
+    branch_hidden: torch.Tensor | None  # [B, T, d] stream entering the branch layer (meta)
+    block_kwargs: dict  # decoder-layer kwargs for positions 0..T-1 (mask, rotary)
+
+
+class MTPModel(nn.Module):
+    def __init__(
+        self, trunk: PreTrainedModel, head_config: HeadConfig, heads: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.parts: TrunkParts = inspect_trunk(trunk)
+        head_config.validate(num_layers=self.parts.num_layers)
+        self.head_config = head_config
+        self.heads = heads if heads is not None else build_heads(self.parts, head_config)
+
+    @property
+    def family(self) -> str:
+        return self.head_config.family
+
+    @property
+    def depth(self) -> int:
+        return self.head_config.depth
+
+    # ------------------------------------------------------------------------------------------
+    def trunk_forward(
+        self, input_ids: torch.Tensor, branch_layer: int | None = None
+    ) -> TrunkOutput:
+        """Run the trunk as the causal LM it is, watching h^0 and (optionally) layer b's input."""
+        seen: dict[str, torch.Tensor] = {}
+        parts = self.parts
+
+        def grab_final(_m, _args, output):
+            seen["hidden"] = output[0] if isinstance(output, tuple) else output
+
+        def grab_branch(_m, args, kwargs):
+            seen["branch"] = args[0] if args else kwargs["hidden_states"]
+
+        final = (
+            parts.final_norm if not isinstance(parts.final_norm, nn.Identity) else parts.layers[-1]
+        )
+        hooks = [final.register_forward_hook(grab_final)]
+        if branch_layer is not None:
+            hooks.append(
+                parts.layers[branch_layer].register_forward_pre_hook(grab_branch, with_kwargs=True)
+            )
+        try:
+            logits = self.trunk(input_ids=input_ids, use_cache=False).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        hidden = seen["hidden"]
+        position_ids = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)
+        return TrunkOutput(
+            logits, hidden, seen.get("branch"), parts.block_kwargs(hidden, position_ids)
+        )
+
+    def forward(
+        self, tokens: torch.Tensor, lam: float, memory_efficient: bool = True
+    ) -> LossOutput:
+        """Training forward over packed rows ``tokens`` [B, T+1]: inputs are ``tokens[:, :T]``."""
+        inputs = tokens[:, :-1]
+        family = self.family
+        branch = self.heads.branch_layer if family == "meta" else None
+        out = self.trunk_forward(inputs, branch)
+        main_loss, main_acc = cross_entropy(out.logits, shift_labels(tokens, 0))
+        weights = head_weights(family, self.depth, lam)
+        labels = [shift_labels(tokens, k) for k in range(1, self.depth + 1)]
+
+        if family == "meta" and memory_efficient and torch.is_grad_enabled():
+            params = [p for p in self.heads.layers.parameters() if p.requires_grad]
+            params += [p for p in self.heads.shared_parameters() if p.requires_grad]
+            weighted, losses, accs = HeadwiseLoss.apply(
+                out.branch_hidden, self.heads, out.block_kwargs, labels, weights, *params
+            )
+            return LossOutput(main_loss + weighted, main_loss.detach(), main_acc, losses, accs)
+
+        if family == "bpd":
+            logits = self.heads(out.hidden)
+        elif family == "meta":
+            logits = self.heads(out.branch_hidden, out.block_kwargs)
+        else:
+            pad = self.parts.config.pad_token_id
+            logits = self.heads(
+                out.hidden, tokens, out.block_kwargs, pad_id=pad if isinstance(pad, int) else 0
+            )
+        total = main_loss
+        losses, accs = [], []
+        for w, lg, lb in zip(weights, logits, labels):
+            loss_k, acc_k = cross_entropy(lg, lb)
+            total = total + w * loss_k
+            losses.append(loss_k.detach())
+            accs.append(acc_k)
+        return LossOutput(
+            total, main_loss.detach(), main_acc, torch.stack(losses), torch.stack(accs)
+        )
+
+
+class HeadwiseLoss(torch.autograd.Function):
+    """Meta's memory-efficient head-by-head backward (Gloeckle et al. 2024, §2 and Fig. 2).
+
+    Forward runs each head on a detached copy of the branch stream, takes its loss and the
+    gradients w.r.t. that stream and the head's parameters at once, and frees its activations and
+    logits before the next head: peak logits memory O(T·V) instead of O(D·T·V). Backward hands the
+    accumulated gradients to autograd, so the trunk is backpropagated once — inside the ordinary
+    ``loss.backward()``, which keeps DDP's one-forward-one-backward contract. The gradients equal
+    the naive path's (tests/test_model.py pins it).
+    """
+
+    @staticmethod
+    def forward(ctx, branch_hidden, heads, block_kwargs, labels, weights, *params):
+        stream = branch_hidden.detach().requires_grad_()
+        grad_stream = torch.zeros_like(stream)
+        grad_params = [torch.zeros_like(p) for p in params]
+        total = branch_hidden.new_zeros((), dtype=torch.float32)
+        losses, accs = [], []
+        for k in range(len(labels)):
+            with torch.enable_grad():
+                loss_k, acc_k = cross_entropy(heads.head_logits(k, stream, block_kwargs), labels[k])
+                grads = torch.autograd.grad(
+                    weights[k] * loss_k, [stream, *params], allow_unused=True
+                )
+            grad_stream += grads[0]
+            for acc, g in zip(grad_params, grads[1:]):
+                if g is not None:
+                    acc += g
+            total += weights[k] * loss_k.detach()
+            losses.append(loss_k.detach())
+            accs.append(acc_k)
+        ctx.save_for_backward(grad_stream, *grad_params)
+        losses, accs = torch.stack(losses), torch.stack(accs)
+        ctx.mark_non_differentiable(losses, accs)
+        return total, losses, accs
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_losses, _grad_accs):
+        grad_stream, *grad_params = ctx.saved_tensors
+        scaled = [g * grad_total.to(g.dtype) for g in grad_params]
+        return (grad_stream * grad_total.to(grad_stream.dtype), None, None, None, None, *scaled)

@@ -1,0 +1,215 @@
+"""The trunk adapter: a `transformers` causal LM used as it is, and what MTP heads need from it.
+
+Heads need the trunk's token embedding, unembedding (lm_head), final norm, decoder-layer class
+(to build their own blocks), the rotary embedding where the model has one, and the keyword
+arguments its decoder layers are called with. All of these are found through the model's generic
+interfaces (``get_input_embeddings``, ``get_output_embeddings``, ``base_model``) and one probe
+forward pass with hooks that watches what the base model actually does — never an if/elif over
+architecture names. Anything missing is a one-line :class:`MultitokenError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.masking_utils import create_causal_mask
+
+from multitoken.config import PRESETS
+from multitoken.errors import MultitokenError
+
+# Keyword arguments of a decoder layer that this adapter knows how to supply.
+_LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids", "cache", "use_cache")
+
+
+@dataclass(eq=False)
+class TrunkParts:
+    """References into the trunk (not copies): the pieces MTP heads share or imitate."""
+
+    model: PreTrainedModel
+    base: nn.Module
+    layers: nn.ModuleList
+    final_norm: nn.Module  # nn.Identity when the model has none
+    embed: nn.Module
+    unembed: nn.Module
+    rotary: nn.Module | None
+    layer_kwargs: tuple[str, ...]  # which of _LAYER_KWARGS the base model passes its layers
+
+    @property
+    def config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def new_layer(self, layer_idx: int) -> nn.Module:
+        """A fresh decoder layer of the trunk's own class and config, initialised as the trunk's
+        own ``_init_weights`` would."""
+        layer = type(self.layers[0])(self.config, layer_idx=layer_idx)
+        layer.apply(self.model._init_weights)
+        return layer.to(device=self.embed.weight.device, dtype=self.embed.weight.dtype)
+
+    def new_norm(self) -> nn.Module:
+        """A fresh norm of the trunk's final-norm kind (RMSNorm for Llama) at its identity init."""
+        if isinstance(self.final_norm, nn.Identity):
+            raise MultitokenError(
+                "the trunk has no final norm to copy for the heads' norms", "--trunk"
+            )
+        norm = copy.deepcopy(self.final_norm)
+        for name, param in norm.named_parameters():
+            with torch.no_grad():
+                param.fill_(0.0 if "bias" in name else 1.0)
+        return norm
+
+    def block_kwargs(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache=None) -> dict:
+        """The keyword arguments a decoder layer needs to run over ``hidden`` at ``position_ids``
+        (causal mask for the attention implementation in use, rotary cos/sin, cache)."""
+        kwargs: dict = {}
+        if "attention_mask" in self.layer_kwargs:
+            kwargs["attention_mask"] = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=None,
+                cache=cache,
+                position_ids=position_ids,
+            )
+        if "position_embeddings" in self.layer_kwargs and self.rotary is not None:
+            kwargs["position_embeddings"] = self.rotary(hidden, position_ids=position_ids)
+        if "position_ids" in self.layer_kwargs:
+            kwargs["position_ids"] = position_ids
+        if "cache" in self.layer_kwargs:
+            kwargs["cache"] = cache
+        if "use_cache" in self.layer_kwargs:
+            kwargs["use_cache"] = cache is not None
+        return kwargs
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Call a decoder layer; some architectures still return a tuple whose first item is it."""
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def inspect_trunk(model: PreTrainedModel) -> TrunkParts:
+    """Find the parts heads need by interface and by watching one probe forward pass."""
+    config = model.config.get_text_config()
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise MultitokenError(
+            f"{type(model).__name__} has no base model under its LM head", "--trunk"
+        )
+    embed, unembed = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is None or unembed is None:
+        raise MultitokenError(
+            f"{type(model).__name__} exposes no input/output embeddings", "--trunk"
+        )
+    n_layers = getattr(config, "num_hidden_layers", None)
+    lists = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if len(lists) != 1:
+        raise MultitokenError(
+            f"cannot find the {n_layers} decoder layers of {type(model).__name__}", "--trunk"
+        )
+    layers = lists[0]
+
+    outputs: dict[nn.Module, object] = {}
+    order: list[nn.Module] = []
+    seen_kwargs: dict[str, object] = {}
+
+    def record(module, _args, output):
+        outputs[module] = output
+        order.append(module)
+
+    def record_kwargs(_module, _args, kwargs):
+        seen_kwargs.update(kwargs)
+
+    hooks = [m.register_forward_hook(record) for m in base.children() if m is not layers]
+    hooks.append(layers[-1].register_forward_hook(record))
+    hooks.append(layers[0].register_forward_pre_hook(record_kwargs, with_kwargs=True))
+    probe = torch.tensor([[1, 2, 3, 4]], device=embed.weight.device) % config.vocab_size
+    try:
+        with torch.no_grad():
+            last = base(input_ids=probe, use_cache=False).last_hidden_state
+    finally:
+        for h in hooks:
+            h.remove()
+
+    final_norm: nn.Module | None = None
+    for module in reversed(order):
+        out = outputs[module]
+        if module is layers[-1]:
+            out = out[0] if isinstance(out, tuple) else out
+            if torch.is_tensor(out) and out.shape == last.shape and torch.equal(out, last):
+                final_norm = nn.Identity()
+            break
+        if torch.is_tensor(out) and out.shape == last.shape and torch.equal(out, last):
+            final_norm = module
+            break
+    if final_norm is None:
+        raise MultitokenError(f"cannot find the final norm of {type(model).__name__}", "--trunk")
+
+    rotary = None
+    for module in order:
+        out = outputs[module]
+        if (
+            module is not layers[-1]
+            and isinstance(out, tuple)
+            and len(out) == 2
+            and all(torch.is_tensor(t) for t in out)
+        ):
+            rotary = module
+            break
+    layer_kwargs = tuple(k for k in _LAYER_KWARGS if k in seen_kwargs)
+    if "position_embeddings" in layer_kwargs and rotary is None:
+        raise MultitokenError(
+            f"{type(model).__name__} passes position embeddings to its layers but no rotary "
+            "module was found",
+            "--trunk",
+        )
+    return TrunkParts(model, base, layers, final_norm, embed, unembed, rotary, layer_kwargs)
+
+
+def build_trunk(preset: str, tokenizer) -> PreTrainedModel:
+    """A randomly initialised Llama trunk of a named preset, sized for ``tokenizer``."""
+    config = PRESETS[preset].llama_config(
+        tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers draws a progress bar per load/save; ours is the one the user watches."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_trunk(path: str | Path) -> PreTrainedModel:
+    """A local `transformers` causal-LM folder. Nothing is fetched from a hub."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise MultitokenError(f"{p} is not a transformers model folder (no config.json)", "--trunk")
+    try:
+        config = AutoConfig.from_pretrained(p, local_files_only=True)
+        with quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(p, config=config, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MultitokenError(f"cannot load a causal LM from {p}: {first}", "--trunk") from None

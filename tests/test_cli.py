@@ -1,0 +1,196 @@
+"""The command line: flags from the config dataclasses, config files, and bad input that gets a
+one-line error naming the flag, exit status 2, no traceback, and nothing written to --out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import micro_llama
+
+from multitoken.cli import build_parser, main
+from multitoken.config import HeadConfig, TrainConfig
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "multitoken", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("text")
+    (root / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    (root / "b.txt").write_text("pack my box with five dozen liquor jugs\n" * 200)
+    return root
+
+
+def test_cli_defaults_are_the_dataclass_defaults():
+    args = build_parser().parse_args(["train"])
+    assert not any(k in vars(args) for k in ("depth", "family", "max_steps"))  # SUPPRESS
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert f"(default: {TrainConfig().max_steps})" in help_text
+    assert f"(default: {HeadConfig().family})" in help_text
+
+
+def test_train_from_a_config_file_with_flag_override(tmp_path, small_text):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        f'family = "bpd"\ndepth = 3\nmax_steps = 2\nseq_len = 32\nbatch_size = 2\n'
+        f'data = ["{small_text}"]\neval_batches = 1\nout = "{tmp_path / "x"}"\n'
+    )
+    assert main(["train", "--config", str(cfg), "--depth", "2"]) == 0
+    saved = json.loads((tmp_path / "x" / "config.json").read_text())
+    assert saved["heads"]["family"] == "bpd" and saved["heads"]["depth"] == 2
+    assert saved["max_steps"] == 2
+
+
+def _bad_input_cases(tmp_path: Path, small_text: Path) -> dict[str, tuple[list[str], str]]:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    micro = tmp_path / "micro"
+    micro_llama().save_pretrained(micro)  # vocabulary 64 < the byte tokenizer's 259
+    common = ["--data", str(small_text), "--max-steps", "1", "--seq-len", "16"]
+    return {
+        "unknown family": (["--family", "medusa", *common], "--family"),
+        "depth < 1": (["--depth", "0", *common], "--depth"),
+        "branch layer out of range": (
+            ["--family", "meta", "--branch-layer", "4", *common],
+            "--branch-layer",
+        ),
+        "branch layer on another family": (["--branch-layer", "1", *common], "--branch-layer"),
+        "missing corpus": (["--data", str(tmp_path / "nope"), "--max-steps", "1"], "--data"),
+        "empty corpus": (["--data", str(empty), "--max-steps", "1"], "--data"),
+        "tokenizer too big for the trunk": (["--trunk", str(micro), *common], "--tokenizer"),
+        "trunk that is not a model": (["--trunk", str(small_text), *common], "--trunk"),
+        "missing tokenizer": (["--tokenizer", str(tmp_path / "tok.json"), *common], "--tokenizer"),
+        "bad lambda": (["--mtp-lambda", "0.3->x", *common], "--mtp-lambda"),
+        "resume without a run": (["--resume", *common], "--resume"),
+    }
+
+
+CASES = [
+    "unknown family",
+    "depth < 1",
+    "branch layer out of range",
+    "branch layer on another family",
+    "missing corpus",
+    "empty corpus",
+    "tokenizer too big for the trunk",
+    "trunk that is not a model",
+    "missing tokenizer",
+    "bad lambda",
+    "resume without a run",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, small_text, case):
+    args, flag = _bad_input_cases(tmp_path, small_text)[case]
+    out = tmp_path / "out"
+    proc = run_cli("train", *args, "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert flag in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def _train_tiny(out: Path, data: Path) -> None:
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--max-steps",
+                "2",
+                "--save-every",
+                "2",
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "2",
+                "--eval-batches",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+
+
+@pytest.mark.parametrize("damage", ["heads", "trunk", "meta"])
+def test_corrupt_or_truncated_checkpoint_is_refused(tmp_path, small_text, damage):
+    out = tmp_path / "run"
+    _train_tiny(out, small_text)
+    ckpt = out / "checkpoints" / "step-0000002"
+    target = {
+        "heads": ckpt / "heads.safetensors",
+        "trunk": ckpt / "trunk" / "model.safetensors",
+        "meta": ckpt / "multitoken.json",
+    }[damage]
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    before = sorted(p.name for p in out.rglob("*"))
+    proc = run_cli(
+        "train",
+        "--resume",
+        "--data",
+        str(small_text),
+        "--max-steps",
+        "4",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-batches",
+        "1",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in proc.stderr
+    assert "corrupt" in lines[0] or "damaged" in lines[0] or "truncated" in lines[0]
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing new, nothing removed
+
+
+def test_existing_run_is_not_overwritten(tmp_path, small_text):
+    out = tmp_path / "run"
+    _train_tiny(out, small_text)
+    proc = run_cli("train", "--data", str(small_text), "--max-steps", "1", "--out", str(out))
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_tokenizer_train_command(tmp_path, small_text):
+    out = tmp_path / "tok.json"
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--data",
+                str(small_text),
+                "--vocab-size",
+                "300",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    from multitoken.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(out))
+    assert tok.vocab_size <= 300
+    assert tok.decode(tok.encode("the lazy dog")) == "the lazy dog"

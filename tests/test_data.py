@@ -1,0 +1,259 @@
+"""Corpus discovery, splitting, packing and exact resumption of the data stream."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from multitoken.data import (
+    Corpus,
+    PackedStream,
+    iter_texts,
+    resolve_sources,
+    split_files,
+    stdlib_files,
+    validation_batches,
+)
+from multitoken.errors import MultitokenError
+from multitoken.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+def make_files(folder: Path, count: int = 6) -> list[Path]:
+    """Small text files with distinct markers and multi-byte characters."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(count):
+        path = folder / f"doc{i}.txt"
+        path.write_text(f"FILE{i} héllo wörld €😀 line {i}\n" * (3 + i), encoding="utf-8")
+        files.append(path)
+    return files
+
+
+def expected_tokens(files: list[Path]) -> list[int]:
+    """The stream's definition: each document's ids, then eos, in order."""
+    ids: list[int] = []
+    for path in files:
+        ids += TOK.encode(path.read_text(encoding="utf-8")) + [TOK.eos_id]
+    return ids
+
+
+def unpack(batches: list[torch.Tensor], seq_len: int) -> list[int]:
+    """Undo packing: consecutive rows share one token, so drop each later row's first token."""
+    rows = [row.tolist() for batch in batches for row in batch]
+    return rows[0] + [token for row in rows[1:] for token in row[1:]] if rows else []
+
+
+def take(stream: PackedStream, count: int) -> list[torch.Tensor]:
+    return list(itertools.islice(stream, count))
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and splitting files
+
+
+def test_stdlib_files_are_library_sources_without_tests() -> None:
+    files = stdlib_files()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    assert 300 < len(files) < 3000
+    assert root / "os.py" in files
+    assert root / "json" / "__init__.py" in files
+    assert files == sorted(files)
+    for path in files:
+        folders = path.relative_to(root).parts[:-1]
+        assert not {"test", "tests", "idle_test", "site-packages", "dist-packages"} & set(folders)
+        assert not any(folder.startswith("test_") for folder in folders)
+
+
+def test_resolve_sources_files_folders_and_globs(tmp_path: Path) -> None:
+    files = make_files(tmp_path / "a")
+    (tmp_path / "a" / "empty.txt").write_text("")
+    (tmp_path / "a" / "blob.bin").write_bytes(b"\x00\x01binary")
+    (tmp_path / "a" / ".hidden").mkdir()
+    (tmp_path / "a" / ".hidden" / "secret.txt").write_text("skip me")
+    expected = [path.resolve() for path in files]
+    assert resolve_sources([str(tmp_path / "a")]) == expected
+    assert resolve_sources([str(tmp_path / "**" / "*.txt"), str(files[0])]) == expected
+
+
+def test_resolve_sources_missing_path_names_it_and_the_flag(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "*.txt"
+    with pytest.raises(MultitokenError, match="--data") as info:
+        resolve_sources([str(missing)])
+    assert str(missing) in str(info.value)
+    assert info.value.flag == "--data"
+
+
+def test_resolve_sources_empty_corpus(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(MultitokenError, match="no non-empty text files"):
+        resolve_sources([str(tmp_path)])
+
+
+def test_split_is_deterministic_disjoint_and_location_independent(tmp_path: Path) -> None:
+    files = make_files(tmp_path / "here", count=40)
+    train, val = split_files(files, 0.25, tmp_path / "here")
+    assert (train, val) == split_files(list(reversed(files)), 0.25, tmp_path / "here")
+    assert train and val and not set(train) & set(val)
+    assert sorted(train + val) == sorted(files)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "here", moved)
+    train2, _ = split_files(sorted(moved.iterdir()), 0.25, moved)
+    assert [path.name for path in train2] == [path.name for path in train]
+
+
+@pytest.mark.parametrize("fraction", [1e-9, 0.999999])
+def test_split_keeps_both_sides_non_empty(tmp_path: Path, fraction: float) -> None:
+    train, val = split_files(make_files(tmp_path, count=3), fraction, tmp_path)
+    assert len(train) >= 1 and len(val) >= 1 and len(train) + len(val) == 3
+
+
+def test_corpus_defaults_to_stdlib() -> None:
+    corpus = Corpus.from_specs(None)
+    assert corpus.train_files and corpus.val_files
+    assert not set(corpus.train_files) & set(corpus.val_files)
+    assert corpus == Corpus.from_specs([])
+    assert corpus.stream_kwargs("train") == {}
+
+
+def test_single_file_corpus_splits_by_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "only.txt"
+    path.write_text("".join(f"line {i} ünïcode\n" for i in range(200)), encoding="utf-8")
+    corpus = Corpus.from_specs([str(path)], val_fraction=0.1)
+    assert corpus.train_files == corpus.val_files == [path.resolve()]
+    texts = []
+    for split in ("train", "val"):
+        kwargs = corpus.stream_kwargs(split)
+        # seq_len 1: rows of two tokens overlapping by one, so no token is left over.
+        stream = PackedStream([path], TOK, 1, 1, loop=False, shuffle=False, **kwargs)
+        texts.append(TOK.decode(unpack(list(stream), 1)))
+    whole = path.read_text(encoding="utf-8")
+    assert texts[0] + texts[1] == whole
+    assert 0.85 < len(texts[0]) / len(whole) < 0.95
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing and streaming
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 20, 16, 7])
+def test_rows_round_trip_to_documents(tmp_path: Path, block_bytes: int) -> None:
+    files = make_files(tmp_path)
+    seq_len = 9
+    stream = PackedStream(
+        files, TOK, seq_len, 2, loop=False, shuffle=False, block_bytes=block_bytes
+    )
+    batches = list(stream)
+    assert all(batch.shape == (2, seq_len + 1) and batch.dtype == torch.long for batch in batches)
+    got, want = unpack(batches, seq_len), expected_tokens(files)
+    assert got == want[: len(got)]
+    assert len(want) - len(got) < 2 * seq_len  # only the last partial batch is dropped
+
+
+def test_shuffled_epochs_follow_the_seeded_order(tmp_path: Path) -> None:
+    files = make_files(tmp_path)
+    order = list(range(len(files)))
+    random.Random(3 + 0).shuffle(order)
+    stream = PackedStream(files, TOK, 5, 1, seed=3, loop=False)
+    got = unpack(list(stream), 5)
+    assert got == expected_tokens([files[i] for i in order])[: len(got)]
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 20, 13])
+def test_resume_yields_exactly_the_same_batches(tmp_path: Path, block_bytes: int) -> None:
+    files = make_files(tmp_path, count=4)
+    kwargs = dict(seq_len=6, batch_size=3, seed=7, block_bytes=block_bytes)
+    reference = take(PackedStream(files, TOK, **kwargs), 120)
+    for before in [0, 1, 5, 17, 40, 77]:
+        stream = PackedStream(files, TOK, **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(take(stream, before), reference))
+        state = json.loads(json.dumps(stream.state_dict()))
+        resumed = PackedStream(files, TOK, **kwargs)
+        resumed.load_state_dict(state)
+        assert resumed.state_dict() == state
+        for a, b in zip(take(resumed, 30), reference[before : before + 30]):
+            assert torch.equal(a, b)
+    assert stream.state_dict()["epoch"] >= 2  # the checks above crossed epoch boundaries
+
+
+def test_state_is_small(tmp_path: Path) -> None:
+    files = make_files(tmp_path, count=2)
+    stream = PackedStream(files, TOK, 8, 2)
+    take(stream, 3)
+    assert len(stream.state_dict()["carry"]) <= 8
+
+
+def test_ranks_read_disjoint_files(tmp_path: Path) -> None:
+    files = make_files(tmp_path, count=6)
+    seen = []
+    for rank in (0, 1):
+        stream = PackedStream(files, TOK, 8, 1, seed=5, rank=rank, world_size=2, loop=False)
+        text = TOK.decode(unpack(list(stream), 8))
+        seen.append({i for i in range(len(files)) if f"FILE{i} " in text})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(len(files)))
+
+
+def test_jsonl_documents(tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    records = [{"text": "hello"}, {"text": "wörld", "meta": 1}]
+    path.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1]) + "\n")
+    stream = PackedStream([path], TOK, 3, 1, loop=False)
+    want = TOK.encode("hello") + [TOK.eos_id] + TOK.encode("wörld") + [TOK.eos_id]
+    got = unpack(list(stream), 3)
+    assert got == want[: len(got)] and len(want) - len(got) < 3
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"), [("{not json", "not valid JSON"), ('{"body": "x"}', '"text"')]
+)
+def test_bad_jsonl_line_names_file_and_line(tmp_path: Path, line: str, reason: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n\n' + line + "\n")
+    with pytest.raises(MultitokenError, match="--data") as info:
+        next(PackedStream([path], TOK, 2, 1))
+    assert f"{path}:3" in str(info.value) and reason in str(info.value)
+
+
+def test_corpus_too_small_for_seq_len(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.txt"
+    path.write_text("tiny")
+    with pytest.raises(MultitokenError, match="too small for --seq-len 64"):
+        next(PackedStream([path], TOK, 64, 1))
+
+
+def test_validation_batches_are_fixed_and_seed_independent(tmp_path: Path) -> None:
+    make_files(tmp_path / "c", count=20)
+    corpus = Corpus.from_specs([str(tmp_path / "c")], val_fraction=0.3)
+    first = validation_batches(corpus, TOK, 8, 4, max_batches=3)
+    second = validation_batches(corpus, TOK, 8, 4, max_batches=3)
+    assert len(first) == 3 and all(batch.shape == (4, 9) for batch in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    want = expected_tokens(corpus.val_files)
+    got = unpack(first, 8)
+    assert got == want[: len(got)]
+
+
+def test_validation_falls_back_to_a_smaller_batch(tmp_path: Path) -> None:
+    make_files(tmp_path / "c", count=2)
+    corpus = Corpus(train_files=[], val_files=[tmp_path / "c" / "doc0.txt"])
+    (batch,) = validation_batches(corpus, TOK, 40, 64, max_batches=5)
+    assert 1 <= batch.shape[0] < 64 and batch.shape[1] == 41
+    with pytest.raises(MultitokenError, match="validation split is too small"):
+        validation_batches(corpus, TOK, 4000, 64, max_batches=5)
+
+
+def test_iter_texts_yields_whole_files_in_pieces(tmp_path: Path) -> None:
+    files = make_files(tmp_path, count=3)
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "a"}\n{"text": "b"}\n')
+    texts = list(iter_texts([*files, jsonl]))
+    assert "".join(texts) == "".join(path.read_text(encoding="utf-8") for path in files) + "ab"
