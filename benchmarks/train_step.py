@@ -107,6 +107,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--only", help="comma-separated substrings: run only matching configurations")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration
     args = p.parse_args()
@@ -133,7 +134,10 @@ def main() -> None:
         args.device,
     ]
     rows = []
+    wanted = [w.strip() for w in args.only.split(",")] if args.only else None
     for i, (label, *_config) in enumerate(CONFIGS):
+        if wanted and i > 0 and not any(w in label for w in wanted):
+            continue  # the next-token baseline (row 0) always runs: every ratio needs it
         out = subprocess.run(
             [sys.executable, __file__, *passthrough, "--one", str(i)],
             check=True,

@@ -19,6 +19,14 @@ from multitoken.losses import LossOutput, cross_entropy, head_weights, shift_lab
 from multitoken.trunk import TrunkParts, inspect_trunk
 
 
+class _StopForward(Exception):
+    """Raised from a pre-hook to end the trunk's forward early, carrying what the layer got."""
+
+    def __init__(self, hidden: torch.Tensor, kwargs: dict) -> None:
+        super().__init__("stop")
+        self.hidden, self.kwargs = hidden, kwargs
+
+
 @dataclass
 class TrunkOutput:
     logits: torch.Tensor  # [B, T, V] the trunk's next-token logits
@@ -79,25 +87,39 @@ class MTPModel(nn.Module):
             logits, hidden, seen.get("branch"), parts.block_kwargs(hidden, position_ids)
         )
 
+    def trunk_prefix(self, input_ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, dict]:
+        """Run the trunk's own forward up to ``layer`` and stop there: the stream entering that
+        layer [B, T, d] and the keyword arguments the model passes its layers (mask, rotary)."""
+
+        def stop(_module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            raise _StopForward(hidden, kwargs)
+
+        hook = self.parts.layers[layer].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.parts.base(input_ids=input_ids, use_cache=False)
+        except _StopForward as stopped:
+            return stopped.hidden, stopped.kwargs
+        finally:
+            hook.remove()
+        raise RuntimeError(f"the trunk's forward never reached layer {layer}")
+
     def forward(
         self, tokens: torch.Tensor, lam: float, memory_efficient: bool = True
     ) -> LossOutput:
         """Training forward over packed rows ``tokens`` [B, T+1]: inputs are ``tokens[:, :T]``."""
         inputs = tokens[:, :-1]
         family = self.family
+        if family == "meta" and memory_efficient and torch.is_grad_enabled():
+            branch_hidden, layer_kwargs = self.trunk_prefix(inputs, self.heads.branch_layer)
+            labels = [shift_labels(tokens, k) for k in range(self.depth + 1)]
+            weights = [1.0, *head_weights(family, self.depth, lam)]
+            return self.heads.headwise_loss(branch_hidden, layer_kwargs, labels, weights)
         branch = self.heads.branch_layer if family == "meta" else None
         out = self.trunk_forward(inputs, branch)
         main_loss, main_acc = cross_entropy(out.logits, shift_labels(tokens, 0))
         weights = head_weights(family, self.depth, lam)
         labels = [shift_labels(tokens, k) for k in range(1, self.depth + 1)]
-
-        if family == "meta" and memory_efficient and torch.is_grad_enabled():
-            params = [p for p in self.heads.layers.parameters() if p.requires_grad]
-            params += [p for p in self.heads.shared_parameters() if p.requires_grad]
-            weighted, losses, accs = HeadwiseLoss.apply(
-                out.branch_hidden, self.heads, out.block_kwargs, labels, weights, *params
-            )
-            return LossOutput(main_loss + weighted, main_loss.detach(), main_acc, losses, accs)
 
         if family == "bpd":
             logits = self.heads(out.hidden)
@@ -118,46 +140,3 @@ class MTPModel(nn.Module):
         return LossOutput(
             total, main_loss.detach(), main_acc, torch.stack(losses), torch.stack(accs)
         )
-
-
-class HeadwiseLoss(torch.autograd.Function):
-    """Meta's memory-efficient head-by-head backward (Gloeckle et al. 2024, §2 and Fig. 2).
-
-    Forward runs each head on a detached copy of the branch stream, takes its loss and the
-    gradients w.r.t. that stream and the head's parameters at once, and frees its activations and
-    logits before the next head: peak logits memory O(T·V) instead of O(D·T·V). Backward hands the
-    accumulated gradients to autograd, so the trunk is backpropagated once — inside the ordinary
-    ``loss.backward()``, which keeps DDP's one-forward-one-backward contract. The gradients equal
-    the naive path's (tests/test_model.py pins it).
-    """
-
-    @staticmethod
-    def forward(ctx, branch_hidden, heads, block_kwargs, labels, weights, *params):
-        stream = branch_hidden.detach().requires_grad_()
-        grad_stream = torch.zeros_like(stream)
-        grad_params = [torch.zeros_like(p) for p in params]
-        total = branch_hidden.new_zeros((), dtype=torch.float32)
-        losses, accs = [], []
-        for k in range(len(labels)):
-            with torch.enable_grad():
-                loss_k, acc_k = cross_entropy(heads.head_logits(k, stream, block_kwargs), labels[k])
-                grads = torch.autograd.grad(
-                    weights[k] * loss_k, [stream, *params], allow_unused=True
-                )
-            grad_stream += grads[0]
-            for acc, g in zip(grad_params, grads[1:]):
-                if g is not None:
-                    acc += g
-            total += weights[k] * loss_k.detach()
-            losses.append(loss_k.detach())
-            accs.append(acc_k)
-        ctx.save_for_backward(grad_stream, *grad_params)
-        losses, accs = torch.stack(losses), torch.stack(accs)
-        ctx.mark_non_differentiable(losses, accs)
-        return total, losses, accs
-
-    @staticmethod
-    def backward(ctx, grad_total, _grad_losses, _grad_accs):
-        grad_stream, *grad_params = ctx.saved_tensors
-        scaled = [g * grad_total.to(g.dtype) for g in grad_params]
-        return (grad_stream * grad_total.to(grad_stream.dtype), None, None, None, None, *scaled)

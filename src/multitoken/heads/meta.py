@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from multitoken.config import HeadConfig
+from multitoken.losses import LossOutput, cross_entropy
 from multitoken.trunk import TrunkParts, run_layer
 
 
@@ -31,6 +32,13 @@ class MetaHeads(nn.Module):
         h = run_layer(self.layers[k], branch_hidden, block_kwargs)
         return self.parts.unembed(self.parts.final_norm(h))
 
+    def main_logits(self, branch_hidden: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
+        """The trunk's own next-token path from layer b on: layers b..L-1, final norm, lm_head."""
+        h = branch_hidden
+        for layer in self.parts.layers[self.branch_layer :]:
+            h = run_layer(layer, h, layer_kwargs)
+        return self.parts.unembed(self.parts.final_norm(h))
+
     def forward(self, branch_hidden: torch.Tensor, block_kwargs: dict) -> list[torch.Tensor]:
         return [self.head_logits(k, branch_hidden, block_kwargs) for k in range(self.depth)]
 
@@ -41,3 +49,75 @@ class MetaHeads(nn.Module):
             for p in module.parameters():
                 seen.setdefault(id(p), p)
         return list(seen.values())
+
+    def headwise_loss(
+        self,
+        branch_hidden: torch.Tensor,
+        layer_kwargs: dict,
+        labels: list[torch.Tensor],
+        weights: list[float],
+    ) -> LossOutput:
+        """Memory-efficient loss over the trunk's path (index 0) and every head (1..D)."""
+        shared = self.shared_parameters()
+        trunk_path = [
+            p for layer in self.parts.layers[self.branch_layer :] for p in layer.parameters()
+        ]
+        paths = [(lambda s: self.main_logits(s, layer_kwargs), trunk_path + shared)]
+        for k in range(self.depth):
+            paths.append(
+                (
+                    lambda s, k=k: self.head_logits(k, s, layer_kwargs),
+                    list(self.layers[k].parameters()) + shared,
+                )
+            )
+        params = list({id(p): p for _, ps in paths for p in ps if p.requires_grad}.values())
+        total, losses, accs = HeadwiseLoss.apply(branch_hidden, paths, labels, weights, *params)
+        return LossOutput(total, losses[0], accs[0], losses[1:], accs[1:])
+
+
+class HeadwiseLoss(torch.autograd.Function):
+    """Meta's memory-efficient head-by-head backward (Gloeckle et al. 2024, §2 and Fig. 2).
+
+    The trunk runs up to the branch layer once. Forward then takes each output path in turn — the
+    trunk's own remaining layers first, then each head — on a detached copy of the branch stream,
+    computes its loss and, at once, the gradients w.r.t. that stream and the path's parameters,
+    and frees its activations and logits before the next path. Peak memory is the shared trunk
+    plus the largest single path, instead of the trunk plus every path (logits: O(T·V) instead of
+    O(D·T·V)). Backward hands the gathered gradients to autograd, so the shared trunk is
+    backpropagated once, inside the ordinary ``loss.backward()`` — which keeps DDP's
+    one-forward-one-backward contract. Gradients equal the naive path's (tests/test_heads.py).
+    """
+
+    @staticmethod
+    def forward(ctx, branch_hidden, paths, labels, weights, *params):
+        stream = branch_hidden.detach().requires_grad_()
+        index = {id(p): i for i, p in enumerate(params)}
+        grad_stream = None
+        grads: list[torch.Tensor | None] = [None] * len(params)  # no zero-filled accumulators
+        total = branch_hidden.new_zeros((), dtype=torch.float32)
+        losses, accs = [], []
+        for (logits_fn, path_params), label, weight in zip(paths, labels, weights):
+            mine = [p for p in path_params if id(p) in index]
+            with torch.enable_grad():
+                loss, acc = cross_entropy(logits_fn(stream), label)
+                got = torch.autograd.grad(weight * loss, [stream, *mine], allow_unused=True)
+            grad_stream = got[0] if grad_stream is None else grad_stream.add_(got[0])
+            for p, g in zip(mine, got[1:]):
+                i = index[id(p)]
+                if g is not None:
+                    grads[i] = g if grads[i] is None else grads[i].add_(g)
+            total += weight * loss.detach()
+            losses.append(loss.detach())
+            accs.append(acc)
+        ctx.grad_stream, ctx.grads = grad_stream, grads
+        losses, accs = torch.stack(losses), torch.stack(accs)
+        ctx.mark_non_differentiable(losses, accs)
+        return total, losses, accs
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_losses, _grad_accs):
+        # Backward runs once per forward, so the stored gradients can be scaled in place.
+        grads = [g.mul_(grad_total.to(g.dtype)) if g is not None else None for g in ctx.grads]
+        grad_stream = ctx.grad_stream.mul_(grad_total.to(ctx.grad_stream.dtype))
+        ctx.grad_stream = ctx.grads = None
+        return (grad_stream, None, None, None, *grads)
