@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from multitoken.config import HeadConfig
 from multitoken.heads import build_heads
 from multitoken.losses import LossOutput, cross_entropy, head_weights, shift_labels
-from multitoken.trunk import TrunkParts, inspect_trunk
+from multitoken.trunk import TrunkParts, inspect_trunk, layer_arguments
 
 
 class _StopForward(Exception):
@@ -65,8 +65,8 @@ class MTPModel(nn.Module):
         def grab_final(_m, _args, output):
             seen["hidden"] = output[0] if isinstance(output, tuple) else output
 
-        def grab_branch(_m, args, kwargs):
-            seen["branch"] = args[0] if args else kwargs["hidden_states"]
+        def grab_branch(module, args, kwargs):
+            seen["branch"] = layer_arguments(module, args, kwargs)[0]
 
         final = (
             parts.final_norm if not isinstance(parts.final_norm, nn.Identity) else parts.layers[-1]
@@ -91,9 +91,8 @@ class MTPModel(nn.Module):
         """Run the trunk's own forward up to ``layer`` and stop there: the stream entering that
         layer [B, T, d] and the keyword arguments the model passes its layers (mask, rotary)."""
 
-        def stop(_module, args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            raise _StopForward(hidden, kwargs)
+        def stop(module, args, kwargs):
+            raise _StopForward(*layer_arguments(module, args, kwargs))
 
         hook = self.parts.layers[layer].register_forward_pre_hook(stop, with_kwargs=True)
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,16 @@ class TrunkParts:
         return kwargs
 
 
+def layer_arguments(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """Name every argument of a decoder-layer call (some models pass the mask or the cache
+    positionally): the hidden states, and the rest as keyword arguments."""
+    bound = inspect.signature(layer.forward).bind_partial(*args, **kwargs).arguments
+    extra = bound.pop(next(iter(inspect.signature(layer.forward).parameters)))  # hidden states
+    named = {k: v for k, v in bound.items() if k != "kwargs"}
+    named.update(bound.get("kwargs", {}))
+    return extra, named
+
+
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Call a decoder layer; some architectures still return a tuple whose first item is it."""
     out = layer(hidden, **kwargs)
@@ -130,8 +141,8 @@ def inspect_trunk(model: PreTrainedModel) -> TrunkParts:
         outputs[module] = output
         order.append(module)
 
-    def record_kwargs(_module, _args, kwargs):
-        seen_kwargs.update(kwargs)
+    def record_kwargs(module, args, kwargs):
+        seen_kwargs.update(layer_arguments(module, args, kwargs)[1])
 
     hooks = [m.register_forward_hook(record) for m in base.children() if m is not layers]
     hooks.append(layers[-1].register_forward_hook(record))

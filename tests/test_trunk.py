@@ -1,0 +1,121 @@
+"""The trunk adapter finds what heads need through generic interfaces, for several architectures,
+and every family trains on each of them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+import multitoken
+from multitoken.config import HeadConfig
+from multitoken.model import MTPModel
+from multitoken.trunk import inspect_trunk
+
+V = 300
+CONFIGS = {
+    "llama": lambda: LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    ),
+    "gpt2": lambda: GPT2Config(
+        vocab_size=V,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    "gpt-neox": lambda: GPTNeoXConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    ),
+    "mistral": lambda: MistralConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    ),
+}
+
+
+def build(arch: str):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()  # eval: no dropout
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_parts_are_found_by_interface(arch):
+    model = build(arch)
+    parts = inspect_trunk(model)
+    assert parts.embed is model.get_input_embeddings()
+    assert parts.unembed is model.get_output_embeddings()
+    assert len(parts.layers) == 2
+    ids = torch.randint(0, V, (1, 7))
+    with torch.no_grad():  # the final norm found by probing really is what lm_head reads
+        out = model(ids, output_hidden_states=True)
+        torch.testing.assert_close(parts.unembed(out.hidden_states[-1]), out.logits)
+    assert (parts.rotary is None) == (arch == "gpt2")  # GPT-2 has learned absolute positions
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
+def test_every_family_trains_on_every_architecture(arch, family):
+    model = MTPModel(build(arch), HeadConfig(family=family, depth=2)).eval()
+    tokens = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = model(tokens, lam=0.5)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.head_losses.shape == (2,)
+    head_grads = [p.grad for p in model.heads.parameters() if p.requires_grad]
+    assert all(g is not None for g in head_grads) and any(g.abs().sum() > 0 for g in head_grads)
+    if family == "meta":  # the head-by-head backward also matches on this architecture
+        fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        model(tokens, lam=0.5, memory_efficient=False).loss.backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_train_on_a_local_pretrained_trunk_folder(tmp_path):
+    build("gpt2").save_pretrained(tmp_path / "gpt2")
+    data = tmp_path / "data.txt"
+    data.write_text("hello world, this is a tiny corpus for a tiny model.\n" * 100)
+    result = multitoken.train(
+        trunk=str(tmp_path / "gpt2"),
+        family="deepseek",
+        depth=1,
+        data=[str(data)],
+        out=str(tmp_path / "run"),
+        max_steps=2,
+        seq_len=16,
+        batch_size=2,
+        eval_batches=1,
+        save_every=2,
+    )
+    loaded = multitoken.load(result.checkpoint)
+    assert type(loaded.trunk).__name__ == "GPT2LMHeadModel"
