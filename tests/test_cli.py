@@ -194,3 +194,47 @@ def test_tokenizer_train_command(tmp_path, small_text):
     tok = load_tokenizer(str(out))
     assert tok.vocab_size <= 300
     assert tok.decode(tok.encode("the lazy dog")) == "the lazy dog"
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, small_text):
+    out = tmp_path / "run"
+    # Adam moves every weight by about lr on its first step: lr 1e30 overflows the next forward.
+    proc = run_cli(
+        "train",
+        "--data",
+        str(small_text),
+        "--max-steps",
+        "5",
+        "--save-every",
+        "1",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--eval-batches",
+        "1",
+        "--eval-every",
+        "100",
+        "--precision",
+        "fp32",
+        "--lr",
+        "1e30",
+        "--warmup-steps",
+        "0",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "non-finite loss" in last and "Traceback" not in proc.stderr
+    latest = (out / "latest").read_text().strip()
+    assert latest in last  # the message names the checkpoint that was kept
+    assert (out / latest / "heads.safetensors").is_file()
+    stopped_at = int(last.split("at step ")[1].split(";")[0])
+    assert int(latest.split("-")[-1]) == stopped_at - 1  # nothing saved from the bad step
+    losses = [
+        json.loads(x)["loss"]
+        for x in (out / "metrics.jsonl").read_text().splitlines()
+        if '"train"' in x
+    ]
+    assert all(abs(v) < float("inf") for v in losses)
