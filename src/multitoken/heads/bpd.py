@@ -66,3 +66,17 @@ class BPDHeads(nn.Module):
     def forward(self, h0: torch.Tensor) -> list[torch.Tensor]:
         """Training forward: h0 [B, T, d] -> D logits tensors [B, T, V], head k at index k-1."""
         return list(self.logits(self.residual(h0)).unbind(0))
+
+    # -- decoding ---------------------------------------------------------------------------------
+    def new_draft_state(self) -> None:
+        return None  # no attention, nothing to cache
+
+    def draft(self, state, step, K: int, pick):
+        """Parallel drafting: heads 1..K all read h^0 at the newest trunk position.
+
+        h^0_p there gives the trunk's own next token (the pending one, t_{p+1}); head k gives
+        t_{p+1+k}, i.e. draft d_k. Returns (drafts [K], q [K, V] or None)."""
+        h = step.hidden[0, -1]  # [d]
+        logits = self.logits(self.residual(h.unsqueeze(0)))[:K, 0]  # [K, V]
+        tokens, q = pick(logits)
+        return tokens, q

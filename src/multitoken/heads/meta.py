@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from multitoken.config import HeadConfig
 from multitoken.losses import LossOutput, cross_entropy
@@ -24,8 +25,8 @@ class MetaHeads(nn.Module):
         self.parts = parts
         self.depth = config.depth
         self.branch_layer = config.resolved_branch_layer(parts.num_layers)
-        # layer_idx k: each head's attention reads/writes slot k of the heads' own cache.
-        self.layers = nn.ModuleList(parts.new_layer(layer_idx=k) for k in range(self.depth))
+        # layer_idx 0: at decode time each head has a KV cache of its own, with one layer slot.
+        self.layers = nn.ModuleList(parts.new_layer(layer_idx=0) for _ in range(self.depth))
 
     def head_logits(self, k: int, branch_hidden: torch.Tensor, block_kwargs: dict) -> torch.Tensor:
         """Head k+1's logits from the stream entering layer b: [B, T, d] -> [B, T, V]."""
@@ -41,6 +42,23 @@ class MetaHeads(nn.Module):
 
     def forward(self, branch_hidden: torch.Tensor, block_kwargs: dict) -> list[torch.Tensor]:
         return [self.head_logits(k, branch_hidden, block_kwargs) for k in range(self.depth)]
+
+    # -- decoding ---------------------------------------------------------------------------------
+    def new_draft_state(self) -> list[DynamicCache]:
+        return [DynamicCache() for _ in range(self.depth)]
+
+    def draft(self, caches: list[DynamicCache], step, K: int, pick):
+        """Heads 1..K extend their KV caches over the newly committed positions of the branch
+        stream (committed positions only, so the caches never need rolling back); the drafts are
+        the heads' outputs at the newest position. Returns (drafts [K], q [K, V] or None)."""
+        stream = step.branch  # [1, n, d] at positions step.start .. step.start + n - 1
+        positions = torch.arange(step.start, step.start + stream.size(1), device=stream.device)
+        last = []
+        for k in range(K):
+            kwargs = self.parts.block_kwargs(stream, positions.unsqueeze(0), caches[k])
+            last.append(run_layer(self.layers[k], stream, kwargs)[:, -1])
+        last = torch.cat(last)
+        return pick(self.parts.unembed(self.parts.final_norm(last)))  # [K, d] -> [K, V]
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Trunk parameters every head also uses (final norm, unembedding)."""

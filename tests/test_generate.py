@@ -1,0 +1,176 @@
+"""Decoding invariants of shared/DESIGN.md: lossless greedy (1), lossless sampling (2), and cache
+equivalence of incremental drafting (3); plus stub heads that always / never get accepted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import micro_llama
+
+from multitoken.config import HeadConfig
+from multitoken.generate import generate
+from multitoken.model import MTPModel
+from multitoken.sampling import Sampling, probs
+
+PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+
+
+def model_of(family: str, depth: int = 4, seed: int = 0, vocab: int = 64) -> MTPModel:
+    return MTPModel(
+        micro_llama(seed=seed, vocab=vocab), HeadConfig(family=family, depth=depth)
+    ).eval()
+
+
+def hf_greedy(model: MTPModel, prompt: list[int], n: int) -> list[int]:
+    out = model.trunk.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
+def test_speculative_greedy_equals_plain_and_transformers(family):
+    model = model_of(family)
+    plain = generate(model, PROMPTS, max_new_tokens=24, speculate=False)
+    for prompt, tokens in zip(PROMPTS, plain.tokens):
+        assert tokens == hf_greedy(model, prompt, 24)
+    for K in (1, 2, 3, 4) + ((6,) if family == "deepseek" else ()):
+        spec = generate(model, PROMPTS, max_new_tokens=24, draft_len=K)
+        assert spec.tokens == plain.tokens, K
+        assert spec.stats.trunk_passes <= plain.stats.trunk_passes
+
+
+class OracleHeads(torch.nn.Module):
+    """Stub heads drafting the trunk's own greedy continuation (``wrong``: always a wrong one)."""
+
+    def __init__(self, model: MTPModel, wrong: bool) -> None:
+        super().__init__()
+        self.model, self.wrong = model, wrong
+
+    def new_draft_state(self):
+        return None
+
+    def draft(self, _state, step, K, pick):
+        ids = step.tokens
+        with torch.no_grad():
+            cont = self.model.trunk.generate(
+                ids, max_new_tokens=K, do_sample=False, pad_token_id=0
+            )[0, ids.size(1) :]
+        if self.wrong:
+            cont = (cont + 1) % self.model.trunk.config.vocab_size
+        return cont, None
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_stub_heads_always_or_never_accepted(wrong):
+    model = model_of("bpd")
+    plain = generate(model, PROMPTS, max_new_tokens=21, speculate=False)
+    model.heads = OracleHeads(model, wrong)
+    K = 4
+    spec = generate(model, PROMPTS, max_new_tokens=21, draft_len=K)
+    assert spec.tokens == plain.tokens
+    if wrong:
+        assert spec.stats.acceptance[0] == 0.0 and spec.stats.tau == pytest.approx(1.0)
+    else:  # every pass emits K+1 tokens (the bonus path), except a truncated last one
+        assert spec.stats.acceptance == [1.0] * K
+        per_prompt = -(-20 // (K + 1)) + 1  # prefill + ceil(20 / (K+1)) verify passes
+        assert spec.stats.trunk_passes == per_prompt * len(PROMPTS)
+
+
+def teacher_forced_drafts(model: MTPModel, tokens: torch.Tensor, drafts: torch.Tensor) -> list:
+    """DESIGN.md's definition, recomputed from scratch without any cache: draft k is the argmax
+    of the teacher-forced forward over x_0..x_{N-1}, d_1..d_{k-1} read at module k's last
+    position (for meta/bpd: every head at the newest trunk position)."""
+    N = tokens.size(1)
+    out = []
+    for k in range(1, drafts.numel() + 1):
+        seq = torch.cat([tokens[0], drafts[: k - 1]]).unsqueeze(0)  # [1, N + k - 1]
+        t = model.trunk_forward(
+            seq[:, : N - 1], model.heads.branch_layer if model.family == "meta" else None
+        )
+        if model.family == "deepseek":
+            h = t.hidden
+            for j in range(1, k + 1):
+                ahead = seq[:, j : j + h.size(1)]
+                h = h[:, : ahead.size(1)]
+                pos = torch.arange(h.size(1)).unsqueeze(0)
+                mod = model.heads.mtp[min(j, model.depth) - 1]
+                h = mod(h, model.parts.embed(ahead), model.parts.block_kwargs(h, pos))
+            logits = model.heads.out_head(min(k, model.depth) - 1, h[:, N - 2])
+        elif model.family == "meta":
+            logits = model.heads.head_logits(k - 1, t.branch_hidden, t.block_kwargs)[:, N - 2]
+        else:
+            logits = model.heads(t.hidden)[k - 1][:, N - 2]
+        out.append(int(logits.argmax(-1)))
+    return out
+
+
+class CheckedHeads(torch.nn.Module):
+    """Wraps real heads: every incremental (cached) draft is checked against recomputation."""
+
+    def __init__(self, model: MTPModel) -> None:
+        super().__init__()
+        self.model, self.inner = model, model.heads
+        self.checked = 0
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def draft(self, state, step, K, pick):
+        drafts, q = self.inner.draft(state, step, K, pick)
+        model = self.model
+        model.heads = self.inner
+        try:
+            assert drafts.tolist() == teacher_forced_drafts(model, step.tokens, drafts)
+        finally:
+            model.heads = self
+        self.checked += 1
+        return drafts, q
+
+
+@pytest.mark.parametrize("family,K", [("deepseek", 3), ("deepseek", 6), ("meta", 4), ("bpd", 4)])
+def test_cached_drafts_equal_full_recomputation_after_many_steps(family, K):
+    model = model_of(family, depth=4 if family != "deepseek" else 3)
+    checked = CheckedHeads(model)
+    model.heads = checked
+    generate(model, PROMPTS[:2], max_new_tokens=30, draft_len=K)
+    assert checked.checked >= 10
+
+
+def test_sampled_speculative_decoding_follows_the_trunk_distribution():
+    """Invariant 2: chi-square on the joint law of the first two sampled tokens, vocabulary 8."""
+    torch.manual_seed(0)
+    model = model_of("deepseek", depth=2, vocab=8)
+    with torch.no_grad():  # heads far from the trunk, so rejections and residuals are exercised
+        for p in model.heads.parameters():
+            p.add_(torch.randn_like(p))
+        model.trunk.lm_head.weight.mul_(6.0)  # peaked, non-uniform distributions
+    prompt = [1, 2, 3]
+    sampling = Sampling(temperature=1.0)
+    with torch.no_grad():
+        first = probs(model.trunk(torch.tensor([prompt])).logits[0, -1], sampling)
+        second = torch.stack(
+            [
+                probs(model.trunk(torch.tensor([prompt + [t]])).logits[0, -1], sampling)
+                for t in range(8)
+            ]
+        )
+    expected = (first[:, None] * second).flatten()  # [64] joint law of (x1, x2)
+    n = 3000
+    out = generate(model, [prompt] * n, max_new_tokens=3, draft_len=2, temperature=1.0, seed=7)
+    assert out.stats.acceptance[0] < 0.8  # drafts do get rejected
+    counts = torch.zeros(64)
+    for toks in out.tokens:
+        counts[toks[0] * 8 + toks[1]] += 1
+    mask = expected * n >= 5  # chi-square needs expected counts >= 5 per cell
+    e, o = expected[mask] * n, counts[mask]
+    e = e * (o.sum() / e.sum())
+    chi2 = float(((o - e) ** 2 / e).sum())
+    dof = int(mask.sum()) - 1
+    # 0.999 quantile of chi-square (Wilson-Hilferty), so a correct sampler fails 1 time in 1000
+    z = 3.090
+    critical = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+    assert chi2 < critical, (chi2, critical, dof)
