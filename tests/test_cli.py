@@ -238,3 +238,87 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
         if '"train"' in x
     ]
     assert all(abs(v) < float("inf") for v in losses)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, small_text) -> Path:
+    out = tmp_path_factory.mktemp("gen") / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--family",
+                "bpd",
+                "--depth",
+                "2",
+                "--data",
+                str(small_text),
+                "--max-steps",
+                "2",
+                "--save-every",
+                "2",
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "2",
+                "--eval-batches",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_generate_prints_text_and_json_statistics(checkpoint):
+    proc = run_cli(
+        "generate",
+        "--checkpoint",
+        str(checkpoint),
+        "--prompt",
+        "the quick",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["prompt"] == "the quick" and result["stats"]["tokens"] == 12
+    assert 1 <= result["stats"]["tau"] <= 3 and len(result["stats"]["acceptance"]) == 2
+    plain = run_cli(
+        "generate",
+        "--checkpoint",
+        str(checkpoint),
+        "--prompt",
+        "the quick",
+        "--max-new-tokens",
+        "12",
+        "--json",
+        "--no-speculate",
+    )
+    assert json.loads(plain.stdout)["text"] == result["text"]  # lossless greedy
+
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["--prompt", ""], "--prompt"),
+        (["--prompt", "x", "--draft-len", "0"], "--draft-len"),
+        (["--prompt", "x", "--draft-len", "3"], "--draft-len"),  # bpd with D = 2 cannot draft 3
+        (["--prompt", "x", "--temperature", "-1"], "--temperature"),
+        (["--prompt", "x" * 3000], "--prompt"),  # longer than the context window
+        (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file"),
+    ],
+)
+def test_generate_bad_input(checkpoint, args, flag):
+    proc = run_cli("generate", "--checkpoint", str(checkpoint), *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_generate_missing_checkpoint(tmp_path):
+    proc = run_cli("generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x")
+    assert proc.returncode == 2 and "--checkpoint" in proc.stderr

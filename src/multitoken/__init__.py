@@ -27,13 +27,14 @@ def train(**options):
     return _train(**options)
 
 
-def load(path: str | Path):
+def load(path: str | Path, *, flag: str = "path"):
     """Load a checkpoint folder (or a run folder, following its ``latest``) as an ``MTPModel``.
 
-    The model's ``trunk`` is a plain ``transformers`` causal LM and ``tokenizer`` its tokenizer.
+    The model's ``trunk`` is a plain ``transformers`` causal LM and ``tokenizer`` its tokenizer;
+    ``model.generate(text, ...)`` decodes. ``flag`` names the argument in error messages.
     """
     from multitoken.checkpoint import load_checkpoint
 
-    model, tokenizer, _meta = load_checkpoint(path, flag="path")
+    model, tokenizer, _meta = load_checkpoint(path, flag=flag)
     model.tokenizer = tokenizer
     return model.eval()

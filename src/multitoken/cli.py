@@ -15,7 +15,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from multitoken.config import HeadConfig, TrainConfig, read_config_file
+from multitoken.config import GenerateConfig, HeadConfig, TrainConfig, read_config_file
 from multitoken.errors import MultitokenError
 
 EXIT_USAGE = 2
@@ -83,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(train, HeadConfig, "heads")
     add_dataclass_flags(train, TrainConfig, "training")
 
+    gen = sub.add_parser(
+        "generate",
+        help="decode with a trained checkpoint (self-speculative by default)",
+        description="Generate text. The prompt comes from --prompt, --prompt-file or stdin.",
+    )
+    gen.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    gen.add_argument("--prompt", help="prompt text")
+    gen.add_argument("--prompt-file", help="file whose whole text is the prompt")
+    gen.add_argument("--json", action="store_true", help="print text and statistics as JSON")
+    add_dataclass_flags(gen, GenerateConfig, "decoding")
+
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
     fit = tok_sub.add_parser("train", help="fit a byte-level BPE tokenizer on a corpus")
@@ -109,6 +120,48 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise MultitokenError("give --prompt or --prompt-file, not both", "--prompt")
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise MultitokenError(f"no such file: {path}", "--prompt-file")
+        return path.read_text(encoding="utf-8", errors="replace")
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin.isatty():
+        raise MultitokenError("no prompt: pass --prompt, --prompt-file or pipe text in", "--prompt")
+    return sys.stdin.read()
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    import multitoken
+
+    prompt = _read_prompt(args)
+    if not prompt:
+        raise MultitokenError("the prompt is empty", "--prompt")
+    model = multitoken.load(args.checkpoint, flag="--checkpoint")
+    options = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(GenerateConfig)
+        if hasattr(args, f.name)
+    }
+    (text,), stats = model.generate(prompt, **options)
+    if args.json:
+        print(json.dumps({"prompt": prompt, "text": text, "stats": stats}))
+    else:
+        print(prompt + text)
+        print(
+            f"[{stats['tokens']} tokens, {stats['trunk_passes']} trunk passes, "
+            f"tau {stats['tau']:.2f}, {stats['tokens_per_s']:.1f} tokens/s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
     from multitoken.data import Corpus, iter_texts
     from multitoken.tokenizer import train_bpe
@@ -132,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "generate":
+            return _cmd_generate(args)
         return _cmd_tokenizer(args)
     except MultitokenError as exc:
         print(f"multitoken: error: {exc}", file=sys.stderr)

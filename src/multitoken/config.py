@@ -360,3 +360,27 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return json.loads(p.read_text())
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise MultitokenError(f"cannot parse {p}: {exc}", "--config") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateConfig:
+    """Options of ``multitoken generate`` and ``MTPModel.generate``."""
+
+    max_new_tokens: int = field(default=128, metadata=_opt("tokens to generate per prompt"))
+    draft_len: int | None = field(
+        default=None,
+        metadata=_opt("K, drafts per step (default: the heads' depth D; deepseek may exceed D)"),
+    )
+    temperature: float = field(default=0.0, metadata=_opt("0 = greedy"))
+    top_k: int = field(default=0, metadata=_opt("sample from the k most likely tokens (0: off)"))
+    top_p: float = field(default=1.0, metadata=_opt("nucleus sampling mass (1: off)"))
+    seed: int | None = field(default=None, metadata=_opt("random seed for sampling"))
+    speculate: bool = field(
+        default=True,
+        metadata=_opt("self-speculative decoding with the heads; --no-speculate: the trunk alone"),
+    )

@@ -15,15 +15,18 @@ trunk's distribution exactly (speculative sampling, ``multitoken.sampling``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
+from multitoken.config import GenerateConfig
 from multitoken.errors import MultitokenError
 from multitoken.model import MTPModel
 from multitoken.sampling import Sampling, accept_greedy, accept_sampled, choose, probs
+from multitoken.trunk import crop_cache, layer_arguments
 
 
 @dataclass
@@ -107,8 +110,6 @@ def trunk_pass(model: MTPModel, ids: torch.Tensor, cache: DynamicCache, branch: 
         )
     ]
     if branch is not None:
-        from multitoken.trunk import layer_arguments
-
         hooks.append(
             parts.layers[branch].register_forward_pre_hook(
                 lambda m, a, kw: seen.__setitem__("b", layer_arguments(m, a, kw)[0]),
@@ -121,12 +122,6 @@ def trunk_pass(model: MTPModel, ids: torch.Tensor, cache: DynamicCache, branch: 
         for h in hooks:
             h.remove()
     return logits[0], seen["h"], seen.get("b")
-
-
-def _crop(cache: DynamicCache, length: int) -> None:
-    n = cache.get_seq_length()
-    if n > length:
-        cache.crop(length - n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +182,7 @@ def _generate_one(
             stats.head_tries[j] += 1
             stats.head_hits[j] += int(j < m)
         # commit: the trunk keeps pending + d_1..d_m; the heads see their states
-        _crop(cache, n + m)
+        crop_cache(cache, n + m)
         hidden = hidden[:, : m + 1]
         stream = stream[:, : m + 1] if stream is not None else None
         start = n - 1
@@ -204,47 +199,45 @@ def _generate_one(
 def generate(
     model: MTPModel,
     prompts: list[list[int]],
-    max_new_tokens: int = 128,
-    draft_len: int | None = None,
-    speculate: bool = True,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
+    config: GenerateConfig | None = None,
     eos_id: int | None = None,
+    **options,
 ) -> Generation:
-    """Decode ``prompts`` (token ids). ``draft_len`` K defaults to the heads' depth D; K > D is
-    allowed for the DeepSeek family only (its last module is reused recurrently)."""
-    sampling = Sampling(temperature, top_k, top_p)
-    K = model.depth if draft_len is None else draft_len
+    """Decode ``prompts`` (token ids). Options are the fields of :class:`GenerateConfig`
+    (``max_new_tokens``, ``draft_len``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
+    ``speculate``). ``draft_len`` K defaults to the heads' depth D; K > D is allowed for the
+    DeepSeek family only (its last module is reused recurrently)."""
+    cfg = dataclasses.replace(config or GenerateConfig(), **options)
+    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    K = model.depth if cfg.draft_len is None else cfg.draft_len
     if K < 1:
         raise MultitokenError(f"must be >= 1, got {K}", "--draft-len")
-    if speculate and K > model.depth and model.family != "deepseek":
+    if cfg.speculate and K > model.depth and model.family != "deepseek":
         raise MultitokenError(
             f"{model.family} heads draft at most D = {model.depth} tokens; got {K}", "--draft-len"
         )
-    if max_new_tokens < 1:
-        raise MultitokenError(f"must be >= 1, got {max_new_tokens}", "--max-new-tokens")
+    if cfg.max_new_tokens < 1:
+        raise MultitokenError(f"must be >= 1, got {cfg.max_new_tokens}", "--max-new-tokens")
     limit = getattr(model.trunk.config, "max_position_embeddings", None)
     for p in prompts:
         if not p:
             raise MultitokenError("the prompt is empty", "--prompt")
-        if limit and len(p) + max_new_tokens + K + 1 > limit:
+        if limit and len(p) + cfg.max_new_tokens + K + 1 > limit:
             raise MultitokenError(
-                f"prompt of {len(p)} tokens + {max_new_tokens} new tokens exceeds the context "
-                f"window of {limit}",
+                f"prompt of {len(p)} tokens + {cfg.max_new_tokens} new tokens exceeds the "
+                f"context window of {limit}",
                 "--prompt",
             )
     gen = None
     if not sampling.greedy:
         gen = torch.Generator(device=model.parts.embed.weight.device)
-        gen.manual_seed(0 if seed is None else seed)
+        gen.manual_seed(0 if cfg.seed is None else cfg.seed)
     total = Stats(head_tries=[0] * K, head_hits=[0] * K)
     results = []
     t0 = time.perf_counter()
     for prompt in prompts:
         out, stats = _generate_one(
-            model, prompt, max_new_tokens, K, speculate, sampling, gen, eos_id
+            model, prompt, cfg.max_new_tokens, K, cfg.speculate, sampling, gen, eos_id
         )
         results.append(out)
         total.merge(stats)

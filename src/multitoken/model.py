@@ -14,6 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from multitoken.config import HeadConfig
+from multitoken.errors import MultitokenError
 from multitoken.heads import build_heads
 from multitoken.losses import LossOutput, cross_entropy, head_weights, shift_labels
 from multitoken.trunk import TrunkParts, inspect_trunk, layer_arguments
@@ -45,6 +46,24 @@ class MTPModel(nn.Module):
         head_config.validate(num_layers=self.parts.num_layers)
         self.head_config = head_config
         self.heads = heads if heads is not None else build_heads(self.parts, head_config)
+        self.tokenizer = None  # set by multitoken.load
+
+    def generate(self, prompts: str | list[str], **options) -> tuple[list[str], dict]:
+        """Text in, text out: ``model.generate("def f(", max_new_tokens=64, draft_len=3)``.
+
+        Options are those of :class:`multitoken.config.GenerateConfig`. Returns the generated
+        texts and the call's statistics (trunk passes, τ, per-head acceptance, tokens/s)."""
+        from multitoken.generate import generate
+
+        if self.tokenizer is None:
+            raise MultitokenError(
+                "this model has no tokenizer; use multitoken.generate.generate with token ids",
+                "tokenizer",
+            )
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = [self.tokenizer.encode(t) for t in texts]
+        out = generate(self, ids, eos_id=self.tokenizer.eos_id, **options)
+        return [self.tokenizer.decode(t) for t in out.tokens], out.stats.to_dict()
 
     @property
     def family(self) -> str:

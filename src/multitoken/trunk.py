@@ -106,6 +106,13 @@ def layer_arguments(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.
     return extra, named
 
 
+def crop_cache(cache, length: int) -> None:
+    """Roll a KV cache back to its first ``length`` positions (``crop`` takes a negative count)."""
+    n = cache.get_seq_length()
+    if n > length:
+        cache.crop(length - n)
+
+
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Call a decoder layer; some architectures still return a tuple whose first item is it."""
     out = layer(hidden, **kwargs)

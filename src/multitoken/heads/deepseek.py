@@ -22,7 +22,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from multitoken.config import HeadConfig
-from multitoken.trunk import TrunkParts, run_layer
+from multitoken.trunk import TrunkParts, crop_cache, run_layer
 
 
 class DeepSeekModule(nn.Module):
@@ -122,7 +122,7 @@ class DeepSeekHeads(nn.Module):
             if k < K:
                 state.hist[k] = _append(state.hist.get(k), h_out[:, :n_committed], c)
             carried = h_out[:, n_committed:]
-            _crop(cache, c + n_committed)
+            crop_cache(cache, c + n_committed)
             token, q = pick(self.out_head(min(k, self.depth) - 1, h_out[:, -1]))  # [1, V]
             drafts.append(token)
             qs.append(q)
@@ -156,9 +156,3 @@ def _trim(state: DeepSeekDraftState) -> None:
             done = state.caches[level].get_seq_length()  # module level+1 holds positions < done
             if done > start:
                 state.hist[level] = (h[:, done - start :], done)
-
-
-def _crop(cache: DynamicCache, length: int) -> None:
-    n = cache.get_seq_length()
-    if n > length:
-        cache.crop(length - n)
