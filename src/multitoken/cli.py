@@ -135,6 +135,26 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return sys.stdin.read()
 
 
+class _TextStream:
+    """Prints text as tokens are accepted. A byte-level token can end inside a UTF-8 character:
+    the undecodable tail is held back until the next tokens complete it."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids, self.shown = tokenizer, [], 0
+
+    def __call__(self, _row: int, tokens: list[int]) -> None:
+        self.ids.extend(tokens)
+        text = self.tokenizer.decode(self.ids)
+        safe = len(text.rstrip("\ufffd"))
+        sys.stdout.write(text[self.shown : safe])
+        sys.stdout.flush()
+        self.shown = max(self.shown, safe)
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        sys.stdout.write(text[self.shown :] + "\n")
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import json
 
@@ -149,11 +169,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         for f in dataclasses.fields(GenerateConfig)
         if hasattr(args, f.name)
     }
-    (text,), stats = model.generate(prompt, **options)
+    stream = None
+    if not args.json:
+        stream = _TextStream(model.tokenizer)
+        sys.stdout.write(prompt)
+    (text,), stats = model.generate(prompt, on_tokens=stream, **options)
     if args.json:
         print(json.dumps({"prompt": prompt, "text": text, "stats": stats}))
     else:
-        print(prompt + text)
+        stream.finish()
         print(
             f"[{stats['tokens']} tokens, {stats['trunk_passes']} trunk passes, "
             f"tau {stats['tau']:.2f}, {stats['tokens_per_s']:.1f} tokens/s]",

@@ -2,14 +2,14 @@
 
 One step of method 2 (shared/DESIGN.md §Inference), as a ladder of small functions:
 
-    draft   the heads propose d_1..d_K from the newest committed position
+    draft   the heads propose d_1..d_K from each row's newest committed position
     verify  one trunk pass over [pending, d_1..d_K] gives the trunk's own choices g_1..g_{K+1}
-    accept  keep the longest correct prefix d_1..d_m and the bonus g_{m+1}
-    commit  roll the trunk's KV cache back to exactly the accepted prefix; the heads' caches only
-            ever hold committed positions (or are cropped back to them inside ``draft``)
+    accept  each row keeps its longest correct prefix d_1..d_m and the bonus g_{m+1}
+    commit  every KV cache keeps exactly the accepted prefix (``RaggedCache``: rows of a batch
+            may accept different numbers of tokens in the same step)
 
-State is passed explicitly: the trunk's ``DynamicCache``, the heads' draft state, the committed
-tokens. Greedy output is token-for-token the trunk's own greedy output; sampled output follows the
+State is passed explicitly: the trunk's cache, the heads' draft state, the committed tokens.
+Greedy output is token-for-token the trunk's own greedy output; sampled output follows the
 trunk's distribution exactly (speculative sampling, ``multitoken.sampling``).
 """
 
@@ -17,33 +17,37 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from multitoken.config import GenerateConfig
 from multitoken.errors import MultitokenError
+from multitoken.kvcache import RaggedCache, prefix_mask
 from multitoken.model import MTPModel
 from multitoken.sampling import Sampling, accept_greedy, accept_sampled, choose, probs
-from multitoken.trunk import crop_cache, layer_arguments
+from multitoken.trunk import layer_arguments
 
 
 @dataclass
 class Committed:
-    """What the heads may draft from: all committed tokens (the last one is the trunk's pending
-    token, not yet through the trunk) and the trunk's states at the newly processed positions."""
+    """What the heads draft from. Row r has ``lengths[r]`` committed tokens (the last is the
+    trunk's pending token, not yet through the trunk) and ``new[r]`` newly trunk-processed
+    positions ``start[r] .. start[r] + new[r] - 1`` whose states are in ``hidden``/``branch``."""
 
-    tokens: torch.Tensor  # [1, N]
-    hidden: torch.Tensor  # [1, n, d] h^0 at positions start .. N-2
-    branch: torch.Tensor | None  # [1, n, d] stream entering the branch layer (meta)
-    start: int
+    tokens: list[torch.Tensor]  # per row [N_r]
+    hidden: torch.Tensor  # [B, n, d] h^0 of the new positions (a prefix of new[r] per row)
+    branch: torch.Tensor | None  # [B, n, d] stream entering the branch layer (meta)
+    start: list[int]
+    new: list[int]
 
 
 @dataclass
 class Stats:
-    """Per call: trunk passes, tokens emitted, τ = tokens per trunk pass, per-head acceptance
-    a_k = P(d_k accepted | d_1..d_{k-1} accepted), wall time, tokens/s."""
+    """Per call: trunk passes, tokens emitted, τ = tokens per trunk pass, per-draft-position
+    acceptance a_k = P(d_k accepted | d_1..d_{k-1} accepted), wall time, tokens/s. Passes and
+    tokens are summed over rows, so τ is the mean tokens per pass of one row."""
 
     trunk_passes: int = 0
     tokens: int = 0
@@ -73,18 +77,6 @@ class Stats:
             "tokens_per_s": self.tokens_per_s,
         }
 
-    def merge(self, other: Stats) -> None:
-        self.trunk_passes += other.trunk_passes
-        self.tokens += other.tokens
-        self.wall_s += other.wall_s
-        n = max(len(self.head_tries), len(other.head_tries))
-        self.head_tries = _add(self.head_tries, other.head_tries, n)
-        self.head_hits = _add(self.head_hits, other.head_hits, n)
-
-
-def _add(a: list[int], b: list[int], n: int) -> list[int]:
-    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
-
 
 @dataclass
 class Generation:
@@ -97,103 +89,137 @@ class Generation:
 # ---------------------------------------------------------------------------------------------
 
 
-def trunk_pass(model: MTPModel, ids: torch.Tensor, cache: DynamicCache, branch: int | None):
-    """Extend the trunk's cache by ``ids`` [1, q]: logits [q, V], h^0 [1, q, d], branch stream."""
+def trunk_pass(
+    model: MTPModel, ids: torch.Tensor, positions: torch.Tensor, kv: RaggedCache, branch: int | None
+):
+    """Run ``ids`` [B, q] at ``positions`` [B, q] on top of ``kv``: logits [B, q, V], h^0 and
+    (meta) the stream entering the branch layer, [B, q, d] each. ``kv.commit`` must follow."""
     seen: dict[str, torch.Tensor] = {}
     parts = model.parts
     final = (
         parts.layers[-1] if isinstance(parts.final_norm, torch.nn.Identity) else parts.final_norm
     )
-    hooks = [
-        final.register_forward_hook(
-            lambda _m, _a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out)
-        )
-    ]
+
+    def grab_final(_m, _a, out):
+        seen["h"] = out[0] if isinstance(out, tuple) else out
+
+    def grab_branch(m, a, kw):
+        seen["b"] = layer_arguments(m, a, kw)[0]
+
+    hooks = [final.register_forward_hook(grab_final)]
     if branch is not None:
-        hooks.append(
-            parts.layers[branch].register_forward_pre_hook(
-                lambda m, a, kw: seen.__setitem__("b", layer_arguments(m, a, kw)[0]),
-                with_kwargs=True,
-            )
-        )
+        hooks.append(parts.layers[branch].register_forward_pre_hook(grab_branch, with_kwargs=True))
     try:
-        logits = model.trunk(input_ids=ids, cache=cache, use_cache=True).logits
+        logits = model.trunk(
+            input_ids=ids,
+            attention_mask=kv.padding_mask(ids.size(1)),
+            position_ids=positions,
+            cache=kv.cache,
+            use_cache=True,
+        ).logits
     finally:
         for h in hooks:
             h.remove()
-    return logits[0], seen["h"], seen.get("b")
+    return logits, seen["h"], seen.get("b")
 
 
 # ---------------------------------------------------------------------------------------------
-# One sequence
+# The decode loop
 # ---------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def _generate_one(
+def _decode(
     model: MTPModel,
-    prompt: list[int],
-    max_new: int,
+    prompts: list[list[int]],
+    cfg: GenerateConfig,
     K: int,
-    speculate: bool,
     sampling: Sampling,
     gen: torch.Generator | None,
     eos: int | None,
-):
-    stats = Stats(head_tries=[0] * K, head_hits=[0] * K)
+    on_tokens: Callable[[int, list[int]], None] | None,
+) -> Generation:
     device = model.parts.embed.weight.device
+    B = len(prompts)
+    speculate = cfg.speculate
     branch = model.heads.branch_layer if (speculate and model.family == "meta") else None
-    cache = DynamicCache(config=model.trunk.config)
-    ids = torch.tensor([prompt], device=device)
-    logits, hidden, stream = trunk_pass(model, ids, cache, branch)
-    stats.trunk_passes += 1
-    pending, _ = choose(logits[-1:], sampling, gen)
-    out = [int(pending)]
-    tokens = torch.cat([ids[0], pending])
-    draft_state = model.heads.new_draft_state() if speculate else None
-    start = 0
+    stats = Stats(head_tries=[0] * K, head_hits=[0] * K)
+    kv = RaggedCache(B, device, model.trunk.config)
 
-    def pick(lg):
-        return choose(lg, sampling, gen)
+    # prefill, right-padded: causal attention keeps each row's tokens from seeing its padding
+    P = max(len(p) for p in prompts)
+    ids = torch.zeros(B, P, dtype=torch.long, device=device)
+    for r, p in enumerate(prompts):
+        ids[r, : len(p)] = torch.tensor(p, device=device)
+    positions = torch.arange(P, device=device).expand(B, P)
+    logits, hidden, stream = trunk_pass(model, ids, positions, kv, branch)
+    lengths = [len(p) for p in prompts]
+    kv.commit(prefix_mask(lengths, P, device))
+    last = logits[torch.arange(B), torch.tensor(lengths, device=device) - 1]  # [B, V]
+    pending, _ = choose(last, sampling, gen)
+    tokens = [torch.cat([ids[r, : lengths[r]], pending[r : r + 1]]) for r in range(B)]
+    out: list[list[int]] = [[int(pending[r])] for r in range(B)]
+    active = [True] * B
+    stats.trunk_passes += B
+    step = Committed(tokens, hidden, stream, [0] * B, lengths)
+    draft_state = model.heads.new_draft_state(B) if speculate else None
 
-    while len(out) < max_new and (eos is None or out[-1] != eos):
-        n = tokens.numel()  # committed; the last is pending
-        if not speculate:
-            logits, _, _ = trunk_pass(model, tokens[-1:].unsqueeze(0), cache, None)
-            stats.trunk_passes += 1
-            nxt, _ = choose(logits, sampling, gen)
-            out.append(int(nxt))
-            tokens = torch.cat([tokens, nxt])
-            continue
-        # draft
-        step = Committed(tokens.unsqueeze(0), hidden, stream, start)
-        drafts, q = model.heads.draft(draft_state, step, K, pick)
-        # verify
-        logits, hidden, stream = trunk_pass(
-            model, torch.cat([tokens[-1:], drafts]).unsqueeze(0), cache, branch
-        )
-        stats.trunk_passes += 1
-        # accept
-        if sampling.greedy:
-            m, bonus = accept_greedy(drafts, logits.argmax(-1))
+    def finished(r: int) -> bool:
+        return len(out[r]) >= cfg.max_new_tokens or (eos is not None and eos in out[r])
+
+    for r in range(B):
+        active[r] = not finished(r)
+        if on_tokens:
+            on_tokens(r, out[r])
+    while any(active):
+        n = [t.numel() for t in tokens]  # committed per row; the last is pending
+        q = K + 1 if speculate else 1
+        if speculate:  # draft
+            drafts, q_draft = model.heads.draft(
+                draft_state, step, K, lambda lg: choose(lg, sampling, gen)
+            )
+            ids = torch.cat([torch.stack([t[-1] for t in tokens]).unsqueeze(1), drafts], dim=1)
         else:
-            m, bonus = accept_sampled(drafts, q, probs(logits, sampling), gen)
-        for j in range(min(m + 1, K)):
-            stats.head_tries[j] += 1
-            stats.head_hits[j] += int(j < m)
-        # commit: the trunk keeps pending + d_1..d_m; the heads see their states
-        crop_cache(cache, n + m)
-        hidden = hidden[:, : m + 1]
-        stream = stream[:, : m + 1] if stream is not None else None
-        start = n - 1
-        accepted = torch.cat([drafts[:m], torch.tensor([bonus], device=device)])
-        out.extend(accepted.tolist())
-        tokens = torch.cat([tokens, accepted])
-    if eos is not None and eos in out:
-        out = out[: out.index(eos) + 1]
-    out = out[:max_new]
-    stats.tokens = len(out)
-    return out, stats
+            ids = torch.stack([t[-1] for t in tokens]).unsqueeze(1)
+        positions = torch.tensor(n, device=device)[:, None] - 1 + torch.arange(q, device=device)
+        logits, hidden, stream = trunk_pass(model, ids, positions, kv, branch)  # verify
+        accepted_counts = []
+        for r in range(B):  # accept
+            if not active[r]:  # a finished row stays where it is: it keeps no new slot
+                accepted_counts.append(0)
+                continue
+            if not speculate:
+                m, nxt = 0, int(choose(logits[r, :1], sampling, gen)[0])
+            elif sampling.greedy:
+                m, nxt = accept_greedy(drafts[r], logits[r].argmax(-1))
+            else:
+                m, nxt = accept_sampled(drafts[r], q_draft[r], probs(logits[r], sampling), gen)
+            accepted_counts.append(m + 1)
+            new = torch.cat([ids[r, 1 : m + 1], torch.tensor([nxt], device=device)])
+            tokens[r] = torch.cat([tokens[r], new])
+            stats.trunk_passes += 1
+            for j in range(min(m + 1, K) if speculate else 0):
+                stats.head_tries[j] += 1
+                stats.head_hits[j] += int(j < m)
+            room = cfg.max_new_tokens - len(out[r])
+            fresh = new.tolist()[:room]
+            if eos is not None and eos in fresh:
+                fresh = fresh[: fresh.index(eos) + 1]
+            out[r].extend(fresh)
+            if on_tokens and fresh:
+                on_tokens(r, fresh)
+            active[r] = not finished(r)
+        kv.commit(prefix_mask(accepted_counts, q, device))  # commit / roll back
+        width = max(accepted_counts)
+        step = Committed(
+            tokens,
+            hidden[:, :width],
+            stream[:, :width] if stream is not None else None,
+            [x - 1 for x in n],
+            accepted_counts,
+        )
+    stats.tokens = sum(len(o) for o in out)
+    return Generation(out, stats)
 
 
 def generate(
@@ -201,12 +227,15 @@ def generate(
     prompts: list[list[int]],
     config: GenerateConfig | None = None,
     eos_id: int | None = None,
+    on_tokens: Callable[[int, list[int]], None] | None = None,
     **options,
 ) -> Generation:
-    """Decode ``prompts`` (token ids). Options are the fields of :class:`GenerateConfig`
-    (``max_new_tokens``, ``draft_len``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
-    ``speculate``). ``draft_len`` K defaults to the heads' depth D; K > D is allowed for the
-    DeepSeek family only (its last module is reused recurrently)."""
+    """Decode a batch of ``prompts`` (token ids, any lengths) together.
+
+    Options are the fields of :class:`GenerateConfig` (``max_new_tokens``, ``draft_len``,
+    ``temperature``, ``top_k``, ``top_p``, ``seed``, ``speculate``). ``draft_len`` K defaults to
+    the heads' depth D; K > D is allowed for the DeepSeek family only (its last module is reused
+    recurrently). ``on_tokens(row, tokens)`` is called as tokens are accepted (streaming)."""
     cfg = dataclasses.replace(config or GenerateConfig(), **options)
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     K = model.depth if cfg.draft_len is None else cfg.draft_len
@@ -218,6 +247,8 @@ def generate(
         )
     if cfg.max_new_tokens < 1:
         raise MultitokenError(f"must be >= 1, got {cfg.max_new_tokens}", "--max-new-tokens")
+    if not prompts:
+        raise MultitokenError("no prompts", "--prompt")
     limit = getattr(model.trunk.config, "max_position_embeddings", None)
     for p in prompts:
         if not p:
@@ -232,14 +263,7 @@ def generate(
     if not sampling.greedy:
         gen = torch.Generator(device=model.parts.embed.weight.device)
         gen.manual_seed(0 if cfg.seed is None else cfg.seed)
-    total = Stats(head_tries=[0] * K, head_hits=[0] * K)
-    results = []
     t0 = time.perf_counter()
-    for prompt in prompts:
-        out, stats = _generate_one(
-            model, prompt, cfg.max_new_tokens, K, cfg.speculate, sampling, gen, eos_id
-        )
-        results.append(out)
-        total.merge(stats)
-    total.wall_s = time.perf_counter() - t0
-    return Generation(results, total)
+    result = _decode(model, prompts, cfg, K, sampling, gen, eos_id, on_tokens)
+    result.stats.wall_s = time.perf_counter() - t0
+    return result

@@ -54,11 +54,14 @@ def probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
 
 
 def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None):
-    """One token per row from [B, V] logits: (tokens [B], q [B, V] or None when greedy)."""
+    """One token per distribution from [..., V] logits: (tokens [...], q [..., V] or None when
+    greedy)."""
     if sampling.greedy:
         return logits.argmax(-1), None
     q = probs(logits, sampling)
-    return torch.multinomial(q, 1, generator=generator).squeeze(-1), q
+    flat = q.reshape(-1, q.size(-1))  # multinomial takes [N, V]
+    tokens = torch.multinomial(flat, 1, generator=generator).view(q.shape[:-1])
+    return tokens, q
 
 
 def accept_greedy(drafts: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:

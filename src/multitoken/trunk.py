@@ -73,15 +73,23 @@ class TrunkParts:
                 param.fill_(0.0 if "bias" in name else 1.0)
         return norm
 
-    def block_kwargs(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache=None) -> dict:
-        """The keyword arguments a decoder layer needs to run over ``hidden`` at ``position_ids``
-        (causal mask for the attention implementation in use, rotary cos/sin, cache)."""
+    def block_kwargs(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache=None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> dict:
+        """The keyword arguments a decoder layer needs to run over ``hidden`` [B, q, d] at
+        ``position_ids`` [B, q]: the causal mask for the attention implementation in use (and,
+        with ``padding_mask`` [B, cached + q], cached slots a row must not see), rotary cos/sin,
+        the cache."""
         kwargs: dict = {}
         if "attention_mask" in self.layer_kwargs:
             kwargs["attention_mask"] = create_causal_mask(
                 config=self.config,
                 inputs_embeds=hidden,
-                attention_mask=None,
+                attention_mask=padding_mask,
                 cache=cache,
                 position_ids=position_ids,
             )

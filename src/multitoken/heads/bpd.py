@@ -68,15 +68,16 @@ class BPDHeads(nn.Module):
         return list(self.logits(self.residual(h0)).unbind(0))
 
     # -- decoding ---------------------------------------------------------------------------------
-    def new_draft_state(self) -> None:
+    def new_draft_state(self, batch: int) -> None:
         return None  # no attention, nothing to cache
 
     def draft(self, state, step, K: int, pick):
-        """Parallel drafting: heads 1..K all read h^0 at the newest trunk position.
+        """Parallel drafting: heads 1..K all read h^0 at each row's newest trunk position p.
 
-        h^0_p there gives the trunk's own next token (the pending one, t_{p+1}); head k gives
-        t_{p+1+k}, i.e. draft d_k. Returns (drafts [K], q [K, V] or None)."""
-        h = step.hidden[0, -1]  # [d]
-        logits = self.logits(self.residual(h.unsqueeze(0)))[:K, 0]  # [K, V]
-        tokens, q = pick(logits)
-        return tokens, q
+        There the trunk gives its own next token (the pending one, t_{p+1}) and head k gives
+        t_{p+1+k}, i.e. draft d_k. Returns (drafts [B, K], q [B, K, V] or None)."""
+        B = step.hidden.size(0)
+        newest = (torch.tensor(step.new, device=step.hidden.device) - 1).clamp(min=0)
+        h = step.hidden[torch.arange(B, device=newest.device), newest]  # [B, d]
+        logits = self.logits(self.residual(h))[:K]  # [K, B, V]
+        return pick(logits.transpose(0, 1))

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from multitoken.config import HeadConfig
-from multitoken.trunk import TrunkParts, crop_cache, run_layer
+from multitoken.kvcache import RaggedCache, prefix_mask
+from multitoken.trunk import TrunkParts, run_layer
 
 
 class DeepSeekModule(nn.Module):
@@ -80,8 +80,8 @@ class DeepSeekHeads(nn.Module):
         return out
 
     # -- decoding ---------------------------------------------------------------------------------
-    def new_draft_state(self) -> DeepSeekDraftState:
-        return DeepSeekDraftState()
+    def new_draft_state(self, batch: int) -> DeepSeekDraftState:
+        return DeepSeekDraftState(batch, self.parts.embed.weight.device)
 
     def draft(self, state: DeepSeekDraftState, step, K: int, pick):
         """Free-running drafting along the causal chain (shared/DESIGN.md §Inference, step 1).
@@ -93,66 +93,103 @@ class DeepSeekHeads(nn.Module):
         over x_0..x_{N-1}, d_1..d_{k-1} read at module k's last position.
 
         Module k's positions up to N-1-k read only committed tokens: they stay in its KV cache.
-        Positions N-k..N-2 read drafts: they are computed for this step and cropped away after.
-        K may exceed D: the last module is then applied again, with a cache of its own.
-        Returns (drafts [K], q [K, V] or None).
+        Positions N-k..N-2 read drafts: computed for this step only, never kept. K may exceed D:
+        the last module is then applied again, with a cache of its own.
+        Returns (drafts [B, K], q [B, K, V] or None).
         """
-        N = step.tokens.size(1)
-        ext = step.tokens[0]  # committed tokens, then the drafts as they are chosen
-        state.hist[0] = _append(state.hist.get(0), step.hidden, step.start)
-        carried = None  # module k-1's outputs at its draft positions N-k+1..N-2
+        B, device = len(step.tokens), state.device
+        N = [t.numel() for t in step.tokens]
+        ext = list(step.tokens)  # per row: committed tokens, then the drafts as they are chosen
+        for r in range(B):
+            state.append(0, r, step.hidden[r, : step.new[r]], step.start[r])
+        carried: list[torch.Tensor | None] = [None] * B  # module k-1 at its draft positions
         drafts, qs = [], []
         for k in range(1, K + 1):
             module = self.mtp[min(k, self.depth) - 1]
-            if len(state.caches) < k:
-                state.caches.append(DynamicCache())
-            cache = state.caches[k - 1]
-            c = cache.get_seq_length()  # module k has positions 0..c-1 cached
-            frontier = N - 2 if k == 1 else N - k  # last committed position of level k-1
-            hist, start = state.hist[k - 1]
-            h_in = hist[:, c - start : frontier + 1 - start]  # [1, n_committed_in, d]
-            if carried is not None and carried.size(1):
-                h_in = torch.cat([h_in, carried], dim=1)
-            positions = torch.arange(c, N - 1, device=ext.device)  # c..N-2
-            assert h_in.size(1) == positions.numel()
-            ahead = ext[c + k : N - 1 + k].unsqueeze(0)  # x_{p+k} for every position p
-            kwargs = self.parts.block_kwargs(h_in, positions.unsqueeze(0), cache)
-            h_out = module(h_in, self.parts.embed(ahead), kwargs)  # [1, N-1-c, d]
-            n_committed = max(0, N - k - c)  # positions c..N-1-k read committed tokens only
-            if k < K:
-                state.hist[k] = _append(state.hist.get(k), h_out[:, :n_committed], c)
-            carried = h_out[:, n_committed:]
-            crop_cache(cache, c + n_committed)
-            token, q = pick(self.out_head(min(k, self.depth) - 1, h_out[:, -1]))  # [1, V]
+            kv = state.cache(k)
+            done = state.done[k]  # per row: module k holds positions 0..done-1
+            rows_in, rows_tok, counts = [], [], []
+            for r in range(B):
+                c = done[r]
+                frontier = N[r] - 2 if k == 1 else N[r] - k  # last committed position of h^{k-1}
+                h_in = state.read(k - 1, r, c, frontier + 1)
+                if carried[r] is not None:
+                    h_in = torch.cat([h_in, carried[r]])
+                rows_in.append(h_in)  # [N_r - 1 - c, d]: positions c..N_r-2
+                rows_tok.append(ext[r][c + k : N[r] - 1 + k])  # x_{p+k} for those positions
+                counts.append(N[r] - 1 - c)
+            q = max(counts)
+            h_in = torch.stack([_pad(x, q) for x in rows_in])  # [B, q, d]
+            ahead = torch.stack([_pad(x, q) for x in rows_tok])  # [B, q]
+            positions = torch.tensor(done, device=device)[:, None] + torch.arange(q, device=device)
+            kwargs = self.parts.block_kwargs(h_in, positions, kv.cache, kv.padding_mask(q))
+            h_out = module(h_in, self.parts.embed(ahead), kwargs)  # [B, q, d]
+            committed = [max(0, N[r] - k - done[r]) for r in range(B)]
+            kv.commit(prefix_mask(committed, q, device))
+            for r in range(B):
+                if k < K:
+                    state.append(k, r, h_out[r, : committed[r]], done[r])
+                carried[r] = h_out[r, committed[r] : counts[r]]
+                done[r] += committed[r]
+            newest = torch.tensor(counts, device=device) - 1
+            logits = self.out_head(
+                min(k, self.depth) - 1, h_out[torch.arange(B, device=device), newest]
+            )  # [B, V]
+            token, q_k = pick(logits)
             drafts.append(token)
-            qs.append(q)
-            ext = torch.cat([ext, token])
-        _trim(state)
-        q = None if qs[0] is None else torch.cat(qs)
-        return torch.cat(drafts), q
+            qs.append(q_k)
+            ext = [torch.cat([ext[r], token[r : r + 1]]) for r in range(B)]
+        state.trim()
+        q_all = None if qs[0] is None else torch.stack(qs, dim=1)
+        return torch.stack(drafts, dim=1), q_all
+
+
+def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Right-pad the first dimension with zeros (slots past a row's count are never kept)."""
+    if x.size(0) == length:
+        return x
+    return torch.cat([x, x.new_zeros((length - x.size(0), *x.shape[1:]))])
 
 
 @dataclass
 class DeepSeekDraftState:
-    """Decode-time state of the chain, passed explicitly: one KV cache per (virtual) module and,
-    for each level l, the committed h^l that module l+1 has not yet taken into its cache."""
+    """Decode-time state of the chain, passed explicitly: a KV cache per (virtual) module k with
+    ``done[k][r]`` committed positions of row r, and for each level l the committed h^l of each
+    row that module l+1 has not yet taken into its cache."""
 
-    caches: list[DynamicCache] = field(default_factory=list)
-    hist: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # l -> (h, start)
+    batch: int
+    device: torch.device
+    caches: dict[int, RaggedCache] = field(default_factory=dict)
+    done: dict[int, list[int]] = field(default_factory=dict)
+    hist: dict[int, list[tuple[torch.Tensor, int] | None]] = field(default_factory=dict)
 
+    def cache(self, k: int) -> RaggedCache:
+        if k not in self.caches:
+            self.caches[k] = RaggedCache(self.batch, self.device)
+            self.done[k] = [0] * self.batch
+        return self.caches[k]
 
-def _append(entry, h: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
-    if entry is None:
-        return h, start
-    old, old_start = entry
-    assert old_start + old.size(1) == start, "h^l must stay contiguous"
-    return torch.cat([old, h], dim=1), old_start
+    def append(self, level: int, row: int, h: torch.Tensor, start: int) -> None:
+        """Add h^level at positions start.. for a row (contiguous with what is held)."""
+        rows = self.hist.setdefault(level, [None] * self.batch)
+        if rows[row] is None:
+            rows[row] = (h, start)
+            return
+        old, old_start = rows[row]
+        assert old_start + old.size(0) == start, "h^l must stay contiguous"
+        rows[row] = (torch.cat([old, h]), old_start)
 
+    def read(self, level: int, row: int, begin: int, end: int) -> torch.Tensor:
+        h, start = self.hist[level][row]
+        return h[begin - start : end - start]
 
-def _trim(state: DeepSeekDraftState) -> None:
-    """Drop the h^l that module l+1 has taken into its cache."""
-    for level, (h, start) in list(state.hist.items()):
-        if level < len(state.caches):
-            done = state.caches[level].get_seq_length()  # module level+1 holds positions < done
-            if done > start:
-                state.hist[level] = (h[:, done - start :], done)
+    def trim(self) -> None:
+        """Drop the h^l that module l+1 has taken into its cache."""
+        for level, rows in self.hist.items():
+            if level + 1 not in self.done:
+                continue
+            for r, entry in enumerate(rows):
+                if entry is not None and self.done[level + 1][r] > entry[1]:
+                    h, start = entry
+                    cut = self.done[level + 1][r]
+                    rows[r] = (h[cut - start :], cut)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from multitoken.config import HeadConfig
+from multitoken.kvcache import RaggedCache, prefix_mask
 from multitoken.losses import LossOutput, cross_entropy
 from multitoken.trunk import TrunkParts, run_layer
 
@@ -44,21 +44,32 @@ class MetaHeads(nn.Module):
         return [self.head_logits(k, branch_hidden, block_kwargs) for k in range(self.depth)]
 
     # -- decoding ---------------------------------------------------------------------------------
-    def new_draft_state(self) -> list[DynamicCache]:
-        return [DynamicCache() for _ in range(self.depth)]
+    def new_draft_state(self, batch: int) -> list[RaggedCache]:
+        device = self.parts.embed.weight.device
+        return [RaggedCache(batch, device) for _ in range(self.depth)]
 
-    def draft(self, caches: list[DynamicCache], step, K: int, pick):
-        """Heads 1..K extend their KV caches over the newly committed positions of the branch
-        stream (committed positions only, so the caches never need rolling back); the drafts are
-        the heads' outputs at the newest position. Returns (drafts [K], q [K, V] or None)."""
-        stream = step.branch  # [1, n, d] at positions step.start .. step.start + n - 1
-        positions = torch.arange(step.start, step.start + stream.size(1), device=stream.device)
+    def draft(self, caches: list[RaggedCache], step, K: int, pick):
+        """Heads 1..K extend their KV caches over each row's newly committed positions of the
+        branch stream (committed positions only, so the caches never need rolling back); the
+        drafts are the heads' outputs at each row's newest position.
+        Returns (drafts [B, K], q [B, K, V] or None)."""
+        stream = step.branch  # [B, n, d]; row r's first new[r] slots are its new positions
+        B, n = stream.shape[:2]
+        device = stream.device
+        positions = torch.tensor(step.start, device=device)[:, None] + torch.arange(
+            n, device=device
+        )
+        valid = prefix_mask(step.new, n, device)
+        newest = (torch.tensor(step.new, device=device) - 1).clamp(min=0)
         last = []
         for k in range(K):
-            kwargs = self.parts.block_kwargs(stream, positions.unsqueeze(0), caches[k])
-            last.append(run_layer(self.layers[k], stream, kwargs)[:, -1])
-        last = torch.cat(last)
-        return pick(self.parts.unembed(self.parts.final_norm(last)))  # [K, d] -> [K, V]
+            kv = caches[k]
+            kwargs = self.parts.block_kwargs(stream, positions, kv.cache, kv.padding_mask(n))
+            h = run_layer(self.layers[k], stream, kwargs)  # [B, n, d]
+            kv.commit(valid)
+            last.append(h[torch.arange(B, device=device), newest])
+        logits = self.parts.unembed(self.parts.final_norm(torch.stack(last, dim=1)))  # [B, K, V]
+        return pick(logits)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Trunk parameters every head also uses (final norm, unembedding)."""

@@ -1,0 +1,79 @@
+"""The ``bench --plot`` figure: what each head contributes, and what that buys in wall-clock time.
+
+Left: per-head acceptance a_k against k, one line per draft length K (a_k falls with k; where it
+falls to near zero, a longer K only adds drafting and verify cost). Right: measured speedup over
+plain decoding against K, beside the bound τ / c(K+1) and transformers' methods as flat lines, so
+a gap between τ and the speedup is visible at a glance.
+
+Uses matplotlib's object API with the Agg canvas, never pyplot: no global backend switch, no
+window, safe on a headless machine and inside a user's own session.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# transformers' methods: one horizontal line each (they have no K of ours)
+_FLAT_LINES = {
+    "hf_greedy": ("transformers greedy", "tab:red"),
+    "prompt_lookup": ("prompt lookup", "tab:purple"),
+    "assisted": ("assisted", "tab:brown"),
+}
+
+
+def plot(result: dict, path: str | Path) -> None:
+    """Draw ``result`` (what :func:`multitoken.bench.run` writes as JSON) to a PNG, atomically."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    accept, speed = fig.subplots(1, 2)
+    spec = sorted(
+        (r for r in result["runs"] if r["method"] == "speculative"), key=lambda r: r["draft_len"]
+    )
+
+    for r in spec:
+        ks = range(1, len(r["acceptance"]) + 1)
+        accept.plot(ks, r["acceptance"], marker="o", label=f"K = {r['draft_len']}")
+    accept.set(xlabel="draft position k", ylabel="acceptance a_k", ylim=(0, 1.05))
+    if spec:
+        accept.set_xticks(range(1, max(len(r["acceptance"]) for r in spec) + 1))
+    accept.set_title(
+        f"per-head acceptance ({result.get('family', '?')}, D = {result.get('depth')})"
+    )
+    if spec:
+        accept.legend()
+
+    ks = [r["draft_len"] for r in spec]
+    speed.plot(ks, [r["speedup_vs_plain"] for r in spec], marker="o", label="speculative (ours)")
+    speed.plot(ks, [r["tau"] for r in spec], ls=":", marker=".", label="τ")
+    if spec and all("verify_bound" in r for r in spec):
+        speed.plot(ks, [r["verify_bound"] for r in spec], ls="--", label="τ / c(K+1)")
+    speed.axhline(1.0, color="grey", lw=0.8, label="plain (ours)")
+    for r in result["runs"]:
+        if r["method"] in _FLAT_LINES and r["speedup_vs_plain"] is not None:
+            label, color = _FLAT_LINES[r["method"]]
+            speed.axhline(r["speedup_vs_plain"], ls="-.", lw=1, label=label, color=color)
+    speed.set(xlabel="draft length K", ylabel="speedup vs plain (wall clock)")
+    speed.set_title(
+        f"{result.get('max_new_tokens')} new tokens × {result['prompts']['count']} prompts"
+    )
+    if ks:
+        speed.set_xticks(ks)
+    speed.legend(fontsize="small")
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the file the usual mode
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
