@@ -48,7 +48,7 @@ def test_train_from_a_config_file_with_flag_override(tmp_path, small_text):
         f'data = ["{small_text}"]\neval_batches = 1\nout = "{tmp_path / "x"}"\n'
     )
     assert main(["train", "--config", str(cfg), "--depth", "2"]) == 0
-    saved = json.loads((tmp_path / "x" / "config.json").read_text())
+    saved = json.loads((tmp_path / "x" / "train_config.json").read_text())
     assert saved["heads"]["family"] == "bpd" and saved["heads"]["depth"] == 2
     assert saved["max_steps"] == 2
 
@@ -322,3 +322,18 @@ def test_generate_bad_input(checkpoint, args, flag):
 def test_generate_missing_checkpoint(tmp_path):
     proc = run_cli("generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x")
     assert proc.returncode == 2 and "--checkpoint" in proc.stderr
+
+
+def test_checkpoint_without_heads_falls_back_to_the_trunk_with_one_warning(checkpoint, tmp_path):
+    import shutil
+
+    copy = tmp_path / "noheads"
+    shutil.copytree(checkpoint / "checkpoints" / "step-0000002", copy)
+    (copy / "heads.safetensors").unlink()
+    proc = run_cli(
+        "generate", "--checkpoint", str(copy), "--prompt", "the", "--json", "--max-new-tokens", "5"
+    )
+    assert proc.returncode == 0, proc.stderr
+    warnings = [ln for ln in proc.stderr.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and "no MTP heads" in warnings[0]
+    assert json.loads(proc.stdout)["stats"]["tokens"] == 5

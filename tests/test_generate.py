@@ -181,3 +181,22 @@ def test_sampled_speculative_decoding_follows_the_trunk_distribution():
     z = 3.090
     critical = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
     assert chi2 < critical, (chi2, critical, dof)
+
+
+def test_typical_acceptance_follows_its_threshold():
+    from multitoken.sampling import accept_typical
+
+    # position 0: peaked (low entropy) -> threshold eps; position 1: flat -> lower threshold
+    p = torch.tensor([[0.97, 0.01, 0.01, 0.01], [0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4]])
+    g = torch.Generator().manual_seed(0)
+    assert accept_typical(torch.tensor([0, 3]), p, 0.09, g)[0] == 2  # both plausible
+    assert accept_typical(torch.tensor([1, 3]), p, 0.09, g)[0] == 0  # 0.01 < 0.09
+
+
+def test_typical_acceptance_is_opt_in_and_says_it_is_lossy(caplog):
+    model = model_of("bpd")
+    with caplog.at_level("WARNING", logger="multitoken"):
+        generate(model, PROMPTS[:1], max_new_tokens=5, temperature=1.0, typical=0.09)
+    assert any("lossy" in r.message for r in caplog.records)
+    with pytest.raises(ValueError, match="--typical"):
+        generate(model, PROMPTS[:1], max_new_tokens=5, typical=0.09)  # greedy: nothing to type

@@ -35,6 +35,6 @@ def load(path: str | Path, *, flag: str = "path"):
     """
     from multitoken.checkpoint import load_checkpoint
 
-    model, tokenizer, _meta = load_checkpoint(path, flag=flag)
+    model, tokenizer, _meta = load_checkpoint(path, flag=flag, trunk_only_ok=True)
     model.tokenizer = tokenizer
     return model.eval()

@@ -130,9 +130,23 @@ def read_meta(ckpt: Path, flag: str = "--checkpoint") -> dict:
 
 
 def load_checkpoint(
-    path: str | Path, flag: str = "--checkpoint"
+    path: str | Path, flag: str = "--checkpoint", trunk_only_ok: bool = False
 ) -> tuple[MTPModel, Tokenizer, dict]:
-    """Load model, tokenizer and metadata; any damage is a one-line :class:`MultitokenError`."""
+    """Load model, tokenizer and metadata; any damage is a one-line :class:`MultitokenError`.
+
+    With ``trunk_only_ok`` (decoding), a plain transformers model folder with a tokenizer.json,
+    or a checkpoint whose heads file is absent, loads as a model without heads."""
+    p = Path(path)
+    if trunk_only_ok and (p / "config.json").is_file() and not (p / "multitoken.json").exists():
+        from multitoken.tokenizer import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(str(p))
+        except MultitokenError as exc:
+            raise MultitokenError(
+                f"a model folder without heads needs its tokenizer: {exc}", flag
+            ) from None
+        return MTPModel(load_trunk(p), None), tokenizer, {"heads": None}
     ckpt = resolve_checkpoint(path, flag)
     meta = read_meta(ckpt, flag)
     tokenizer = tokenizer_from_saved(ckpt, meta["tokenizer"])
@@ -140,6 +154,8 @@ def load_checkpoint(
         trunk = load_trunk(ckpt / "trunk")
     except MultitokenError as exc:
         raise MultitokenError(f"checkpoint {ckpt} has a damaged trunk: {exc}", flag) from None
+    if trunk_only_ok and not (ckpt / "heads.safetensors").exists():
+        return MTPModel(trunk, None), tokenizer, {**meta, "heads": None}
     try:
         heads_state = load_file(str(ckpt / "heads.safetensors"))
     except (SafetensorError, OSError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import types
 import typing
@@ -204,6 +205,11 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("multitoken: warning: %(message)s"))
+    logging.getLogger("multitoken").addHandler(handler)
+    logging.getLogger("multitoken").setLevel(logging.WARNING)
+    logging.getLogger("multitoken").propagate = False
     from multitoken.trainer import NonFiniteLoss
 
     try:

@@ -380,6 +380,13 @@ class GenerateConfig:
     top_k: int = field(default=0, metadata=_opt("sample from the k most likely tokens (0: off)"))
     top_p: float = field(default=1.0, metadata=_opt("nucleus sampling mass (1: off)"))
     seed: int | None = field(default=None, metadata=_opt("random seed for sampling"))
+    typical: float = field(
+        default=0.0,
+        metadata=_opt(
+            "LOSSY Medusa typical acceptance: accept a draft when the trunk gives it probability above "
+            "min(eps, sqrt(eps)·exp(-entropy)); 0 = exact speculative sampling. Needs --temperature > 0"
+        ),
+    )
     speculate: bool = field(
         default=True,
         metadata=_opt("self-speculative decoding with the heads; --no-speculate: the trunk alone"),

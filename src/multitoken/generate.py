@@ -16,6 +16,7 @@ trunk's distribution exactly (speculative sampling, ``multitoken.sampling``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +27,17 @@ from multitoken.config import GenerateConfig
 from multitoken.errors import MultitokenError
 from multitoken.kvcache import RaggedCache, prefix_mask
 from multitoken.model import MTPModel
-from multitoken.sampling import Sampling, accept_greedy, accept_sampled, choose, probs
+from multitoken.sampling import (
+    Sampling,
+    accept_greedy,
+    accept_sampled,
+    accept_typical,
+    choose,
+    probs,
+)
 from multitoken.trunk import layer_arguments
+
+log = logging.getLogger("multitoken")
 
 
 @dataclass
@@ -192,6 +202,8 @@ def _decode(
                 m, nxt = 0, int(choose(logits[r, :1], sampling, gen)[0])
             elif sampling.greedy:
                 m, nxt = accept_greedy(drafts[r], logits[r].argmax(-1))
+            elif cfg.typical > 0:
+                m, nxt = accept_typical(drafts[r], probs(logits[r], sampling), cfg.typical, gen)
             else:
                 m, nxt = accept_sampled(drafts[r], q_draft[r], probs(logits[r], sampling), gen)
             accepted_counts.append(m + 1)
@@ -238,7 +250,19 @@ def generate(
     recurrently). ``on_tokens(row, tokens)`` is called as tokens are accepted (streaming)."""
     cfg = dataclasses.replace(config or GenerateConfig(), **options)
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
-    K = model.depth if cfg.draft_len is None else cfg.draft_len
+    if cfg.speculate and model.heads is None:
+        log.warning("this checkpoint has no MTP heads: decoding with the trunk alone")
+        cfg = dataclasses.replace(cfg, speculate=False)
+    if cfg.typical < 0 or cfg.typical >= 1:
+        raise MultitokenError(f"must be in [0, 1), got {cfg.typical}", "--typical")
+    if cfg.typical > 0 and cfg.speculate:
+        if sampling.greedy:
+            raise MultitokenError("typical acceptance samples: give --temperature > 0", "--typical")
+        log.warning(
+            "typical acceptance is lossy: the output no longer follows the trunk's "
+            "distribution exactly"
+        )
+    K = (model.depth or 1) if cfg.draft_len is None else cfg.draft_len
     if K < 1:
         raise MultitokenError(f"must be >= 1, got {K}", "--draft-len")
     if cfg.speculate and K > model.depth and model.family != "deepseek":

@@ -38,14 +38,20 @@ class TrunkOutput:
 
 class MTPModel(nn.Module):
     def __init__(
-        self, trunk: PreTrainedModel, head_config: HeadConfig, heads: nn.Module | None = None
+        self,
+        trunk: PreTrainedModel,
+        head_config: HeadConfig | None,
+        heads: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.trunk = trunk
         self.parts: TrunkParts = inspect_trunk(trunk)
-        head_config.validate(num_layers=self.parts.num_layers)
-        self.head_config = head_config
-        self.heads = heads if heads is not None else build_heads(self.parts, head_config)
+        self.head_config = head_config  # None: a trunk without MTP heads (decodes plainly)
+        if head_config is None:
+            self.heads = None
+        else:
+            head_config.validate(num_layers=self.parts.num_layers)
+            self.heads = heads if heads is not None else build_heads(self.parts, head_config)
         self.tokenizer = None  # set by multitoken.load
 
     def generate(self, prompts: str | list[str], **options) -> tuple[list[str], dict]:
@@ -67,11 +73,11 @@ class MTPModel(nn.Module):
 
     @property
     def family(self) -> str:
-        return self.head_config.family
+        return self.head_config.family if self.head_config else "none"
 
     @property
     def depth(self) -> int:
-        return self.head_config.depth
+        return self.head_config.depth if self.head_config else 0
 
     # ------------------------------------------------------------------------------------------
     def trunk_forward(

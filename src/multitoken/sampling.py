@@ -95,3 +95,21 @@ def accept_sampled(
     # p == q on the support: the residual is empty, and any rejection had probability zero
     dist = residual / total if total > 0 else p[m]
     return m, int(torch.multinomial(dist, 1, generator=generator))
+
+
+def accept_typical(
+    drafts: torch.Tensor, p: torch.Tensor, eps: float, generator: torch.Generator | None
+) -> tuple[int, int]:
+    """Medusa's typical acceptance (Cai et al. 2024, §2.3.1) — LOSSY, opt-in.
+
+    Accept d_j while p_j(d_j) > min(ε, α·exp(−H(p_j))) with α = √ε (Medusa's defaults pair
+    ε = 0.09 with α = 0.3), then sample the next token from p_{m+1}. Plausible continuations are
+    kept even where the trunk would rarely have sampled them, so the output no longer follows the
+    trunk's distribution exactly. drafts [K], p [K+1, V] -> (m, next)."""
+    K = drafts.numel()
+    idx = torch.arange(K)
+    entropy = -(p[:K] * p[:K].clamp_min(1e-30).log()).sum(-1)  # [K]
+    threshold = torch.minimum(torch.full_like(entropy, eps), eps**0.5 * torch.exp(-entropy))
+    rejected = (p[idx, drafts] <= threshold).nonzero()
+    m = int(rejected[0]) if rejected.numel() else K
+    return m, int(torch.multinomial(p[m], 1, generator=generator))

@@ -260,7 +260,7 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
 
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "config.json", cfg.to_dict())
+        write_json_atomic(out / "train_config.json", cfg.to_dict())
         if resume_ckpt is not None:
             _truncate_metrics(out / "metrics.jsonl", step)
     wrapped = DistributedDataParallel(model) if ddp.world > 1 else model
