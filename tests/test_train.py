@@ -152,3 +152,29 @@ def test_lambda_schedule_is_step_wise():
     assert sched(0, 100) == 0.3 and sched(49, 100) == 0.3 and sched(50, 100) == 0.1
     sched = TrainConfig(mtp_lambda="0.5->0.2@10->0.05@0.9").lambda_schedule()
     assert [sched(s, 100) for s in (0, 10, 89, 90)] == [0.5, 0.2, 0.2, 0.05]
+
+
+def test_heads_only_training_leaves_the_trunk_byte_for_byte(corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    first = multitoken.train(**fast(corpus, tmp_path / "a", family="bpd", max_steps=2))
+    trunk_dir = first.checkpoint / "trunk"
+    result = multitoken.train(
+        **fast(
+            corpus,
+            tmp_path / "b",
+            family="deepseek",
+            depth=2,
+            max_steps=6,
+            trunk=str(trunk_dir),
+            freeze_trunk=True,
+        )
+    )
+    before = load_file(str(trunk_dir / "model.safetensors"))
+    after = load_file(str(result.checkpoint / "trunk" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for name in before:  # bit-identical, not merely close
+        assert torch.equal(before[name].view(torch.uint8), after[name].view(torch.uint8)), name
+    val = [m for m in read_metrics(tmp_path / "b") if m["split"] == "val"]
+    assert val[-1]["head_losses"][0] < val[0]["head_losses"][0]  # the heads did learn
+    assert val[-1]["main_loss"] == pytest.approx(val[0]["main_loss"], abs=1e-6)

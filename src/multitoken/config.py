@@ -248,6 +248,12 @@ class TrainConfig:
             "1.0 others)"
         ),
     )
+    freeze_trunk: bool = field(
+        default=False,
+        metadata=_opt(
+            "train the heads only (Medusa-1 style): the trunk's weights stay exactly as loaded"
+        ),
+    )
     meta_memory_efficient: bool = field(
         default=True,
         metadata=_opt(

@@ -7,6 +7,7 @@ each head's loss and accuracy reported separately.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,11 @@ class MTPModel(nn.Module):
         return [self.tokenizer.decode(t) for t in out.tokens], out.stats.to_dict()
 
     @property
+    def trunk_trainable(self) -> bool:
+        """False when the trunk is frozen (heads-only training): it then runs without a graph."""
+        return any(p.requires_grad for p in self.trunk.parameters())
+
+    @property
     def family(self) -> str:
         return self.head_config.family if self.head_config else "none"
 
@@ -134,13 +140,15 @@ class MTPModel(nn.Module):
         """Training forward over packed rows ``tokens`` [B, T+1]: inputs are ``tokens[:, :T]``."""
         inputs = tokens[:, :-1]
         family = self.family
-        if family == "meta" and memory_efficient and torch.is_grad_enabled():
+        frozen = not self.trunk_trainable
+        if family == "meta" and memory_efficient and torch.is_grad_enabled() and not frozen:
             branch_hidden, layer_kwargs = self.trunk_prefix(inputs, self.heads.branch_layer)
             labels = [shift_labels(tokens, k) for k in range(self.depth + 1)]
             weights = [1.0, *head_weights(family, self.depth, lam)]
             return self.heads.headwise_loss(branch_hidden, layer_kwargs, labels, weights)
         branch = self.heads.branch_layer if family == "meta" else None
-        out = self.trunk_forward(inputs, branch)
+        with torch.no_grad() if frozen else contextlib.nullcontext():  # Medusa-1: heads only
+            out = self.trunk_forward(inputs, branch)
         main_loss, main_acc = cross_entropy(out.logits, shift_labels(tokens, 0))
         weights = head_weights(family, self.depth, lam)
         labels = [shift_labels(tokens, k) for k in range(1, self.depth + 1)]

@@ -37,7 +37,16 @@ from multitoken.tokenizer import load_tokenizer
 from multitoken.trunk import build_trunk, load_trunk
 
 # Fields that shape the model or the data: a resumed run must not change them.
-_FIXED_ON_RESUME = ("preset", "trunk", "tokenizer", "seq_len", "batch_size", "grad_accum", "seed")
+_FIXED_ON_RESUME = (
+    "preset",
+    "trunk",
+    "tokenizer",
+    "seq_len",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "freeze_trunk",
+)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -150,6 +159,8 @@ def _prepare(cfg: TrainConfig, device: torch.device):
                 "--tokenizer",
             )
         model = MTPModel(trunk, cfg.heads)
+    if cfg.freeze_trunk:
+        model.trunk.requires_grad_(False)
     return out, corpus, tokenizer, model.to(device), resume_ckpt
 
 
