@@ -337,3 +337,36 @@ def test_checkpoint_without_heads_falls_back_to_the_trunk_with_one_warning(check
     warnings = [ln for ln in proc.stderr.splitlines() if "warning" in ln]
     assert len(warnings) == 1 and "no MTP heads" in warnings[0]
     assert json.loads(proc.stdout)["stats"]["tokens"] == 5
+
+
+def test_distill_writes_the_trunks_own_continuations_and_resumes(checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the quick\npack my box\nthe lazy\n")
+    out = tmp_path / "d.jsonl"
+    args = [
+        "distill",
+        "--checkpoint",
+        str(checkpoint),
+        "--prompts",
+        str(prompts),
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["prompt"] for x in lines] == ["the quick", "pack my box", "the lazy"]
+    import multitoken
+
+    model = multitoken.load(checkpoint)
+    texts, _ = model.generate("pack my box", max_new_tokens=6, speculate=False)
+    assert lines[1]["completion"] == texts[0] and lines[1]["text"] == "pack my box" + texts[0]
+    # an interrupted run leaves a cut line: it is dropped and redone, nothing is duplicated
+    data = out.read_bytes()
+    out.write_bytes(data[: data.rfind(b"\n", 0, len(data) - 1) + 5])
+    assert main(args) == 0
+    again = [json.loads(x) for x in out.read_text().splitlines()]
+    assert again == lines

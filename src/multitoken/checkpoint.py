@@ -137,7 +137,8 @@ def load_checkpoint(
     With ``trunk_only_ok`` (decoding), a plain transformers model folder with a tokenizer.json,
     or a checkpoint whose heads file is absent, loads as a model without heads."""
     p = Path(path)
-    if trunk_only_ok and (p / "config.json").is_file() and not (p / "multitoken.json").exists():
+    plain = not (p / "multitoken.json").exists() and not (p / "latest").exists()
+    if trunk_only_ok and plain and (p / "config.json").is_file():
         from multitoken.tokenizer import load_tokenizer
 
         try:

@@ -95,6 +95,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print text and statistics as JSON")
     add_dataclass_flags(gen, GenerateConfig, "decoding")
 
+    dist = sub.add_parser(
+        "distill",
+        help="write the trunk's own continuations of prompts (self-distillation data)",
+        description="Decode prompts with a checkpoint (or a plain transformers model folder with "
+        "its tokenizer.json) and append {text, prompt, completion} lines to a JSONL "
+        "file to train heads on. Resumable: rerun the same command to continue.",
+    )
+    dist.add_argument("--checkpoint", required=True, help="checkpoint, run or model folder")
+    src = dist.add_mutually_exclusive_group()
+    src.add_argument("--prompts", help="prompts file: one per line, or JSONL with a text field")
+    src.add_argument(
+        "--from-corpus",
+        type=int,
+        default=256,
+        metavar="N",
+        help="N prompts from the checkpoint's training corpus (default: 256)",
+    )
+    dist.add_argument(
+        "--prompt-tokens", type=int, default=64, help="tokens per corpus prompt (default: 64)"
+    )
+    dist.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
+    dist.add_argument("--out", required=True, help="JSONL file to append to")
+    add_dataclass_flags(dist, GenerateConfig, "decoding")
+
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
     fit = tok_sub.add_parser("train", help="fit a byte-level BPE tokenizer on a corpus")
@@ -187,6 +211,39 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    import multitoken
+    from multitoken.checkpoint import read_meta, resolve_checkpoint
+    from multitoken.data import Corpus
+    from multitoken.distill import corpus_prompts, distill, read_prompts
+
+    out = Path(args.out)
+    if out.suffix != ".jsonl":
+        raise MultitokenError(f"{out} must end in .jsonl", "--out")
+    if args.batch_size < 1 or args.prompt_tokens < 1 or args.from_corpus < 1:
+        raise MultitokenError(
+            "--batch-size, --prompt-tokens and --from-corpus must be >= 1", "--batch-size"
+        )
+    model = multitoken.load(args.checkpoint, flag="--checkpoint")
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+    else:
+        train_config = read_meta(resolve_checkpoint(args.checkpoint))["train_config"]
+        corpus = Corpus.from_specs(
+            train_config.get("data") or None, train_config.get("val_fraction", 0.05)
+        )
+        prompts = corpus_prompts(corpus, model.tokenizer, args.from_corpus, args.prompt_tokens)
+    options = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(GenerateConfig)
+        if hasattr(args, f.name)
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = distill(model, prompts, out, GenerateConfig(**options), args.batch_size)
+    print(f"{out}: {written} new lines ({len(prompts)} prompts in all)")
+    return 0
+
+
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
     from multitoken.data import Corpus, iter_texts
     from multitoken.tokenizer import train_bpe
@@ -217,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_train(args)
         if args.command == "generate":
             return _cmd_generate(args)
+        if args.command == "distill":
+            return _cmd_distill(args)
         return _cmd_tokenizer(args)
     except MultitokenError as exc:
         print(f"multitoken: error: {exc}", file=sys.stderr)

@@ -1,0 +1,111 @@
+"""Self-distillation data: the trunk's own continuations of prompts, to train heads on.
+
+Heads are accepted when they predict what the trunk itself will write, so labels the trunk agrees
+with raise acceptance (Medusa §2.3.2). ``multitoken distill`` decodes prompts in batches (with the
+checkpoint's heads when it has them — decoding is lossless, so only the speed changes) and appends
+one JSON line per prompt: ``{"text": prompt + continuation, "prompt": ..., "completion": ...}``.
+The file is resumable: prompts already written are skipped, and each line is written whole.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from multitoken.config import GenerateConfig
+from multitoken.data import Corpus, iter_texts
+from multitoken.errors import MultitokenError
+from multitoken.generate import generate
+from multitoken.model import MTPModel
+
+
+def corpus_prompts(
+    corpus: Corpus, tokenizer, count: int, prompt_tokens: int, split: str = "train"
+) -> list[str]:
+    """``count`` deterministic prompts of ``prompt_tokens`` tokens from the corpus, each starting
+    at the beginning of a line, spread evenly over its files; mostly-blank windows are skipped."""
+    files = corpus.train_files if split == "train" else corpus.val_files
+    per_file = max(1, -(-count // max(1, len(files))))  # ceil
+    prompts: list[str] = []
+    for path in files:
+        taken = 0
+        for text in iter_texts([path]):
+            lines = text.splitlines(keepends=True)
+            step = max(1, len(lines) // per_file)
+            for start in range(0, len(lines), step):
+                ids = tokenizer.encode("".join(lines[start : start + 200]))[:prompt_tokens]
+                prompt = tokenizer.decode(ids)
+                if len(ids) == prompt_tokens and len(prompt.split()) >= prompt_tokens // 16:
+                    prompts.append(prompt)
+                    taken += 1
+                if taken >= per_file:
+                    break
+            if taken >= per_file:
+                break
+        if len(prompts) >= count:
+            break
+    return prompts[:count]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line of a text file, or per JSON line with a ``text`` field."""
+    p = Path(path)
+    if not p.is_file():
+        raise MultitokenError(f"no such file: {p}", "--prompts")
+    prompts = []
+    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise MultitokenError(f"{p}:{lineno} is not valid JSON", "--prompts") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise MultitokenError(f'{p}:{lineno} has no "text" field', "--prompts")
+            prompts.append(record["text"])
+        else:
+            prompts.append(line.replace("\\n", "\n"))
+    if not prompts:
+        raise MultitokenError(f"{p} holds no prompts", "--prompts")
+    return prompts
+
+
+def _batches(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def distill(
+    model: MTPModel, prompts: list[str], out: Path, config: GenerateConfig, batch_size: int = 8
+) -> int:
+    """Append the trunk's continuations of ``prompts`` to ``out`` (JSONL); returns lines written.
+    Prompts whose line is already in ``out`` (a previous, interrupted run) are skipped."""
+    done = 0
+    if out.exists():
+        with out.open("rb") as f:
+            data = f.read()
+        if data and not data.endswith(b"\n"):  # a line cut by a crash: drop it
+            data = data[: data.rfind(b"\n") + 1]
+            out.write_bytes(data)
+        done = data.count(b"\n")
+    todo = prompts[done:]
+    tok = model.tokenizer
+    written = 0
+    with (
+        out.open("a", encoding="utf-8") as f,
+        tqdm(total=len(prompts), initial=done, unit="prompt", desc="distill") as bar,
+    ):
+        for batch in _batches(todo, batch_size):
+            result = generate(model, [tok.encode(p) for p in batch], config, eos_id=tok.eos_id)
+            for prompt, ids in zip(batch, result.tokens):
+                completion = tok.decode([t for t in ids if t != tok.eos_id])
+                record = {"text": prompt + completion, "prompt": prompt, "completion": completion}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                written += 1
+            f.flush()
+            bar.update(len(batch))
+    return written
