@@ -1,9 +1,10 @@
-"""The ``bench --plot`` figure: what each head contributes, and what that buys in wall-clock time.
+"""How ``multitoken bench`` shows its results: the table on stdout and the ``--plot`` figure.
 
-Left: per-head acceptance a_k against k, one line per draft length K (a_k falls with k; where it
-falls to near zero, a longer K only adds drafting and verify cost). Right: measured speedup over
-plain decoding against K, beside the bound τ / c(K+1) and transformers' methods as flat lines, so
-a gap between τ and the speedup is visible at a glance.
+The figure shows what each head contributes and what that buys in wall-clock time. Left:
+per-head acceptance a_k against k, one line per draft length K (where a_k falls to near zero, a
+longer K only adds drafting and verify cost). Right: measured speedup over plain decoding against
+K, beside τ, the bound τ / c(K+1), and transformers' methods as flat lines, so a gap between τ
+and the speedup is visible at a glance.
 
 Uses matplotlib's object API with the Agg canvas, never pyplot: no global backend switch, no
 window, safe on a headless machine and inside a user's own session.
@@ -15,9 +16,6 @@ import os
 import tempfile
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 # transformers' methods: one horizontal line each (they have no K of ours)
 _FLAT_LINES = {
     "hf_greedy": ("transformers greedy", "tab:red"),
@@ -26,8 +24,47 @@ _FLAT_LINES = {
 }
 
 
+def _num(value: float | None, fmt: str = ".2f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_report(result: dict) -> str:
+    """The table a person reads: one row per method, then c(q) and the validation loss."""
+    header = ["method", "K", "tau", "a_1..a_K", "tok/s", "x plain", "x hf", "identical"]
+    rows = [header]
+    for r in result["runs"]:
+        acc = "/".join(f"{a:.2f}" for a in r["acceptance"]) if r["acceptance"] else "-"
+        rows.append(
+            [
+                r["method"],
+                "-" if r["draft_len"] is None else str(r["draft_len"]),
+                _num(r["tau"]),
+                acc,
+                _num(r["tokens_per_s"], ".1f"),
+                _num(r["speedup_vs_plain"]),
+                _num(r["speedup_vs_hf_greedy"]),
+                "yes" if r["identical"] else "NO",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    cost = result["verify_cost"]
+    curve = "  ".join(f"c({q})={c:.2f}" for q, c in zip(cost["q"], cost["c"]))
+    lines.append(f"verify cost: {curve}  (t1 = {cost['t1_s'] * 1e3:.2f} ms)")
+    loss = result.get("val_loss")
+    lines.append(
+        "trunk validation loss: "
+        + ("unavailable" if loss is None else f"{loss:.4f} (accuracy {result['val_accuracy']:.3f})")
+        + "; tau is measured on the trunk's own greedy output"
+    )
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: str | Path) -> None:
     """Draw ``result`` (what :func:`multitoken.bench.run` writes as JSON) to a PNG, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # only when a plot is asked for
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
     accept, speed = fig.subplots(1, 2)

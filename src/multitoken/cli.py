@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--out", required=True, help="JSONL file to append to")
     add_dataclass_flags(dist, GenerateConfig, "decoding")
 
+    from multitoken import bench
+
+    bench.add_parser(sub)
+
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
     fit = tok_sub.add_parser("train", help="fit a byte-level BPE tokenizer on a corpus")
@@ -215,7 +219,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     import multitoken
     from multitoken.checkpoint import read_meta, resolve_checkpoint
     from multitoken.data import Corpus
-    from multitoken.distill import corpus_prompts, distill, read_prompts
+    from multitoken.distill import corpus_prompts, distill
+    from multitoken.prompts import read_prompts
 
     out = Path(args.out)
     if out.suffix != ".jsonl":
@@ -276,6 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "distill":
             return _cmd_distill(args)
+        if args.command == "bench":
+            from multitoken import bench
+
+            return bench.run(args)
         return _cmd_tokenizer(args)
     except MultitokenError as exc:
         print(f"multitoken: error: {exc}", file=sys.stderr)

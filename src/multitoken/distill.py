@@ -16,62 +16,21 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from multitoken.config import GenerateConfig
-from multitoken.data import Corpus, iter_texts
-from multitoken.errors import MultitokenError
+from multitoken.data import FULL_SPAN, Corpus, iter_texts
 from multitoken.generate import generate
 from multitoken.model import MTPModel
+from multitoken.prompts import window_prompts
 
 
 def corpus_prompts(
     corpus: Corpus, tokenizer, count: int, prompt_tokens: int, split: str = "train"
 ) -> list[str]:
-    """``count`` deterministic prompts of ``prompt_tokens`` tokens from the corpus, each starting
-    at the beginning of a line, spread evenly over its files; mostly-blank windows are skipped."""
+    """``count`` windows of ``prompt_tokens`` tokens from a split of the corpus, each starting at
+    a line, spread evenly (see :func:`multitoken.prompts.window_prompts`)."""
     files = corpus.train_files if split == "train" else corpus.val_files
-    per_file = max(1, -(-count // max(1, len(files))))  # ceil
-    prompts: list[str] = []
-    for path in files:
-        taken = 0
-        for text in iter_texts([path]):
-            lines = text.splitlines(keepends=True)
-            step = max(1, len(lines) // per_file)
-            for start in range(0, len(lines), step):
-                ids = tokenizer.encode("".join(lines[start : start + 200]))[:prompt_tokens]
-                prompt = tokenizer.decode(ids)
-                if len(ids) == prompt_tokens and len(prompt.split()) >= prompt_tokens // 16:
-                    prompts.append(prompt)
-                    taken += 1
-                if taken >= per_file:
-                    break
-            if taken >= per_file:
-                break
-        if len(prompts) >= count:
-            break
-    return prompts[:count]
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line of a text file, or per JSON line with a ``text`` field."""
-    p = Path(path)
-    if not p.is_file():
-        raise MultitokenError(f"no such file: {p}", "--prompts")
-    prompts = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if p.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise MultitokenError(f"{p}:{lineno} is not valid JSON", "--prompts") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise MultitokenError(f'{p}:{lineno} has no "text" field', "--prompts")
-            prompts.append(record["text"])
-        else:
-            prompts.append(line.replace("\\n", "\n"))
-    if not prompts:
-        raise MultitokenError(f"{p} holds no prompts", "--prompts")
-    return prompts
+    span = corpus.stream_kwargs(split).get("span", FULL_SPAN)
+    ids = window_prompts(iter_texts(files, span), tokenizer, count, prompt_tokens)
+    return [tokenizer.decode(x) for x in ids]
 
 
 def _batches(items: list[str], size: int) -> Iterator[list[str]]:

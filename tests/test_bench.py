@@ -1,0 +1,219 @@
+"""``multitoken bench``: the JSON it promises, outputs really compared token for token, sane
+figures (τ ≥ 1, c(1) = 1), a real PNG, and bad input refused with the flag at fault."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import micro_llama
+
+import multitoken
+from multitoken import bench
+from multitoken.errors import MultitokenError
+from multitoken.prompts import window_prompts
+from multitoken.tokenizer import ByteTokenizer
+
+RUN_KEYS = {
+    "method",
+    "draft_len",
+    "tau",
+    "acceptance",
+    "trunk_passes",
+    "tokens",
+    "wall_s",
+    "tokens_per_s",
+    "speedup_vs_plain",
+    "speedup_vs_hf_greedy",
+    "identical",
+}
+PROMPTS, PROMPT_TOKENS, NEW = 2, 16, 8
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    """The CLI's own parser is wired elsewhere; this one holds just the bench subcommand."""
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A bpd D = 2 checkpoint after two steps: untrained, but every code path is real."""
+    root = tmp_path_factory.mktemp("bench")
+    data = root / "text"
+    data.mkdir()
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    for name, shift in (("a.txt", 0), ("b.txt", 5)):
+        lines = [
+            " ".join(words[(i + shift + j) % len(words)] for j in range(6)) for i in range(300)
+        ]
+        (data / name).write_text("\n".join(lines) + "\n")
+    multitoken.train(
+        preset="tiny",
+        family="bpd",
+        depth=2,
+        data=[str(data)],
+        out=str(root / "run"),
+        max_steps=2,
+        seq_len=32,
+        batch_size=2,
+        eval_batches=1,
+        save_every=2,
+    )
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def report(checkpoint, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench-out")
+    args = parse(
+        "--checkpoint",
+        str(checkpoint),
+        "--num-prompts",
+        str(PROMPTS),
+        "--prompt-tokens",
+        str(PROMPT_TOKENS),
+        "--max-new-tokens",
+        str(NEW),
+        "--prompt-lookup",
+        "2",
+        "--draft-model",
+        str(checkpoint),  # the trunk as its own assistant: exercises assisted generation
+        "--json",
+        str(out / "bench.json"),
+        "--plot",
+        str(out / "bench.png"),
+    )
+    assert bench.run(args) == 0
+    return json.loads((out / "bench.json").read_text()), out
+
+
+def test_json_has_the_documented_keys(report):
+    result, _ = report
+    for key in ("checkpoint", "family", "depth", "val_loss", "prompts", "max_new_tokens"):
+        assert key in result
+    assert result["family"] == "bpd" and result["depth"] == 2
+    assert result["prompts"]["count"] == PROMPTS
+    assert result["prompts"]["tokens"] == [PROMPT_TOKENS] * PROMPTS
+    assert result["val_loss"] > 0
+    methods = [(r["method"], r["draft_len"]) for r in result["runs"]]
+    assert methods == [
+        ("plain", None),
+        ("speculative", 1),
+        ("speculative", 2),
+        ("hf_greedy", None),
+        ("prompt_lookup", 2),
+        ("assisted", None),
+    ]
+    for run in result["runs"]:
+        assert RUN_KEYS <= set(run), run["method"]
+        assert run["tokens"] == PROMPTS * NEW  # EOS stopped no method early
+    assert set(result["verify_cost"]) >= {"q", "c"}
+
+
+def test_every_method_reproduces_plain_decoding(report):
+    result, _ = report
+    assert all(run["identical"] for run in result["runs"])
+
+
+def test_a_different_output_is_flagged():
+    reference = [[5, 6, 7], [8, 9]]
+    assert bench.outputs_identical([[5, 6, 7], [8, 9]], reference)
+    assert not bench.outputs_identical([[5, 6, 7], [8, 10]], reference)
+    assert not bench.outputs_identical([[5, 6], [8, 9]], reference)  # stopped early
+    assert not bench.outputs_identical([[5, 6, 7]], reference)
+
+    # through the timing path too: a method whose second prompt's output is off by one token
+    def wrong(prompt):
+        return {1: [5, 6, 7], 2: [8, 10]}[prompt[0]], 3, None
+
+    run, _ = bench.measure("hf_greedy", None, wrong, [[1], [2]], reference, torch.device("cpu"))
+    assert not run["identical"] and run["tokens"] == 5
+    run, _ = bench.measure("hf_greedy", None, wrong, [[1]], reference[:1], torch.device("cpu"))
+    assert run["identical"]
+
+
+def test_tau_acceptance_and_verify_cost(report):
+    result, _ = report
+    for run in result["runs"]:
+        if run["method"] == "speculative":
+            assert 1.0 <= run["tau"] <= run["draft_len"] + 1
+            assert len(run["acceptance"]) == run["draft_len"]
+            assert all(0.0 <= a <= 1.0 for a in run["acceptance"])
+            assert run["trunk_passes"] <= PROMPTS * NEW
+        if run["method"] in ("plain", "hf_greedy"):
+            assert run["tau"] == 1.0 and run["trunk_passes"] == PROMPTS * NEW
+    cost = result["verify_cost"]
+    assert cost["q"] == [1, 2, 3]  # up to max(K) + 1
+    assert cost["c"][0] == 1.0 and all(c > 0 for c in cost["c"])
+
+
+def test_plot_is_a_png_and_no_temp_file_is_left(report):
+    _, out = report
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.png"]
+
+
+def test_bad_input_names_the_flag(checkpoint, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    micro = tmp_path / "micro"
+    micro_llama().save_pretrained(micro)  # vocabulary 64, the byte trunk's is 259
+    cases = [
+        (["--draft-lens", "0"], "--draft-lens"),
+        (["--draft-lens", "5"], "--draft-lens"),  # K > D = 2 for bpd
+        (["--draft-lens", "1,x"], "--draft-lens"),
+        (["--prompts", str(tmp_path / "missing.txt")], "--prompts"),
+        (["--prompts", str(empty)], "--prompts"),
+        (["--draft-model", str(micro)], "--draft-model"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--json", str(tmp_path / "no" / "such" / "dir.json")], "--json"),
+    ]
+    for extra, flag in cases:
+        with pytest.raises(MultitokenError) as caught:
+            bench.run(parse("--checkpoint", str(checkpoint), *extra))
+        assert caught.value.flag == flag, extra
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "micro"]
+
+
+def test_prompt_files_and_default_draft_lengths(tmp_path):
+    tok = ByteTokenizer()
+    plain = tmp_path / "p.txt"
+    plain.write_text("first prompt\n\nsecond\n")
+    assert bench.read_prompt_file(plain, tok) == [tok.encode("first prompt"), tok.encode("second")]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"text": "a\\nb"}\n{"text": "c"}\n')
+    assert bench.read_prompt_file(jsonl, tok) == [tok.encode("a\nb"), tok.encode("c")]
+    assert bench.default_draft_lens("bpd", 3) == [1, 2, 3]
+    assert bench.default_draft_lens("deepseek", 2) == [1, 2, 4]  # deepseek may draft past D
+    assert bench.parse_draft_lens("4,1,2,2", "deepseek", 2) == [1, 2, 4]
+
+
+def test_validation_prompts_start_at_lines_and_skip_whitespace():
+    tok = ByteTokenizer()
+    text = "   \n" * 50 + "".join(f"{i} is a line of the text\n" for i in range(40))
+    text += "39 is a line of the text\n" * 100  # a repeated line gives one prompt, not many
+    prompts = window_prompts(iter([text]), tok, 4, 12)
+    assert len(prompts) == 4 and len(set(map(tuple, prompts))) == 4
+    for ids in prompts:
+        window = tok.decode(ids)
+        assert window.split()[1:3] == ["is", "a"] and ("\n" + window) in ("\n" + text)
+
+
+def test_python_api_on_a_random_trunk_whose_drafts_often_fail():
+    """Random weights: varied output and rejected drafts, so `identical` is a real check here."""
+    from multitoken.config import HeadConfig
+    from multitoken.model import MTPModel
+
+    model = MTPModel(micro_llama(seed=3), HeadConfig(family="deepseek", depth=2)).eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    result = bench.bench(model, prompts, [1, 2, 4], 12, prompt_lookup=2, progress=False)
+    runs = {(r["method"], r["draft_len"]): r for r in result["runs"]}
+    assert all(r["identical"] for r in runs.values())
+    assert runs[("speculative", 4)]["tau"] < 5  # not every draft was accepted
+    assert len(runs[("speculative", 4)]["acceptance"]) == 4
+    assert result["verify_cost"]["q"] == [1, 2, 3, 4, 5]
