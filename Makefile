@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# About 3 minutes of training on 2 cores, then the decoding benchmark (table + runs/demo/bench.png).
 demo: $(STAMP)
-	$(BIN)/multitoken train --preset tiny --family deepseek --depth 2 --max-steps 300 --out runs/demo
+	rm -rf runs/demo
+	$(BIN)/multitoken train --preset tiny --family bpd --depth 3 --max-steps 500 --eval-every 250 --out runs/demo
+	$(BIN)/multitoken bench --checkpoint runs/demo --json runs/demo/bench.json --plot runs/demo/bench.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

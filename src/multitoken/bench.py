@@ -343,6 +343,14 @@ def add_parser(subparsers) -> None:
     add("--checkpoint", required=True, metavar="DIR", help="checkpoint or run folder")
     add("--draft-lens", metavar="K,...", help="e.g. 1,2,4 (default: 1..D; deepseek adds D+2)")
     add("--prompts", metavar="FILE", help="one prompt per line, or .jsonl with a text field")
+    add(
+        "--data",
+        nargs="+",
+        metavar="SPEC",
+        help="corpus whose validation split gives the prompts and the trunk's validation loss "
+        "(default: the checkpoint's training data; 'stdlib' for the default corpus; use "
+        "it when the heads were trained on distilled text)",
+    )
     add("--num-prompts", type=int, metavar="N", help="default: 8, or all of --prompts FILE")
     add("--prompt-tokens", type=int, metavar="N", default=64, help="prompt length (default: 64)")
     add("--max-new-tokens", type=int, metavar="N", default=64, help="per prompt (default: 64)")
@@ -435,7 +443,8 @@ def run(args: argparse.Namespace) -> int:
     config = meta.get("train_config", {})
     corpus, corpus_error = None, None
     try:
-        corpus = Corpus.from_specs(config.get("data") or None, config.get("val_fraction", 0.05))
+        specs = args.data if args.data is not None else config.get("data")
+        corpus = Corpus.from_specs(specs or None, config.get("val_fraction", 0.05))
     except MultitokenError as exc:
         corpus_error = str(exc)
     prompts, source, flag = _prompts(args, model.tokenizer, corpus, corpus_error)

@@ -32,6 +32,7 @@ from multitoken.tokenizer import Tokenizer
 BLOCK_BYTES = 1 << 20
 SNIFF_BYTES = 8192  # a NUL byte in this much of a file marks it as binary
 FULL_SPAN = (0.0, 1.0)
+STDLIB_SPEC = "stdlib"  # names the default corpus explicitly, e.g. `multitoken bench --data stdlib`
 # Where a stream's current block was read, as saved in its state.
 _POSITION = ("epoch", "file_index", "offset", "epoch_tokens")
 _SKIPPED_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"}
@@ -153,8 +154,8 @@ class Corpus:
 
     @classmethod
     def from_specs(cls, specs: Sequence[str] | None, val_fraction: float = 0.05) -> Corpus:
-        """Resolve ``specs`` (None or empty: the standard library) and split them."""
-        if specs:
+        """Resolve ``specs`` (None, empty or ``["stdlib"]``: the standard library) and split."""
+        if specs and list(specs) != [STDLIB_SPEC]:
             files = resolve_sources(specs)
             root = Path(os.path.commonpath([path.parent for path in files]))
         else:
