@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test lint format bench reference clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
+
+# The reference recipe (about 50 minutes on 2 cores): results table + runs/reference/reference.png.
+reference: $(STAMP)
+	bash benchmarks/reference.sh runs/reference
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -153,7 +153,8 @@ def _decode(
     B = len(prompts)
     speculate = cfg.speculate
     branch = model.heads.branch_layer if (speculate and model.family == "meta") else None
-    stats = Stats(head_tries=[0] * K, head_hits=[0] * K)
+    tried = K if speculate else 0  # plain decoding reports no acceptance at all
+    stats = Stats(head_tries=[0] * tried, head_hits=[0] * tried)
     kv = RaggedCache(B, device, model.trunk.config)
 
     # prefill, right-padded: causal attention keeps each row's tokens from seeing its padding
@@ -210,7 +211,7 @@ def _decode(
             new = torch.cat([ids[r, 1 : m + 1], torch.tensor([nxt], device=device)])
             tokens[r] = torch.cat([tokens[r], new])
             stats.trunk_passes += 1
-            for j in range(min(m + 1, K) if speculate else 0):
+            for j in range(min(m + 1, tried)):
                 stats.head_tries[j] += 1
                 stats.head_hits[j] += int(j < m)
             room = cfg.max_new_tokens - len(out[r])
