@@ -104,29 +104,26 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, small_text, 
     assert not out.exists()
 
 
-def _train_tiny(out: Path, data: Path) -> None:
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(data),
-                "--max-steps",
-                "2",
-                "--save-every",
-                "2",
-                "--seq-len",
-                "32",
-                "--batch-size",
-                "2",
-                "--eval-batches",
-                "1",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+def _train_tiny(out: Path, data: Path, *extra: str) -> None:
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--max-steps",
+        "2",
+        "--save-every",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-batches",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
+    assert main(args) == 0
 
 
 @pytest.mark.parametrize("damage", ["heads", "trunk", "meta"])
@@ -243,32 +240,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, small_text) -> Path:
     out = tmp_path_factory.mktemp("gen") / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--family",
-                "bpd",
-                "--depth",
-                "2",
-                "--data",
-                str(small_text),
-                "--max-steps",
-                "2",
-                "--save-every",
-                "2",
-                "--seq-len",
-                "32",
-                "--batch-size",
-                "2",
-                "--eval-batches",
-                "1",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    _train_tiny(out, small_text, "--family", "bpd", "--depth", "2")
     return out
 
 
