@@ -217,3 +217,15 @@ def test_python_api_on_a_random_trunk_whose_drafts_often_fail():
     assert runs[("speculative", 4)]["tau"] < 5  # not every draft was accepted
     assert len(runs[("speculative", 4)]["acceptance"]) == 4
     assert result["verify_cost"]["q"] == [1, 2, 3, 4, 5]
+
+
+def test_repeated_ngram_share_tells_loops_from_fresh_text():
+    from multitoken.bench import repeated_ngram_share
+
+    prompt = list(range(10))
+    loop = [1, 2, 3] * 10  # the output cycles: after the first 8-gram every token repeats
+    fresh = list(range(100, 130))
+    assert repeated_ngram_share([prompt], [fresh], n=4) == 0.0
+    assert repeated_ngram_share([prompt], [loop], n=4) > 0.7
+    copied = prompt[:]  # the output copies its prompt: prompt lookup's best case
+    assert repeated_ngram_share([prompt], [copied], n=4) > 0.6

@@ -266,7 +266,8 @@ def bench(
     repeats: int = 1,
     progress: bool = True,
 ) -> dict:
-    """Run every method on ``prompts``; return ``{"runs": [...], "verify_cost": {...}}``.
+    """Run every method on ``prompts``; return ``{"runs": [...], "verify_cost": {...},
+    "repeated_8gram_share": x}`` (see :func:`repeated_ngram_share`).
 
     A run holds method, draft_len, tau, acceptance, trunk_passes, tokens, wall_s, tokens_per_s,
     speedup_vs_plain, speedup_vs_hf_greedy, identical, and for speculative runs verify_bound =
@@ -311,7 +312,25 @@ def bench(
         bar.close()
         hook.remove()
     _add_speedups(runs, cost)
-    return {"runs": runs, "verify_cost": cost}
+    repeats_share = repeated_ngram_share(prompts, reference)
+    return {"runs": runs, "verify_cost": cost, "repeated_8gram_share": repeats_share}
+
+
+def repeated_ngram_share(prompts: list[list[int]], outputs: list[list[int]], n: int = 8) -> float:
+    """Share of generated tokens that complete an n-gram already present earlier in the prompt or
+    the output. High values mean looping continuations, which any drafter (prompt lookup too)
+    predicts: τ measured on them says more about the loop than about the heads."""
+    hits = total = 0
+    for prompt, output in zip(prompts, outputs):
+        seq = list(prompt) + list(output)
+        seen: set[tuple[int, ...]] = set()
+        for end in range(n, len(seq) + 1):
+            gram = tuple(seq[end - n : end])
+            if end > len(prompt):
+                total += 1
+                hits += gram in seen
+            seen.add(gram)
+    return hits / total if total else 0.0
 
 
 def _add_speedups(runs: list[dict], cost: dict) -> None:

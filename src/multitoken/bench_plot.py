@@ -57,6 +57,12 @@ def format_report(result: dict) -> str:
         + ("unavailable" if loss is None else f"{loss:.4f} (accuracy {result['val_accuracy']:.3f})")
         + "; tau is measured on the trunk's own greedy output"
     )
+    share = result.get("repeated_8gram_share")
+    if share is not None:
+        lines.append(
+            f"greedy continuations: {share:.0%} of new tokens complete an 8-gram seen earlier "
+            "(loops: any drafter predicts them)"
+        )
     return "\n".join(lines)
 
 
