@@ -104,25 +104,22 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, small_text, 
     assert not out.exists()
 
 
+TINY = [
+    "--max-steps",
+    "2",
+    "--save-every",
+    "2",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "2",
+    "--eval-batches",
+    "1",
+]
+
+
 def _train_tiny(out: Path, data: Path, *extra: str) -> None:
-    args = [
-        "train",
-        "--data",
-        str(data),
-        "--max-steps",
-        "2",
-        "--save-every",
-        "2",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "2",
-        "--eval-batches",
-        "1",
-        "--out",
-        str(out),
-        *extra,
-    ]
+    args = ["train", "--data", str(data), *TINY, "--out", str(out), *extra]
     assert main(args) == 0
 
 
@@ -139,22 +136,8 @@ def test_corrupt_or_truncated_checkpoint_is_refused(tmp_path, small_text, damage
     data = target.read_bytes()
     target.write_bytes(data[: len(data) // 2])
     before = sorted(p.name for p in out.rglob("*"))
-    proc = run_cli(
-        "train",
-        "--resume",
-        "--data",
-        str(small_text),
-        "--max-steps",
-        "4",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "2",
-        "--eval-batches",
-        "1",
-        "--out",
-        str(out),
-    )
+    resume = ["--resume", "--data", str(small_text), *TINY, "--max-steps", "4", "--out", str(out)]
+    proc = run_cli("train", *resume)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in proc.stderr

@@ -35,7 +35,7 @@ from multitoken.sampling import (
     choose,
     probs,
 )
-from multitoken.trunk import layer_arguments
+from multitoken.trunk import watch_states
 
 log = logging.getLogger("multitoken")
 
@@ -100,37 +100,19 @@ class Generation:
 
 
 def trunk_pass(
-    model: MTPModel, ids: torch.Tensor, positions: torch.Tensor, kv: RaggedCache, branch: int | None
+    model: MTPModel, ids: torch.Tensor, positions: torch.Tensor, kv: RaggedCache, seen: dict
 ):
     """Run ``ids`` [B, q] at ``positions`` [B, q] on top of ``kv``: logits [B, q, V], h^0 and
-    (meta) the stream entering the branch layer, [B, q, d] each. ``kv.commit`` must follow."""
-    seen: dict[str, torch.Tensor] = {}
-    parts = model.parts
-    final = (
-        parts.layers[-1] if isinstance(parts.final_norm, torch.nn.Identity) else parts.final_norm
-    )
-
-    def grab_final(_m, _a, out):
-        seen["h"] = out[0] if isinstance(out, tuple) else out
-
-    def grab_branch(m, a, kw):
-        seen["b"] = layer_arguments(m, a, kw)[0]
-
-    hooks = [final.register_forward_hook(grab_final)]
-    if branch is not None:
-        hooks.append(parts.layers[branch].register_forward_pre_hook(grab_branch, with_kwargs=True))
-    try:
-        logits = model.trunk(
-            input_ids=ids,
-            attention_mask=kv.padding_mask(ids.size(1)),
-            position_ids=positions,
-            cache=kv.cache,
-            use_cache=True,
-        ).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    return logits, seen["h"], seen.get("b")
+    (meta) the stream entering the branch layer, [B, q, d] each, as recorded into ``seen`` by
+    :func:`multitoken.trunk.watch_states`. ``kv.commit`` must follow."""
+    logits = model.trunk(
+        input_ids=ids,
+        attention_mask=kv.padding_mask(ids.size(1)),
+        position_ids=positions,
+        cache=kv.cache,
+        use_cache=True,
+    ).logits
+    return logits, seen["hidden"], seen.get("branch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,10 +131,25 @@ def _decode(
     eos: int | None,
     on_tokens: Callable[[int, list[int]], None] | None,
 ) -> Generation:
+    branch = model.heads.branch_layer if (cfg.speculate and model.family == "meta") else None
+    with watch_states(model.parts, branch) as seen:  # one set of hooks for the whole call
+        return _decode_loop(model, prompts, cfg, K, sampling, gen, eos, on_tokens, seen)
+
+
+def _decode_loop(
+    model: MTPModel,
+    prompts: list[list[int]],
+    cfg: GenerateConfig,
+    K: int,
+    sampling: Sampling,
+    gen: torch.Generator | None,
+    eos: int | None,
+    on_tokens: Callable[[int, list[int]], None] | None,
+    seen: dict,
+) -> Generation:
     device = model.parts.embed.weight.device
     B = len(prompts)
     speculate = cfg.speculate
-    branch = model.heads.branch_layer if (speculate and model.family == "meta") else None
     tried = K if speculate else 0  # plain decoding reports no acceptance at all
     stats = Stats(head_tries=[0] * tried, head_hits=[0] * tried)
     kv = RaggedCache(B, device, model.trunk.config)
@@ -163,7 +160,7 @@ def _decode(
     for r, p in enumerate(prompts):
         ids[r, : len(p)] = torch.tensor(p, device=device)
     positions = torch.arange(P, device=device).expand(B, P)
-    logits, hidden, stream = trunk_pass(model, ids, positions, kv, branch)
+    logits, hidden, stream = trunk_pass(model, ids, positions, kv, seen)
     lengths = [len(p) for p in prompts]
     kv.commit(prefix_mask(lengths, P, device))
     last = logits[torch.arange(B), torch.tensor(lengths, device=device) - 1]  # [B, V]
@@ -193,7 +190,7 @@ def _decode(
         else:
             ids = torch.stack([t[-1] for t in tokens]).unsqueeze(1)
         positions = torch.tensor(n, device=device)[:, None] - 1 + torch.arange(q, device=device)
-        logits, hidden, stream = trunk_pass(model, ids, positions, kv, branch)  # verify
+        logits, hidden, stream = trunk_pass(model, ids, positions, kv, seen)  # verify
         accepted_counts = []
         for r in range(B):  # accept
             if not active[r]:  # a finished row stays where it is: it keeps no new slot

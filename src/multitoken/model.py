@@ -18,7 +18,7 @@ from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
 from multitoken.heads import build_heads
 from multitoken.losses import LossOutput, cross_entropy, head_weights, shift_labels
-from multitoken.trunk import TrunkParts, inspect_trunk, layer_arguments
+from multitoken.trunk import TrunkParts, inspect_trunk, layer_arguments, watch_states
 
 
 class _StopForward(Exception):
@@ -90,32 +90,12 @@ class MTPModel(nn.Module):
         self, input_ids: torch.Tensor, branch_layer: int | None = None
     ) -> TrunkOutput:
         """Run the trunk as the causal LM it is, watching h^0 and (optionally) layer b's input."""
-        seen: dict[str, torch.Tensor] = {}
-        parts = self.parts
-
-        def grab_final(_m, _args, output):
-            seen["hidden"] = output[0] if isinstance(output, tuple) else output
-
-        def grab_branch(module, args, kwargs):
-            seen["branch"] = layer_arguments(module, args, kwargs)[0]
-
-        final = (
-            parts.final_norm if not isinstance(parts.final_norm, nn.Identity) else parts.layers[-1]
-        )
-        hooks = [final.register_forward_hook(grab_final)]
-        if branch_layer is not None:
-            hooks.append(
-                parts.layers[branch_layer].register_forward_pre_hook(grab_branch, with_kwargs=True)
-            )
-        try:
+        with watch_states(self.parts, branch_layer) as seen:
             logits = self.trunk(input_ids=input_ids, use_cache=False).logits
-        finally:
-            for h in hooks:
-                h.remove()
         hidden = seen["hidden"]
         position_ids = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)
         return TrunkOutput(
-            logits, hidden, seen.get("branch"), parts.block_kwargs(hidden, position_ids)
+            logits, hidden, seen.get("branch"), self.parts.block_kwargs(hidden, position_ids)
         )
 
     def trunk_prefix(self, input_ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, dict]:

@@ -121,6 +121,31 @@ def crop_cache(cache, length: int) -> None:
         cache.crop(length - n)
 
 
+@contextlib.contextmanager
+def watch_states(parts: TrunkParts, branch_layer: int | None = None):
+    """While open, every trunk forward records into the yielded dict: ``"hidden"``, h^0 (the
+    final norm's output, what lm_head reads) and, with ``branch_layer``, ``"branch"``, the stream
+    entering that layer. The hooks are registered once for the whole block."""
+    seen: dict[str, torch.Tensor] = {}
+    final = parts.layers[-1] if isinstance(parts.final_norm, nn.Identity) else parts.final_norm
+
+    def grab_final(_module, _args, output):
+        seen["hidden"] = output[0] if isinstance(output, tuple) else output
+
+    def grab_branch(module, args, kwargs):
+        seen["branch"] = layer_arguments(module, args, kwargs)[0]
+
+    hooks = [final.register_forward_hook(grab_final)]
+    if branch_layer is not None:
+        layer = parts.layers[branch_layer]
+        hooks.append(layer.register_forward_pre_hook(grab_branch, with_kwargs=True))
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Call a decoder layer; some architectures still return a tuple whose first item is it."""
     out = layer(hidden, **kwargs)
