@@ -1,6 +1,7 @@
-"""Summarise benchmarks/reference.sh: one table (the README's) and one figure.
+"""Summarise benchmark runs: one table (the README's) and one figure, OUT/reference.png.
 
-python benchmarks/summarize_reference.py runs/reference
+python benchmarks/summarize_reference.py runs/reference               (benchmarks/reference.sh)
+python benchmarks/summarize_reference.py OUT NAME="label" ...         (runs OUT/NAME/bench.json)
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ RUNS = [
 ]
 
 
-def main(out: Path) -> None:
+def main(out: Path, runs: list[tuple[str, str]] = RUNS) -> None:
     rows = []
-    for name, label in RUNS:
+    for name, label in runs:
         path = out / name / "bench.json"
         if path.exists():
             rows.append((name, label, json.loads(path.read_text())))
@@ -98,4 +99,5 @@ def _plot(rows, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/reference"))
+    named = [tuple(arg.split("=", 1)) for arg in sys.argv[2:]]
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/reference"), named or RUNS)

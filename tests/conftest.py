@@ -27,6 +27,16 @@ def micro_llama(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = V
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def perturb_heads(model, seed: int = 0, scale: float = 0.05):
+    """Move every head weight off its initial value (a fresh BPD head is the identity on the
+    trunk, fresh norms are all ones), as training would; returns the model, in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
 @pytest.fixture
 def tokens() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)

@@ -69,7 +69,11 @@ def _bad_input_cases(tmp_path: Path, small_text: Path) -> dict[str, tuple[list[s
         "branch layer on another family": (["--branch-layer", "1", *common], "--branch-layer"),
         "missing corpus": (["--data", str(tmp_path / "nope"), "--max-steps", "1"], "--data"),
         "empty corpus": (["--data", str(empty), "--max-steps", "1"], "--data"),
-        "tokenizer too big for the trunk": (["--trunk", str(micro), *common], "--tokenizer"),
+        "tokenizer too big for the trunk": (
+            ["--trunk", str(micro), "--tokenizer", "bytes", *common],
+            "--tokenizer",
+        ),
+        "trunk folder without a tokenizer": (["--trunk", str(micro), *common], "--tokenizer"),
         "trunk that is not a model": (["--trunk", str(small_text), *common], "--trunk"),
         "missing tokenizer": (["--tokenizer", str(tmp_path / "tok.json"), *common], "--tokenizer"),
         "bad lambda": (["--mtp-lambda", "0.3->x", *common], "--mtp-lambda"),
@@ -85,6 +89,7 @@ CASES = [
     "missing corpus",
     "empty corpus",
     "tokenizer too big for the trunk",
+    "trunk folder without a tokenizer",
     "trunk that is not a model",
     "missing tokenizer",
     "bad lambda",
@@ -285,6 +290,7 @@ def test_checkpoint_without_heads_falls_back_to_the_trunk_with_one_warning(check
     copy = tmp_path / "noheads"
     shutil.copytree(checkpoint / "checkpoints" / "step-0000002", copy)
     (copy / "heads.safetensors").unlink()
+    (copy / "heads.json").unlink()
     proc = run_cli(
         "generate", "--checkpoint", str(copy), "--prompt", "the", "--json", "--max-new-tokens", "5"
     )

@@ -22,7 +22,7 @@ from multitoken.data import (
     validation_batches,
 )
 from multitoken.errors import MultitokenError
-from multitoken.tokenizer import ByteTokenizer
+from multitoken.tokenizer import ByteTokenizer, HFTokenizer, byte_level_backend
 
 TOK = ByteTokenizer()
 
@@ -213,7 +213,14 @@ def test_jsonl_documents(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("line", "reason"), [("{not json", "not valid JSON"), ('{"body": "x"}', '"text"')]
+    ("line", "reason"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"body": "x"}', 'has neither a "text" string nor a "messages" list'),
+        ('{"messages": "hi"}', '"messages" must be a non-empty list'),
+        ('{"messages": [{"content": "no role"}]}', '"messages" must be a non-empty list'),
+        ('{"messages": []}', '"messages" must be a non-empty list'),
+    ],
 )
 def test_bad_jsonl_line_names_file_and_line(tmp_path: Path, line: str, reason: str) -> None:
     path = tmp_path / "bad.jsonl"
@@ -221,6 +228,52 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path: Path, line: str, reason: s
     with pytest.raises(MultitokenError, match="--data") as info:
         next(PackedStream([path], TOK, 2, 1))
     assert f"{path}:3" in str(info.value) and reason in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# A byte-level HF tokenizer (ids = bytes, so expected ids are easy to write) with a chat template
+# that uses a special token: "<eos>" in the rendered text must become the eos id, not 5 bytes.
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+CHAT_TOK = HFTokenizer(
+    byte_level_backend(), eos="<eos>", chat_template=CHAT_TEMPLATE, source="chat-tok"
+)
+
+
+def test_jsonl_chat_records_are_rendered_with_the_chat_template(tmp_path: Path) -> None:
+    path = tmp_path / "chat.jsonl"
+    chat = [{"role": "user", "content": "hï"}, {"role": "assistant", "content": "yo"}]
+    lines = [{"messages": chat}, {"text": "plain"}, {"messages": chat, "text": "text wins"}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    eos = CHAT_TOK.eos_id
+    want = [
+        *b"<user>h\xc3\xaf", eos, *b"<assistant>yo", eos, eos,  # the record, then the packer's eos
+        *b"plain", eos,
+        *b"text wins", eos,
+    ]  # fmt: skip
+    got = unpack(list(PackedStream([path], CHAT_TOK, 4, 1, loop=False)), 4)
+    assert got == want[: len(got)] and len(want) - len(got) < 4
+    # Without a tokenizer (fitting one) a chat is its contents, one message per line.
+    assert list(iter_texts([path])) == ["hï\nyo", "plain", "text wins"]
+    assert list(iter_texts([path], tokenizer=CHAT_TOK))[0] == "<user>hï<eos><assistant>yo<eos>"
+
+
+def test_chat_records_need_a_chat_template(tmp_path: Path) -> None:
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"text": "fine"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(MultitokenError) as info:
+        next(PackedStream([path], TOK, 2, 1))
+    message = str(info.value)
+    assert f"{path}:2" in message and "the byte tokenizer has no chat template" in message
+    assert message.startswith("--tokenizer: ") and "\n" not in message
+    # A template that refuses the messages is reported at the line too.
+    strict = HFTokenizer(
+        byte_level_backend(),
+        eos="<eos>",
+        chat_template="{{ raise_exception('no system role') }}",
+        source="strict-tok",
+    )
+    with pytest.raises(MultitokenError, match=f"{path}:2: the chat template of strict-tok failed"):
+        next(PackedStream([path], strict, 2, 1))
 
 
 def test_corpus_too_small_for_seq_len(tmp_path: Path) -> None:

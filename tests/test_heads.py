@@ -77,6 +77,16 @@ def test_fresh_bpd_head_predicts_what_the_trunk_predicts(tokens, unembed):
         torch.testing.assert_close(head_logits, out.logits, rtol=0, atol=1e-6)
 
 
+def test_meta_heads_copied_from_the_last_layer_predict_what_the_trunk_predicts(tokens):
+    config = HeadConfig(family="meta", depth=2, init_from_trunk=True)  # branch layer b = L-1
+    model = MTPModel(micro_llama(), config)
+    out = model.trunk_forward(tokens[:, :-1], branch_layer=model.heads.branch_layer)
+    for head_logits in model.heads(out.branch_hidden, out.block_kwargs):
+        torch.testing.assert_close(head_logits, out.logits, rtol=0, atol=1e-6)
+    fresh = MTPModel(micro_llama(), HeadConfig(family="meta", depth=1))
+    assert not torch.allclose(fresh.heads(out.branch_hidden, out.block_kwargs)[0], out.logits)
+
+
 @pytest.mark.parametrize("branch", [1, 0])
 def test_meta_loss_by_hand(tokens, branch):
     tokens = tokens[:1]

@@ -1,4 +1,5 @@
-"""Byte and Hugging Face tokenizers: round trips, special ids, saving and BPE training."""
+"""Byte and Hugging Face tokenizers: round trips, special ids, saving, BPE training, chat
+templates (rendered as transformers renders them) and files plain transformers loads."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ from pathlib import Path
 import pytest
 import tokenizers
 from tokenizers import models
+from transformers import AutoTokenizer
 
 from multitoken.errors import MultitokenError
 from multitoken.tokenizer import (
     ByteTokenizer,
+    ChatTemplateError,
     HFTokenizer,
     Tokenizer,
+    byte_level_backend,
     load_tokenizer,
     tokenizer_from_saved,
     train_bpe,
+    write_hf_tokenizer,
 )
 
 TEXT = "Hello, wörld! Ünïcödé → 数字 😀\nsecond line\ttab\n"
@@ -124,3 +129,210 @@ def test_tokenizer_without_eos_is_rejected(tmp_path: Path) -> None:
     tok.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(MultitokenError, match="no end-of-text token"):
         load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat templates
+
+# Uses what real templates use: bos_token/eos_token, a namespace, loop variables and controls,
+# raise_exception, tojson, whitespace control, trim_blocks/lstrip_blocks-sensitive layout.
+RICH_TEMPLATE = """{{ bos_token }}
+{% set ns = namespace(system='', shown=false) %}
+{% for m in messages %}
+    {% if m['role'] == 'system' %}
+        {% set ns.system = m['content'] %}
+        {% continue %}
+    {% endif %}
+    {% if m['role'] not in ['user', 'assistant'] %}
+        {{ raise_exception('unknown role ' + m['role']) }}
+    {% endif %}
+<|{{ m['role'] }}|>{% if ns.system and not ns.shown %}[{{ ns.system | trim }}] {% set ns.shown = true %}{% endif %}
+{{ m['content'] }}{% if m.meta is defined %} {{ m.meta | tojson }}{% endif %}{{ eos_token }}
+{% endfor %}
+{% if add_generation_prompt %}<|assistant|>
+{% endif %}"""
+CHAT = [
+    {"role": "system", "content": "  be brief  "},
+    {"role": "user", "content": "Grüße, <b>world</b> 😀", "meta": {"k": "é<&>"}, "x": None},
+    {"role": "assistant", "content": "hi\n  there"},
+    {"role": "user", "content": "again"},
+]
+SIMPLE_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+
+
+def _hf_folder(bpe: HFTokenizer, folder: Path, config: dict) -> Path:
+    """A transformers-style model folder: tokenizer.json plus a tokenizer_config.json."""
+    bpe.save(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+@pytest.mark.parametrize("with_bos", [False, True])
+def test_chat_template_renders_as_transformers_does(
+    bpe: HFTokenizer, tmp_path: Path, add_generation_prompt: bool, with_bos: bool
+) -> None:
+    config = {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "chat_template": RICH_TEMPLATE}
+    if with_bos:
+        config["bos_token"] = "<|endoftext|>"
+    folder = _hf_folder(bpe, tmp_path, config)
+    ours = load_tokenizer(str(folder))
+    theirs = AutoTokenizer.from_pretrained(folder)
+    want = theirs.apply_chat_template(
+        CHAT, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    got = ours.apply_chat_template(CHAT, add_generation_prompt=add_generation_prompt)
+    assert got == want
+    # Pin the layout too, so a renderer that only agrees with transformers by accident fails:
+    # no bos_token renders as nothing; block tags eat their line's newline, {{ }} does not.
+    bos = "<|endoftext|>" if with_bos else ""
+    assert got == (
+        f'{bos}\n<|user|>[be brief] Grüße, <b>world</b> 😀 {{"k": "é<&>"}}<|endoftext|>\n'
+        "<|assistant|>hi\n  there<|endoftext|>\n<|user|>again<|endoftext|>\n"
+        + "<|assistant|>\n"
+        * add_generation_prompt
+    )
+
+
+def test_chat_template_errors_are_one_line(bpe: HFTokenizer, tmp_path: Path) -> None:
+    tok = HFTokenizer(bpe.backend, eos="<|endoftext|>", chat_template=RICH_TEMPLATE, source="T")
+    with pytest.raises(
+        ChatTemplateError, match="--tokenizer: the chat template of T failed: unknown role tool"
+    ) as info:
+        tok.apply_chat_template([{"role": "tool", "content": "x"}], add_generation_prompt=False)
+    assert "\n" not in str(info.value)
+    broken = HFTokenizer(bpe.backend, chat_template="{% for m in messages %}\n{{ m", source="T")
+    with pytest.raises(ChatTemplateError, match="does not parse") as info:
+        broken.apply_chat_template(CHAT, add_generation_prompt=False)
+    assert "\n" not in str(info.value)
+    # The sandbox stays shut: no reaching Python internals from a template.
+    escape = HFTokenizer(bpe.backend, chat_template="{{ messages.__class__.__mro__ }}")
+    with pytest.raises(ChatTemplateError):
+        escape.apply_chat_template(CHAT, add_generation_prompt=False)
+
+
+def test_no_chat_template_is_a_one_line_error(bpe: HFTokenizer, tmp_path: Path) -> None:
+    with pytest.raises(MultitokenError, match="the byte tokenizer has no chat template"):
+        ByteTokenizer().apply_chat_template(CHAT, add_generation_prompt=True)
+    assert ByteTokenizer().chat_template is None
+    folder = _hf_folder(bpe, tmp_path, {"eos_token": "<|endoftext|>"})
+    plain = load_tokenizer(str(folder))
+    assert plain.chat_template is None
+    with pytest.raises(MultitokenError, match="--tokenizer: .*tokenizer.json has no chat template"):
+        plain.apply_chat_template(CHAT, add_generation_prompt=True)
+
+
+def test_chat_template_sources_and_checkpoint_round_trip(bpe: HFTokenizer, tmp_path: Path) -> None:
+    # chat_template.jinja (what transformers writes now) wins over the config entry.
+    folder = _hf_folder(bpe, tmp_path / "a", {"chat_template": "old"})
+    (folder / "chat_template.jinja").write_text(SIMPLE_TEMPLATE)
+    tok = load_tokenizer(str(folder))
+    assert tok.chat_template == SIMPLE_TEMPLATE
+    # A list of named templates: transformers uses "default".
+    named = [
+        {"name": "tool_use", "template": "x"},
+        {"name": "default", "template": SIMPLE_TEMPLATE},
+    ]
+    assert (
+        load_tokenizer(str(_hf_folder(bpe, tmp_path / "b", {"chat_template": named}))).chat_template
+        == SIMPLE_TEMPLATE
+    )
+    # A checkpoint keeps the template: save() + tokenizer_from_saved() with a JSON-ed spec.
+    spec = json.loads(json.dumps(tok.save(tmp_path / "ckpt")))
+    again = tokenizer_from_saved(tmp_path / "ckpt", spec)
+    assert again.chat_template == SIMPLE_TEMPLATE
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert again.apply_chat_template(msgs, add_generation_prompt=False) == "<user>hi<assistant>yo"
+
+
+def test_folder_tokenizer_through_transformers(bpe: HFTokenizer, tmp_path: Path) -> None:
+    """No tokenizer.json, only vocab.json + merges.txt: AutoTokenizer builds it, we use its backend."""
+    bpe.backend.model.save(str(tmp_path))
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<pad>",
+        "chat_template": SIMPLE_TEMPLATE,
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(str(tmp_path))
+    assert isinstance(tok, HFTokenizer) and not (tmp_path / "tokenizer.json").exists()
+    assert tok.encode(TEXT) == bpe.encode(TEXT) and tok.decode(tok.encode(TEXT)) == TEXT
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (bpe.bos_id, bpe.eos_id, bpe.pad_id)
+    assert tok.chat_template == SIMPLE_TEMPLATE
+
+
+def test_model_folder_without_any_tokenizer(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(MultitokenError) as info:
+        load_tokenizer(str(tmp_path))
+    message = str(info.value)
+    assert message.startswith("--tokenizer: ") and "has no tokenizer" in message
+    assert "pass --tokenizer" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that plain transformers loads
+
+EXPORT_TEXTS = [
+    "",
+    " ",
+    "plain ascii",
+    "  leading and trailing spaces  ",
+    "line one\nline two\r\n\n\ttabbed\n",
+    "ünïcödé, 数字, Ελληνικά, עברית",
+    "emoji 😀👍🏽 and ZWJ 👨‍👩‍👧",
+    "specials typed as text: <bos> <eos> <pad> <|endoftext|>",
+    "bytes\x00\x01\x7f end",
+]
+
+
+def test_byte_tokenizer_written_for_transformers(tmp_path: Path) -> None:
+    byte = ByteTokenizer()
+    write_hf_tokenizer(byte, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (256, 257, 258)
+    assert len(theirs) == byte.vocab_size
+    ours = load_tokenizer(str(tmp_path))
+    assert isinstance(ours, HFTokenizer) and ours.vocab_size == byte.vocab_size
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (256, 257, 258)
+    for text in EXPORT_TEXTS:
+        ids = byte.encode(text)
+        assert theirs(text)["input_ids"] == ids, text
+        assert theirs.decode(ids + [257], skip_special_tokens=True) == text
+        assert ours.encode(text) == ids and ours.decode(ids) == text
+    # Every single byte, including ones that are not valid UTF-8 alone, maps to its own id.
+    assert theirs.convert_tokens_to_ids(byte_level_backend().encode("A\n").tokens) == [65, 10]
+    assert theirs.decode([0xF0, 0x9F, 0x98, 0x80]) == "😀"
+    # ... and survives a checkpoint like any HF tokenizer.
+    again = tokenizer_from_saved(tmp_path / "c", json.loads(json.dumps(ours.save(tmp_path / "c"))))
+    assert again.encode(EXPORT_TEXTS[7]) == byte.encode(EXPORT_TEXTS[7])
+
+
+def test_hf_tokenizer_written_for_transformers(bpe: HFTokenizer, tmp_path: Path) -> None:
+    tok = HFTokenizer(
+        bpe.backend,
+        bos="<|endoftext|>",
+        eos="<|endoftext|>",
+        pad="<pad>",
+        chat_template=RICH_TEMPLATE,
+        source="bpe",
+    )
+    write_hf_tokenizer(tok, tmp_path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (
+        tok.bos_id,
+        tok.eos_id,
+        tok.pad_id,
+    )
+    for text in [*EXPORT_TEXTS, TEXT, CORPUS[5]]:
+        ids = tok.encode(text)
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert theirs.decode(ids, skip_special_tokens=True) == tok.decode(ids)
+    rendered = theirs.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert rendered == tok.apply_chat_template(CHAT, add_generation_prompt=True)
+    assert load_tokenizer(str(tmp_path)).chat_template == RICH_TEMPLATE

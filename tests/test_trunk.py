@@ -3,6 +3,8 @@ and every family trains on each of them."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import (
@@ -101,14 +103,32 @@ def test_every_family_trains_on_every_architecture(arch, family):
                 torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_train_on_a_local_pretrained_trunk_folder(tmp_path):
-    build("gpt2").save_pretrained(tmp_path / "gpt2")
+def test_a_frozen_trunk_stays_in_inference_mode_while_heads_train():
+    model = MTPModel(build("gpt2"), HeadConfig(family="meta", depth=1))  # GPT-2 has dropout
+    model.trunk.requires_grad_(False)
+    model.train()
+    assert not model.trunk.training and model.heads.training
+    model.trunk.requires_grad_(True)
+    assert model.train().trunk.training
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_heads_only_on_a_local_model_folder(tmp_path, arch):
+    """--trunk takes a plain transformers folder of each architecture: its tokenizer is used, its
+    files and weights stay byte for byte, the checkpoint refers to it instead of copying it."""
+    from multitoken.tokenizer import ByteTokenizer, write_hf_tokenizer
+
+    folder = tmp_path / arch
+    build(arch).save_pretrained(folder)
+    write_hf_tokenizer(ByteTokenizer(), folder)  # 259 tokens for a 300-token vocabulary
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
     data = tmp_path / "data.txt"
     data.write_text("hello world, this is a tiny corpus for a tiny model.\n" * 100)
     result = multitoken.train(
-        trunk=str(tmp_path / "gpt2"),
+        trunk=str(folder),
+        freeze_trunk=True,
         family="deepseek",
-        depth=1,
+        depth=2,
         data=[str(data)],
         out=str(tmp_path / "run"),
         max_steps=2,
@@ -117,5 +137,17 @@ def test_train_on_a_local_pretrained_trunk_folder(tmp_path):
         eval_batches=1,
         save_every=2,
     )
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    trained = result.model.trunk.state_dict()
+    on_disk = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    assert on_disk.keys() == trained.keys()
+    for name, saved in on_disk.items():
+        assert torch.equal(saved.view(torch.uint8), trained[name].view(torch.uint8)), name
+    assert not (result.checkpoint / "trunk").exists()  # referred to, not copied
     loaded = multitoken.load(result.checkpoint)
-    assert type(loaded.trunk).__name__ == "GPT2LMHeadModel"
+    assert type(loaded.trunk).__name__ == type(result.model.trunk).__name__
+    for name, p in result.model.heads.state_dict().items():
+        assert torch.equal(p, loaded.heads.state_dict()[name]), name
+    # The heads started from the trunk's last layer (the default on a pretrained trunk).
+    meta = json.loads((result.checkpoint / "multitoken.json").read_text())
+    assert meta["heads"]["init_from_trunk"] is True

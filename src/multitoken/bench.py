@@ -73,7 +73,7 @@ def parse_draft_lens(text: str | None, family: str, depth: int) -> list[int]:
 
 def read_prompt_file(path: str | Path, tokenizer) -> list[list[int]]:
     """Token ids of the prompts in a file (see :func:`multitoken.prompts.read_prompts`)."""
-    return [tokenizer.encode(text) for text in read_prompts(path)]
+    return [tokenizer.encode(text) for text in read_prompts(path, tokenizer)]
 
 
 def load_draft_model(path: str | Path, vocab_size: int) -> PreTrainedModel:
@@ -359,9 +359,20 @@ def add_parser(subparsers) -> None:
         "curve c(q) and the trunk's validation loss.",
     )
     add = p.add_argument
-    add("--checkpoint", required=True, metavar="DIR", help="checkpoint or run folder")
+    add(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="checkpoint or run folder, or a plain transformers model folder (with --heads)",
+    )
+    add("--heads", metavar="DIR", help="heads folder to attach to that trunk")
     add("--draft-lens", metavar="K,...", help="e.g. 1,2,4 (default: 1..D; deepseek adds D+2)")
-    add("--prompts", metavar="FILE", help="one prompt per line, or .jsonl with a text field")
+    add(
+        "--prompts",
+        metavar="FILE",
+        help='one prompt per line, or .jsonl with a "text" or a "messages" chat (rendered with '
+        "the chat template)",
+    )
     add(
         "--data",
         nargs="+",
@@ -446,17 +457,22 @@ def run(args: argparse.Namespace) -> int:
 
     _check_numbers(args)
     json_path, plot_path = _output_path(args.json, "--json"), _output_path(args.plot, "--plot")
-    ckpt = resolve_checkpoint(args.checkpoint, "--checkpoint")
-    meta = read_meta(ckpt)
-    family, depth = meta["heads"]["family"], meta["heads"]["depth"]
-    draft_lens = parse_draft_lens(args.draft_lens, family, depth)
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
         raise MultitokenError(str(exc), "--device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MultitokenError("CUDA is not available on this machine", "--device")
-    model = multitoken.load(ckpt, flag="--checkpoint").to(device)
+    model = multitoken.load(args.checkpoint, heads=args.heads, flag="--checkpoint").to(device)
+    if model.heads is None:
+        raise MultitokenError(f"{args.checkpoint} has no heads to measure; add --heads", "--heads")
+    family, depth = model.family, model.depth
+    draft_lens = parse_draft_lens(args.draft_lens, family, depth)
+    ckpt = Path(args.checkpoint)
+    meta = {"train_config": {}}
+    if (ckpt / "multitoken.json").is_file() or (ckpt / "latest").is_file():
+        ckpt = resolve_checkpoint(ckpt, "--checkpoint")
+        meta = read_meta(ckpt)
     vocab = model.trunk.get_output_embeddings().weight.shape[0]
     draft = None if args.draft_model is None else load_draft_model(args.draft_model, vocab)
     config = meta.get("train_config", {})

@@ -5,8 +5,12 @@ Each checkpoint is first written to a hidden temporary folder and renamed into p
 ``latest`` is replaced (temp file + rename), so a crash at any moment leaves the previous
 checkpoint intact and pointed to. Inside a checkpoint::
 
-    trunk/               the trunk as a plain transformers folder (config.json, model.safetensors)
-    heads.safetensors    the MTP heads alone (a small file to ship beside the trunk)
+    trunk/               the trunk as a plain transformers folder with its tokenizer;
+                         absent when a pretrained --trunk was frozen: multitoken.json then names
+                         its folder, so heads-only runs do not copy a large model every save
+    heads.safetensors    the MTP heads alone, and heads.json, their config and the signature of
+                         the trunk they fit: the checkpoint folder is itself a portable heads
+                         folder (multitoken.headfile)
     multitoken.json      head config, tokenizer description, training config, step
     tokenizer.json       when the run used a BPE tokenizer
     optimizer.pt         AdamW state (for --resume)
@@ -23,16 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
+from multitoken.headfile import is_heads_folder, load_heads, save_heads
 from multitoken.model import MTPModel
-from multitoken.tokenizer import Tokenizer, tokenizer_from_saved
+from multitoken.tokenizer import (
+    Tokenizer,
+    load_tokenizer,
+    tokenizer_from_saved,
+    write_hf_tokenizer,
+)
 from multitoken.trunk import load_trunk, quiet_transformers
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _umask() -> int:
@@ -63,24 +70,28 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     state: dict | None = None,
     keep: int = 2,
+    trunk_ref: Path | None = None,
 ) -> Path:
-    """Write ``run_dir/checkpoints/step-N`` atomically, point ``latest`` at it, prune old ones."""
+    """Write ``run_dir/checkpoints/step-N`` atomically, point ``latest`` at it, prune old ones.
+    With ``trunk_ref`` (a frozen pretrained trunk) the trunk is not copied, only referred to."""
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-step-{step:07d}-"))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
-        with quiet_transformers():
-            model.trunk.save_pretrained(tmp / "trunk", safe_serialization=True)
-        heads = {k: v.detach().contiguous() for k, v in model.heads.state_dict().items()}
-        save_file(heads, str(tmp / "heads.safetensors"), metadata={"family": model.family})
+        if trunk_ref is None:  # trunk/ is a complete model folder, usable as a --trunk
+            with quiet_transformers():
+                model.trunk.save_pretrained(tmp / "trunk", safe_serialization=True)
+            write_hf_tokenizer(tokenizer, tmp / "trunk")
+        save_heads(model, tmp)
         meta = {
             "format": FORMAT_VERSION,
             "step": step,
             "heads": model.head_config.__dict__,
             "tokenizer": tokenizer.save(tmp),
             "train_config": train_config,
+            "trunk_ref": None if trunk_ref is None else str(Path(trunk_ref).resolve()),
         }
         write_json_atomic(tmp / "multitoken.json", meta)
         if optimizer is not None:
@@ -129,48 +140,67 @@ def read_meta(ckpt: Path, flag: str = "--checkpoint") -> dict:
     return meta
 
 
+def _checkpoint_trunk(ckpt: Path, meta: dict, flag: str):
+    """The trunk a checkpoint holds, or the frozen one it refers to."""
+    ref = meta.get("trunk_ref")
+    folder = ckpt / "trunk" if ref is None else Path(ref)
+    if ref is not None and not (folder / "config.json").is_file():
+        raise MultitokenError(
+            f"{ckpt} holds heads trained on the frozen trunk {folder}, which is gone; attach "
+            f"them to a copy of it with --checkpoint TRUNK_FOLDER --heads {ckpt}",
+            flag,
+        )
+    try:
+        return load_trunk(folder)
+    except MultitokenError as exc:
+        raise MultitokenError(f"checkpoint {ckpt} has a damaged trunk: {exc}", flag) from None
+
+
 def load_checkpoint(
-    path: str | Path, flag: str = "--checkpoint", trunk_only_ok: bool = False
+    path: str | Path,
+    flag: str = "--checkpoint",
+    trunk_only_ok: bool = False,
+    heads: str | Path | None = None,
 ) -> tuple[MTPModel, Tokenizer, dict]:
     """Load model, tokenizer and metadata; any damage is a one-line :class:`MultitokenError`.
 
-    With ``trunk_only_ok`` (decoding), a plain transformers model folder with a tokenizer.json,
-    or a checkpoint whose heads file is absent, loads as a model without heads."""
+    ``path`` is a checkpoint, a run folder (its ``latest``), or — with ``trunk_only_ok``, for
+    decoding — a plain transformers model folder with its tokenizer: a model in the DeepSeek-V3
+    layout loads with its MTP modules as deepseek heads, any other without heads. ``heads`` (a
+    heads folder, checkpoint or run) attaches portable heads to the trunk found at ``path``."""
     p = Path(path)
     plain = not (p / "multitoken.json").exists() and not (p / "latest").exists()
-    if trunk_only_ok and plain and (p / "config.json").is_file():
-        from multitoken.tokenizer import load_tokenizer
+    if plain and (trunk_only_ok or heads is not None) and (p / "config.json").is_file():
+        from multitoken.v3layout import load_v3_layout, mtp_depth
 
         try:
             tokenizer = load_tokenizer(str(p))
         except MultitokenError as exc:
-            raise MultitokenError(
-                f"a model folder without heads needs its tokenizer: {exc}", flag
-            ) from None
-        return MTPModel(load_trunk(p), None), tokenizer, {"heads": None}
-    ckpt = resolve_checkpoint(path, flag)
-    meta = read_meta(ckpt, flag)
-    tokenizer = tokenizer_from_saved(ckpt, meta["tokenizer"])
-    try:
-        trunk = load_trunk(ckpt / "trunk")
-    except MultitokenError as exc:
-        raise MultitokenError(f"checkpoint {ckpt} has a damaged trunk: {exc}", flag) from None
-    if trunk_only_ok and not (ckpt / "heads.safetensors").exists():
-        return MTPModel(trunk, None), tokenizer, {**meta, "heads": None}
-    try:
-        heads_state = load_file(str(ckpt / "heads.safetensors"))
-    except (SafetensorError, OSError) as exc:
-        raise MultitokenError(
-            f"{ckpt}/heads.safetensors is corrupt or truncated ({exc})", flag
-        ) from None
-    model = MTPModel(trunk, HeadConfig(**meta["heads"]))
-    try:
-        model.heads.load_state_dict(heads_state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise MultitokenError(
-            f"{ckpt}/heads.safetensors does not match its config: {first}", flag
-        ) from None
+            reason = str(exc).removeprefix(f"{exc.flag}: ")
+            raise MultitokenError(f"a model folder needs its tokenizer: {reason}", flag) from None
+        if heads is None and mtp_depth(p) > 0:
+            model = load_v3_layout(p)
+        else:
+            model = MTPModel(load_trunk(p), None)
+        meta = {"heads": None, "train_config": {}}
+    else:
+        ckpt = resolve_checkpoint(path, flag)
+        meta = read_meta(ckpt, flag)
+        tokenizer = tokenizer_from_saved(ckpt, meta["tokenizer"])
+        trunk = _checkpoint_trunk(ckpt, meta, flag)
+        if heads is None and is_heads_folder(ckpt):
+            model = load_heads(trunk, ckpt, flag)
+        elif heads is None and not trunk_only_ok:
+            raise MultitokenError(f"{ckpt} holds no heads (heads.json)", flag)
+        else:
+            model = MTPModel(trunk, None)
+    if heads is not None:
+        folder = Path(heads)
+        if not is_heads_folder(folder):
+            folder = resolve_checkpoint(folder, "--heads")
+        model = load_heads(model.trunk, folder, "--heads")
+    if model.heads is not None:
+        meta = {**meta, "heads": model.head_config.__dict__}
     return model, tokenizer, meta
 
 

@@ -89,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode with a trained checkpoint (self-speculative by default)",
         description="Generate text. The prompt comes from --prompt, --prompt-file or stdin.",
     )
-    gen.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    gen.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint or run folder, or a plain transformers model folder (with --heads)",
+    )
+    gen.add_argument("--heads", metavar="DIR", help="heads folder to attach to that trunk")
     gen.add_argument("--prompt", help="prompt text")
     gen.add_argument("--prompt-file", help="file whose whole text is the prompt")
     gen.add_argument("--json", action="store_true", help="print text and statistics as JSON")
@@ -99,18 +104,37 @@ def build_parser() -> argparse.ArgumentParser:
         "distill",
         help="write the trunk's own continuations of prompts (self-distillation data)",
         description="Decode prompts with a checkpoint (or a plain transformers model folder with "
-        "its tokenizer.json) and append {text, prompt, completion} lines to a JSONL "
-        "file to train heads on. Resumable: rerun the same command to continue.",
+        "its tokenizer) and append {text, prompt, completion} lines to a JSONL file to train "
+        "heads on. Chat prompts ({messages: [...]}) are rendered with the model's chat template "
+        "and written back as chats with the answer appended. Resumable: rerun the same command "
+        "to continue.",
     )
-    dist.add_argument("--checkpoint", required=True, help="checkpoint, run or model folder")
+    dist.add_argument(
+        "--checkpoint",
+        "--trunk",
+        dest="checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a multitoken checkpoint or run folder, or a plain transformers model folder",
+    )
     src = dist.add_mutually_exclusive_group()
-    src.add_argument("--prompts", help="prompts file: one per line, or JSONL with a text field")
+    src.add_argument(
+        "--prompts",
+        help='prompts file: one per line, or JSONL with a "text" string or a "messages" chat',
+    )
     src.add_argument(
         "--from-corpus",
         type=int,
         default=256,
         metavar="N",
         help="N prompts from the checkpoint's training corpus (default: 256)",
+    )
+    dist.add_argument(
+        "--data",
+        nargs="+",
+        metavar="SPEC",
+        help="corpus for --from-corpus: files, folders, globs, .jsonl or 'stdlib' (default: the "
+        "checkpoint's training data; needed for a plain model folder)",
     )
     dist.add_argument(
         "--prompt-tokens", type=int, default=64, help="tokens per corpus prompt (default: 64)"
@@ -122,6 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
     from multitoken import bench
 
     bench.add_parser(sub)
+
+    exp = sub.add_parser(
+        "export",
+        help="write the trunk alone, the heads alone, or the DeepSeek-V3 layout",
+        description="Export a checkpoint to a new folder. --trunk-only: a plain transformers "
+        "model folder with its tokenizer (loads without multitoken); --heads-only: the portable "
+        "heads (heads.safetensors + heads.json) to ship beside the trunk; --deepseek-v3: trunk + "
+        "deepseek MTP modules as model.layers.{L+k}.* with num_nextn_predict_layers.",
+    )
+    exp.add_argument(
+        "--checkpoint", required=True, help="checkpoint or run folder (or a model folder)"
+    )
+    exp.add_argument("--heads", metavar="DIR", help="heads folder to attach first")
+    exp.add_argument("--out", required=True, help="new folder to write")
+    what = exp.add_mutually_exclusive_group(required=True)
+    what.add_argument("--trunk-only", dest="format", action="store_const", const="trunk-only")
+    what.add_argument("--heads-only", dest="format", action="store_const", const="heads")
+    what.add_argument("--deepseek-v3", dest="format", action="store_const", const="deepseek-v3")
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
@@ -192,7 +234,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     if not prompt:
         raise MultitokenError("the prompt is empty", "--prompt")
-    model = multitoken.load(args.checkpoint, flag="--checkpoint")
+    model = multitoken.load(args.checkpoint, heads=args.heads, flag="--checkpoint")
     options = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(GenerateConfig)
@@ -220,7 +262,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from multitoken.checkpoint import read_meta, resolve_checkpoint
     from multitoken.data import Corpus
     from multitoken.distill import corpus_prompts, distill
-    from multitoken.prompts import read_prompts
+    from multitoken.prompts import read_prompt_records
 
     out = Path(args.out)
     if out.suffix != ".jsonl":
@@ -229,23 +271,39 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         raise MultitokenError(
             "--batch-size, --prompt-tokens and --from-corpus must be >= 1", "--batch-size"
         )
-    model = multitoken.load(args.checkpoint, flag="--checkpoint")
-    if args.prompts:
-        prompts = read_prompts(args.prompts)
-    else:
-        train_config = read_meta(resolve_checkpoint(args.checkpoint))["train_config"]
-        corpus = Corpus.from_specs(
-            train_config.get("data") or None, train_config.get("val_fraction", 0.05)
+    # Cheap checks first: a bad prompts file should not wait for a large model to load.
+    prompts = read_prompt_records(args.prompts) if args.prompts else None
+    ckpt = Path(args.checkpoint)
+    plain = not (ckpt / "multitoken.json").exists() and not (ckpt / "latest").exists()
+    if prompts is None and args.data is None and plain and (ckpt / "config.json").is_file():
+        raise MultitokenError(
+            f"{ckpt} is a plain model folder with no training corpus to take prompts from; "
+            "pass --prompts FILE or --data SPEC",
+            "--prompts",
         )
+    corpus = None
+    if prompts is None:
+        train_config = {} if plain else read_meta(resolve_checkpoint(ckpt))["train_config"]
+        specs = args.data if args.data is not None else train_config.get("data")
+        corpus = Corpus.from_specs(specs or None, train_config.get("val_fraction", 0.05))
+    model = multitoken.load(args.checkpoint, flag="--checkpoint")
+    if prompts is None:
         prompts = corpus_prompts(corpus, model.tokenizer, args.from_corpus, args.prompt_tokens)
     options = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(GenerateConfig)
         if hasattr(args, f.name)
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     written = distill(model, prompts, out, GenerateConfig(**options), args.batch_size)
     print(f"{out}: {written} new lines ({len(prompts)} prompts in all)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import multitoken
+
+    out = multitoken.export(args.checkpoint, args.out, args.format, heads=args.heads)
+    print(f"wrote {out}")
     return 0
 
 
@@ -265,13 +323,34 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests and callers may swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("multitoken: warning: %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _log_warnings_to_stderr() -> None:
+    """Warnings as one ``multitoken: warning:`` line each; installed once per process."""
+    log = logging.getLogger("multitoken")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler())
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("multitoken: warning: %(message)s"))
-    logging.getLogger("multitoken").addHandler(handler)
-    logging.getLogger("multitoken").setLevel(logging.WARNING)
-    logging.getLogger("multitoken").propagate = False
+    _log_warnings_to_stderr()
     from multitoken.trainer import NonFiniteLoss
 
     try:
@@ -281,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "distill":
             return _cmd_distill(args)
+        if args.command == "export":
+            return _cmd_export(args)
         if args.command == "bench":
             from multitoken import bench
 

@@ -166,6 +166,14 @@ class HeadConfig:
     bpd_hidden: int | None = field(
         default=None, metadata=_opt("bpd: hidden width of each head's FFN (default: d_model)")
     )
+    init_from_trunk: bool | None = field(
+        default=None,
+        metadata=_opt(
+            "meta/deepseek: start each head's block as a copy of a trunk layer (meta: the branch "
+            "layer b it sits beside; deepseek: the last) (default: on for a pretrained --trunk, "
+            "off from scratch)"
+        ),
+    )
 
     def validate(self, num_layers: int | None = None) -> None:
         if self.family not in FAMILIES:
@@ -181,6 +189,12 @@ class HeadConfig:
             )
         if self.bpd_hidden is not None and self.bpd_hidden < 1:
             raise MultitokenError(f"must be >= 1, got {self.bpd_hidden}", "--bpd-hidden")
+        if self.init_from_trunk and self.family == "bpd":
+            raise MultitokenError(
+                "bpd heads have no decoder block to copy; a fresh bpd head already predicts what "
+                "the trunk predicts",
+                "--init-from-trunk",
+            )
         if self.branch_layer is not None:
             if self.family != "meta":
                 raise MultitokenError("only the meta family has a branch layer", "--branch-layer")
@@ -223,7 +237,11 @@ class TrainConfig:
         ),
     )
     tokenizer: str | None = field(
-        default=None, metadata=_opt("tokenizer.json (or a folder with one); default: bytes")
+        default=None,
+        metadata=_opt(
+            "tokenizer.json (or a folder with one); default: the --trunk folder's tokenizer, "
+            "or bytes for a from-scratch trunk"
+        ),
     )
     val_fraction: float = field(default=0.05, metadata=_opt("share of files held out"))
     seq_len: int = field(default=256, metadata=_opt("tokens per training sequence"))

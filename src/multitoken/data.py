@@ -2,7 +2,8 @@
 
 The default corpus is the running interpreter's standard library source, so training works
 offline with nothing to download. User data is any mix of files, folders and glob patterns;
-``.jsonl`` files hold one document per line, every other file is one document.
+``.jsonl`` files hold one document per line (``{"text": ...}``, or a chat as ``{"messages":
+[...]}`` rendered with the tokenizer's chat template), every other file is one document.
 
 :class:`PackedStream` reads files in blocks of about 1 MiB, so memory stays bounded by one block
 plus one batch however large the corpus is. Its state is a read position plus a few carried
@@ -27,7 +28,7 @@ from typing import BinaryIO
 import torch
 
 from multitoken.errors import MultitokenError
-from multitoken.tokenizer import Tokenizer
+from multitoken.tokenizer import ChatTemplateError, Tokenizer
 
 BLOCK_BYTES = 1 << 20
 SNIFF_BYTES = 8192  # a NUL byte in this much of a file marks it as binary
@@ -176,23 +177,69 @@ class Corpus:
 # Reading documents
 
 
-def document_text(record: object) -> str | None:
+def document_text(record: object, tokenizer: Tokenizer | None = None) -> str | None:
     """The training text of one JSONL record, or None if it has none.
 
-    This is the one place that knows record shapes: chat data (a ``"messages"`` list rendered
-    with a chat template) would be turned into text here.
+    This is the one place that knows record shapes:
+
+    - ``{"text": "..."}``: the text;
+    - ``{"messages": [{"role": ..., "content": ...}, ...]}``: the chat rendered with
+      ``tokenizer``'s chat template without a generation prompt, so heads learn the exact format
+      they will decode in. With no tokenizer (fitting one, or picking prompt windows before one
+      exists) the messages' text contents, one per line.
+
+    Raises :class:`~multitoken.tokenizer.ChatTemplateError` when the tokenizer has no template
+    or the template refuses the messages, and ``ValueError`` for a malformed ``messages``.
     """
-    if isinstance(record, dict) and isinstance(record.get("text"), str):
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("text"), str):
         return record["text"]
-    return None
+    if "messages" not in record:
+        return None
+    messages = chat_messages(record["messages"])
+    if tokenizer is None:
+        return "\n".join(_content_text(m.get("content")) for m in messages)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=False)
 
 
-def iter_texts(files: Sequence[Path], span: tuple[float, float] = FULL_SPAN) -> Iterator[str]:
-    """The text of ``files`` in pieces of at most about 1 MiB, e.g. to fit a BPE tokenizer."""
+def chat_messages(value: object) -> list[dict]:
+    """``value`` checked to be a chat: a non-empty list of objects with a string ``role``.
+
+    Contents are left to the template (a string, or a list of parts for some models)."""
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in value)
+    ):
+        raise ValueError('"messages" must be a non-empty list of {"role", "content"} objects')
+    return value
+
+
+def _content_text(content: object) -> str:
+    """Text of a message's content: a string, or the ``text`` of each part of a part list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def iter_texts(
+    files: Sequence[Path],
+    span: tuple[float, float] = FULL_SPAN,
+    tokenizer: Tokenizer | None = None,
+) -> Iterator[str]:
+    """The text of ``files`` in pieces of at most about 1 MiB, e.g. to fit a BPE tokenizer.
+
+    Chat records are rendered with ``tokenizer``'s template when one is given (see
+    :func:`document_text`)."""
     for path in files:
         start, stop = _span_bounds(path, span)
         while start < stop:
-            pieces, start = _read_block(path, start, stop, BLOCK_BYTES)
+            pieces, start = _read_block(path, start, stop, BLOCK_BYTES, tokenizer)
             yield from (text for text, _ in pieces)
 
 
@@ -223,12 +270,15 @@ def _is_jsonl(path: Path) -> bool:
     return path.suffix.lower() == ".jsonl"
 
 
-def _read_block(path: Path, offset: int, stop: int, block_bytes: int) -> tuple[list[Piece], int]:
-    """Read about ``block_bytes`` from ``offset``; return the pieces and the next offset."""
+def _read_block(
+    path: Path, offset: int, stop: int, block_bytes: int, tokenizer: Tokenizer | None = None
+) -> tuple[list[Piece], int]:
+    """Read about ``block_bytes`` from ``offset``; return the pieces and the next offset.
+    ``tokenizer`` renders JSONL chat records (see :func:`document_text`)."""
     with _open(path) as f:
         f.seek(offset)
         if _is_jsonl(path):
-            return _read_jsonl_lines(f, path, offset, stop, block_bytes)
+            return _read_jsonl_lines(f, path, offset, stop, block_bytes, tokenizer)
         data = f.read(min(block_bytes, stop - offset))
     if not data:  # the file shrank under us: treat it as ended
         return [], stop
@@ -240,7 +290,7 @@ def _read_block(path: Path, offset: int, stop: int, block_bytes: int) -> tuple[l
 
 
 def _read_jsonl_lines(
-    f: BinaryIO, path: Path, offset: int, stop: int, block_bytes: int
+    f: BinaryIO, path: Path, offset: int, stop: int, block_bytes: int, tokenizer: Tokenizer | None
 ) -> tuple[list[Piece], int]:
     pieces: list[Piece] = []
     position = offset
@@ -256,11 +306,18 @@ def _read_jsonl_lines(
         except json.JSONDecodeError as exc:
             reason = f"is not valid JSON ({exc.msg})"
         else:
-            text = document_text(record)
-            if text is not None:
-                pieces.append((text, True))
-                continue
-            reason = 'has no "text" string field'
+            try:
+                text = document_text(record, tokenizer)
+            except ChatTemplateError as exc:  # the fix is another tokenizer (or plain text)
+                where = f"{path}:{_line_number(path, line_start)}"
+                raise MultitokenError(f"{where}: {exc.reason}", exc.flag) from None
+            except ValueError as exc:
+                reason = f"is malformed: {exc}"
+            else:
+                if text is not None:
+                    pieces.append((text, True))
+                    continue
+                reason = 'has neither a "text" string nor a "messages" list'
         where = f"{path}:{_line_number(path, line_start)}"
         raise MultitokenError(f"{where}: JSONL line {reason}", "--data")
     return pieces, position
@@ -301,6 +358,7 @@ class PackedStream:
     carry into the next. With ``loop=False`` one pass is made and the last partial batch dropped.
 
     ``span`` selects a byte range of every file as fractions of its size (see :class:`Corpus`).
+    JSONL chat records are rendered with ``tokenizer``'s chat template (see :func:`document_text`).
     """
 
     def __init__(
@@ -414,7 +472,9 @@ class PackedStream:
         self._block_at = (self._epoch, self._file_index, self._offset, self._epoch_tokens)
         pieces, end = [], stop
         if start + self._offset < stop:
-            pieces, end = _read_block(path, start + self._offset, stop, self.block_bytes)
+            pieces, end = _read_block(
+                path, start + self._offset, stop, self.block_bytes, self.tokenizer
+            )
         ids = []
         for text, ends_document in pieces:
             ids.extend(self.tokenizer.encode(text))

@@ -72,6 +72,13 @@ class MTPModel(nn.Module):
         out = generate(self, ids, eos_id=self.tokenizer.eos_id, **options)
         return [self.tokenizer.decode(t) for t in out.tokens], out.stats.to_dict()
 
+    def train(self, mode: bool = True) -> MTPModel:
+        """A frozen trunk stays in inference mode (no dropout) while its heads train."""
+        super().train(mode)
+        if mode and not self.trunk_trainable:
+            self.trunk.eval()
+        return self
+
     @property
     def trunk_trainable(self) -> bool:
         """False when the trunk is frozen (heads-only training): it then runs without a graph."""

@@ -1,43 +1,107 @@
-"""Prompts for decoding, benchmarking and distillation: from a file, or windows of a corpus."""
+"""Prompts for decoding, benchmarking and distillation: from a file, or windows of a corpus.
+
+A prompts file holds one prompt per non-blank line, or, as ``.jsonl``, one ``{"text": ...}`` or
+``{"messages": [...]}`` (a chat, to be rendered with the model's chat template) per line.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+from multitoken.data import chat_messages
 from multitoken.errors import MultitokenError
+from multitoken.tokenizer import ChatTemplateError, Tokenizer
 
 MAX_PROMPT_SOURCE_CHARS = 4 << 20  # corpus text read to pick prompts from
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per non-blank line, or per ``"text"`` field of a ``.jsonl`` file."""
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt as written in a file: plain ``text``, or a chat's ``messages``.
+
+    ``where`` (``file:line``) names it in error messages. Chat prompts stay messages until
+    :meth:`render` so a caller can keep them, e.g. to append the model's answer as a new turn.
+    """
+
+    text: str | None = None
+    messages: list[dict] | None = None
+    where: str = ""
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    def render(self, tokenizer: Tokenizer, flag: str = "--prompts") -> str:
+        """The prompt text: a chat rendered with a generation prompt, ready for the answer."""
+        if self.messages is None:
+            return self.text or ""
+        try:
+            return tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+        except ChatTemplateError as exc:
+            raise MultitokenError(f"{self.where}: {exc.reason}", flag) from None
+
+
+def read_prompt_records(path: str | Path) -> list[Prompt]:
+    """The prompts of a file, chats kept as messages (see the module docstring for the format)."""
     path = Path(path)
     if not path.is_file():
         raise MultitokenError(f"no such file: {path}", "--prompts")
-    texts = []
+    jsonl = path.suffix.lower() == ".jsonl"
+    prompts = []
     for number, line in enumerate(
         path.read_text(encoding="utf-8", errors="replace").splitlines(), 1
     ):
         if not line.strip():
             continue
-        if path.suffix.lower() == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise MultitokenError(f'{path}:{number}: not JSON with a "text"', "--prompts")
-            line = record["text"]
-        texts.append(line)
-    if not texts:
+        where = f"{path}:{number}"
+        prompts.append(_jsonl_prompt(line, where) if jsonl else Prompt(text=line, where=where))
+    if not prompts:
         raise MultitokenError(f"{path} holds no prompt", "--prompts")
+    return prompts
+
+
+def _jsonl_prompt(line: str, where: str) -> Prompt:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+        return Prompt(text=record["text"], where=where)
+    if isinstance(record, dict) and "messages" in record:
+        try:
+            return Prompt(messages=chat_messages(record["messages"]), where=where)
+        except ValueError as exc:
+            raise MultitokenError(f"{where}: {exc}", "--prompts") from None
+    raise MultitokenError(
+        f'{where}: not JSON with a "text" string or a "messages" list', "--prompts"
+    )
+
+
+def read_prompts(path: str | Path, tokenizer: Tokenizer | None = None) -> list[str]:
+    """One prompt text per non-blank line, or per ``"text"`` field of a ``.jsonl`` file.
+
+    Chat (``"messages"``) prompts are rendered with ``tokenizer``'s chat template and a
+    generation prompt; without a tokenizer they are refused, since nothing says their format.
+    """
+    texts = []
+    for prompt in read_prompt_records(path):
+        if prompt.is_chat and tokenizer is None:
+            raise MultitokenError(
+                f"{prompt.where}: a chat prompt needs the model's chat template; "
+                'give {"text": ...} prompts here',
+                "--prompts",
+            )
+        texts.append(prompt.render(tokenizer) if prompt.is_chat else prompt.text)
     return texts
 
 
-def window_prompts(texts: Iterable[str], tokenizer, count: int, length: int) -> list[list[int]]:
+def window_prompts(
+    texts: Iterable[str], tokenizer: Tokenizer, count: int, length: int
+) -> list[list[int]]:
     """``count`` distinct windows of ``length`` tokens, each starting at a line, spread evenly.
 
     Held-out text keeps the measurement honest: the trunk has not memorised it. Windows of mostly

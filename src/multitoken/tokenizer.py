@@ -1,23 +1,33 @@
 """Tokenizers behind one small interface: raw UTF-8 bytes, or any Hugging Face ``tokenizer.json``.
 
-Training code only needs ids in, ids out, a vocabulary size and three special ids, so both
-kinds implement the same :class:`Tokenizer` protocol. A checkpoint stores the tokenizer with
-:meth:`Tokenizer.save` (files plus a small JSON-able spec) and gets it back with
-:func:`tokenizer_from_saved`, so a trained model never depends on where its tokenizer came from.
+Training code only needs ids in, ids out, a vocabulary size, three special ids and, for chat
+data, a way to render messages as text, so both kinds implement the same :class:`Tokenizer`
+protocol. A checkpoint stores the tokenizer with :meth:`Tokenizer.save` (files plus a small
+JSON-able spec) and gets it back with :func:`tokenizer_from_saved`, so a trained model never
+depends on where its tokenizer came from. :func:`write_hf_tokenizer` goes the other way: it
+writes any of them as files plain ``transformers.AutoTokenizer`` loads.
 
 The byte tokenizer is the default because it needs no files, no training and no network, and
 it can represent any text exactly.
+
+Chat templates are Jinja programs shipped with a model's tokenizer (``chat_template`` in
+``tokenizer_config.json`` or a ``chat_template.jinja`` file). They are rendered here the way
+``transformers`` renders them (a sandboxed environment with ``trim_blocks``/``lstrip_blocks``,
+``raise_exception``, ``tojson``, ``strftime_now``, the special tokens as variables), so text
+rendered for training and for prompting is what the model sees elsewhere.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -25,6 +35,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from multitoken.errors import MultitokenError
 
 TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.50 saves the template
 MIN_BPE_VOCAB = 300  # 256 byte symbols + specials + a few merges; below this BPE is pointless.
 
 # Special-token spellings used by common model families, most specific first.
@@ -54,6 +66,24 @@ class Tokenizer(Protocol):
         """Write the files this tokenizer needs into ``directory``; return a JSON-able spec."""
         ...
 
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template, or None if this tokenizer has none."""
+        ...
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """``messages`` (``{"role", "content"}`` dicts) as text in the model's chat format."""
+        ...
+
+
+class ChatTemplateError(MultitokenError):
+    """A chat template is missing or failed to render. ``reason`` is the message without the
+    flag, so callers that know more (a file and line) can restate it with their own flag."""
+
+    def __init__(self, reason: str, flag: str = "--tokenizer") -> None:
+        self.reason = reason
+        super().__init__(reason, flag)
+
 
 class ByteTokenizer:
     """Ids 0..255 are the bytes of the UTF-8 text; 256, 257, 258 are ``<bos>``, ``<eos>``, ``<pad>``."""
@@ -75,6 +105,15 @@ class ByteTokenizer:
         """Nothing to write: the spec alone rebuilds a byte tokenizer."""
         return {"type": "bytes"}
 
+    @property
+    def chat_template(self) -> None:
+        """Raw bytes come with no chat format."""
+        return None
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """Always refused: there is no template to render with."""
+        raise ChatTemplateError(_no_template_reason("the byte tokenizer"))
+
     def __repr__(self) -> str:
         return "ByteTokenizer()"
 
@@ -85,6 +124,10 @@ class HFTokenizer:
     Special tokens are passed by spelling (``eos`` etc.) when known, e.g. from a saved spec or a
     ``tokenizer_config.json``; otherwise they are guessed from common names. Only eos is
     mandatory, because the packer separates documents with it; bos and pad fall back to eos.
+
+    ``chat_template`` is the model's Jinja chat template, if it has one. ``split_special_tokens``
+    makes special-token spellings in the text encode as ordinary text (transformers' option of
+    the same name): the byte tokenizer's export needs it so ``"<eos>"`` typed in text stays bytes.
     """
 
     def __init__(
@@ -95,8 +138,14 @@ class HFTokenizer:
         eos: str | None = None,
         pad: str | None = None,
         source: str = "tokenizer",
+        chat_template: str | None = None,
+        split_special_tokens: bool = False,
     ) -> None:
         self._tok = tokenizer
+        self.source = source
+        self._chat_template = chat_template or None
+        self.split_special_tokens = bool(split_special_tokens)
+        tokenizer.encode_special_tokens = self.split_special_tokens
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         eos_id = self._find(eos, EOS_NAMES)
         if eos_id is None:
@@ -109,6 +158,13 @@ class HFTokenizer:
         self.bos_id = eos_id if bos_id is None else bos_id
         pad_id = self._find(pad, PAD_NAMES)
         self.pad_id = eos_id if pad_id is None else pad_id
+        # Specials the tokenizer really has, as opposed to bos/pad standing in for eos: only
+        # these are template variables, as in transformers, where an unset bos_token renders "".
+        self._own = {
+            key: self._tok.id_to_token(token_id)
+            for key, token_id in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id))
+            if token_id is not None
+        }
 
     @classmethod
     def from_file(
@@ -118,6 +174,8 @@ class HFTokenizer:
         bos: str | None = None,
         eos: str | None = None,
         pad: str | None = None,
+        chat_template: str | None = None,
+        split_special_tokens: bool = False,
     ) -> HFTokenizer:
         """Load a ``tokenizer.json``; any read or parse failure becomes a ``--tokenizer`` error."""
         try:
@@ -132,7 +190,15 @@ class HFTokenizer:
             raise MultitokenError(
                 f"{path} is not a valid tokenizer.json: {reason}", "--tokenizer"
             ) from exc
-        return cls(tok, bos=bos, eos=eos, pad=pad, source=str(path))
+        return cls(
+            tok,
+            bos=bos,
+            eos=eos,
+            pad=pad,
+            source=str(path),
+            chat_template=chat_template,
+            split_special_tokens=split_special_tokens,
+        )
 
     def _find(self, preferred: str | None, names: Sequence[str]) -> int | None:
         """Id of ``preferred`` if it exists, else of the first of ``names`` that does."""
@@ -151,17 +217,53 @@ class HFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
     def save(self, directory: Path) -> dict:
-        """Write ``tokenizer.json``; the spec pins the special tokens so loading never re-guesses."""
+        """Write ``tokenizer.json``; the spec pins the special tokens so loading never re-guesses,
+        and carries the chat template and options that ``tokenizer.json`` has no place for."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(directory / TOKENIZER_FILE))
+        # A stand-in (None) is saved as such: loading finds the same tokenizer lacks it again.
+        own = {key: self._own.get(key) for key in ("bos", "eos", "pad")}
+        spec: dict[str, Any] = {"type": "hf", "file": TOKENIZER_FILE, **own}
+        if self._chat_template is not None:
+            spec["chat_template"] = self._chat_template
+        if self.split_special_tokens:
+            spec["split_special_tokens"] = True
+        return spec
+
+    def special_tokens(self) -> dict[str, str]:
+        """Spellings of the bos/eos/pad tokens, keyed ``bos``, ``eos``, ``pad`` (bos and pad are
+        eos's when the tokenizer has no token of their own)."""
         return {
-            "type": "hf",
-            "file": TOKENIZER_FILE,
             "bos": self._tok.id_to_token(self.bos_id),
             "eos": self._tok.id_to_token(self.eos_id),
             "pad": self._tok.id_to_token(self.pad_id),
         }
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The wrapped ``tokenizers.Tokenizer`` (e.g. to write it out)."""
+        return self._tok
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's Jinja chat template, or None."""
+        return self._chat_template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """Render ``messages`` with the chat template, as ``transformers`` would (``tokenize=False``).
+
+        Raises :class:`ChatTemplateError` when there is no template or the template refuses
+        the messages (e.g. its ``raise_exception`` on roles that do not alternate)."""
+        if self._chat_template is None:
+            raise ChatTemplateError(_no_template_reason(self.source))
+        return render_chat_template(
+            self._chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens={f"{key}_token": value for key, value in self._own.items()},
+            source=self.source,
+        )
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -178,44 +280,112 @@ def tokenizer_from_saved(directory: Path, spec: dict) -> Tokenizer:
             bos=spec.get("bos"),
             eos=spec.get("eos"),
             pad=spec.get("pad"),
+            chat_template=spec.get("chat_template"),
+            split_special_tokens=bool(spec.get("split_special_tokens", False)),
         )
     raise MultitokenError(f"unknown saved tokenizer type {kind!r} in {directory}", "--tokenizer")
 
 
 def load_tokenizer(spec: str | None) -> Tokenizer:
-    """``None``/``"bytes"``: the byte tokenizer; otherwise a tokenizer.json or a folder with one.
+    """``None``/``"bytes"``: the byte tokenizer; otherwise a tokenizer.json or a model folder.
 
-    A folder may be a local transformers model directory; its ``tokenizer_config.json``, when
-    present, names the special tokens more reliably than guessing from common spellings.
+    A folder is a local transformers model directory. Its ``tokenizer.json`` is used when there
+    is one, with the special tokens, chat template and ``split_special_tokens`` its
+    ``tokenizer_config.json`` (and ``chat_template.jinja``) name, which are more reliable than
+    guessing from common spellings. A folder without ``tokenizer.json`` (e.g. only
+    ``vocab.json`` + ``merges.txt``) is handed to ``AutoTokenizer``, and its fast tokenizer's
+    backend is used. Nothing is downloaded.
     """
     if spec is None or spec == "bytes":
         return ByteTokenizer()
     path = Path(spec).expanduser()
     if path.is_dir():
-        config = _special_tokens_from_config(path / "tokenizer_config.json")
-        path = path / TOKENIZER_FILE
-        if not path.is_file():
-            raise MultitokenError(f"no {TOKENIZER_FILE} in folder {path.parent}", "--tokenizer")
-        return HFTokenizer.from_file(path, **config)
+        options = _options_from_config(path)
+        if (path / TOKENIZER_FILE).is_file():
+            return HFTokenizer.from_file(path / TOKENIZER_FILE, **options)
+        return _tokenizer_via_transformers(path, options)
     if not path.is_file():
         raise MultitokenError(f"no such tokenizer file or folder: {spec}", "--tokenizer")
     return HFTokenizer.from_file(path)
 
 
-def _special_tokens_from_config(path: Path) -> dict[str, str]:
-    """``bos``/``eos``/``pad`` spellings from a transformers ``tokenizer_config.json``, if any."""
+def _tokenizer_via_transformers(folder: Path, options: dict[str, Any]) -> HFTokenizer:
+    """A folder's tokenizer as transformers builds it (e.g. from vocab + merges files)."""
+    missing = MultitokenError(
+        f"{folder} has no tokenizer (no {TOKENIZER_FILE} and none transformers can load "
+        "offline); pass --tokenizer",
+        "--tokenizer",
+    )
+    if not any(folder.iterdir()):
+        raise missing
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its advice on missing files would break our one line
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # Optional file: a missing or odd config just means we guess by name.
-    found = {}
+        auto = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    # Any failure (missing files, unknown class, absent sentencepiece, ...) means the same thing
+    # to the user: this folder does not give a tokenizer we can use.
+    except Exception:
+        raise missing from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    backend = getattr(auto, "backend_tokenizer", None)
+    if not isinstance(backend, tokenizers.Tokenizer):
+        raise missing
+    for key in ("bos", "eos", "pad"):  # the loaded object has resolved special_tokens_map.json too
+        value = getattr(auto, f"{key}_token", None)
+        if isinstance(value, str) and value:
+            options[key] = value
+    template = getattr(auto, "chat_template", None)
+    if isinstance(template, str) and template and not options.get("chat_template"):
+        options["chat_template"] = template
+    return HFTokenizer(backend, source=str(folder), **options)
+
+
+def _options_from_config(folder: Path) -> dict[str, Any]:
+    """:class:`HFTokenizer` keyword arguments from a transformers model folder's config files:
+    ``bos``/``eos``/``pad`` spellings, ``chat_template``, ``split_special_tokens``."""
+    config = _read_json_object(folder / CONFIG_FILE)
+    found: dict[str, Any] = {}
     for key in ("bos", "eos", "pad"):
-        value = config.get(f"{key}_token") if isinstance(config, dict) else None
+        value = config.get(f"{key}_token")
         if isinstance(value, dict):  # older configs store AddedToken objects
             value = value.get("content")
         if isinstance(value, str):
             found[key] = value
+    template = _template_from_config(config.get("chat_template"))
+    try:  # the separate file is what current transformers writes, and it wins over the entry
+        template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    except OSError:
+        pass
+    if template:
+        found["chat_template"] = template
+    if config.get("split_special_tokens") is True:
+        found["split_special_tokens"] = True
     return found
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # Optional file: a missing or odd config just means we guess by name.
+    return config if isinstance(config, dict) else {}
+
+
+def _template_from_config(value: object) -> str | None:
+    """A config's ``chat_template``: a string, or a list of ``{name, template}`` of which
+    transformers uses the one named ``default``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for entry in value:
+            if isinstance(entry, dict) and entry.get("name") == "default":
+                template = entry.get("template")
+                return template if isinstance(template, str) else None
+    return None
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out: Path) -> HFTokenizer:
@@ -252,3 +422,198 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: Path) -> HFTokenizer:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return HFTokenizer(tok, bos="<|endoftext|>", eos="<|endoftext|>", pad="<pad>", source=str(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat templates
+
+
+def _no_template_reason(source: str) -> str:
+    return (
+        f"{source} has no chat template; use a tokenizer that has one (a model folder whose "
+        f"{CONFIG_FILE} holds chat_template, or a {CHAT_TEMPLATE_FILE}) or give plain text"
+    )
+
+
+def render_chat_template(
+    template: str,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool,
+    special_tokens: dict[str, str] | None = None,
+    source: str = "tokenizer",
+) -> str:
+    """Render a Jinja chat ``template`` over ``messages`` as transformers does.
+
+    The template sees ``messages``, ``add_generation_prompt``, ``tools`` and ``documents``
+    (None, as when transformers is given none) and the special-token spellings (``bos_token``
+    etc.). Keys whose value is None are dropped from messages, as transformers does, because
+    templates test for a key's presence. Any failure is a one-line :class:`ChatTemplateError`.
+    """
+    try:
+        import jinja2
+    except ImportError:  # a dependency of torch and transformers' chat support, but say so
+        raise ChatTemplateError(
+            "rendering a chat template needs jinja2: pip install jinja2"
+        ) from None
+
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ChatTemplateError("chat messages must be a list of objects")
+    chat = [{key: value for key, value in m.items() if value is not None} for m in messages]
+    try:
+        compiled = _compile_chat_template(template)
+        return compiled.render(
+            messages=chat,
+            add_generation_prompt=add_generation_prompt,
+            tools=None,
+            documents=None,
+            **(special_tokens or {}),
+        )
+    except jinja2.TemplateSyntaxError as exc:
+        reason = f"the chat template of {source} does not parse (line {exc.lineno}: {exc.message})"
+    # A template is an arbitrary program: whatever it raises (its raise_exception, a sandbox
+    # refusal, a TypeError on odd content) means these messages do not fit it.
+    except Exception as exc:
+        reason = (
+            f"the chat template of {source} failed: {_one_line(str(exc)) or type(exc).__name__}"
+        )
+    raise ChatTemplateError(reason)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_chat_template(template: str):  # -> jinja2.Template; jinja2 is imported lazily
+    """Compile once per template: data loading renders thousands of records with the same one."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        # Jinja's own tojson escapes HTML characters, which would change what the model sees.
+        return json.dumps(
+            value,
+            ensure_ascii=ensure_ascii,
+            indent=indent,
+            separators=separators,
+            sort_keys=sort_keys,
+        )
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    class GuardedNamespace(jinja2.utils.Namespace):
+        """``namespace()`` that refuses underscore names: storing dunders is a sandbox escape."""
+
+        def __setitem__(self, name, value) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"namespace attribute {name!r} is not allowed"
+                )
+            super().__setitem__(name, value)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals.update(
+        raise_exception=raise_exception, strftime_now=strftime_now, namespace=GuardedNamespace
+    )
+    return env.from_string(template)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a tokenizer for plain transformers
+
+
+def write_hf_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
+    """Write ``tokenizer`` into ``folder`` so ``transformers.AutoTokenizer`` loads an equivalent.
+
+    Writes ``tokenizer.json``, a ``tokenizer_config.json`` (class ``PreTrainedTokenizerFast``,
+    bos/eos/pad, the chat template if any) and nothing else, so it can go beside a model's own
+    files. The byte tokenizer becomes a ``tokenizers`` BPE without merges over the 256
+    byte-level symbols (see :func:`byte_level_backend`), with ``split_special_tokens`` so a
+    ``"<eos>"`` typed in text stays five bytes, as it is for :class:`ByteTokenizer`.
+
+    bos and pad are always written, even where they stand in for eos (the ids the trunk's config
+    was built with). A template that uses ``bos_token`` therefore renders it after export even
+    when the original tokenizer had no bos of its own.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, ByteTokenizer):
+        backend = byte_level_backend()
+        specials = {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}
+        split, template = True, None
+    elif isinstance(tokenizer, HFTokenizer):
+        backend, specials = tokenizer.backend, tokenizer.special_tokens()
+        split, template = tokenizer.split_special_tokens, tokenizer.chat_template
+    else:
+        raise TypeError(f"cannot write {tokenizer!r} as a transformers tokenizer")
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **{f"{key}_token": value for key, value in specials.items()},
+        # Our decode never tidies spaces around punctuation; transformers must not either.
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": split,
+    }
+    if template is not None:
+        # In the config rather than chat_template.jinja: every transformers since 4.34 reads it.
+        config["chat_template"] = template
+    _write_atomic(folder / TOKENIZER_FILE, backend.to_str(pretty=True))
+    _write_atomic(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def byte_level_backend() -> tokenizers.Tokenizer:
+    """A ``tokenizers.Tokenizer`` that encodes exactly like :class:`ByteTokenizer`.
+
+    A BPE model with no merges whose vocabulary maps each byte's byte-level symbol (GPT-2's
+    printable stand-in for that byte) to the byte's value, so every byte of the text becomes
+    one token with id = byte value; the ByteLevel pre-tokenizer turns text into those symbols
+    without splitting it into words or adding a leading space, and the ByteLevel decoder turns
+    them back into bytes. ``<bos>``, ``<eos>``, ``<pad>`` are added as specials 256, 257, 258.
+    """
+    symbols = _byte_symbols()
+    vocab = {symbols[byte]: byte for byte in range(256)}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in _BYTE_SPECIALS])
+    return tok
+
+
+_BYTE_SPECIALS = ("<bos>", "<eos>", "<pad>")  # ids 256, 257, 258, as in ByteTokenizer
+
+
+def _byte_symbols() -> list[str]:
+    """The byte-level alphabet: printable Latin-1 bytes stand for themselves, the other bytes
+    (controls, space, 0x7F-0xA0, 0xAD) for code points from 256 upwards, in byte order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    symbols, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Temp file + rename: a crash never leaves a half-written tokenizer file behind."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; exported files are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -124,6 +124,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def _prepare(cfg: TrainConfig, device: torch.device):
     cfg.validate()
+    if cfg.heads.init_from_trunk is None:  # a pretrained layer is a better start than noise
+        cfg.heads.init_from_trunk = bool(cfg.trunk) and cfg.heads.family != "bpd"
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise MultitokenError(f"{out} exists and is not a folder", "--out")
@@ -146,11 +148,16 @@ def _prepare(cfg: TrainConfig, device: torch.device):
                     f"run being resumed, not {getattr(cfg, name)!r}",
                     "--resume",
                 )
-        if meta["heads"] != cfg.heads.__dict__:
+        init_only = {"init_from_trunk"}  # how the heads started does not bind a resumed run
+        saved_heads = {k: v for k, v in meta["heads"].items() if k not in init_only}
+        if saved_heads != {k: v for k, v in cfg.heads.__dict__.items() if k not in init_only}:
             raise MultitokenError(f"the run being resumed has heads {meta['heads']}", "--resume")
     else:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-        trunk = load_trunk(cfg.trunk) if cfg.trunk else build_trunk(cfg.preset, tokenizer)
+        trunk = load_trunk(cfg.trunk) if cfg.trunk else None
+        # A pretrained trunk comes with its own tokenizer; bytes are for from-scratch trunks.
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.trunk)
+        if trunk is None:
+            trunk = build_trunk(cfg.preset, tokenizer)
         model_vocab = trunk.get_input_embeddings().weight.shape[0]
         if tokenizer.vocab_size > model_vocab:
             raise MultitokenError(
@@ -305,6 +312,7 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
                 optimizer,
                 {"step": at, "data": data_states},
                 keep=cfg.keep_checkpoints,
+                trunk_ref=Path(cfg.trunk) if cfg.trunk and cfg.freeze_trunk else None,
             )
         if ddp.world > 1:
             dist.barrier()

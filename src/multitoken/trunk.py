@@ -54,10 +54,29 @@ class TrunkParts:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def new_layer(self, layer_idx: int) -> nn.Module:
+    def new_layer(self, layer_idx: int, mtp_index: int | None = None) -> nn.Module:
         """A fresh decoder layer of the trunk's own class and config, initialised as the trunk's
-        own ``_init_weights`` would."""
-        layer = type(self.layers[0])(self.config, layer_idx=layer_idx)
+        own ``_init_weights`` would.
+
+        With ``mtp_index`` k the layer is built as the block of MTP module k, the way checkpoints
+        that ship MTP modules after their last layer define it (DeepSeek-V3 tech report §2.2;
+        transformers' ``get_mtp_config``): the class of the trunk's last layer, always MoE where
+        the config makes the first layers dense (``first_k_dense_replace``), and the layer kind
+        ``mtp_layer_types[k]`` / ``mtp_mlp_layer_types[k]`` (default: the last layer's)."""
+        cls = type(self.layers[0] if mtp_index is None else self.layers[-1])
+        config = self.config if mtp_index is None else mtp_block_config(self.config, mtp_index)
+        try:
+            layer = cls(config, layer_idx=layer_idx)
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
+            raise MultitokenError(
+                f"cannot build a {cls.__name__} for the heads: {exc}".splitlines()[0], "--trunk"
+            ) from None
+        if config is not self.config:
+            # The altered copy only chose what to build. At run time the layer reads the trunk's
+            # own config (attention implementation and the like), as the trunk's layers do.
+            for module in layer.modules():
+                if getattr(module, "config", None) is config:
+                    module.config = self.config
         layer.apply(self.model._init_weights)
         return layer.to(device=self.embed.weight.device, dtype=self.embed.weight.dtype)
 
@@ -102,6 +121,37 @@ class TrunkParts:
         if "use_cache" in self.layer_kwargs:
             kwargs["use_cache"] = cache is not None
         return kwargs
+
+
+def mtp_layer_kind(config, name: str, mtp_index: int) -> str | None:
+    """The entry of the per-layer list ``name`` (``layer_types``, ``mlp_layer_types``) that MTP
+    module ``mtp_index``'s block has: ``mtp_<name>`` where the config declares it, else the last
+    trunk layer's. None when the config has no such list."""
+    kinds = getattr(config, name, None)
+    if not kinds:
+        return None
+    declared = getattr(config, f"mtp_{name}", None)
+    return declared[mtp_index] if declared and mtp_index < len(declared) else kinds[-1]
+
+
+def mtp_block_config(config, mtp_index: int):
+    """The config to build MTP module ``mtp_index``'s block from with ``layer_idx`` 0: the trunk's
+    own config object when nothing differs, else a copy whose per-layer fields describe the
+    block at every index."""
+    changes: dict = {}
+    if getattr(config, "first_k_dense_replace", None):  # DeepSeek-V3's MTP layers are MoE
+        changes["first_k_dense_replace"] = 0
+    for name in ("layer_types", "mlp_layer_types"):
+        kind = mtp_layer_kind(config, name, mtp_index)
+        kinds = getattr(config, name, None)
+        if kind is not None and any(k != kind for k in kinds):
+            changes[name] = [kind] * len(kinds)
+    if not changes:
+        return config
+    config = copy.deepcopy(config)
+    for name, value in changes.items():
+        setattr(config, name, value)
+    return config
 
 
 def layer_arguments(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:

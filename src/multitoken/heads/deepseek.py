@@ -9,8 +9,10 @@ Module k at position i:
 The paper writes [h ; emb]; released checkpoints and the engines that load them (vLLM, SGLang)
 concatenate the embedding first, and so do we, so their weights load without permuting columns.
 Parameter names follow the DeepSeek-V3 checkpoint (``enorm``, ``hnorm``, ``eh_proj``,
-``shared_head.norm``); ``block`` is a decoder layer of the trunk's own class. ``Emb`` and
-``Unembed`` are the trunk's.
+``shared_head.norm``); ``block`` is a decoder layer of the trunk's own class, built as that
+checkpoint builds its MTP layers (MoE even where the trunk's first layers are dense), so a
+released module maps onto it: ``multitoken.v3layout`` reads and writes that layout and says how
+other loaders' chains differ. ``Emb`` and ``Unembed`` are the trunk's.
 """
 
 from __future__ import annotations
@@ -21,21 +23,38 @@ import torch
 from torch import nn
 
 from multitoken.config import HeadConfig
+from multitoken.errors import MultitokenError
 from multitoken.kvcache import RaggedCache, prefix_mask
 from multitoken.trunk import TrunkParts, run_layer
 
 
 class DeepSeekModule(nn.Module):
-    def __init__(self, parts: TrunkParts, layer_idx: int) -> None:
+    def __init__(self, parts: TrunkParts, index: int, init_from_trunk: bool = False) -> None:
         super().__init__()
         d = parts.hidden_size
         ref = parts.embed.weight
         self.enorm = parts.new_norm()
         self.hnorm = parts.new_norm()
         self.eh_proj = nn.Linear(2 * d, d, bias=False, device=ref.device, dtype=ref.dtype)
-        self.block = parts.new_layer(layer_idx=layer_idx)
+        # layer_idx 0: at decode time each module has a KV cache of its own, with one layer slot.
+        self.block = parts.new_layer(layer_idx=0, mtp_index=index)
         self.shared_head = nn.ModuleDict({"norm": parts.new_norm()})
         parts.model._init_weights(self.eh_proj)
+        if init_from_trunk:
+            self._copy_last_layer(parts)
+
+    def _copy_last_layer(self, parts: TrunkParts) -> None:
+        """Start the block as a copy of the trunk's last decoder layer: on a pretrained trunk
+        that is a block already trained on this residual stream, not noise."""
+        try:
+            self.block.load_state_dict(parts.layers[-1].state_dict())
+        except RuntimeError:
+            raise MultitokenError(
+                f"the trunk's last layer ({type(parts.layers[-1]).__name__}) is not built like "
+                "an MTP block (e.g. dense where the MTP blocks are MoE), so the heads cannot "
+                "start from it",
+                "--init-from-trunk",
+            ) from None
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, block_kwargs: dict) -> torch.Tensor:
         """h^{k-1} [B, T, d] and Emb of the tokens k ahead [B, T, d] -> h^k [B, T, d]."""
@@ -50,8 +69,12 @@ class DeepSeekHeads(nn.Module):
         super().__init__()
         self.parts = parts
         self.depth = config.depth
-        # layer_idx 0: at decode time each module has a KV cache of its own, with one layer slot.
-        self.mtp = nn.ModuleList(DeepSeekModule(parts, layer_idx=0) for _ in range(config.depth))
+        # None (a default not yet resolved against the trunk) reads as off.
+        init_from_trunk = bool(getattr(config, "init_from_trunk", False))
+        self.mtp = nn.ModuleList(
+            DeepSeekModule(parts, index=k, init_from_trunk=init_from_trunk)
+            for k in range(config.depth)
+        )
 
     def out_head(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """OutHead of module k+1: its own norm, then the trunk's unembedding."""

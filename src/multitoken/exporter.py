@@ -1,0 +1,71 @@
+"""Export a trained model in the layouts other tools load, each written atomically.
+
+- ``trunk-only``: the trunk as a plain `transformers` folder with its tokenizer (decoding
+  method 1 of shared/DESIGN.md: drop the heads). ``AutoModelForCausalLM.from_pretrained`` and
+  ``AutoTokenizer.from_pretrained`` load it without multitoken installed.
+- ``heads``: the heads alone (``heads.safetensors`` + ``heads.json``), to ship beside the trunk
+  they were trained on (see :mod:`multitoken.headfile`).
+- ``deepseek-v3``: trunk and DeepSeek MTP modules in the DeepSeek-V3 checkpoint layout
+  (see :mod:`multitoken.v3layout`), with the tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from multitoken.errors import MultitokenError
+from multitoken.headfile import save_heads
+from multitoken.model import MTPModel
+from multitoken.tokenizer import Tokenizer, write_hf_tokenizer
+from multitoken.trunk import quiet_transformers
+
+FORMATS = ("trunk-only", "heads", "deepseek-v3")
+
+
+def check_out(out: Path) -> None:
+    """The destination must be new (or an empty folder): an export never mixes with old files."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MultitokenError(f"{out} already exists and is not an empty folder", "--out")
+    if not out.parent.is_dir():
+        raise MultitokenError(f"{out.parent} is not an existing folder", "--out")
+
+
+def export(model: MTPModel, tokenizer: Tokenizer, out: str | Path, fmt: str) -> Path:
+    """Write ``model`` to the new folder ``out`` in layout ``fmt`` (one of :data:`FORMATS`)."""
+    out = Path(out)
+    if fmt not in FORMATS:
+        raise MultitokenError(f"unknown export format {fmt!r} ({', '.join(FORMATS)})", "--format")
+    if fmt != "trunk-only" and model.heads is None:
+        raise MultitokenError("this model has no heads to export", "--checkpoint")
+    if fmt == "deepseek-v3" and model.family != "deepseek":
+        raise MultitokenError(
+            f"only deepseek heads have a DeepSeek-V3 layout; these are {model.family} heads",
+            "--deepseek-v3",
+        )
+    check_out(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        if fmt == "heads":
+            save_heads(model, tmp)
+        else:
+            if fmt == "trunk-only":
+                with quiet_transformers():
+                    model.trunk.save_pretrained(tmp, safe_serialization=True)
+            else:
+                from multitoken.v3layout import write_v3_layout
+
+                write_v3_layout(model, tmp)
+            write_hf_tokenizer(tokenizer, tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; an export is meant to be shared
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
