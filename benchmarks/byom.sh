@@ -27,7 +27,7 @@ mkdir -p "$OUT"
 [ -e "$OUT/model/config.json" ] || $MT export --checkpoint "$OUT/base" --trunk-only --out "$OUT/model"
 
 [ -e "$OUT/distill.done" ] || {
-  $MT distill --trunk "$OUT/model" --from-corpus 1024 --prompt-tokens 64 \
+  $MT distill --trunk "$OUT/model" --data stdlib --from-corpus 1024 --prompt-tokens 64 \
     --max-new-tokens 128 --batch-size 16 --out "$OUT/distill.jsonl"
   touch "$OUT/distill.done"
 }

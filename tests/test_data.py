@@ -1,4 +1,5 @@
-"""Corpus discovery, splitting, packing and exact resumption of the data stream."""
+"""Corpus discovery and splitting (multitoken.data), packing and exact resumption of the data
+stream (multitoken.packing)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from multitoken.data import (
-    Corpus,
-    PackedStream,
-    iter_texts,
-    resolve_sources,
-    split_files,
-    stdlib_files,
-    validation_batches,
-)
+from multitoken.data import Corpus, iter_texts, resolve_sources, split_files, stdlib_files
 from multitoken.errors import MultitokenError
-from multitoken.tokenizer import ByteTokenizer, HFTokenizer, byte_level_backend
+from multitoken.packing import PackedStream, validation_batches
+from multitoken.tokenizer import ByteTokenizer, HFTokenizer
+from multitoken.tokenizer_export import byte_level_backend
 
 TOK = ByteTokenizer()
 

@@ -118,7 +118,7 @@ def test_bad_export_is_one_line_exit_2_and_nothing_written(run, tmp_path, capsys
         save_checkpoint(tmp_path / "bpd", 1, bpd, ByteTokenizer(), {})
         args = ["export", "--checkpoint", str(tmp_path / "bpd"), "--deepseek-v3", "--out", str(out)]
     else:
-        from multitoken.tokenizer import write_hf_tokenizer
+        from multitoken.tokenizer_export import write_hf_tokenizer
         from multitoken.trunk import quiet_transformers
 
         with quiet_transformers():

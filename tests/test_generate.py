@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import micro_llama
+from conftest import micro_llama, perturb_heads
 
 from multitoken.config import HeadConfig
 from multitoken.generate import generate
@@ -40,6 +40,32 @@ def test_speculative_greedy_equals_plain_and_transformers(family):
         assert spec.stats.trunk_passes <= plain.stats.trunk_passes
         for prompt, tokens in zip(PROMPTS, spec.tokens):  # each row equals that row alone
             assert generate(model, [prompt], max_new_tokens=24, draft_len=K).tokens == [tokens]
+
+
+@pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
+def test_sliding_window_trunk_decodes_exactly_past_its_window(family):
+    """Mistral-style attention over the last 6 tokens only: the trunk cache must roll back past
+    the window, and a batch must not let holes shift the window (rows then decode one by one)."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=6,
+        max_position_embeddings=128,
+    )
+    config._attn_implementation = "eager"
+    trunk = AutoModelForCausalLM.from_config(config).eval()
+    model = perturb_heads(MTPModel(trunk, HeadConfig(family=family, depth=2)), scale=0.3)
+    spec = generate(model, PROMPTS, max_new_tokens=20)
+    for prompt, tokens in zip(PROMPTS, spec.tokens):
+        assert tokens == hf_greedy(model, prompt, 20)
+    assert spec.stats.trunk_passes < 3 * 21  # some drafts were accepted: rollbacks happened
 
 
 class OracleHeads(torch.nn.Module):

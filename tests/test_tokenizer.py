@@ -11,18 +11,17 @@ import tokenizers
 from tokenizers import models
 from transformers import AutoTokenizer
 
+from multitoken.chat import ChatTemplateError
 from multitoken.errors import MultitokenError
 from multitoken.tokenizer import (
     ByteTokenizer,
-    ChatTemplateError,
     HFTokenizer,
     Tokenizer,
-    byte_level_backend,
     load_tokenizer,
     tokenizer_from_saved,
     train_bpe,
-    write_hf_tokenizer,
 )
+from multitoken.tokenizer_export import byte_level_backend, write_hf_tokenizer
 
 TEXT = "Hello, wörld! Ünïcödé → 数字 😀\nsecond line\ttab\n"
 CORPUS = [f"def function_{i}(x, y):\n    return x * {i} + y  # café ✓\n" for i in range(150)]

@@ -116,7 +116,8 @@ def test_a_frozen_trunk_stays_in_inference_mode_while_heads_train():
 def test_heads_only_on_a_local_model_folder(tmp_path, arch):
     """--trunk takes a plain transformers folder of each architecture: its tokenizer is used, its
     files and weights stay byte for byte, the checkpoint refers to it instead of copying it."""
-    from multitoken.tokenizer import ByteTokenizer, write_hf_tokenizer
+    from multitoken.tokenizer import ByteTokenizer
+    from multitoken.tokenizer_export import write_hf_tokenizer
 
     folder = tmp_path / arch
     build(arch).save_pretrained(folder)

@@ -436,6 +436,22 @@ def test_module_with_its_own_embedding_or_head_is_refused(shared, tmp_path):
     assert "multitoken supports only modules that share" in text
 
 
+def test_layout_without_the_shared_copies_loads(tmp_path):
+    """Exporters other than DeepSeek's leave the embedding/head copies out; they are shared."""
+    model = trained_looking(micro_llama(), depth=2)
+    folder = written(model, tmp_path / "v3")
+
+    def drop(tensors):
+        for k in (2, 3):
+            del tensors[f"model.layers.{k}.embed_tokens.weight"]
+            del tensors[f"model.layers.{k}.shared_head.head.weight"]
+
+    edit_tensors(folder, drop)
+    loaded = load_v3_layout(folder)
+    for name, p in model.heads.state_dict().items():
+        assert torch.equal(p, loaded.heads.state_dict()[name]), name
+
+
 def test_folder_without_mtp_modules_and_other_families_are_refused(tmp_path):
     micro_llama().save_pretrained(tmp_path / "plain")
     assert "holds no MTP modules" in one_line_error(tmp_path / "plain")

@@ -435,7 +435,7 @@ def _prompts(args: argparse.Namespace, tokenizer, corpus, corpus_error: str | No
 def _validation(model: MTPModel, corpus, config: dict) -> dict:
     """The trunk's loss on a few validation batches in fp32. A τ means little without it: a
     weak trunk's greedy output loops, and heads predict loops well (DESIGN.md §Measured)."""
-    from multitoken.data import validation_batches
+    from multitoken.packing import validation_batches
     from multitoken.trainer import evaluate
 
     seq_len, batch = config.get("seq_len", 256), config.get("batch_size", 8)

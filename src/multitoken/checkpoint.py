@@ -31,12 +31,8 @@ import torch
 from multitoken.errors import MultitokenError
 from multitoken.headfile import is_heads_folder, load_heads, save_heads
 from multitoken.model import MTPModel
-from multitoken.tokenizer import (
-    Tokenizer,
-    load_tokenizer,
-    tokenizer_from_saved,
-    write_hf_tokenizer,
-)
+from multitoken.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_saved
+from multitoken.tokenizer_export import write_hf_tokenizer
 from multitoken.trunk import load_trunk, quiet_transformers
 
 FORMAT_VERSION = 2

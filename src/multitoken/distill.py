@@ -26,13 +26,14 @@ from typing import IO
 
 from tqdm.auto import tqdm
 
+from multitoken.chat import ChatTemplateError
 from multitoken.config import GenerateConfig
 from multitoken.data import FULL_SPAN, Corpus, iter_texts
 from multitoken.errors import MultitokenError
 from multitoken.generate import generate
 from multitoken.model import MTPModel
 from multitoken.prompts import Prompt, window_prompts
-from multitoken.tokenizer import ChatTemplateError, Tokenizer
+from multitoken.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

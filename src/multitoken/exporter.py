@@ -19,7 +19,8 @@ from pathlib import Path
 from multitoken.errors import MultitokenError
 from multitoken.headfile import save_heads
 from multitoken.model import MTPModel
-from multitoken.tokenizer import Tokenizer, write_hf_tokenizer
+from multitoken.tokenizer import Tokenizer
+from multitoken.tokenizer_export import write_hf_tokenizer
 from multitoken.trunk import quiet_transformers
 
 FORMATS = ("trunk-only", "heads", "deepseek-v3")

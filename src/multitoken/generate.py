@@ -286,6 +286,41 @@ def generate(
         gen = torch.Generator(device=model.parts.embed.weight.device)
         gen.manual_seed(0 if cfg.seed is None else cfg.seed)
     t0 = time.perf_counter()
-    result = _decode(model, prompts, cfg, K, sampling, gen, eos_id, on_tokens)
+    window = _sliding_window(model.trunk.config)
+    longest = max(map(len, prompts)) + cfg.max_new_tokens + K + 1
+    if len(prompts) > 1 and window is not None and longest > window:
+        # Rows of a RaggedCache have holes, and a sliding-window mask counts cache slots, not
+        # positions: past the window a batch would hide keys a row should see. One row at a time
+        # has no holes, so it is exact.
+        rows = [
+            _decode(model, [p], cfg, K, sampling, gen, eos_id, _for_row(on_tokens, r))
+            for r, p in enumerate(prompts)
+        ]
+        result = Generation([g.tokens[0] for g in rows], _sum_stats([g.stats for g in rows]))
+    else:
+        result = _decode(model, prompts, cfg, K, sampling, gen, eos_id, on_tokens)
     result.stats.wall_s = time.perf_counter() - t0
     return result
+
+
+def _sliding_window(config) -> int | None:
+    """The trunk's attention window where some layer uses one (Mistral, Qwen, Gemma...)."""
+    config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not isinstance(window, int) or (types is not None and "sliding_attention" not in types):
+        return None
+    return window
+
+
+def _for_row(on_tokens, row: int):
+    return None if on_tokens is None else (lambda _r, tokens: on_tokens(row, tokens))
+
+
+def _sum_stats(parts: list[Stats]) -> Stats:
+    return Stats(
+        trunk_passes=sum(s.trunk_passes for s in parts),
+        tokens=sum(s.tokens for s in parts),
+        head_tries=[sum(t) for t in zip(*(s.head_tries for s in parts))],
+        head_hits=[sum(h) for h in zip(*(s.head_hits for s in parts))],
+    )

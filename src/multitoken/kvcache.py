@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from multitoken.trunk import crop_cache
 
@@ -28,6 +29,11 @@ class RaggedCache:
 
     def __post_init__(self) -> None:
         self.cache = DynamicCache(config=self.config) if self.config is not None else DynamicCache()
+        for i, layer in enumerate(self.cache.layers):
+            # A sliding-window layer drops entries past its window and so cannot roll back; a
+            # full layer keeps them, and the model's sliding-window mask still hides them.
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                self.cache.layers[i] = DynamicLayer()
         self.keep = torch.zeros(self.batch, 0, dtype=torch.bool, device=self.device)
 
     @property

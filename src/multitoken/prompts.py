@@ -12,9 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from multitoken.data import chat_messages
+from multitoken.chat import ChatTemplateError, chat_messages
 from multitoken.errors import MultitokenError
-from multitoken.tokenizer import ChatTemplateError, Tokenizer
+from multitoken.tokenizer import Tokenizer
 
 MAX_PROMPT_SOURCE_CHARS = 4 << 20  # corpus text read to pick prompts from
 

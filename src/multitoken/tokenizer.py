@@ -4,34 +4,30 @@ Training code only needs ids in, ids out, a vocabulary size, three special ids a
 data, a way to render messages as text, so both kinds implement the same :class:`Tokenizer`
 protocol. A checkpoint stores the tokenizer with :meth:`Tokenizer.save` (files plus a small
 JSON-able spec) and gets it back with :func:`tokenizer_from_saved`, so a trained model never
-depends on where its tokenizer came from. :func:`write_hf_tokenizer` goes the other way: it
-writes any of them as files plain ``transformers.AutoTokenizer`` loads.
+depends on where its tokenizer came from. :mod:`multitoken.tokenizer_export` goes the other
+way: it writes any of them as files plain ``transformers.AutoTokenizer`` loads.
 
 The byte tokenizer is the default because it needs no files, no training and no network, and
 it can represent any text exactly.
 
-Chat templates are Jinja programs shipped with a model's tokenizer (``chat_template`` in
-``tokenizer_config.json`` or a ``chat_template.jinja`` file). They are rendered here the way
-``transformers`` renders them (a sandboxed environment with ``trim_blocks``/``lstrip_blocks``,
-``raise_exception``, ``tojson``, ``strftime_now``, the special tokens as variables), so text
-rendered for training and for prompting is what the model sees elsewhere.
+Chat templates travel with an ``HFTokenizer`` (read from the folder, kept in checkpoints) and are
+rendered by :mod:`multitoken.chat`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from multitoken.chat import ChatTemplateError, render_chat_template
 from multitoken.errors import MultitokenError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -74,15 +70,6 @@ class Tokenizer(Protocol):
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """``messages`` (``{"role", "content"}`` dicts) as text in the model's chat format."""
         ...
-
-
-class ChatTemplateError(MultitokenError):
-    """A chat template is missing or failed to render. ``reason`` is the message without the
-    flag, so callers that know more (a file and line) can restate it with their own flag."""
-
-    def __init__(self, reason: str, flag: str = "--tokenizer") -> None:
-        self.reason = reason
-        super().__init__(reason, flag)
 
 
 class ByteTokenizer:
@@ -433,187 +420,3 @@ def _no_template_reason(source: str) -> str:
         f"{source} has no chat template; use a tokenizer that has one (a model folder whose "
         f"{CONFIG_FILE} holds chat_template, or a {CHAT_TEMPLATE_FILE}) or give plain text"
     )
-
-
-def render_chat_template(
-    template: str,
-    messages: list[dict],
-    *,
-    add_generation_prompt: bool,
-    special_tokens: dict[str, str] | None = None,
-    source: str = "tokenizer",
-) -> str:
-    """Render a Jinja chat ``template`` over ``messages`` as transformers does.
-
-    The template sees ``messages``, ``add_generation_prompt``, ``tools`` and ``documents``
-    (None, as when transformers is given none) and the special-token spellings (``bos_token``
-    etc.). Keys whose value is None are dropped from messages, as transformers does, because
-    templates test for a key's presence. Any failure is a one-line :class:`ChatTemplateError`.
-    """
-    try:
-        import jinja2
-    except ImportError:  # a dependency of torch and transformers' chat support, but say so
-        raise ChatTemplateError(
-            "rendering a chat template needs jinja2: pip install jinja2"
-        ) from None
-
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise ChatTemplateError("chat messages must be a list of objects")
-    chat = [{key: value for key, value in m.items() if value is not None} for m in messages]
-    try:
-        compiled = _compile_chat_template(template)
-        return compiled.render(
-            messages=chat,
-            add_generation_prompt=add_generation_prompt,
-            tools=None,
-            documents=None,
-            **(special_tokens or {}),
-        )
-    except jinja2.TemplateSyntaxError as exc:
-        reason = f"the chat template of {source} does not parse (line {exc.lineno}: {exc.message})"
-    # A template is an arbitrary program: whatever it raises (its raise_exception, a sandbox
-    # refusal, a TypeError on odd content) means these messages do not fit it.
-    except Exception as exc:
-        reason = (
-            f"the chat template of {source} failed: {_one_line(str(exc)) or type(exc).__name__}"
-        )
-    raise ChatTemplateError(reason)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-@functools.lru_cache(maxsize=16)
-def _compile_chat_template(template: str):  # -> jinja2.Template; jinja2 is imported lazily
-    """Compile once per template: data loading renders thousands of records with the same one."""
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.TemplateError(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-        # Jinja's own tojson escapes HTML characters, which would change what the model sees.
-        return json.dumps(
-            value,
-            ensure_ascii=ensure_ascii,
-            indent=indent,
-            separators=separators,
-            sort_keys=sort_keys,
-        )
-
-    def strftime_now(fmt: str) -> str:
-        return datetime.now().strftime(fmt)
-
-    class GuardedNamespace(jinja2.utils.Namespace):
-        """``namespace()`` that refuses underscore names: storing dunders is a sandbox escape."""
-
-        def __setitem__(self, name, value) -> None:
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(
-                    f"namespace attribute {name!r} is not allowed"
-                )
-            super().__setitem__(name, value)
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals.update(
-        raise_exception=raise_exception, strftime_now=strftime_now, namespace=GuardedNamespace
-    )
-    return env.from_string(template)
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing a tokenizer for plain transformers
-
-
-def write_hf_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
-    """Write ``tokenizer`` into ``folder`` so ``transformers.AutoTokenizer`` loads an equivalent.
-
-    Writes ``tokenizer.json``, a ``tokenizer_config.json`` (class ``PreTrainedTokenizerFast``,
-    bos/eos/pad, the chat template if any) and nothing else, so it can go beside a model's own
-    files. The byte tokenizer becomes a ``tokenizers`` BPE without merges over the 256
-    byte-level symbols (see :func:`byte_level_backend`), with ``split_special_tokens`` so a
-    ``"<eos>"`` typed in text stays five bytes, as it is for :class:`ByteTokenizer`.
-
-    bos and pad are always written, even where they stand in for eos (the ids the trunk's config
-    was built with). A template that uses ``bos_token`` therefore renders it after export even
-    when the original tokenizer had no bos of its own.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if isinstance(tokenizer, ByteTokenizer):
-        backend = byte_level_backend()
-        specials = {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}
-        split, template = True, None
-    elif isinstance(tokenizer, HFTokenizer):
-        backend, specials = tokenizer.backend, tokenizer.special_tokens()
-        split, template = tokenizer.split_special_tokens, tokenizer.chat_template
-    else:
-        raise TypeError(f"cannot write {tokenizer!r} as a transformers tokenizer")
-    config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **{f"{key}_token": value for key, value in specials.items()},
-        # Our decode never tidies spaces around punctuation; transformers must not either.
-        "clean_up_tokenization_spaces": False,
-        "split_special_tokens": split,
-    }
-    if template is not None:
-        # In the config rather than chat_template.jinja: every transformers since 4.34 reads it.
-        config["chat_template"] = template
-    _write_atomic(folder / TOKENIZER_FILE, backend.to_str(pretty=True))
-    _write_atomic(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-
-
-def byte_level_backend() -> tokenizers.Tokenizer:
-    """A ``tokenizers.Tokenizer`` that encodes exactly like :class:`ByteTokenizer`.
-
-    A BPE model with no merges whose vocabulary maps each byte's byte-level symbol (GPT-2's
-    printable stand-in for that byte) to the byte's value, so every byte of the text becomes
-    one token with id = byte value; the ByteLevel pre-tokenizer turns text into those symbols
-    without splitting it into words or adding a leading space, and the ByteLevel decoder turns
-    them back into bytes. ``<bos>``, ``<eos>``, ``<pad>`` are added as specials 256, 257, 258.
-    """
-    symbols = _byte_symbols()
-    vocab = {symbols[byte]: byte for byte in range(256)}
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in _BYTE_SPECIALS])
-    return tok
-
-
-_BYTE_SPECIALS = ("<bos>", "<eos>", "<pad>")  # ids 256, 257, 258, as in ByteTokenizer
-
-
-def _byte_symbols() -> list[str]:
-    """The byte-level alphabet: printable Latin-1 bytes stand for themselves, the other bytes
-    (controls, space, 0x7F-0xA0, 0xAD) for code points from 256 upwards, in byte order."""
-    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
-    symbols, shifted = [], 0
-    for byte in range(256):
-        if byte in printable:
-            symbols.append(chr(byte))
-        else:
-            symbols.append(chr(256 + shifted))
-            shifted += 1
-    return symbols
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Temp file + rename: a crash never leaves a half-written tokenizer file behind."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; exported files are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

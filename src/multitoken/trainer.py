@@ -30,9 +30,10 @@ from multitoken.checkpoint import (
     write_json_atomic,
 )
 from multitoken.config import TrainConfig
-from multitoken.data import Corpus, PackedStream, validation_batches
+from multitoken.data import Corpus
 from multitoken.errors import MultitokenError
 from multitoken.model import MTPModel
+from multitoken.packing import PackedStream, validation_batches
 from multitoken.tokenizer import load_tokenizer
 from multitoken.trunk import build_trunk, load_trunk
 

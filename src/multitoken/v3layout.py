@@ -217,12 +217,15 @@ def load_v3_layout(folder: Path) -> MTPModel:
         )
     model = MTPModel(_load_trunk(folder), HeadConfig(family="deepseek", depth=depth))
     entries = _entries(model)
+    own = {name: e for name, e in entries.items() if e.key is not None}
+    _check_shared_copies(folder, {name: e for name, e in entries.items() if e.key is None})
 
-    # Number every in-memory element and pass the numbers through the save-time conversion: the
-    # result says which stored element lands where. The conversions only move elements (split,
-    # stack, rename), so this inverts them exactly, whatever the architecture.
+    # Number every in-memory element of the modules' own weights and pass the numbers through
+    # the save-time conversion: the result says which stored element lands where. Conversions
+    # only move elements (split, stack, rename), so this inverts them exactly, whatever the
+    # architecture. (The shared embedding/head copies, the largest tensors, are left out.)
     numbers, start = {}, 0
-    for name, entry in entries.items():
+    for name, entry in own.items():
         n = entry.tensor.numel()
         numbers[name] = torch.arange(start, start + n).view(entry.tensor.shape)
         start += n
@@ -248,19 +251,25 @@ def load_v3_layout(folder: Path) -> MTPModel:
 
     weights: list[dict[str, torch.Tensor]] = [{} for _ in range(depth)]
     start = 0
-    for name, entry in entries.items():
+    for entry in own.values():
         n = entry.tensor.numel()
-        value = flat[start : start + n].view(entry.tensor.shape).to(entry.tensor.dtype)
+        weights[entry.k][entry.key] = flat[start : start + n].view(entry.tensor.shape)
         start += n
-        if entry.key is not None:
-            weights[entry.k][entry.key] = value
-        elif not torch.equal(value, entry.tensor):
+    for module, state in zip(model.heads.mtp, weights):
+        module.load_state_dict(state)  # casts to the module's dtype
+    return model.eval()
+
+
+def _check_shared_copies(folder: Path, shared: dict[str, _Entry]) -> None:
+    """The layout may store each module's copy of the embedding and head (DeepSeek-V3 does; other
+    exporters leave them out, and transformers' loader allows both): where present, they must be
+    the trunk's own, because multitoken's modules share them."""
+    stored = _read_stored(folder, set(shared))
+    for name, entry in shared.items():
+        if name in stored and not torch.equal(stored[name].to(entry.tensor.dtype), entry.tensor):
             raise MultitokenError(
                 f"{folder}: MTP module {entry.k + 1} has its own {entry.shares} ({name} differs "
                 "from the trunk's); multitoken supports only modules that share the trunk's "
                 "embedding and head",
                 "--checkpoint",
             )
-    for module, state in zip(model.heads.mtp, weights):
-        module.load_state_dict(state)
-    return model.eval()
