@@ -90,6 +90,9 @@ def _plot(rows, path: Path) -> None:
             lookup[0]["speedup_vs_hf_greedy"], ls="-.", color="grey", label="prompt lookup"
         )
     right.axhline(1.0, color="black", lw=0.8)
+    ks = sorted({r["draft_len"] for _n, _l, res in rows for r in res["runs"] if r["draft_len"]})
+    left.set_xticks(ks)
+    right.set_xticks(ks)
     left.set(title="per-head acceptance a_k", xlabel="draft position k", ylim=(0, 1.02))
     right.set(title="wall-clock speedup vs transformers greedy", xlabel="draft length K")
     left.legend()

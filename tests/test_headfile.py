@@ -86,3 +86,23 @@ def test_damaged_heads_files_are_one_line_errors(tmp_path):
         load_heads(micro_llama(0), tmp_path)
     with pytest.raises(MultitokenError, match="not a heads folder"):
         load_heads(micro_llama(0), tmp_path / "nothing")
+
+
+def test_cli_refuses_heads_for_another_trunk_in_one_line(tmp_path, capsys):
+    from multitoken.cli import main
+    from multitoken.tokenizer import ByteTokenizer
+    from multitoken.tokenizer_export import write_hf_tokenizer
+    from multitoken.trunk import quiet_transformers
+
+    save_heads(perturb_heads(MTPModel(micro_llama(0, vocab=300), HeadConfig("bpd", 2))), tmp_path)
+    with quiet_transformers():
+        micro_llama(0, hidden=64, vocab=300).save_pretrained(tmp_path / "other")
+    write_hf_tokenizer(ByteTokenizer(), tmp_path / "other")
+    args = ["generate", "--checkpoint", str(tmp_path / "other"), "--heads", str(tmp_path)]
+    assert main([*args, "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"multitoken: error: --heads: the heads in {tmp_path} were trained for another trunk: "
+        "head_dim 8 (heads) vs 16 (trunk); hidden_size 32 (heads) vs 64 (trunk); "
+        "intermediate_size 64 (heads) vs 128 (trunk)"
+    ]
