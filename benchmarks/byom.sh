@@ -44,8 +44,8 @@ done
 
 [ -e "$OUT/heads/heads.json" ] || $MT export --checkpoint "$OUT/distilled" --heads-only \
   --out "$OUT/heads"
-$MT generate --checkpoint "$OUT/model" --heads "$OUT/heads" --prompt "def main(argv):" \
-  --max-new-tokens 64
+$MT generate --checkpoint "$OUT/model" --heads "$OUT/heads" \
+  --prompt $'class Queue:\n    def __init__(self' --max-new-tokens 64
 
 $PY benchmarks/summarize_reference.py "$OUT" raw="bpd D=3 heads only, raw stdlib text" \
   distilled="bpd D=3 heads only, self-distilled text"

@@ -152,3 +152,34 @@ def test_heads_only_on_a_local_model_folder(tmp_path, arch):
     # The heads started from the trunk's last layer (the default on a pretrained trunk).
     meta = json.loads((result.checkpoint / "multitoken.json").read_text())
     assert meta["heads"]["init_from_trunk"] is True
+
+
+def test_a_half_precision_model_folder_trains_fp32_heads_that_load_back_onto_it(tmp_path):
+    from multitoken.tokenizer import ByteTokenizer
+    from multitoken.tokenizer_export import write_hf_tokenizer
+
+    folder = tmp_path / "bf16"
+    build("llama").to(torch.bfloat16).save_pretrained(folder)
+    write_hf_tokenizer(ByteTokenizer(), folder)
+    data = tmp_path / "data.txt"
+    data.write_text("a tiny corpus for a tiny model in half precision.\n" * 100)
+    result = multitoken.train(
+        trunk=str(folder),
+        freeze_trunk=True,
+        family="bpd",
+        depth=2,
+        data=[str(data)],
+        out=str(tmp_path / "run"),
+        max_steps=2,
+        seq_len=16,
+        batch_size=2,
+        eval_batches=1,
+        save_every=2,
+        lr=1e-2,
+    )
+    assert all(p.dtype == torch.float32 for p in result.model.heads.parameters())
+    assert result.model.heads.w_out.abs().max() > 0  # updates that bf16 weights would round off
+    loaded = multitoken.load(folder, heads=result.checkpoint)  # a bf16 trunk, heads cast to it
+    assert loaded.trunk.dtype == torch.bfloat16 and loaded.heads.w_in.dtype == torch.bfloat16
+    expected = result.model.heads.w_in.to(torch.bfloat16)
+    assert torch.equal(loaded.heads.w_in, expected)

@@ -169,6 +169,11 @@ def _prepare(cfg: TrainConfig, device: torch.device):
         model = MTPModel(trunk, cfg.heads)
     if cfg.freeze_trunk:
         model.trunk.requires_grad_(False)
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+        # A model saved in half precision loads in it; AdamW on half-precision weights loses
+        # every update below their rounding step. Train fp32 weights (autocast still runs the
+        # matmuls in bf16); casting up is exact, so a frozen trunk keeps its values.
+        model.float()
     return out, corpus, tokenizer, model.to(device), resume_ckpt
 
 
