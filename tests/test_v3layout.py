@@ -469,3 +469,22 @@ def test_missing_trunk_weight_is_named(tmp_path):
     folder = written(trained_looking(micro_llama(), depth=1), tmp_path / "v3")
     edit_tensors(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     assert "trunk weight model.layers.1.mlp.up_proj.weight is missing" in one_line_error(folder)
+
+
+def test_meta_heads_are_built_like_the_layer_they_sit_beside():
+    """On a trunk whose first layer is dense and the rest MoE, a Meta head beside the last
+    layer is MoE too, and with init_from_trunk starts as that layer's exact copy."""
+    trunk = micro_deepseek(layers=2, dense=1)
+    model = MTPModel(trunk, HeadConfig(family="meta", depth=2, init_from_trunk=True))
+    last = trunk.model.layers[-1]
+    for head in model.heads.layers:
+        assert type(head.mlp) is type(last.mlp) and type(head.mlp) is not type(
+            trunk.model.layers[0].mlp
+        )
+        assert head.self_attn.layer_idx == 0  # its own KV cache slot
+        for name, p in last.state_dict().items():
+            assert torch.equal(p, head.state_dict()[name]), name
+    assert (
+        generate(model, [PROMPT], max_new_tokens=8).tokens
+        == generate(model, [PROMPT], max_new_tokens=8, speculate=False).tokens
+    )

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
 from multitoken.config import PRESETS
@@ -54,29 +54,42 @@ class TrunkParts:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def new_layer(self, layer_idx: int, mtp_index: int | None = None) -> nn.Module:
-        """A fresh decoder layer of the trunk's own class and config, initialised as the trunk's
-        own ``_init_weights`` would.
+    def new_layer(self, *, like: int | None = None, mtp_index: int | None = None) -> nn.Module:
+        """A fresh decoder layer with a KV-cache slot of its own (``layer_idx`` 0: at decode time
+        each head keeps a cache of its own), initialised as the trunk's ``_init_weights`` would.
 
-        With ``mtp_index`` k the layer is built as the block of MTP module k, the way checkpoints
-        that ship MTP modules after their last layer define it (DeepSeek-V3 tech report §2.2;
-        transformers' ``get_mtp_config``): the class of the trunk's last layer, always MoE where
-        the config makes the first layers dense (``first_k_dense_replace``), and the layer kind
+        ``like=b``: built exactly as the trunk's layer b is (dense or MoE, attention kind), by
+        copying that layer's structure; Meta heads sit beside layer b.
+
+        ``mtp_index=k``: built as the block of MTP module k, the way checkpoints that ship MTP
+        modules after their last layer define it (DeepSeek-V3 tech report §2.2; transformers'
+        ``get_mtp_config``): the class of the trunk's last layer, always MoE where the config
+        makes the first layers dense (``first_k_dense_replace``), and the layer kind
         ``mtp_layer_types[k]`` / ``mtp_mlp_layer_types[k]`` (default: the last layer's)."""
-        cls = type(self.layers[0] if mtp_index is None else self.layers[-1])
-        config = self.config if mtp_index is None else mtp_block_config(self.config, mtp_index)
-        try:
-            layer = cls(config, layer_idx=layer_idx)
-        except (TypeError, ValueError, KeyError, IndexError) as exc:
-            raise MultitokenError(
-                f"cannot build a {cls.__name__} for the heads: {exc}".splitlines()[0], "--trunk"
-            ) from None
-        if config is not self.config:
-            # The altered copy only chose what to build. At run time the layer reads the trunk's
-            # own config (attention implementation and the like), as the trunk's layers do.
-            for module in layer.modules():
-                if getattr(module, "config", None) is config:
-                    module.config = self.config
+        if like is not None:
+            layer = copy.deepcopy(self.layers[like])
+            built_with = None
+            for module in layer.modules():  # hooks others put on the trunk are not the head's
+                module._forward_hooks.clear()
+                module._forward_pre_hooks.clear()
+        else:
+            cls = type(self.layers[-1])
+            built_with = mtp_block_config(self.config, mtp_index or 0)
+            try:
+                layer = cls(built_with, layer_idx=0)
+            except (TypeError, ValueError, KeyError, IndexError) as exc:
+                raise MultitokenError(
+                    f"cannot build a {cls.__name__} for the heads: {exc}".splitlines()[0],
+                    "--trunk",
+                ) from None
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = 0  # the slot in the head's own cache
+            # At run time the layer reads the trunk's own config (attention implementation and
+            # the like), as the trunk's layers do, not a copy or the altered one it was built by.
+            config = getattr(module, "config", None)
+            if isinstance(config, PretrainedConfig) and (config is built_with or like is not None):
+                module.config = self.config
         layer.apply(self.model._init_weights)
         return layer.to(device=self.embed.weight.device, dtype=self.embed.weight.dtype)
 

@@ -36,8 +36,7 @@ class DeepSeekModule(nn.Module):
         self.enorm = parts.new_norm()
         self.hnorm = parts.new_norm()
         self.eh_proj = nn.Linear(2 * d, d, bias=False, device=ref.device, dtype=ref.dtype)
-        # layer_idx 0: at decode time each module has a KV cache of its own, with one layer slot.
-        self.block = parts.new_layer(layer_idx=0, mtp_index=index)
+        self.block = parts.new_layer(mtp_index=index)
         self.shared_head = nn.ModuleDict({"norm": parts.new_norm()})
         parts.model._init_weights(self.eh_proj)
         if init_from_trunk:

@@ -25,11 +25,11 @@ class MetaHeads(nn.Module):
         self.parts = parts
         self.depth = config.depth
         self.branch_layer = config.resolved_branch_layer(parts.num_layers)
-        # layer_idx 0: at decode time each head has a KV cache of its own, with one layer slot.
-        self.layers = nn.ModuleList(parts.new_layer(layer_idx=0) for _ in range(self.depth))
+        b = self.branch_layer
+        self.layers = nn.ModuleList(parts.new_layer(like=b) for _ in range(self.depth))
         if config.init_from_trunk:  # on a pretrained trunk each head starts as layer b's twin
             for layer in self.layers:
-                layer.load_state_dict(parts.layers[self.branch_layer].state_dict())
+                layer.load_state_dict(parts.layers[b].state_dict())
 
     def head_logits(self, k: int, branch_hidden: torch.Tensor, block_kwargs: dict) -> torch.Tensor:
         """Head k+1's logits from the stream entering layer b: [B, T, d] -> [B, T, V]."""
