@@ -40,7 +40,9 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     corpus = [f"<|user|>say hello {i}<|end|> def add(a, b): return a + {i}\n" for i in range(60)]
     bpe = train_bpe(corpus, VOCAB, root / "tokenizer.json")
     assert bpe.vocab_size <= VOCAB
-    micro_llama(vocab=VOCAB).save_pretrained(root)
+    model = micro_llama(vocab=VOCAB)
+    model.generation_config.eos_token_id = bpe.eos_id  # the model stops where its tokenizer does
+    model.save_pretrained(root)
     config = {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "chat_template": TEMPLATE}
     (root / "tokenizer_config.json").write_text(json.dumps(config))
     return root
@@ -155,6 +157,27 @@ def test_distill_stops_at_eos(folder: Path, tmp_path: Path) -> None:
     (record,) = read_records(out)
     want, _ = greedy_completion(eos_folder, prompt)
     assert record["completion"] == want
+    assert record["completion"] == tok.decode(ids[:cut])
+
+
+def test_distill_stops_at_a_chat_models_end_of_turn_token(folder: Path, tmp_path: Path) -> None:
+    """A chat model ends its turn with a token of its own, named beside eos in its generation
+    config (as Qwen's <|im_end|> is): the completion stops there too."""
+    prompt = "<|user|>say hello<|end|> <|assistant|>"
+    _, ids = greedy_completion(folder, prompt, eos_id=VOCAB + 1)
+    cut = next((k for k in range(1, len(ids)) if ids[k] not in ids[:k]), None)
+    assert cut is not None
+    turn_folder = tmp_path / "turn"
+    shutil.copytree(folder, turn_folder)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    tok = multitoken.load(folder).tokenizer
+    generation["eos_token_id"] = [tok.eos_id, ids[cut]]
+    (turn_folder / "generation_config.json").write_text(json.dumps(generation))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(prompt + "\n")
+    out = tmp_path / "d.jsonl"
+    assert main(distill_args(turn_folder, prompts, out)) == 0
+    (record,) = read_records(out)
     assert record["completion"] == tok.decode(ids[:cut])
 
 

@@ -117,8 +117,9 @@ def distill(
     """Append the trunk's continuations of ``prompts`` to ``out`` (JSONL); returns lines written.
 
     ``prompts`` are texts or :class:`~multitoken.prompts.Prompt` records (chats are rendered
-    with the tokenizer's template). Decoding stops at the tokenizer's eos. Prompts whose line is
-    already in ``out`` (a previous, interrupted run) are skipped. Nothing is written, and
+    with the tokenizer's template). Decoding stops at the model's stop tokens (its eos, and a chat
+    model's end-of-turn token). Prompts whose line is already in ``out`` (a previous,
+    interrupted run) are skipped. Nothing is written, and
     ``out`` is not created, until the first batch has decoded."""
     tok = model.tokenizer
     jobs = _prepare(prompts, tok)
@@ -126,16 +127,17 @@ def distill(
         # Said once here rather than by every batch's decode call.
         log.warning("no MTP heads: distilling with the trunk alone")
         config = dataclasses.replace(config, speculate=False)
+    stop = model.stop_ids()
     done = _lines_done(out)
     written = 0
     f: IO[str] | None = None
     try:
         with tqdm(total=len(jobs), initial=done, unit="prompt", desc="distill") as bar:
             for batch in _batches(jobs[done:], batch_size):
-                result = generate(model, [job.ids for job in batch], config, eos_id=tok.eos_id)
+                result = generate(model, [job.ids for job in batch], config, eos_id=stop)
                 lines = []
                 for job, ids in zip(batch, result.tokens):
-                    completion = tok.decode([t for t in ids if t != tok.eos_id])
+                    completion = tok.decode([t for t in ids if t not in stop])
                     lines.append(json.dumps(_record(job, completion, tok), ensure_ascii=False))
                 if f is None:
                     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -128,7 +128,7 @@ def _decode(
     K: int,
     sampling: Sampling,
     gen: torch.Generator | None,
-    eos: int | None,
+    eos: int | Iterable[int] | None,
     on_tokens: Callable[[int, list[int]], None] | None,
 ) -> Generation:
     branch = model.heads.branch_layer if (cfg.speculate and model.family == "meta") else None
@@ -143,7 +143,7 @@ def _decode_loop(
     K: int,
     sampling: Sampling,
     gen: torch.Generator | None,
-    eos: int | None,
+    eos: int | Iterable[int] | None,
     on_tokens: Callable[[int, list[int]], None] | None,
     seen: dict,
 ) -> Generation:
@@ -172,8 +172,11 @@ def _decode_loop(
     step = Committed(tokens, hidden, stream, [0] * B, lengths)
     draft_state = model.heads.new_draft_state(B) if speculate else None
 
+    stop = frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else eos)
+    ended = [int(pending[r]) in stop for r in range(B)]  # the row wrote a stop token
+
     def finished(r: int) -> bool:
-        return len(out[r]) >= cfg.max_new_tokens or (eos is not None and eos in out[r])
+        return ended[r] or len(out[r]) >= cfg.max_new_tokens
 
     for r in range(B):
         active[r] = not finished(r)
@@ -213,8 +216,9 @@ def _decode_loop(
                 stats.head_hits[j] += int(j < m)
             room = cfg.max_new_tokens - len(out[r])
             fresh = new.tolist()[:room]
-            if eos is not None and eos in fresh:
-                fresh = fresh[: fresh.index(eos) + 1]
+            cut = next((i for i, t in enumerate(fresh) if t in stop), None)
+            if cut is not None:
+                fresh, ended[r] = fresh[: cut + 1], True
             out[r].extend(fresh)
             if on_tokens and fresh:
                 on_tokens(r, fresh)
@@ -236,11 +240,13 @@ def generate(
     model: MTPModel,
     prompts: list[list[int]],
     config: GenerateConfig | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Iterable[int] | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
     **options,
 ) -> Generation:
-    """Decode a batch of ``prompts`` (token ids, any lengths) together.
+    """Decode a batch of ``prompts`` (token ids, any lengths) together; a row ends at its
+    ``max_new_tokens`` or at a stop token ``eos_id`` (one id, or several: chat models end a turn
+    with a token of their own), which is kept as the row's last token.
 
     Options are the fields of :class:`GenerateConfig` (``max_new_tokens``, ``draft_len``,
     ``temperature``, ``top_k``, ``top_p``, ``seed``, ``speculate``). ``draft_len`` K defaults to

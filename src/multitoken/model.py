@@ -69,8 +69,17 @@ class MTPModel(nn.Module):
             )
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [self.tokenizer.encode(t) for t in texts]
-        out = generate(self, ids, eos_id=self.tokenizer.eos_id, **options)
+        out = generate(self, ids, eos_id=self.stop_ids(), **options)
         return [self.tokenizer.decode(t) for t in out.tokens], out.stats.to_dict()
+
+    def stop_ids(self) -> set[int]:
+        """Tokens that end a generation: the tokenizer's eos and whatever the trunk's generation
+        config names (a chat model ends its turn with a token of its own, e.g. <|im_end|>)."""
+        ids = set() if self.tokenizer is None else {self.tokenizer.eos_id}
+        config = getattr(self.trunk, "generation_config", None)
+        named = getattr(config, "eos_token_id", None)
+        ids.update([named] if isinstance(named, int) else (named or []))
+        return ids
 
     def train(self, mode: bool = True) -> MTPModel:
         """A frozen trunk stays in inference mode (no dropout) while its heads train."""
