@@ -177,6 +177,10 @@ def test_heads_only_training_leaves_the_trunk_byte_for_byte(corpus, tmp_path):
         assert torch.equal(before[name].view(torch.uint8), after[name].view(torch.uint8)), name
     again = load_checkpoint(result.checkpoint)[0].trunk.state_dict()
     assert all(torch.equal(before[n], again[n]) for n in before)
+    # A heads-only run resumes from its checkpoint, finding the trunk where it refers to it.
+    options = fast(corpus, tmp_path / "b", family="deepseek", depth=2, max_steps=8)
+    resumed = multitoken.train(**options, trunk=str(trunk_dir), freeze_trunk=True, resume=True)
+    assert resumed.step == 8 and not (resumed.checkpoint / "trunk").exists()
     val = [m for m in read_metrics(tmp_path / "b") if m["split"] == "val"]
     assert val[-1]["head_losses"][0] < val[0]["head_losses"][0]  # the heads did learn
     assert val[-1]["main_loss"] == pytest.approx(val[0]["main_loss"], abs=1e-6)
