@@ -136,13 +136,22 @@ def test_distill_chat_prompts_from_a_plain_folder_and_resume(
     assert read_records(out) == records
 
 
-def test_distill_stops_at_eos(folder: Path, tmp_path: Path) -> None:
-    """With the trunk's third greedy token made the eos, the completion is the first two."""
-    prompt = "<|user|>say hello<|end|> <|assistant|>"  # one line: a text prompt
-    _, ids = greedy_completion(folder, prompt, eos_id=VOCAB + 1)  # never drawn: no stop
+STOP_PROMPT = "<|user|>say hello<|end|> <|assistant|>"  # one line: a text prompt
+
+
+def unstopped_greedy(folder: Path) -> tuple[list[int], int]:
+    """The trunk's greedy tokens after STOP_PROMPT with no stop token, and the first position
+    k > 0 whose token is new: made a stop token, the completion is exactly ids[:k]."""
+    _, ids = greedy_completion(folder, STOP_PROMPT, eos_id=VOCAB + 1)  # never drawn: no stop
     assert len(ids) == NEW_TOKENS
     cut = next((k for k in range(1, len(ids)) if ids[k] not in ids[:k]), None)
     assert cut is not None, "the random trunk repeats one token; pick another seed"
+    return ids, cut
+
+
+def test_distill_stops_at_eos(folder: Path, tmp_path: Path) -> None:
+    """With the trunk's third greedy token made the eos, the completion is the first two."""
+    prompt, ids, cut = STOP_PROMPT, *unstopped_greedy(folder)
     eos_folder = tmp_path / "eos"
     shutil.copytree(folder, eos_folder)
     tok = multitoken.load(folder).tokenizer
@@ -163,10 +172,7 @@ def test_distill_stops_at_eos(folder: Path, tmp_path: Path) -> None:
 def test_distill_stops_at_a_chat_models_end_of_turn_token(folder: Path, tmp_path: Path) -> None:
     """A chat model ends its turn with a token of its own, named beside eos in its generation
     config (as Qwen's <|im_end|> is): the completion stops there too."""
-    prompt = "<|user|>say hello<|end|> <|assistant|>"
-    _, ids = greedy_completion(folder, prompt, eos_id=VOCAB + 1)
-    cut = next((k for k in range(1, len(ids)) if ids[k] not in ids[:k]), None)
-    assert cut is not None
+    prompt, ids, cut = STOP_PROMPT, *unstopped_greedy(folder)
     turn_folder = tmp_path / "turn"
     shutil.copytree(folder, turn_folder)
     generation = json.loads((folder / "generation_config.json").read_text())

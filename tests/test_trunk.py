@@ -112,24 +112,24 @@ def test_a_frozen_trunk_stays_in_inference_mode_while_heads_train():
     assert model.train().trunk.training
 
 
-@pytest.mark.parametrize("arch", list(CONFIGS))
-def test_heads_only_on_a_local_model_folder(tmp_path, arch):
-    """--trunk takes a plain transformers folder of each architecture: its tokenizer is used, its
-    files and weights stay byte for byte, the checkpoint refers to it instead of copying it."""
+def model_folder(model, folder):
+    """A plain transformers folder: the model and a tokenizer (bytes: 259 of its 300 ids)."""
     from multitoken.tokenizer import ByteTokenizer
     from multitoken.tokenizer_export import write_hf_tokenizer
 
-    folder = tmp_path / arch
-    build(arch).save_pretrained(folder)
-    write_hf_tokenizer(ByteTokenizer(), folder)  # 259 tokens for a 300-token vocabulary
-    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    model.save_pretrained(folder)
+    write_hf_tokenizer(ByteTokenizer(), folder)
+    return folder
+
+
+def train_heads_only(folder, tmp_path, **options):
+    """Two heads-only steps on a tiny corpus with ``folder`` as the trunk."""
     data = tmp_path / "data.txt"
     data.write_text("hello world, this is a tiny corpus for a tiny model.\n" * 100)
-    result = multitoken.train(
+    return multitoken.train(
+        **{"family": "deepseek", "depth": 2, **options},
         trunk=str(folder),
         freeze_trunk=True,
-        family="deepseek",
-        depth=2,
         data=[str(data)],
         out=str(tmp_path / "run"),
         max_steps=2,
@@ -138,6 +138,15 @@ def test_heads_only_on_a_local_model_folder(tmp_path, arch):
         eval_batches=1,
         save_every=2,
     )
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_heads_only_on_a_local_model_folder(tmp_path, arch):
+    """--trunk takes a plain transformers folder of each architecture: its tokenizer is used, its
+    files and weights stay byte for byte, the checkpoint refers to it instead of copying it."""
+    folder = model_folder(build(arch), tmp_path / arch)
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    result = train_heads_only(folder, tmp_path)
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
     trained = result.model.trunk.state_dict()
     on_disk = AutoModelForCausalLM.from_pretrained(folder).state_dict()
@@ -155,28 +164,8 @@ def test_heads_only_on_a_local_model_folder(tmp_path, arch):
 
 
 def test_a_half_precision_model_folder_trains_fp32_heads_that_load_back_onto_it(tmp_path):
-    from multitoken.tokenizer import ByteTokenizer
-    from multitoken.tokenizer_export import write_hf_tokenizer
-
-    folder = tmp_path / "bf16"
-    build("llama").to(torch.bfloat16).save_pretrained(folder)
-    write_hf_tokenizer(ByteTokenizer(), folder)
-    data = tmp_path / "data.txt"
-    data.write_text("a tiny corpus for a tiny model in half precision.\n" * 100)
-    result = multitoken.train(
-        trunk=str(folder),
-        freeze_trunk=True,
-        family="bpd",
-        depth=2,
-        data=[str(data)],
-        out=str(tmp_path / "run"),
-        max_steps=2,
-        seq_len=16,
-        batch_size=2,
-        eval_batches=1,
-        save_every=2,
-        lr=1e-2,
-    )
+    folder = model_folder(build("llama").to(torch.bfloat16), tmp_path / "bf16")
+    result = train_heads_only(folder, tmp_path, family="bpd", lr=1e-2)
     assert all(p.dtype == torch.float32 for p in result.model.heads.parameters())
     assert result.model.heads.w_out.abs().max() > 0  # updates that bf16 weights would round off
     loaded = multitoken.load(folder, heads=result.checkpoint)  # a bf16 trunk, heads cast to it
