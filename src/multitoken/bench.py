@@ -78,14 +78,11 @@ def read_prompt_file(path: str | Path, tokenizer) -> list[list[int]]:
 
 def load_draft_model(path: str | Path, vocab_size: int) -> PreTrainedModel:
     """A transformers causal-LM folder, or a multitoken checkpoint/run folder (its trunk)."""
-    from multitoken.checkpoint import resolve_checkpoint
+    from multitoken.checkpoint import checkpoint_trunk, is_run_or_checkpoint
     from multitoken.trunk import load_trunk
 
-    folder = Path(path)
     try:
-        if (folder / "multitoken.json").is_file() or (folder / "latest").is_file():
-            folder = resolve_checkpoint(folder, "--draft-model") / "trunk"
-        draft = load_trunk(folder)
+        draft = checkpoint_trunk(path) if is_run_or_checkpoint(path) else load_trunk(path)
     except MultitokenError as exc:
         raise MultitokenError(str(exc).removeprefix(f"{exc.flag}: "), "--draft-model") from None
     theirs = draft.get_output_embeddings().weight.shape[0]
@@ -452,7 +449,12 @@ def run(args: argparse.Namespace) -> int:
     """The ``bench`` command: every input is checked before any timing; then measure, report."""
     import multitoken
     from multitoken.bench_plot import format_report, plot
-    from multitoken.checkpoint import read_meta, resolve_checkpoint, write_json_atomic
+    from multitoken.checkpoint import (
+        is_run_or_checkpoint,
+        read_meta,
+        resolve_checkpoint,
+        write_json_atomic,
+    )
     from multitoken.data import Corpus
 
     _check_numbers(args)
@@ -468,9 +470,8 @@ def run(args: argparse.Namespace) -> int:
         raise MultitokenError(f"{args.checkpoint} has no heads to measure; add --heads", "--heads")
     family, depth = model.family, model.depth
     draft_lens = parse_draft_lens(args.draft_lens, family, depth)
-    ckpt = Path(args.checkpoint)
-    meta = {"train_config": {}}
-    if (ckpt / "multitoken.json").is_file() or (ckpt / "latest").is_file():
+    ckpt, meta = Path(args.checkpoint), {"train_config": {}}
+    if is_run_or_checkpoint(ckpt):
         ckpt = resolve_checkpoint(ckpt, "--checkpoint")
         meta = read_meta(ckpt)
     vocab = model.trunk.get_output_embeddings().weight.shape[0]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from multitoken.errors import MultitokenError
 from multitoken.headfile import is_heads_folder, load_heads, save_heads
@@ -106,6 +107,11 @@ def save_checkpoint(
     return final
 
 
+def is_run_or_checkpoint(path: str | Path) -> bool:
+    """A multitoken checkpoint or run folder (anything else may be a plain model folder)."""
+    return (Path(path) / "multitoken.json").is_file() or (Path(path) / "latest").is_file()
+
+
 def resolve_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Path:
     """A checkpoint folder, or a run folder whose ``latest`` names one."""
     p = Path(path)
@@ -136,7 +142,13 @@ def read_meta(ckpt: Path, flag: str = "--checkpoint") -> dict:
     return meta
 
 
-def _checkpoint_trunk(ckpt: Path, meta: dict, flag: str):
+def checkpoint_trunk(path: str | Path, flag: str = "--checkpoint") -> PreTrainedModel:
+    """The trunk of a checkpoint or run folder, wherever it lives."""
+    ckpt = resolve_checkpoint(path, flag)
+    return _checkpoint_trunk(ckpt, read_meta(ckpt, flag), flag)
+
+
+def _checkpoint_trunk(ckpt: Path, meta: dict, flag: str) -> PreTrainedModel:
     """The trunk a checkpoint holds, or the frozen one it refers to."""
     ref = meta.get("trunk_ref")
     folder = ckpt / "trunk" if ref is None else Path(ref)
@@ -165,7 +177,7 @@ def load_checkpoint(
     layout loads with its MTP modules as deepseek heads, any other without heads. ``heads`` (a
     heads folder, checkpoint or run) attaches portable heads to the trunk found at ``path``."""
     p = Path(path)
-    plain = not (p / "multitoken.json").exists() and not (p / "latest").exists()
+    plain = not is_run_or_checkpoint(p)
     if plain and (trunk_only_ok or heads is not None) and (p / "config.json").is_file():
         from multitoken.v3layout import load_v3_layout, mtp_depth
 

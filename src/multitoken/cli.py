@@ -259,7 +259,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     import multitoken
-    from multitoken.checkpoint import read_meta, resolve_checkpoint
+    from multitoken.checkpoint import is_run_or_checkpoint, read_meta, resolve_checkpoint
     from multitoken.data import Corpus
     from multitoken.distill import corpus_prompts, distill
     from multitoken.prompts import read_prompt_records
@@ -274,7 +274,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     # Cheap checks first: a bad prompts file should not wait for a large model to load.
     prompts = read_prompt_records(args.prompts) if args.prompts else None
     ckpt = Path(args.checkpoint)
-    plain = not (ckpt / "multitoken.json").exists() and not (ckpt / "latest").exists()
+    plain = not is_run_or_checkpoint(ckpt)
     if prompts is None and args.data is None and plain and (ckpt / "config.json").is_file():
         raise MultitokenError(
             f"{ckpt} is a plain model folder with no training corpus to take prompts from; "
