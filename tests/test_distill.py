@@ -149,22 +149,27 @@ def unstopped_greedy(folder: Path) -> tuple[list[int], int]:
     return ids, cut
 
 
+def distill_stop_prompt(variant: Path, tmp_path: Path) -> dict:
+    """Distil STOP_PROMPT with the model folder ``variant``; its one record."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(STOP_PROMPT + "\n")
+    out = tmp_path / "d.jsonl"
+    assert main(distill_args(variant, prompts, out)) == 0
+    (record,) = read_records(out)
+    return record
+
+
 def test_distill_stops_at_eos(folder: Path, tmp_path: Path) -> None:
     """With the trunk's third greedy token made the eos, the completion is the first two."""
-    prompt, ids, cut = STOP_PROMPT, *unstopped_greedy(folder)
+    ids, cut = unstopped_greedy(folder)
     eos_folder = tmp_path / "eos"
     shutil.copytree(folder, eos_folder)
     tok = multitoken.load(folder).tokenizer
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["eos_token"] = tok.backend.id_to_token(ids[cut])
     (eos_folder / "tokenizer_config.json").write_text(json.dumps(config))
-    prompts = tmp_path / "p.txt"
-    prompts.write_text(prompt + "\n")
-
-    out = tmp_path / "d.jsonl"
-    assert main(distill_args(eos_folder, prompts, out)) == 0
-    (record,) = read_records(out)
-    want, _ = greedy_completion(eos_folder, prompt)
+    record = distill_stop_prompt(eos_folder, tmp_path)
+    want, _ = greedy_completion(eos_folder, STOP_PROMPT)
     assert record["completion"] == want
     assert record["completion"] == tok.decode(ids[:cut])
 
@@ -172,18 +177,14 @@ def test_distill_stops_at_eos(folder: Path, tmp_path: Path) -> None:
 def test_distill_stops_at_a_chat_models_end_of_turn_token(folder: Path, tmp_path: Path) -> None:
     """A chat model ends its turn with a token of its own, named beside eos in its generation
     config (as Qwen's <|im_end|> is): the completion stops there too."""
-    prompt, ids, cut = STOP_PROMPT, *unstopped_greedy(folder)
+    ids, cut = unstopped_greedy(folder)
     turn_folder = tmp_path / "turn"
     shutil.copytree(folder, turn_folder)
     generation = json.loads((folder / "generation_config.json").read_text())
     tok = multitoken.load(folder).tokenizer
     generation["eos_token_id"] = [tok.eos_id, ids[cut]]
     (turn_folder / "generation_config.json").write_text(json.dumps(generation))
-    prompts = tmp_path / "p.txt"
-    prompts.write_text(prompt + "\n")
-    out = tmp_path / "d.jsonl"
-    assert main(distill_args(turn_folder, prompts, out)) == 0
-    (record,) = read_records(out)
+    record = distill_stop_prompt(turn_folder, tmp_path)
     assert record["completion"] == tok.decode(ids[:cut])
 
 

@@ -121,21 +121,6 @@ def trunk_pass(
 
 
 @torch.no_grad()
-def _decode(
-    model: MTPModel,
-    prompts: list[list[int]],
-    cfg: GenerateConfig,
-    K: int,
-    sampling: Sampling,
-    gen: torch.Generator | None,
-    eos: int | Iterable[int] | None,
-    on_tokens: Callable[[int, list[int]], None] | None,
-) -> Generation:
-    branch = model.heads.branch_layer if (cfg.speculate and model.family == "meta") else None
-    with watch_states(model.parts, branch) as seen:  # one set of hooks for the whole call
-        return _decode_loop(model, prompts, cfg, K, sampling, gen, eos, on_tokens, seen)
-
-
 def _decode_loop(
     model: MTPModel,
     prompts: list[list[int]],
@@ -294,17 +279,22 @@ def generate(
     t0 = time.perf_counter()
     window = _sliding_window(model.trunk.config)
     longest = max(map(len, prompts)) + cfg.max_new_tokens + K + 1
-    if len(prompts) > 1 and window is not None and longest > window:
-        # Rows of a RaggedCache have holes, and a sliding-window mask counts cache slots, not
-        # positions: past the window a batch would hide keys a row should see. One row at a time
-        # has no holes, so it is exact.
-        rows = [
-            _decode(model, [p], cfg, K, sampling, gen, eos_id, _for_row(on_tokens, r))
-            for r, p in enumerate(prompts)
-        ]
-        result = Generation([g.tokens[0] for g in rows], _sum_stats([g.stats for g in rows]))
-    else:
-        result = _decode(model, prompts, cfg, K, sampling, gen, eos_id, on_tokens)
+    branch = model.heads.branch_layer if (cfg.speculate and model.family == "meta") else None
+    with watch_states(model.parts, branch) as seen:  # one set of hooks for the whole call
+        if len(prompts) > 1 and window is not None and longest > window:
+            # Rows of a RaggedCache have holes, and a sliding-window mask counts cache slots, not
+            # positions: past the window a batch would hide keys a row should see. One row at a
+            # time has no holes, so it is exact.
+            rows = [
+                _decode_loop(
+                    model, [p], cfg, K, sampling, gen, eos_id, _for_row(on_tokens, r), seen
+                )
+                for r, p in enumerate(prompts)
+            ]
+            tokens = [g.tokens[0] for g in rows]
+            result = Generation(tokens, _sum_stats([g.stats for g in rows]))
+        else:
+            result = _decode_loop(model, prompts, cfg, K, sampling, gen, eos_id, on_tokens, seen)
     result.stats.wall_s = time.perf_counter() - t0
     return result
 
