@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from multitoken.config import RuntimeConfig
 from multitoken.errors import MultitokenError
 from multitoken.generate import generate
+from multitoken.hardware import cpu_kind, place_for_decoding, sync
 from multitoken.model import MTPModel
 from multitoken.prompts import read_prompts, window_prompts
 
@@ -112,12 +114,6 @@ def check_fits(model: MTPModel, prompts: list[list[int]], new: int, K: int, flag
 # ---------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a timer measures the work rather than its launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def outputs_identical(outputs: list[list[int]], reference: list[list[int]]) -> bool:
     """True when every prompt's output equals the reference token for token (same length too)."""
     return len(outputs) == len(reference) and all(
@@ -189,10 +185,10 @@ def measure(
     for repeat in range(repeats):
         wall, outputs = 0.0, []
         for prompt in prompts:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             tokens, n_passes, st = decode(prompt)
-            _sync(device)
+            sync(device)
             wall += time.perf_counter() - start
             outputs.append(tokens)
             if repeat == 0:
@@ -233,10 +229,10 @@ def verify_cost(
     samples: dict[int, list[float]] = {q: [] for q in inputs}
     for repeat in range(repeats + 1):  # repeat 0 warms up
         for q, ids in inputs.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             trunk(input_ids=ids, cache=cache, use_cache=True)
-            _sync(device)
+            sync(device)
             if repeat:
                 samples[q].append(time.perf_counter() - start)
             cache.crop(-q)
@@ -346,7 +342,7 @@ def _add_speedups(runs: list[dict], cost: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``bench`` to the CLI's subcommands (built with the subparsers' own parser class)."""
     p = subparsers.add_parser(
         "bench",
@@ -384,9 +380,9 @@ def add_parser(subparsers) -> None:
     add("--draft-model", metavar="DIR", help="small model (same vocabulary) for assisted")
     add("--prompt-lookup", type=int, metavar="N", default=3, help="0: off (default: 3)")
     add("--repeats", type=int, metavar="N", default=1, help="timed passes per method (default: 1)")
-    add("--device", default="cpu", help="torch device (default: cpu)")
     add("--json", metavar="FILE", help="write every figure as JSON")
     add("--plot", metavar="FILE", help="write a PNG: acceptance and speedup against K")
+    return p
 
 
 _LEAST = {"num_prompts": 1, "prompt_tokens": 1, "max_new_tokens": 1, "repeats": 1}
@@ -459,13 +455,12 @@ def run(args: argparse.Namespace) -> int:
 
     _check_numbers(args)
     json_path, plot_path = _output_path(args.json, "--json"), _output_path(args.plot, "--plot")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        raise MultitokenError(str(exc), "--device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MultitokenError("CUDA is not available on this machine", "--device")
-    model = multitoken.load(args.checkpoint, heads=args.heads, flag="--checkpoint").to(device)
+    runtime = RuntimeConfig.from_options(args)
+    runtime.validate()
+    model = multitoken.load(args.checkpoint, heads=args.heads, flag="--checkpoint")
+    precision = place_for_decoding(model, runtime.device, runtime.precision)
+    print(f"multitoken: {precision.describe()}", file=sys.stderr)
+    device = model.parts.embed.weight.device
     if model.heads is None:
         raise MultitokenError(f"{args.checkpoint} has no heads to measure; add --heads", "--heads")
     family, depth = model.family, model.depth
@@ -487,7 +482,8 @@ def run(args: argparse.Namespace) -> int:
     check_fits(model, prompts, args.max_new_tokens, max(draft_lens + [args.prompt_lookup]), flag)
 
     result: dict = {"checkpoint": str(ckpt), "family": family, "depth": depth}
-    result.update(device=str(device), threads=torch.get_num_threads())
+    result.update(device=str(device), threads=torch.get_num_threads(), cpu=cpu_kind())
+    result.update(precision=precision.name, precision_reason=precision.reason)
     result.update(val_loss=None, val_accuracy=None)
     if corpus is not None:
         try:

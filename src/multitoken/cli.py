@@ -16,7 +16,13 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from multitoken.config import GenerateConfig, HeadConfig, TrainConfig, read_config_file
+from multitoken.config import (
+    GenerateConfig,
+    HeadConfig,
+    RuntimeConfig,
+    TrainConfig,
+    read_config_file,
+)
 from multitoken.errors import MultitokenError
 
 EXIT_USAGE = 2
@@ -99,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-file", help="file whose whole text is the prompt")
     gen.add_argument("--json", action="store_true", help="print text and statistics as JSON")
     add_dataclass_flags(gen, GenerateConfig, "decoding")
+    add_dataclass_flags(gen, RuntimeConfig, "hardware")
 
     dist = sub.add_parser(
         "distill",
@@ -142,10 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
     dist.add_argument("--out", required=True, help="JSONL file to append to")
     add_dataclass_flags(dist, GenerateConfig, "decoding")
+    add_dataclass_flags(dist, RuntimeConfig, "hardware")
 
     from multitoken import bench
 
-    bench.add_parser(sub)
+    add_dataclass_flags(bench.add_parser(sub), RuntimeConfig, "hardware")
 
     exp = sub.add_parser(
         "export",
@@ -226,15 +234,26 @@ class _TextStream:
         sys.stdout.write(text[self.shown :] + "\n")
 
 
+def _load_for_decoding(args: argparse.Namespace, heads: str | None = None):
+    """``--checkpoint`` loaded and placed on ``--device`` in ``--precision``, said in one line."""
+    import multitoken
+    from multitoken.hardware import place_for_decoding
+
+    runtime = RuntimeConfig.from_options(args)
+    runtime.validate()  # before minutes of loading a large model
+    model = multitoken.load(args.checkpoint, heads=heads, flag="--checkpoint")
+    precision = place_for_decoding(model, runtime.device, runtime.precision)
+    print(f"multitoken: {precision.describe()}", file=sys.stderr)
+    return model
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import json
-
-    import multitoken
 
     prompt = _read_prompt(args)
     if not prompt:
         raise MultitokenError("the prompt is empty", "--prompt")
-    model = multitoken.load(args.checkpoint, heads=args.heads, flag="--checkpoint")
+    model = _load_for_decoding(args, heads=args.heads)
     options = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(GenerateConfig)
@@ -258,7 +277,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    import multitoken
     from multitoken.checkpoint import is_run_or_checkpoint, read_meta, resolve_checkpoint
     from multitoken.data import Corpus
     from multitoken.distill import corpus_prompts, distill
@@ -286,7 +304,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         train_config = {} if plain else read_meta(resolve_checkpoint(ckpt))["train_config"]
         specs = args.data if args.data is not None else train_config.get("data")
         corpus = Corpus.from_specs(specs or None, train_config.get("val_fraction", 0.05))
-    model = multitoken.load(args.checkpoint, flag="--checkpoint")
+    model = _load_for_decoding(args)
     if prompts is None:
         prompts = corpus_prompts(corpus, model.tokenizer, args.from_corpus, args.prompt_tokens)
     options = {

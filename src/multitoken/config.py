@@ -19,6 +19,7 @@ import tomllib
 from multitoken.errors import MultitokenError
 
 FAMILIES = ("bpd", "meta", "deepseek")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +211,38 @@ class HeadConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# Hardware
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and in what precision a command computes (train, distill, generate, bench)."""
+
+    PRECISION_OPT = _opt(
+        "auto = bf16 where the device computes it natively and faster (CUDA with bf16; a CPU "
+        "with AVX512-BF16/AMX, confirmed by a timing), else fp32",
+        choices=PRECISIONS,
+    )
+    DEVICE_OPT = _opt("cpu, cuda, cuda:N or auto (CUDA where available)")
+
+    device: str = field(default="auto", metadata=DEVICE_OPT)
+    precision: str = field(default="auto", metadata=PRECISION_OPT)
+
+    @classmethod
+    def from_options(cls, options: Any) -> RuntimeConfig:
+        """From an object with (some of) these fields as attributes, e.g. parsed CLI flags."""
+        given = {f.name: getattr(options, f.name, None) for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise MultitokenError(f"unknown precision {self.precision!r}", "--precision")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise MultitokenError(f"unknown device {self.device!r}", "--device")
+
+
+# --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
 
@@ -278,11 +311,8 @@ class TrainConfig:
             "meta: head-by-head backward (Gloeckle §2); --no-meta-memory-efficient for naive"
         ),
     )
-    precision: str = field(
-        default="auto",
-        metadata=_opt("auto = bf16 autocast where supported", choices=("auto", "bf16", "fp32")),
-    )
-    device: str = field(default="auto", metadata=_opt("cpu, cuda, cuda:N or auto"))
+    precision: str = field(default=RuntimeConfig.precision, metadata=RuntimeConfig.PRECISION_OPT)
+    device: str = field(default=RuntimeConfig.device, metadata=RuntimeConfig.DEVICE_OPT)
     eval_every: int = field(default=100, metadata=_opt("steps between validation runs"))
     eval_batches: int = field(default=8, metadata=_opt("validation batches per evaluation"))
     log_every: int = field(default=10, metadata=_opt("steps between metrics.jsonl lines"))
@@ -323,10 +353,7 @@ class TrainConfig:
             raise MultitokenError(f"must be >= 0, got {self.grad_clip}", "--grad-clip")
         if not 0 <= self.min_lr_ratio <= 1:
             raise MultitokenError(f"must be in [0, 1], got {self.min_lr_ratio}", "--min-lr-ratio")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise MultitokenError(f"unknown precision {self.precision!r}", "--precision")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
-            raise MultitokenError(f"unknown device {self.device!r}", "--device")
+        RuntimeConfig(self.device, self.precision).validate()
         self.lambda_schedule()  # parse errors surface before anything is written
 
     # -- resolved values -----------------------------------------------------------------------

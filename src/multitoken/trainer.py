@@ -1,7 +1,7 @@
 """The trainer: one loop for every head family, from scratch or on a pretrained trunk.
 
 AdamW with warm-up + cosine decay, gradient clipping and accumulation, bf16 autocast where the
-device supports it, periodic validation reporting the trunk's loss and EACH head's loss and top-1
+device computes bf16 natively (``multitoken.hardware``), periodic validation reporting the trunk's loss and EACH head's loss and top-1
 accuracy, a progress bar with tokens/s, ``OUT/metrics.jsonl``, atomic checkpoints and
 ``--resume``. The same code runs under ``torchrun`` with DDP (gloo on CPU, NCCL on GPU).
 """
@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from multitoken.checkpoint import (
 from multitoken.config import TrainConfig
 from multitoken.data import Corpus
 from multitoken.errors import MultitokenError
+from multitoken.hardware import choose_precision, resolve_device
 from multitoken.model import MTPModel
 from multitoken.packing import PackedStream, validation_batches
 from multitoken.tokenizer import load_tokenizer
@@ -85,27 +87,6 @@ def _init_distributed(device: torch.device) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device("cuda", local)
-        return torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MultitokenError("CUDA is not available on this machine", "--device")
-    return device
-
-
-def _autocast(device: torch.device, precision: str):
-    bf16_ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if precision == "bf16" and not bf16_ok:
-        raise MultitokenError(f"bf16 is not supported on {device}", "--precision")
-    if precision == "fp32" or not bf16_ok:
-        return contextlib.nullcontext, "fp32"
-    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16"
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -252,13 +233,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train as ``cfg`` says. ``on_step(step)`` is called after each optimizer step."""
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     ddp = _init_distributed(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
     out, corpus, tokenizer, model, resume_ckpt = _prepare(cfg, device)
-    autocast, precision = _autocast(device, cfg.precision)
+    precision = choose_precision(cfg.precision, device)
+    autocast = precision.autocast(device)
+    if ddp.main:
+        print(f"multitoken: {precision.describe()}", file=sys.stderr)
     schedule = cfg.lambda_schedule()
 
     stream = PackedStream(

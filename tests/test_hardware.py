@@ -1,0 +1,122 @@
+"""Precision from the hardware: bf16 only where the device computes it natively and faster."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from multitoken import hardware
+from multitoken.errors import MultitokenError
+from multitoken.hardware import choose_precision, place_for_decoding, resolve_device
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def cpu_probe(monkeypatch):
+    """Force what the CPU probe sees: (oneDNN claims bf16, bf16 matmul seconds / fp32's)."""
+
+    def force(claims: bool, bf16_over_fp32: float = 0.5) -> None:
+        hardware.cpu_bf16_native.cache_clear()
+        monkeypatch.setattr(hardware, "_oneDNN_claims_bf16", lambda: claims)
+        seconds = {torch.float32: 1e-3, torch.bfloat16: 1e-3 * bf16_over_fp32}
+        monkeypatch.setattr(hardware, "_matmul_seconds", lambda dtype: seconds[dtype])
+
+    yield force
+    hardware.cpu_bf16_native.cache_clear()
+
+
+def test_auto_is_fp32_on_a_cpu_without_native_bf16(cpu_probe):
+    cpu_probe(claims=False)
+    chosen = choose_precision("auto", CPU)
+    assert chosen.name == "fp32" and chosen.dtype == torch.float32
+    assert "without native bf16" in chosen.describe()
+
+
+def test_auto_is_bf16_where_the_cpu_has_it_and_it_is_faster(cpu_probe):
+    cpu_probe(claims=True, bf16_over_fp32=0.4)
+    chosen = choose_precision("auto", CPU)
+    assert chosen.name == "bf16" and chosen.dtype == torch.bfloat16
+    assert "2.5x faster" in chosen.reason
+
+
+def test_a_cpu_that_claims_bf16_but_emulates_it_gets_fp32(cpu_probe):
+    cpu_probe(claims=True, bf16_over_fp32=19.0)
+    chosen = choose_precision("auto", CPU)
+    assert chosen.name == "fp32" and "emulated" in chosen.reason
+
+
+def test_explicit_choices_are_honoured_and_emulated_bf16_warns(cpu_probe, caplog):
+    cpu_probe(claims=False)
+    assert choose_precision("fp32", CPU).name == "fp32"
+    with caplog.at_level(logging.WARNING, logger="multitoken"):
+        assert choose_precision("bf16", CPU).name == "bf16"
+    assert "emulated" in caplog.text
+    with pytest.raises(MultitokenError, match="--precision: unknown precision 'fp16'"):
+        choose_precision("fp16", CPU)
+
+
+def test_the_real_probe_agrees_with_onednn_and_is_cached():
+    hardware.cpu_bf16_native.cache_clear()
+    native, why = hardware.cpu_bf16_native()
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert not native and "without native bf16" in why
+    assert hardware.cpu_bf16_native() == (native, why)  # one timing per process
+
+
+def test_autocast_runs_matmuls_in_the_chosen_precision(cpu_probe):
+    a = torch.randn(4, 4)
+    for claims, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        cpu_probe(claims=claims)
+        with choose_precision("auto", CPU).autocast(CPU)():
+            assert (a @ a).dtype == dtype
+
+
+@pytest.mark.parametrize("claims,dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_decoding_follows_the_choice(cpu_probe, claims, dtype):
+    cpu_probe(claims=claims)
+    model = torch.nn.Linear(4, 4).to(torch.float16)  # a half-precision folder, loaded as saved
+    chosen = place_for_decoding(model, "cpu", "auto")
+    assert model.weight.dtype == dtype == chosen.dtype
+
+
+def test_training_says_which_precision_and_computes_in_it(cpu_probe, tmp_path, capsys, monkeypatch):
+    import multitoken
+    from multitoken import model as model_module
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n" * 200)
+    logits_dtypes = []
+
+    def recording(logits, labels):
+        logits_dtypes.append(logits.dtype)
+        return cross_entropy(logits, labels)
+
+    cross_entropy = model_module.cross_entropy
+    monkeypatch.setattr(model_module, "cross_entropy", recording)
+    for claims, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        cpu_probe(claims=claims)
+        logits_dtypes.clear()
+        multitoken.train(
+            data=[str(corpus)],
+            family="bpd",
+            depth=1,
+            max_steps=1,
+            seq_len=16,
+            batch_size=2,
+            eval_batches=1,
+            out=str(tmp_path / f"run-{claims}"),
+        )
+        expected = f"precision: {'bf16' if claims else 'fp32'} (auto: CPU"
+        assert expected in capsys.readouterr().err
+        assert logits_dtypes and set(logits_dtypes) == {dtype}
+
+
+def test_bad_devices_are_one_line_errors():
+    with pytest.raises(MultitokenError, match="--device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MultitokenError, match="--device: CUDA is not available"):
+            resolve_device("cuda")
