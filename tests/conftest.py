@@ -41,3 +41,41 @@ def perturb_heads(model, seed: int = 0, scale: float = 0.05):
 def tokens() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(3, VOCAB, (2, 13), generator=g)
+
+
+def two_token_law(trunk, prompt: list[int], vocab: int) -> torch.Tensor:
+    """[vocab * vocab] the trunk's joint law of the first two sampled tokens at temperature 1:
+    p(x1) p(x2 | x1), flattened as x1 * vocab + x2."""
+    from multitoken.sampling import Sampling, probs
+
+    sampling = Sampling(temperature=1.0)
+    with torch.no_grad():
+        first = probs(trunk(torch.tensor([prompt])).logits[0, -1], sampling)
+        second = torch.stack(
+            [
+                probs(trunk(torch.tensor([prompt + [t]])).logits[0, -1], sampling)
+                for t in range(vocab)
+            ]
+        )
+    return (first[:, None] * second).flatten()
+
+
+def two_token_counts(outputs: list[list[int]], vocab: int) -> torch.Tensor:
+    counts = torch.zeros(vocab * vocab)
+    for toks in outputs:
+        counts[toks[0] * vocab + toks[1]] += 1
+    return counts
+
+
+def assert_chi_square_fits(counts: torch.Tensor, expected: torch.Tensor) -> None:
+    """Pearson's chi-square of ``counts`` against the law ``expected`` at the 0.999 quantile
+    (Wilson-Hilferty), so a correct sampler fails 1 time in 1000."""
+    n = float(counts.sum())
+    mask = expected * n >= 5  # chi-square needs expected counts >= 5 per cell
+    e, o = expected[mask] * n, counts[mask]
+    e = e * (o.sum() / e.sum())
+    chi2 = float(((o - e) ** 2 / e).sum())
+    dof = int(mask.sum()) - 1
+    z = 3.090
+    critical = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+    assert chi2 < critical, (chi2, critical, dof)

@@ -105,6 +105,7 @@ def test_json_has_the_documented_keys(report):
         ("plain", None),
         ("speculative", 1),
         ("speculative", 2),
+        ("auto", None),
         ("hf_greedy", None),
         ("prompt_lookup", 2),
         ("assisted", None),
@@ -113,6 +114,8 @@ def test_json_has_the_documented_keys(report):
         assert RUN_KEYS <= set(run), run["method"]
         assert run["tokens"] == PROMPTS * NEW  # EOS stopped no method early
     assert set(result["verify_cost"]) >= {"q", "c"}
+    for key in ("device", "cpu", "threads", "precision"):
+        assert key in result
 
 
 def test_every_method_reproduces_plain_decoding(report):
@@ -145,11 +148,30 @@ def test_tau_acceptance_and_verify_cost(report):
             assert len(run["acceptance"]) == run["draft_len"]
             assert all(0.0 <= a <= 1.0 for a in run["acceptance"])
             assert run["trunk_passes"] <= PROMPTS * NEW
+            assert run["draft_len_counts"] == {str(run["draft_len"]): run["trunk_passes"] - 2}
+            assert run["draft_ms_per_step"] > 0 and run["draft_cost"] > 0
+        if run["method"] == "auto":  # K in 0..D each step, one per step after the prefill
+            assert 1.0 <= run["tau"] <= 3 and len(run["acceptance"]) == 2
+            counts = {int(k): n for k, n in run["draft_len_counts"].items()}
+            assert set(counts) <= {0, 1, 2} and sum(counts.values()) == run["trunk_passes"] - 2
+            assert 0 <= run["mean_draft_len"] <= 2 and run["verify_bound"] > 0
         if run["method"] in ("plain", "hf_greedy"):
             assert run["tau"] == 1.0 and run["trunk_passes"] == PROMPTS * NEW
     cost = result["verify_cost"]
     assert cost["q"] == [1, 2, 3]  # up to max(K) + 1
     assert cost["c"][0] == 1.0 and all(c > 0 for c in cost["c"])
+
+
+def test_the_printed_report_names_the_machine_and_what_auto_chose(report):
+    from multitoken.bench_plot import format_report
+
+    result, _ = report
+    text = format_report(result)
+    assert text.splitlines()[0].startswith(f"machine: {result['device']}")
+    assert result["precision"] in text.splitlines()[0]
+    assert "verify cost: c(1)=1.00" in text and "auto chose, per step: K=" in text
+    auto = next(line for line in text.splitlines() if line.startswith("auto "))
+    assert "~" in auto  # the mean K its steps chose
 
 
 def test_plot_is_a_png_and_no_temp_file_is_left(report):
@@ -214,6 +236,7 @@ def test_python_api_on_a_random_trunk_whose_drafts_often_fail():
     result = bench.bench(model, prompts, [1, 2, 4], 12, prompt_lookup=2, progress=False)
     runs = {(r["method"], r["draft_len"]): r for r in result["runs"]}
     assert all(r["identical"] for r in runs.values())
+    assert ("auto", None) in runs and result["cpu"] and result["dtype"] == "float32"
     assert runs[("speculative", 4)]["tau"] < 5  # not every draft was accepted
     assert len(runs[("speculative", 4)]["acceptance"]) == 4
     assert result["verify_cost"]["q"] == [1, 2, 3, 4, 5]
@@ -229,3 +252,41 @@ def test_repeated_ngram_share_tells_loops_from_fresh_text():
     assert repeated_ngram_share([prompt], [loop], n=4) > 0.7
     copied = prompt[:]  # the output copies its prompt: prompt lookup's best case
     assert repeated_ngram_share([prompt], [copied], n=4) > 0.6
+
+
+def test_several_heads_on_one_trunk_share_the_baselines(tmp_path):
+    """Families side by side on one trunk: plain/transformers rows once, ours per heads, each
+    labelled and checked against the one plain reference; heads for another trunk refused."""
+    from multitoken.bench_plot import format_report, plot
+    from multitoken.config import HeadConfig
+    from multitoken.model import MTPModel
+
+    trunk = micro_llama(seed=4)
+    model = MTPModel(trunk, HeadConfig(family="bpd", depth=2)).eval()
+    also = {
+        "meta": MTPModel(trunk, HeadConfig(family="meta", depth=1)).eval(),
+        "deepseek": MTPModel(trunk, HeadConfig(family="deepseek", depth=2)).eval(),
+    }
+    result = bench.bench(model, [[5, 6, 7, 8]], [1, 2], 10, prompt_lookup=0, also=also)
+    rows = [(r["method"], r["draft_len"], r.get("heads")) for r in result["runs"]]
+    assert rows == [
+        ("plain", None, None),
+        ("speculative", 1, "bpd"),
+        ("speculative", 2, "bpd"),
+        ("auto", None, "bpd"),
+        ("speculative", 1, "meta"),  # meta D = 1 cannot draft 2
+        ("auto", None, "meta"),
+        ("speculative", 1, "deepseek"),
+        ("speculative", 2, "deepseek"),
+        ("auto", None, "deepseek"),
+        ("hf_greedy", None, None),
+    ]
+    assert all(r["identical"] for r in result["runs"])
+    text = format_report(result)
+    assert "speculative (meta)" in text and "auto (deepseek) chose" in text
+    result["prompts"] = {"count": 1}
+    plot(result, tmp_path / "several.png")
+    assert (tmp_path / "several.png").read_bytes()[:4] == b"\x89PNG"
+    stranger = MTPModel(micro_llama(seed=4), HeadConfig(family="bpd", depth=1)).eval()
+    with pytest.raises(MultitokenError, match="same trunk"):
+        bench.bench(model, [[5, 6, 7, 8]], [1], 4, prompt_lookup=0, also={"x": stranger})

@@ -314,6 +314,8 @@ def test_distill_writes_the_trunks_own_continuations_and_resumes(checkpoint, tmp
         "6",
         "--batch-size",
         "2",
+        "--precision",
+        "fp32",  # as multitoken.load below decodes
         "--out",
         str(out),
     ]

@@ -16,10 +16,12 @@ import torch
 from multitoken.data import Corpus, iter_texts, resolve_sources, split_files, stdlib_files
 from multitoken.errors import MultitokenError
 from multitoken.packing import PackedStream, validation_batches
-from multitoken.tokenizer import ByteTokenizer, HFTokenizer
+from multitoken.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from multitoken.tokenizer_export import byte_level_backend
 
 TOK = ByteTokenizer()
+# Ids are bytes as for TOK, but a whole text starts with <bos> (256), as a Llama tokenizer's does.
+BOS_TOK = HFTokenizer(byte_level_backend(), eos="<eos>", added_specials={"prefix": ["<bos>"]})
 
 
 def make_files(folder: Path, count: int = 6) -> list[Path]:
@@ -33,11 +35,12 @@ def make_files(folder: Path, count: int = 6) -> list[Path]:
     return files
 
 
-def expected_tokens(files: list[Path]) -> list[int]:
-    """The stream's definition: each document's ids, then eos, in order."""
+def expected_tokens(files: list[Path], tok: Tokenizer = TOK) -> list[int]:
+    """The stream's definition: each document's ids as a whole text, then eos, in order."""
     ids: list[int] = []
     for path in files:
-        ids += TOK.encode(path.read_text(encoding="utf-8")) + [TOK.eos_id]
+        ids += tok.encode(path.read_text(encoding="utf-8"), add_special_tokens=True)
+        ids.append(tok.eos_id)
     return ids
 
 
@@ -133,22 +136,31 @@ def test_single_file_corpus_splits_by_bytes(tmp_path: Path) -> None:
     whole = path.read_text(encoding="utf-8")
     assert texts[0] + texts[1] == whole
     assert 0.85 < len(texts[0]) / len(whole) < 0.95
+    # The document starts in the training part; the validation part continues it: no <bos>.
+    starts = []
+    for split in ("train", "val"):
+        kwargs = corpus.stream_kwargs(split)
+        stream = PackedStream([path], BOS_TOK, 1, 1, loop=False, shuffle=False, **kwargs)
+        ids = unpack(list(stream), 1)
+        starts.append((ids[0] == BOS_TOK.bos_id, ids.count(BOS_TOK.bos_id)))
+    assert starts == [(True, 1), (False, 0)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Packing and streaming
 
 
+@pytest.mark.parametrize("tok", [TOK, BOS_TOK], ids=["bytes", "bos"])
 @pytest.mark.parametrize("block_bytes", [1 << 20, 16, 7])
-def test_rows_round_trip_to_documents(tmp_path: Path, block_bytes: int) -> None:
+def test_rows_round_trip_to_documents(tmp_path: Path, block_bytes: int, tok: Tokenizer) -> None:
     files = make_files(tmp_path)
     seq_len = 9
     stream = PackedStream(
-        files, TOK, seq_len, 2, loop=False, shuffle=False, block_bytes=block_bytes
+        files, tok, seq_len, 2, loop=False, shuffle=False, block_bytes=block_bytes
     )
     batches = list(stream)
     assert all(batch.shape == (2, seq_len + 1) and batch.dtype == torch.long for batch in batches)
-    got, want = unpack(batches, seq_len), expected_tokens(files)
+    got, want = unpack(batches, seq_len), expected_tokens(files, tok)
     assert got == want[: len(got)]
     assert len(want) - len(got) < 2 * seq_len  # only the last partial batch is dropped
 
@@ -162,16 +174,19 @@ def test_shuffled_epochs_follow_the_seeded_order(tmp_path: Path) -> None:
     assert got == expected_tokens([files[i] for i in order])[: len(got)]
 
 
+@pytest.mark.parametrize("tok", [TOK, BOS_TOK], ids=["bytes", "bos"])
 @pytest.mark.parametrize("block_bytes", [1 << 20, 13])
-def test_resume_yields_exactly_the_same_batches(tmp_path: Path, block_bytes: int) -> None:
+def test_resume_yields_exactly_the_same_batches(
+    tmp_path: Path, block_bytes: int, tok: Tokenizer
+) -> None:
     files = make_files(tmp_path, count=4)
     kwargs = dict(seq_len=6, batch_size=3, seed=7, block_bytes=block_bytes)
-    reference = take(PackedStream(files, TOK, **kwargs), 120)
+    reference = take(PackedStream(files, tok, **kwargs), 120)
     for before in [0, 1, 5, 17, 40, 77]:
-        stream = PackedStream(files, TOK, **kwargs)
+        stream = PackedStream(files, tok, **kwargs)
         assert all(torch.equal(a, b) for a, b in zip(take(stream, before), reference))
         state = json.loads(json.dumps(stream.state_dict()))
-        resumed = PackedStream(files, TOK, **kwargs)
+        resumed = PackedStream(files, tok, **kwargs)
         resumed.load_state_dict(state)
         assert resumed.state_dict() == state
         for a, b in zip(take(resumed, 30), reference[before : before + 30]):

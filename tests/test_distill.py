@@ -56,10 +56,13 @@ def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def greedy_completion(folder: Path, prompt: str, eos_id: int | None = None) -> tuple[str, list]:
-    """transformers' own greedy generate on the encoded prompt: the reference decoding."""
+def greedy_completion(
+    folder: Path, prompt: str, eos_id: int | None = None, chat: bool = False
+) -> tuple[str, list]:
+    """transformers' own greedy generate on the encoded prompt: the reference decoding. A
+    rendered ``chat`` is encoded as it is, plain text as a whole text (as transformers does)."""
     model = multitoken.load(folder)
-    ids = torch.tensor([model.tokenizer.encode(prompt)])
+    ids = torch.tensor([model.tokenizer.encode(prompt, add_special_tokens=not chat)])
     eos = model.tokenizer.eos_id if eos_id is None else eos_id
     with torch.no_grad():
         out = model.trunk.generate(
@@ -108,7 +111,7 @@ def test_distill_chat_prompts_from_a_plain_folder_and_resume(
         # The prompt is the chat rendered with a generation prompt (written out by hand here).
         rendered = "".join(f"<|{m['role']}|>{m['content']}<|end|>\n" for m in chat)
         assert record["prompt"] == rendered + "<|assistant|>"
-        want, ids = greedy_completion(folder, record["prompt"])
+        want, ids = greedy_completion(folder, record["prompt"], chat=True)
         assert ids, "the reference decoded nothing: the test would prove little"
         assert record["completion"] == want
         # The answer is a new turn, and the whole chat is rendered with the template's markers.

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import micro_llama, perturb_heads
+from conftest import (
+    assert_chi_square_fits,
+    micro_llama,
+    perturb_heads,
+    two_token_counts,
+    two_token_law,
+)
 
 from multitoken.config import HeadConfig
+from multitoken.costs import CostModel
 from multitoken.generate import generate
 from multitoken.model import MTPModel
-from multitoken.sampling import Sampling, probs
 
 PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 
@@ -173,8 +179,10 @@ def test_cached_drafts_equal_full_recomputation_after_many_steps(family, K):
     assert checked.checked >= 10
 
 
-def test_sampled_speculative_decoding_follows_the_trunk_distribution():
-    """Invariant 2: chi-square on the joint law of the first two sampled tokens, vocabulary 8."""
+@pytest.mark.parametrize("draft_len", [2, "auto"])
+def test_sampled_speculative_decoding_follows_the_trunk_distribution(draft_len):
+    """Invariant 2: chi-square on the joint law of the first two sampled tokens, vocabulary 8.
+    ``auto``: with these costs it verifies K = 1 of the 2 drafts the stateful chain drafts."""
     torch.manual_seed(0)
     model = model_of("deepseek", depth=2, vocab=8)
     with torch.no_grad():  # heads far from the trunk, so rejections and residuals are exercised
@@ -182,31 +190,14 @@ def test_sampled_speculative_decoding_follows_the_trunk_distribution():
             p.add_(torch.randn_like(p))
         model.trunk.lm_head.weight.mul_(6.0)  # peaked, non-uniform distributions
     prompt = [1, 2, 3]
-    sampling = Sampling(temperature=1.0)
-    with torch.no_grad():
-        first = probs(model.trunk(torch.tensor([prompt])).logits[0, -1], sampling)
-        second = torch.stack(
-            [
-                probs(model.trunk(torch.tensor([prompt + [t]])).logits[0, -1], sampling)
-                for t in range(8)
-            ]
-        )
-    expected = (first[:, None] * second).flatten()  # [64] joint law of (x1, x2)
+    expected = two_token_law(model.trunk, prompt, 8)  # [64] joint law of (x1, x2)
     n = 3000
-    out = generate(model, [prompt] * n, max_new_tokens=3, draft_len=2, temperature=1.0, seed=7)
+    costs = CostModel([1.0, 1.05, 4.0], t1_s=1e-3, prior_draft=0.05, learn_draft=False)
+    options = dict(draft_len=draft_len, temperature=1.0, seed=7, costs=costs)
+    out = generate(model, [prompt] * n, max_new_tokens=3, **options)
+    assert out.stats.draft_lens[0] == (2 if draft_len == 2 else 1)
     assert out.stats.acceptance[0] < 0.8  # drafts do get rejected
-    counts = torch.zeros(64)
-    for toks in out.tokens:
-        counts[toks[0] * 8 + toks[1]] += 1
-    mask = expected * n >= 5  # chi-square needs expected counts >= 5 per cell
-    e, o = expected[mask] * n, counts[mask]
-    e = e * (o.sum() / e.sum())
-    chi2 = float(((o - e) ** 2 / e).sum())
-    dof = int(mask.sum()) - 1
-    # 0.999 quantile of chi-square (Wilson-Hilferty), so a correct sampler fails 1 time in 1000
-    z = 3.090
-    critical = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
-    assert chi2 < critical, (chi2, critical, dof)
+    assert_chi_square_fits(two_token_counts(out.tokens, 8), expected)
 
 
 def test_typical_acceptance_follows_its_threshold():
@@ -226,3 +217,75 @@ def test_typical_acceptance_is_opt_in_and_says_it_is_lossy(caplog):
     assert any("lossy" in r.message for r in caplog.records)
     with pytest.raises(ValueError, match="--typical"):
         generate(model, PROMPTS[:1], max_new_tokens=5, typical=0.09)  # greedy: nothing to type
+
+
+class TrunkSpy:
+    """Records, for every trunk forward, how many tokens went in and how many positions' logits
+    were asked for and came out."""
+
+    def __init__(self, model: MTPModel) -> None:
+        self.calls: list[tuple[int, object, int]] = []
+        self.hooks = [
+            model.trunk.register_forward_pre_hook(self.before, with_kwargs=True),
+            model.trunk.register_forward_hook(self.after, with_kwargs=True),
+        ]
+
+    def before(self, _module, _args, kwargs):
+        keep = kwargs.get("logits_to_keep", 0)
+        self.asked = keep.tolist() if torch.is_tensor(keep) else keep
+        self.q = kwargs["input_ids"].size(1)
+
+    def after(self, _module, _args, _kwargs, output):
+        self.calls.append((self.q, self.asked, output.logits.size(1)))
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
+def test_prefill_computes_logits_at_each_rows_last_position_only(family):
+    model = model_of(family, depth=2)
+    spy = TrunkSpy(model)
+    try:
+        alone = generate(model, [PROMPTS[2]], max_new_tokens=6, draft_len=2)
+        batch = generate(model, PROMPTS, max_new_tokens=6, draft_len=2)
+    finally:
+        spy.remove()
+    calls = spy.calls
+    assert calls[0] == (11, 1, 1)  # one prompt of 11 tokens: the last position's logits only
+    prefill = next(c for c in calls[1:] if c[0] == 11)  # the batch: right-padded to 11
+    assert prefill == (11, [[4], [0], [10]], 1)  # each row's own last position
+    assert alone.tokens == [hf_greedy(model, PROMPTS[2], 6)]
+    for prompt, tokens in zip(PROMPTS, batch.tokens):
+        assert tokens == hf_greedy(model, prompt, 6)
+
+
+def test_verify_asks_for_the_k_plus_1_positions_it_checks():
+    model = model_of("bpd")
+    spy = TrunkSpy(model)
+    try:
+        generate(model, PROMPTS, max_new_tokens=12, draft_len=3)
+        passes_spec = len(spy.calls)
+        generate(model, PROMPTS, max_new_tokens=12, speculate=False)
+    finally:
+        spy.remove()
+    spec, plain = spy.calls[1:passes_spec], spy.calls[passes_spec + 1 :]
+    assert spec and all(c == (4, 4, 4) for c in spec)  # pending + 3 drafts, 4 logits
+    assert plain and all(c == (1, 1, 1) for c in plain)
+
+
+def test_a_trunk_without_logits_to_keep_decodes_the_same(monkeypatch):
+    """Some models take no ``logits_to_keep``: they return every position's logits, and the
+    decoder picks each row's last one itself."""
+    import multitoken.generate as decoding
+
+    model = model_of("deepseek", depth=2)
+    expected = generate(model, PROMPTS, max_new_tokens=8, draft_len=2).tokens
+    monkeypatch.setattr(decoding, "_takes_logits_to_keep", lambda cls: False)
+    spy = TrunkSpy(model)
+    try:
+        assert generate(model, PROMPTS, max_new_tokens=8, draft_len=2).tokens == expected
+    finally:
+        spy.remove()
+    assert spy.calls[0] == (11, 0, 11)  # nothing asked: all 11 positions came back

@@ -74,12 +74,26 @@ def test_autocast_runs_matmuls_in_the_chosen_precision(cpu_probe):
             assert (a @ a).dtype == dtype
 
 
-@pytest.mark.parametrize("claims,dtype", [(True, torch.bfloat16), (False, torch.float32)])
-def test_decoding_follows_the_choice(cpu_probe, claims, dtype):
+@pytest.mark.parametrize("claims", [True, False])
+def test_decoding_on_a_cpu_is_fp32_unless_asked(cpu_probe, claims, caplog):
+    """bf16 verify passes can flip near-ties that one-token passes resolve the other way, so
+    auto decodes in fp32 on a CPU with or without native bf16; bf16 on request, with a warning."""
     cpu_probe(claims=claims)
     model = torch.nn.Linear(4, 4).to(torch.float16)  # a half-precision folder, loaded as saved
     chosen = place_for_decoding(model, "cpu", "auto")
-    assert model.weight.dtype == dtype == chosen.dtype
+    assert model.weight.dtype == torch.float32 == chosen.dtype
+    with caplog.at_level(logging.WARNING, logger="multitoken"):
+        chosen = place_for_decoding(model, "cpu", "bf16")
+    assert model.weight.dtype == torch.bfloat16 == chosen.dtype
+    assert "near-tie" in caplog.text
+
+
+def test_decoding_on_a_gpu_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr(hardware, "bf16_native", lambda device: (True, "a GPU with bf16"))
+    chosen = hardware.decode_precision("auto", torch.device("cuda"))
+    assert chosen.name == "bf16"
+    monkeypatch.setattr(hardware, "bf16_native", lambda device: (False, "a GPU without bf16"))
+    assert hardware.decode_precision("auto", torch.device("cuda")).name == "fp32"
 
 
 def test_training_says_which_precision_and_computes_in_it(cpu_probe, tmp_path, capsys, monkeypatch):

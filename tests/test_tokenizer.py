@@ -95,7 +95,7 @@ def test_load_tokenizer_from_file_or_model_folder(bpe: HFTokenizer, tmp_path: Pa
     assert (configured.eos_id, configured.pad_id) == (bpe.pad_id, bpe.eos_id)
 
 
-def test_encode_adds_no_post_processor_specials(tmp_path: Path) -> None:
+def test_post_processor_specials_only_around_a_whole_text(tmp_path: Path) -> None:
     tok = tokenizers.Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "hi": 2}, unk_token="</s>"))
     tok.add_special_tokens(["<s>", "</s>"])
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
@@ -104,7 +104,11 @@ def test_encode_adds_no_post_processor_specials(tmp_path: Path) -> None:
     )
     wrapped = HFTokenizer(tok)
     assert (wrapped.bos_id, wrapped.eos_id, wrapped.pad_id) == (0, 1, 1)
-    assert wrapped.encode("hi hi") == [2, 2]
+    assert wrapped.encode("hi hi") == [2, 2]  # a fragment
+    assert wrapped.encode("hi hi", add_special_tokens=True) == [0, 2, 2, 1]  # a whole text
+    assert (wrapped.added_specials.prefix, wrapped.added_specials.suffix) == ((0,), (1,))
+    # The byte tokenizer adds nothing: from-scratch trunks were always trained that way.
+    assert ByteTokenizer().encode("hi", add_special_tokens=True) == ByteTokenizer().encode("hi")
 
 
 @pytest.mark.parametrize("content", [None, "{not json", '{"model": 1}'])

@@ -4,13 +4,16 @@ A high τ can come with a wall-clock slowdown (drafting costs time, and a verify
 tokens costs more than a pass over 1), and a weak trunk that loops inflates τ (shared/DESIGN.md
 §Figures, §Measured). So every method below decodes the same prompts greedily, one prompt at a
 time, exactly ``max_new_tokens`` tokens each (EOS stops nobody). Each one is checked token for
-token against our plain decoding and timed. The report adds the verify-cost curve
-c(q) = time(trunk pass over q new tokens) / time(1 token), which bounds the speedup at
-τ / c(K+1), and the trunk's validation loss, without which τ cannot be read. Every τ is measured
-on the trunk's own greedy output, not on validation text.
+token against our plain decoding and timed. The report adds the machine (CPU kind, threads,
+precision), the verify-cost curve c(q) = time(trunk pass over q new tokens) / time(1 token) —
+measured first, by the same function ``--draft-len auto`` uses, and kept for its runs — which
+bounds the speedup at τ / c(K+1), the heads' drafting cost per step, and the trunk's validation
+loss, without which τ cannot be read. Every τ is measured on the trunk's own greedy output, not
+on validation text.
 
     plain           ours, the trunk alone: the reference output
     speculative     ours, self-speculative with K drafts, for each K
+    auto            ours, self-speculative with K chosen before each step (``--draft-len auto``)
     hf_greedy       ``model.trunk.generate`` greedy: the baseline a user would otherwise run
     prompt_lookup   ``generate(prompt_lookup_num_tokens=N)``: speculation without a draft model
     assisted        ``generate(assistant_model=...)`` with a separate small draft model
@@ -27,18 +30,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from multitoken.config import RuntimeConfig
+from multitoken.costs import remember_cost, verify_cost
 from multitoken.errors import MultitokenError
 from multitoken.generate import generate
 from multitoken.hardware import cpu_kind, place_for_decoding, sync
 from multitoken.model import MTPModel
-from multitoken.prompts import read_prompts, window_prompts
+from multitoken.prompts import read_prompt_records, window_prompts
 
-PLAIN, SPECULATIVE = "plain", "speculative"
+PLAIN, SPECULATIVE, AUTO = "plain", "speculative", "auto"
 HF_GREEDY, PROMPT_LOOKUP, ASSISTED = "hf_greedy", "prompt_lookup", "assisted"
-VERIFY_REPEATS = 7
+OURS_SPECULATIVE = (SPECULATIVE, AUTO)
 
 # A method decodes one prompt: (new tokens, trunk passes, our Stats or None for transformers').
 Decode = Callable[[list[int]], tuple[list[int], int, object]]
@@ -74,8 +78,9 @@ def parse_draft_lens(text: str | None, family: str, depth: int) -> list[int]:
 
 
 def read_prompt_file(path: str | Path, tokenizer) -> list[list[int]]:
-    """Token ids of the prompts in a file (see :func:`multitoken.prompts.read_prompts`)."""
-    return [tokenizer.encode(text) for text in read_prompts(path, tokenizer)]
+    """Token ids of the prompts in a file, as the model expects them (see
+    :meth:`multitoken.prompts.Prompt.encode`)."""
+    return [prompt.encode(tokenizer) for prompt in read_prompt_records(path)]
 
 
 def load_draft_model(path: str | Path, vocab_size: int) -> PreTrainedModel:
@@ -121,8 +126,9 @@ def outputs_identical(outputs: list[list[int]], reference: list[list[int]]) -> b
     )
 
 
-def ours(model: MTPModel, new: int, K: int | None) -> Decode:
-    """Our decoder for one prompt; ``K`` None is plain decoding (the trunk alone)."""
+def ours(model: MTPModel, new: int, K: int | str | None) -> Decode:
+    """Our decoder for one prompt; ``K`` None is plain decoding (the trunk alone), ``"auto"``
+    chooses K before each step."""
 
     def decode(prompt: list[int]):
         spec = dict(draft_len=K or 1, speculate=K is not None, temperature=0.0)
@@ -202,7 +208,7 @@ def measure(
         "method": name,
         "draft_len": K,
         "tau": tokens / passes if passes else None,
-        "acceptance": pooled_acceptance(stats) if name == SPECULATIVE else None,
+        "acceptance": pooled_acceptance(stats) if name in OURS_SPECULATIVE else None,
         "trunk_passes": passes,
         "tokens": tokens,
         "wall_s": wall,
@@ -211,36 +217,19 @@ def measure(
         "speedup_vs_hf_greedy": None,
         "identical": all(outputs_identical(outs, reference) for outs in repeat_outputs),
     }
+    if name in OURS_SPECULATIVE:
+        run.update(_drafting(stats))
     return run, repeat_outputs[0]
 
 
-@torch.no_grad()
-def verify_cost(
-    model: MTPModel, prompt: list[int], q_max: int, repeats: int = VERIFY_REPEATS
-) -> dict:
-    """c(q) for q = 1..q_max: one trunk pass over q new tokens on a cache holding ``prompt``,
-    relative to q = 1 (median of ``repeats``). The q's take turns within each repeat so that
-    drift (other load, clock changes) hits all alike; the cache is cropped back after each."""
-    trunk, device = model.trunk, model.parts.embed.weight.device
-    cache = DynamicCache(config=trunk.config)
-    trunk(input_ids=torch.tensor([prompt], device=device), cache=cache, use_cache=True)
-    tiled = (prompt * (q_max // len(prompt) + 1))[:q_max]
-    inputs = {q: torch.tensor([tiled[:q]], device=device) for q in range(1, q_max + 1)}
-    samples: dict[int, list[float]] = {q: [] for q in inputs}
-    for repeat in range(repeats + 1):  # repeat 0 warms up
-        for q, ids in inputs.items():
-            sync(device)
-            start = time.perf_counter()
-            trunk(input_ids=ids, cache=cache, use_cache=True)
-            sync(device)
-            if repeat:
-                samples[q].append(time.perf_counter() - start)
-            cache.crop(-q)
-    t1 = statistics.median(samples[1])
+def _drafting(stats: list) -> dict:
+    """The K each step drafted (pooled over prompts) and the heads' time per drafting step."""
+    ks = [k for s in stats for k in s.draft_lens]
+    steps = sum(s.draft_steps for s in stats)
     return {
-        "q": list(inputs),
-        "c": [statistics.median(samples[q]) / t1 for q in inputs],
-        "t1_s": t1,
+        "draft_len_counts": {str(k): ks.count(k) for k in sorted(set(ks))},
+        "mean_draft_len": statistics.fmean(ks) if ks else 0.0,
+        "draft_ms_per_step": 1e3 * sum(s.draft_s for s in stats) / steps if steps else 0.0,
     }
 
 
@@ -258,14 +247,22 @@ def bench(
     prompt_lookup: int = 3,
     repeats: int = 1,
     progress: bool = True,
+    also: dict[str, MTPModel] | None = None,
 ) -> dict:
     """Run every method on ``prompts``; return ``{"runs": [...], "verify_cost": {...},
-    "repeated_8gram_share": x}`` (see :func:`repeated_ngram_share`).
+    "repeated_8gram_share": x, "device", "cpu", "threads", "dtype"}`` (see
+    :func:`repeated_ngram_share`).
 
     A run holds method, draft_len, tau, acceptance, trunk_passes, tokens, wall_s, tokens_per_s,
-    speedup_vs_plain, speedup_vs_hf_greedy, identical, and for speculative runs verify_bound =
-    τ / c(K+1), the speedup if drafting were free. ``prompt_lookup`` 0 skips prompt lookup;
-    ``draft_model`` None skips assisted generation.
+    speedup_vs_plain, speedup_vs_hf_greedy, identical; speculative and auto runs add
+    verify_bound = τ / c(K+1) (auto: over the K its steps chose), the speedup if drafting were
+    free, draft_ms_per_step and draft_cost (the heads' time per drafting step, in ms and in
+    units of a one-token trunk pass), mean_draft_len and draft_len_counts. ``prompt_lookup`` 0
+    skips prompt lookup; ``draft_model`` None skips assisted generation.
+
+    ``also``: more heads on the same trunk object (``multitoken.headfile.load_heads``), by label.
+    The baselines run once; each set of heads gets its speculative and auto rows, and every
+    row of ours names its heads (``"heads"``: the label, or ``model``'s family).
     """
     from tqdm import tqdm
 
@@ -273,40 +270,61 @@ def bench(
         raise MultitokenError(
             "need prompts, draft lengths, max_new_tokens >= 1, repeats >= 1, prompt_lookup >= 0"
         )
-    check_fits(model, prompts, max_new_tokens, max(draft_lens + [prompt_lookup]), "prompts")
+    heads = {model.family: model, **(also or {})}
+    if any(m.trunk is not model.trunk for m in heads.values()):
+        raise MultitokenError("every set of heads must sit on the same trunk object")
+    depth = max(m.depth for m in heads.values())
+    longest = max(draft_lens + [prompt_lookup, depth])  # auto drafts up to D
+    check_fits(model, prompts, max_new_tokens, longest, "prompts")
     device, new, passes = model.parts.embed.weight.device, max_new_tokens, [0]
-    methods = [(PLAIN, None, ours(model, new, None))]
-    methods += [(SPECULATIVE, K, ours(model, new, K)) for K in draft_lens]
-    methods.append((HF_GREEDY, None, transformers_method(model, new, passes)))
+    methods = [(PLAIN, None, ours(model, new, None), None)]
+    for label, m in heads.items():
+        lens = [K for K in draft_lens if K <= m.depth or m.family == "deepseek"]
+        methods += [(SPECULATIVE, K, ours(m, new, K), label) for K in lens]
+        methods.append((AUTO, None, ours(m, new, "auto"), label))
+    methods.append((HF_GREEDY, None, transformers_method(model, new, passes), None))
     if prompt_lookup:
         lookup = transformers_method(model, new, passes, prompt_lookup_num_tokens=prompt_lookup)
-        methods.append((PROMPT_LOOKUP, prompt_lookup, lookup))
+        methods.append((PROMPT_LOOKUP, prompt_lookup, lookup, None))
     if draft_model is not None:
         assistant = draft_model.to(device)
         assisted = transformers_method(model, new, passes, assistant_model=assistant)
-        methods.append((ASSISTED, None, assisted))
+        methods.append((ASSISTED, None, assisted, None))
 
+    # c(q) first, on a machine not yet warmed by decoding; auto K then uses this same curve
+    q_max = max(draft_lens + [depth]) + 1
+    with torch.no_grad():
+        cost = verify_cost(model.trunk, prompts[0], q_max)
+    remember_cost(model.trunk, cost)
     hook = model.trunk.register_forward_pre_hook(lambda *_: passes.__setitem__(0, passes[0] + 1))
     # disable=None: a bar on a terminal only, so logs and pipes stay clean
     bar = tqdm(total=len(methods) * repeats * len(prompts), disable=None if progress else True)
     runs, reference = [], None
     try:
         with torch.no_grad():
-            for name, K, decode in methods:
-                bar.set_description(name if K is None else f"{name} K={K}")
+            for name, K, decode, label in methods:
+                what = name if K is None else f"{name} K={K}"
+                bar.set_description(what if label is None else f"{label} {what}")
                 run, outputs = measure(
                     name, K, decode, prompts, reference, device, repeats, bar.update
                 )
+                if label is not None:
+                    run["heads"] = label
                 if reference is None:  # the first method, plain decoding, is the reference
                     reference = outputs
                 runs.append(run)
-            cost = verify_cost(model, prompts[0], max(draft_lens) + 1)
     finally:
         bar.close()
         hook.remove()
     _add_speedups(runs, cost)
     repeats_share = repeated_ngram_share(prompts, reference)
-    return {"runs": runs, "verify_cost": cost, "repeated_8gram_share": repeats_share}
+    machine = {
+        "device": str(device),
+        "cpu": cpu_kind(),
+        "threads": torch.get_num_threads(),
+        "dtype": str(model.parts.embed.weight.dtype).removeprefix("torch."),
+    }
+    return {"runs": runs, "verify_cost": cost, "repeated_8gram_share": repeats_share, **machine}
 
 
 def repeated_ngram_share(prompts: list[list[int]], outputs: list[list[int]], n: int = 8) -> float:
@@ -333,8 +351,14 @@ def _add_speedups(runs: list[dict], cost: dict) -> None:
     for r in runs:
         for key, method in (("speedup_vs_plain", PLAIN), ("speedup_vs_hf_greedy", HF_GREEDY)):
             r[key] = r["tokens_per_s"] / base[method] if base.get(method) else None
+        if r["method"] in OURS_SPECULATIVE:
+            r["draft_cost"] = r["draft_ms_per_step"] / 1e3 / cost["t1_s"]
         if r["method"] == SPECULATIVE and r["tau"] is not None:
             r["verify_bound"] = r["tau"] / c[r["draft_len"] + 1]
+        if r["method"] == AUTO and r["tau"] is not None:
+            counts = {int(k): n for k, n in r["draft_len_counts"].items()}
+            mean_c = sum(c[k + 1] * n for k, n in counts.items()) / max(1, sum(counts.values()))
+            r["verify_bound"] = r["tau"] / mean_c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +382,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="DIR",
         help="checkpoint or run folder, or a plain transformers model folder (with --heads)",
     )
-    add("--heads", metavar="DIR", help="heads folder to attach to that trunk")
+    add(
+        "--heads",
+        nargs="+",
+        metavar="DIR",
+        help="heads folder(s) or runs to attach to that trunk; several are measured side by side "
+        "against one set of baselines",
+    )
     add("--draft-lens", metavar="K,...", help="e.g. 1,2,4 (default: 1..D; deepseek adds D+2)")
     add(
         "--prompts",
@@ -416,7 +446,9 @@ def _prompts(args: argparse.Namespace, tokenizer, corpus, corpus_error: str | No
             "--prompts",
         )
     texts = iter_texts(corpus.val_files, corpus.stream_kwargs("val").get("span", FULL_SPAN))
-    prompts = window_prompts(texts, tokenizer, args.num_prompts or 8, args.prompt_tokens)
+    windows = window_prompts(texts, tokenizer, args.num_prompts or 8, args.prompt_tokens)
+    # A window is a fragment; as a prompt it starts as the tokenizer starts a text (a BOS).
+    prompts = [tokenizer.added_specials.around(ids) for ids in windows]
     if not prompts:
         raise MultitokenError(
             f"no line of the validation split starts {args.prompt_tokens} tokens of text",
@@ -441,6 +473,23 @@ def _validation(model: MTPModel, corpus, config: dict) -> dict:
     return {"val_loss": scores["main_loss"], "val_accuracy": scores["main_acc"]}
 
 
+def _more_heads(model: MTPModel, folders: list[str]) -> dict[str, MTPModel]:
+    """Further ``--heads`` on ``model``'s trunk object, labelled by folder name (made unique)."""
+    from multitoken.checkpoint import resolve_checkpoint
+    from multitoken.headfile import is_heads_folder, load_heads
+
+    labels = [model.family]
+    also = {}
+    for folder in folders:
+        path = Path(folder)
+        label = path.name if path.name not in labels else f"{path.name}-{len(labels)}"
+        labels.append(label)
+        if not is_heads_folder(path):
+            path = resolve_checkpoint(path, "--heads")
+        also[label] = load_heads(model.trunk, path, "--heads").eval()
+    return also
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``bench`` command: every input is checked before any timing; then measure, report."""
     import multitoken
@@ -457,14 +506,19 @@ def run(args: argparse.Namespace) -> int:
     json_path, plot_path = _output_path(args.json, "--json"), _output_path(args.plot, "--plot")
     runtime = RuntimeConfig.from_options(args)
     runtime.validate()
-    model = multitoken.load(args.checkpoint, heads=args.heads, flag="--checkpoint")
-    precision = place_for_decoding(model, runtime.device, runtime.precision)
-    print(f"multitoken: {precision.describe()}", file=sys.stderr)
-    device = model.parts.embed.weight.device
+    heads = args.heads or [None]
+    model = multitoken.load(args.checkpoint, heads=heads[0], flag="--checkpoint")
     if model.heads is None:
         raise MultitokenError(f"{args.checkpoint} has no heads to measure; add --heads", "--heads")
+    also = _more_heads(model, heads[1:])
+    precision = place_for_decoding(model, runtime.device, runtime.precision)
+    for other in also.values():
+        place_for_decoding(other, runtime.device, runtime.precision)
+    device = model.parts.embed.weight.device
     family, depth = model.family, model.depth
-    draft_lens = parse_draft_lens(args.draft_lens, family, depth)
+    draft_lens = parse_draft_lens(
+        args.draft_lens, family, max(m.depth for m in [model, *also.values()])
+    )
     ckpt, meta = Path(args.checkpoint), {"train_config": {}}
     if is_run_or_checkpoint(ckpt):
         ckpt = resolve_checkpoint(ckpt, "--checkpoint")
@@ -479,8 +533,10 @@ def run(args: argparse.Namespace) -> int:
     except MultitokenError as exc:
         corpus_error = str(exc)
     prompts, source, flag = _prompts(args, model.tokenizer, corpus, corpus_error)
-    check_fits(model, prompts, args.max_new_tokens, max(draft_lens + [args.prompt_lookup]), flag)
+    longest = max(draft_lens + [args.prompt_lookup, depth])  # auto drafts up to D
+    check_fits(model, prompts, args.max_new_tokens, longest, flag)
 
+    print(f"multitoken: {precision.describe()}", file=sys.stderr)  # every input checked
     result: dict = {"checkpoint": str(ckpt), "family": family, "depth": depth}
     result.update(device=str(device), threads=torch.get_num_threads(), cpu=cpu_kind())
     result.update(precision=precision.name, precision_reason=precision.reason)
@@ -493,7 +549,7 @@ def run(args: argparse.Namespace) -> int:
     result["prompts"] = {"source": source, "count": len(prompts), "tokens": list(map(len, prompts))}
     result.update(max_new_tokens=args.max_new_tokens, repeats=args.repeats)
     new, lookup, repeats = args.max_new_tokens, args.prompt_lookup, args.repeats
-    result.update(bench(model, prompts, draft_lens, new, draft, lookup, repeats))
+    result.update(bench(model, prompts, draft_lens, new, draft, lookup, repeats, also=also))
     print(format_report(result))
     if json_path is not None:
         write_json_atomic(json_path, result)

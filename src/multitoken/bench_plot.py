@@ -3,8 +3,8 @@
 The figure shows what each head contributes and what that buys in wall-clock time. Left:
 per-head acceptance a_k against k, one line per draft length K (where a_k falls to near zero, a
 longer K only adds drafting and verify cost). Right: measured speedup over plain decoding against
-K, beside τ, the bound τ / c(K+1), and transformers' methods as flat lines, so a gap between τ
-and the speedup is visible at a glance.
+K, beside τ, the bound τ / c(K+1), and ``--draft-len auto`` and transformers' methods as flat
+lines, so a gap between τ and the speedup is visible at a glance.
 
 Uses matplotlib's object API with the Agg canvas, never pyplot: no global backend switch, no
 window, safe on a headless machine and inside a user's own session.
@@ -16,8 +16,9 @@ import os
 import tempfile
 from pathlib import Path
 
-# transformers' methods: one horizontal line each (they have no K of ours)
+# auto and transformers' methods: one horizontal line each (no one K of ours)
 _FLAT_LINES = {
+    "auto": ("auto K (ours)", "tab:green"),
     "hf_greedy": ("transformers greedy", "tab:red"),
     "prompt_lookup": ("prompt lookup", "tab:purple"),
     "assisted": ("assisted", "tab:brown"),
@@ -28,18 +29,43 @@ def _num(value: float | None, fmt: str = ".2f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _draft_len_cell(r: dict) -> str:
+    if r["method"] == "auto":
+        return f"~{r['mean_draft_len']:.1f}"  # the mean of the K its steps chose
+    return "-" if r["draft_len"] is None else str(r["draft_len"])
+
+
+def _draft_cell(r: dict) -> str:
+    """The heads' time per drafting step: ms, and in units of a one-token trunk pass."""
+    if r.get("draft_cost") is None:
+        return "-"
+    return f"{r['draft_ms_per_step']:.2f}/{r['draft_cost']:.2f}"
+
+
 def format_report(result: dict) -> str:
-    """The table a person reads: one row per method, then c(q) and the validation loss."""
-    header = ["method", "K", "tau", "a_1..a_K", "tok/s", "x plain", "x hf", "identical"]
+    """The table a person reads: the machine, one row per method, then c(q), the K auto chose
+    and the validation loss."""
+    header = [
+        "method",
+        "K",
+        "tau",
+        "a_1..a_K",
+        "draft ms/t1",
+        "tok/s",
+        "x plain",
+        "x hf",
+        "identical",
+    ]
     rows = [header]
     for r in result["runs"]:
         acc = "/".join(f"{a:.2f}" for a in r["acceptance"]) if r["acceptance"] else "-"
         rows.append(
             [
-                r["method"],
-                "-" if r["draft_len"] is None else str(r["draft_len"]),
+                _method_cell(r, result),
+                _draft_len_cell(r),
                 _num(r["tau"]),
                 acc,
+                _draft_cell(r),
                 _num(r["tokens_per_s"], ".1f"),
                 _num(r["speedup_vs_plain"]),
                 _num(r["speedup_vs_hf_greedy"]),
@@ -47,10 +73,16 @@ def format_report(result: dict) -> str:
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [_machine(result)]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     cost = result["verify_cost"]
     curve = "  ".join(f"c({q})={c:.2f}" for q, c in zip(cost["q"], cost["c"]))
     lines.append(f"verify cost: {curve}  (t1 = {cost['t1_s'] * 1e3:.2f} ms)")
+    for r in result["runs"]:
+        if r["method"] == "auto":
+            chosen = "  ".join(f"K={k}: {n}" for k, n in r["draft_len_counts"].items())
+            whose = f" ({r['heads']})" if _several_heads(result) else ""
+            lines.append(f"auto{whose} chose, per step: {chosen}")
     loss = result.get("val_loss")
     lines.append(
         "trunk validation loss: "
@@ -66,6 +98,26 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _several_heads(result: dict) -> bool:
+    return len({r["heads"] for r in result["runs"] if "heads" in r}) > 1
+
+
+def _method_cell(r: dict, result: dict) -> str:
+    """``speculative``, or ``speculative (meta)`` when several sets of heads were measured."""
+    return (
+        f"{r['method']} ({r['heads']})" if "heads" in r and _several_heads(result) else r["method"]
+    )
+
+
+def _machine(result: dict) -> str:
+    """e.g. ``machine: cpu (AVX2), 2 threads, fp32 (auto: CPU AVX2 without native bf16)``."""
+    device = result.get("device", "?")
+    kind = f" ({result['cpu']})" if device.startswith("cpu") and result.get("cpu") else ""
+    precision = result.get("precision") or result.get("dtype", "?")
+    reason = f" ({result['precision_reason']})" if result.get("precision_reason") else ""
+    return f"machine: {device}{kind}, {result.get('threads', '?')} threads, {precision}{reason}"
+
+
 def plot(result: dict, path: str | Path) -> None:
     """Draw ``result`` (what :func:`multitoken.bench.run` writes as JSON) to a PNG, atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # only when a plot is asked for
@@ -78,27 +130,47 @@ def plot(result: dict, path: str | Path) -> None:
         (r for r in result["runs"] if r["method"] == "speculative"), key=lambda r: r["draft_len"]
     )
 
+    several = _several_heads(result)
     for r in spec:
         ks = range(1, len(r["acceptance"]) + 1)
-        accept.plot(ks, r["acceptance"], marker="o", label=f"K = {r['draft_len']}")
+        name = f"{r['heads']} K = {r['draft_len']}" if several else f"K = {r['draft_len']}"
+        accept.plot(ks, r["acceptance"], marker="o", label=name)
     accept.set(xlabel="draft position k", ylabel="acceptance a_k", ylim=(0, 1.05))
     if spec:
         accept.set_xticks(range(1, max(len(r["acceptance"]) for r in spec) + 1))
-    accept.set_title(
-        f"per-head acceptance ({result.get('family', '?')}, D = {result.get('depth')})"
+    heads = (
+        "several heads" if several else f"{result.get('family', '?')}, D = {result.get('depth')}"
     )
+    accept.set_title(f"per-head acceptance ({heads})")
     if spec:
         accept.legend()
 
-    ks = [r["draft_len"] for r in spec]
-    speed.plot(ks, [r["speedup_vs_plain"] for r in spec], marker="o", label="speculative (ours)")
-    speed.plot(ks, [r["tau"] for r in spec], ls=":", marker=".", label="τ")
-    if spec and all("verify_bound" in r for r in spec):
-        speed.plot(ks, [r["verify_bound"] for r in spec], ls="--", label="τ / c(K+1)")
+    groups: dict[str | None, list[dict]] = {}
+    for r in spec:
+        groups.setdefault(r.get("heads"), []).append(r)
+    for label, rows in groups.items():
+        ks = [r["draft_len"] for r in rows]
+        tag = f" {label}" if several else ""
+        line = speed.plot(
+            ks, [r["speedup_vs_plain"] for r in rows], marker="o", label=f"speculative{tag}"
+        )[0]
+        speed.plot(
+            ks,
+            [r["tau"] for r in rows],
+            ls=":",
+            marker=".",
+            color=line.get_color(),
+            label=f"τ{tag}",
+        )
+        if all("verify_bound" in r for r in rows) and not several:
+            speed.plot(ks, [r["verify_bound"] for r in rows], ls="--", label="τ / c(K+1)")
+    ks = sorted({r["draft_len"] for r in spec})
     speed.axhline(1.0, color="grey", lw=0.8, label="plain (ours)")
     for r in result["runs"]:
         if r["method"] in _FLAT_LINES and r["speedup_vs_plain"] is not None:
             label, color = _FLAT_LINES[r["method"]]
+            if several and "heads" in r:
+                label, color = f"{label} {r['heads']}", None
             speed.axhline(r["speedup_vs_plain"], ls="-.", lw=1, label=label, color=color)
     speed.set(xlabel="draft length K", ylabel="speedup vs plain (wall clock)")
     speed.set_title(

@@ -5,6 +5,8 @@ A model folder keeps its template as ``chat_template`` in ``tokenizer_config.jso
 ``transformers`` (a sandboxed environment with ``trim_blocks``/``lstrip_blocks``,
 ``raise_exception``, ``tojson`` without HTML escaping, ``strftime_now``, the special tokens as
 variables), so text rendered for training and for prompting is what the model sees elsewhere.
+Rendered text spells its special tokens (a ``{{ bos_token }}``) itself, so it is encoded with
+none added (``Tokenizer.encode(text)``), as ``apply_chat_template(tokenize=True)`` encodes it.
 """
 
 from __future__ import annotations

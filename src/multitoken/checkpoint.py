@@ -7,7 +7,8 @@ checkpoint intact and pointed to. Inside a checkpoint::
 
     trunk/               the trunk as a plain transformers folder with its tokenizer;
                          absent when a pretrained --trunk was frozen: multitoken.json then names
-                         its folder, so heads-only runs do not copy a large model every save
+                         its folder (or GGUF file), so heads-only runs do not copy a large model
+                         every save
     heads.safetensors    the MTP heads alone, and heads.json, their config and the signature of
                          the trunk they fit: the checkpoint folder is itself a portable heads
                          folder (multitoken.headfile)
@@ -30,6 +31,7 @@ import torch
 from transformers import PreTrainedModel
 
 from multitoken.errors import MultitokenError
+from multitoken.gguf import is_gguf, load_gguf_tokenizer
 from multitoken.headfile import is_heads_folder, load_heads, save_heads
 from multitoken.model import MTPModel
 from multitoken.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_saved
@@ -108,7 +110,8 @@ def save_checkpoint(
 
 
 def is_run_or_checkpoint(path: str | Path) -> bool:
-    """A multitoken checkpoint or run folder (anything else may be a plain model folder)."""
+    """A multitoken checkpoint or run folder (anything else may be a plain model folder or a
+    GGUF file)."""
     return (Path(path) / "multitoken.json").is_file() or (Path(path) / "latest").is_file()
 
 
@@ -151,11 +154,12 @@ def checkpoint_trunk(path: str | Path, flag: str = "--checkpoint") -> PreTrained
 def _checkpoint_trunk(ckpt: Path, meta: dict, flag: str) -> PreTrainedModel:
     """The trunk a checkpoint holds, or the frozen one it refers to."""
     ref = meta.get("trunk_ref")
-    folder = ckpt / "trunk" if ref is None else Path(ref)
-    if ref is not None and not (folder / "config.json").is_file():
+    folder = ckpt / "trunk" if ref is None else Path(ref)  # a referred trunk may be a GGUF file
+    there = folder.is_file() if is_gguf(folder) else (folder / "config.json").is_file()
+    if ref is not None and not there:
         raise MultitokenError(
             f"{ckpt} holds heads trained on the frozen trunk {folder}, which is gone; attach "
-            f"them to a copy of it with --checkpoint TRUNK_FOLDER --heads {ckpt}",
+            f"them to a copy of it with --checkpoint TRUNK --heads {ckpt}",
             flag,
         )
     try:
@@ -173,12 +177,17 @@ def load_checkpoint(
     """Load model, tokenizer and metadata; any damage is a one-line :class:`MultitokenError`.
 
     ``path`` is a checkpoint, a run folder (its ``latest``), or — with ``trunk_only_ok``, for
-    decoding — a plain transformers model folder with its tokenizer: a model in the DeepSeek-V3
-    layout loads with its MTP modules as deepseek heads, any other without heads. ``heads`` (a
-    heads folder, checkpoint or run) attaches portable heads to the trunk found at ``path``."""
+    decoding — a plain transformers model folder with its tokenizer (a model in the DeepSeek-V3
+    layout loads with its MTP modules as deepseek heads, any other without heads) or a GGUF
+    file. ``heads`` (a heads folder, checkpoint or run) attaches portable heads to the trunk
+    found at ``path``."""
     p = Path(path)
     plain = not is_run_or_checkpoint(p)
-    if plain and (trunk_only_ok or heads is not None) and (p / "config.json").is_file():
+    if plain and (trunk_only_ok or heads is not None) and is_gguf(p):
+        trunk = load_trunk(p, flag)  # first: a damaged file is named as such
+        tokenizer = load_gguf_tokenizer(p, flag)
+        model, meta = MTPModel(trunk, None), {"heads": None, "train_config": {}}
+    elif plain and (trunk_only_ok or heads is not None) and (p / "config.json").is_file():
         from multitoken.v3layout import load_v3_layout, mtp_depth
 
         try:

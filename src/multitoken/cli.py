@@ -58,7 +58,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) 
         elif kind is list:
             kwargs.update(nargs="+", action="extend", metavar="PATH")
         else:
-            kwargs["type"] = kind
+            kwargs["type"] = meta.get("parse", kind)  # e.g. --draft-len: auto or a number
             if "choices" in meta:
                 kwargs["choices"] = meta["choices"]
         group.add_argument(flag, **kwargs)
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--checkpoint",
         required=True,
-        help="checkpoint or run folder, or a plain transformers model folder (with --heads)",
+        help="checkpoint or run folder, or a plain transformers model folder or .gguf file "
+        "(with --heads)",
     )
     gen.add_argument("--heads", metavar="DIR", help="heads folder to attach to that trunk")
     gen.add_argument("--prompt", help="prompt text")
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="checkpoint",
         required=True,
         metavar="PATH",
-        help="a multitoken checkpoint or run folder, or a plain transformers model folder",
+        help="a multitoken checkpoint or run folder, a plain transformers model folder, or a "
+        ".gguf file",
     )
     src = dist.add_mutually_exclusive_group()
     src.add_argument(
@@ -164,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         "deepseek MTP modules as model.layers.{L+k}.* with num_nextn_predict_layers.",
     )
     exp.add_argument(
-        "--checkpoint", required=True, help="checkpoint or run folder (or a model folder)"
+        "--checkpoint",
+        required=True,
+        help="checkpoint or run folder (or a model folder or .gguf file)",
     )
     exp.add_argument("--heads", metavar="DIR", help="heads folder to attach first")
     exp.add_argument("--out", required=True, help="new folder to write")
@@ -235,7 +239,8 @@ class _TextStream:
 
 
 def _load_for_decoding(args: argparse.Namespace, heads: str | None = None):
-    """``--checkpoint`` loaded and placed on ``--device`` in ``--precision``, said in one line."""
+    """``--checkpoint`` loaded and placed on ``--device`` in ``--precision``; the choice is
+    reported once the command's input has all been checked (bad input stays one line)."""
     import multitoken
     from multitoken.hardware import place_for_decoding
 
@@ -243,8 +248,7 @@ def _load_for_decoding(args: argparse.Namespace, heads: str | None = None):
     runtime.validate()  # before minutes of loading a large model
     model = multitoken.load(args.checkpoint, heads=heads, flag="--checkpoint")
     precision = place_for_decoding(model, runtime.device, runtime.precision)
-    print(f"multitoken: {precision.describe()}", file=sys.stderr)
-    return model
+    return model, precision
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -253,7 +257,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     if not prompt:
         raise MultitokenError("the prompt is empty", "--prompt")
-    model = _load_for_decoding(args, heads=args.heads)
+    model, precision = _load_for_decoding(args, heads=args.heads)
     options = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(GenerateConfig)
@@ -265,12 +269,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(prompt)
     (text,), stats = model.generate(prompt, on_tokens=stream, **options)
     if args.json:
+        stats["precision"] = precision.name
         print(json.dumps({"prompt": prompt, "text": text, "stats": stats}))
     else:
         stream.finish()
         print(
             f"[{stats['tokens']} tokens, {stats['trunk_passes']} trunk passes, "
-            f"tau {stats['tau']:.2f}, {stats['tokens_per_s']:.1f} tokens/s]",
+            f"tau {stats['tau']:.2f}, {stats['tokens_per_s']:.1f} tokens/s; "
+            f"{precision.describe()}]",
             file=sys.stderr,
         )
     return 0
@@ -280,6 +286,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from multitoken.checkpoint import is_run_or_checkpoint, read_meta, resolve_checkpoint
     from multitoken.data import Corpus
     from multitoken.distill import corpus_prompts, distill
+    from multitoken.gguf import is_gguf
     from multitoken.prompts import read_prompt_records
 
     out = Path(args.out)
@@ -293,9 +300,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     prompts = read_prompt_records(args.prompts) if args.prompts else None
     ckpt = Path(args.checkpoint)
     plain = not is_run_or_checkpoint(ckpt)
-    if prompts is None and args.data is None and plain and (ckpt / "config.json").is_file():
+    kind = "GGUF file" if is_gguf(ckpt) else "folder" if (ckpt / "config.json").is_file() else None
+    if prompts is None and args.data is None and plain and kind:
         raise MultitokenError(
-            f"{ckpt} is a plain model folder with no training corpus to take prompts from; "
+            f"{ckpt} is a plain model {kind} with no training corpus to take prompts from; "
             "pass --prompts FILE or --data SPEC",
             "--prompts",
         )
@@ -304,7 +312,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         train_config = {} if plain else read_meta(resolve_checkpoint(ckpt))["train_config"]
         specs = args.data if args.data is not None else train_config.get("data")
         corpus = Corpus.from_specs(specs or None, train_config.get("val_fraction", 0.05))
-    model = _load_for_decoding(args)
+    model, precision = _load_for_decoding(args)
     if prompts is None:
         prompts = corpus_prompts(corpus, model.tokenizer, args.from_corpus, args.prompt_tokens)
     options = {
@@ -313,7 +321,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         if hasattr(args, f.name)
     }
     written = distill(model, prompts, out, GenerateConfig(**options), args.batch_size)
-    print(f"{out}: {written} new lines ({len(prompts)} prompts in all)")
+    print(f"{out}: {written} new lines ({len(prompts)} prompts in all); {precision.describe()}")
     return 0
 
 

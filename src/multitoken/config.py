@@ -175,8 +175,16 @@ class HeadConfig:
             "off from scratch)"
         ),
     )
+    draft_vocab: int | None = field(
+        default=None,
+        metadata=_opt(
+            "FR-Spec reduced draft vocabulary: the heads unembed over the N most frequent tokens "
+            "of the training data only (counted before training); the trunk still verifies over "
+            "the full vocabulary, so output stays exact (default: the full vocabulary)"
+        ),
+    )
 
-    def validate(self, num_layers: int | None = None) -> None:
+    def validate(self, num_layers: int | None = None, vocab_size: int | None = None) -> None:
         if self.family not in FAMILIES:
             raise MultitokenError(
                 f"unknown head family {self.family!r} (choose from {', '.join(FAMILIES)})",
@@ -190,6 +198,20 @@ class HeadConfig:
             )
         if self.bpd_hidden is not None and self.bpd_hidden < 1:
             raise MultitokenError(f"must be >= 1, got {self.bpd_hidden}", "--bpd-hidden")
+        if self.draft_vocab is not None:
+            if (
+                not isinstance(self.draft_vocab, int)
+                or isinstance(self.draft_vocab, bool)
+                or self.draft_vocab < 1
+            ):
+                raise MultitokenError(
+                    f"must be an integer >= 1, got {self.draft_vocab!r}", "--draft-vocab"
+                )
+            if vocab_size is not None and self.draft_vocab > vocab_size:
+                raise MultitokenError(
+                    f"{self.draft_vocab} exceeds the trunk's vocabulary of {vocab_size}",
+                    "--draft-vocab",
+                )
         if self.init_from_trunk and self.family == "bpd":
             raise MultitokenError(
                 "bpd heads have no decoder block to copy; a fresh bpd head already predicts what "
@@ -302,7 +324,30 @@ class TrainConfig:
     freeze_trunk: bool = field(
         default=False,
         metadata=_opt(
-            "train the heads only (Medusa-1 style): the trunk's weights stay exactly as loaded"
+            "train the heads only (Medusa-1 style): the trunk's weights stay exactly as loaded; "
+            "rows are cut within files so every epoch repeats them and the trunk's states are "
+            "cached (--feature-cache-gb)"
+        ),
+    )
+    feature_cache_gb: float = field(
+        default=4.0,
+        metadata=_opt(
+            "with --freeze-trunk: disk budget (GiB) of the cache of the trunk's states, so the "
+            "trunk runs once per training row; rows past it are recomputed; 0 disables"
+        ),
+    )
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata=_opt(
+            "feature cache folder (default: OUT/feature-cache); runs on the same trunk may share "
+            "one"
+        ),
+    )
+    feature_cache_dtype: str = field(
+        default="bf16",
+        metadata=_opt(
+            "storage of cached states: bf16 (half the disk, rounded) or fp32 (bit-exact)",
+            choices=("bf16", "fp32"),
         ),
     )
     meta_memory_efficient: bool = field(
@@ -353,6 +398,14 @@ class TrainConfig:
             raise MultitokenError(f"must be >= 0, got {self.grad_clip}", "--grad-clip")
         if not 0 <= self.min_lr_ratio <= 1:
             raise MultitokenError(f"must be in [0, 1], got {self.min_lr_ratio}", "--min-lr-ratio")
+        if not isinstance(self.feature_cache_gb, (int, float)) or self.feature_cache_gb < 0:
+            raise MultitokenError(
+                f"must be >= 0, got {self.feature_cache_gb!r}", "--feature-cache-gb"
+            )
+        if self.feature_cache_dtype not in ("bf16", "fp32"):
+            raise MultitokenError(
+                f"must be bf16 or fp32, got {self.feature_cache_dtype!r}", "--feature-cache-dtype"
+            )
         RuntimeConfig(self.device, self.precision).validate()
         self.lambda_schedule()  # parse errors surface before anything is written
 
@@ -418,14 +471,33 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def draft_len_value(value: int | str | None) -> int | str | None:
+    """What ``--draft-len`` / ``draft_len`` accepts: ``auto``, a whole number, or None (the
+    heads' depth D). Raises ValueError otherwise."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.lstrip("-").isdigit():
+            return int(text)
+    raise ValueError(f"expected auto or a whole number, got {value!r}")
+
+
 @dataclass
 class GenerateConfig:
     """Options of ``multitoken generate`` and ``MTPModel.generate``."""
 
     max_new_tokens: int = field(default=128, metadata=_opt("tokens to generate per prompt"))
-    draft_len: int | None = field(
-        default=None,
-        metadata=_opt("K, drafts per step (default: the heads' depth D; deepseek may exceed D)"),
+    draft_len: int | str | None = field(
+        default="auto",
+        metadata=_opt(
+            "K, drafts per step: auto (chosen before each step, 0 = a plain step, from the "
+            "measured verify cost c(q), the drafting cost and the live per-head acceptance) or "
+            "a fixed number (deepseek may exceed D)",
+            parse=draft_len_value,
+        ),
     )
     temperature: float = field(default=0.0, metadata=_opt("0 = greedy"))
     top_k: int = field(default=0, metadata=_opt("sample from the k most likely tokens (0: off)"))

@@ -23,7 +23,7 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from multitoken.chat import ChatTemplateError, chat_messages, content_text
 from multitoken.errors import MultitokenError
@@ -36,8 +36,17 @@ STDLIB_SPEC = "stdlib"  # names the default corpus explicitly, e.g. `multitoken 
 # Where a stream's current block was read, as saved in its state.
 _SKIPPED_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"}
 
-# A piece of a document as read from disk, and whether the document ends with it.
-Piece = tuple[str, bool]
+
+class Piece(NamedTuple):
+    """A piece of a document as read from disk.
+
+    A document gets the tokenizer's special tokens around it (``add_special_tokens``, e.g. a BOS
+    before its first piece) as a prompt would, except a rendered chat, which spells its own."""
+
+    text: str
+    starts: bool  # the document starts with this piece (not: a continuation, or a span's cut)
+    ends: bool  # the document ends with this piece
+    add_special_tokens: bool = True  # False: a rendered chat (see document_text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +195,10 @@ def document_text(record: object, tokenizer: Tokenizer | None = None) -> str | N
       they will decode in. With no tokenizer (fitting one, or picking prompt windows before one
       exists) the messages' text contents, one per line.
 
+    A record with ``messages`` is a rendered chat even when its ``text`` is used: that is how
+    :mod:`multitoken.distill` writes chats, with ``text`` the whole chat rendered. See
+    :func:`is_rendered_chat`.
+
     Raises :class:`~multitoken.tokenizer.ChatTemplateError` when the tokenizer has no template
     or the template refuses the messages, and ``ValueError`` for a malformed ``messages``.
     """
@@ -201,6 +214,13 @@ def document_text(record: object, tokenizer: Tokenizer | None = None) -> str | N
     return tokenizer.apply_chat_template(messages, add_generation_prompt=False)
 
 
+def is_rendered_chat(record: object) -> bool:
+    """Whether :func:`document_text` of ``record`` is a chat rendered with a template, which
+    already contains its special tokens (a BOS, if the template writes one) as text: it is
+    encoded without the tokenizer adding any, as transformers' ``apply_chat_template`` does."""
+    return isinstance(record, dict) and "messages" in record
+
+
 def iter_texts(
     files: Sequence[Path],
     span: tuple[float, float] = FULL_SPAN,
@@ -214,7 +234,7 @@ def iter_texts(
         start, stop = span_bounds(path, span)
         while start < stop:
             pieces, start = read_block(path, start, stop, BLOCK_BYTES, tokenizer)
-            yield from (text for text, _ in pieces)
+            yield from (piece.text for piece in pieces)
 
 
 def span_bounds(path: Path, span: tuple[float, float]) -> tuple[int, int]:
@@ -260,7 +280,9 @@ def read_block(
         newline = data.rfind(b"\n")
         data = data[: newline + 1] if newline >= 0 else data[: _last_char_start(data)]
     end = offset + len(data)
-    return [(data.decode("utf-8", errors="replace"), end >= stop)], end
+    # A plain file is one document; a span that starts inside it (a validation cut) does not
+    # start the document there.
+    return [Piece(data.decode("utf-8", errors="replace"), offset == 0, end >= stop)], end
 
 
 def _read_jsonl_lines(
@@ -289,7 +311,7 @@ def _read_jsonl_lines(
                 reason = f"is malformed: {exc}"
             else:
                 if text is not None:
-                    pieces.append((text, True))
+                    pieces.append(Piece(text, True, True, not is_rendered_chat(record)))
                     continue
                 reason = 'has neither a "text" string nor a "messages" list'
         where = f"{path}:{_line_number(path, line_start)}"

@@ -60,11 +60,14 @@ class _Job:
 
 
 def _prepare(prompts: Sequence[str | Prompt], tokenizer: Tokenizer) -> list[_Job]:
-    """Render and encode every prompt; a chat whose template fails stops here, before decoding."""
+    """Render and encode every prompt; a chat whose template fails stops here, before decoding.
+
+    Plain text is encoded as a whole text (with a BOS, for tokenizers that add one), a rendered
+    chat as it is: the same ids training gives these texts (see :mod:`multitoken.packing`)."""
     jobs = []
     for prompt in prompts:
         if isinstance(prompt, str):
-            jobs.append(_Job(prompt, tokenizer.encode(prompt), None))
+            jobs.append(_Job(prompt, tokenizer.encode(prompt, add_special_tokens=True), None))
             continue
         text = prompt.render(tokenizer)
         if prompt.is_chat:
@@ -74,7 +77,8 @@ def _prepare(prompts: Sequence[str | Prompt], tokenizer: Tokenizer) -> list[_Job
                 _answered(prompt.messages, "", tokenizer)
             except ChatTemplateError as exc:
                 raise MultitokenError(f"{prompt.where}: {exc.reason}", "--prompts") from None
-        jobs.append(_Job(text, tokenizer.encode(text), prompt.messages))
+        ids = tokenizer.encode(text, add_special_tokens=not prompt.is_chat)
+        jobs.append(_Job(text, ids, prompt.messages))
     return jobs
 
 

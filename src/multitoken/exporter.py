@@ -2,7 +2,8 @@
 
 - ``trunk-only``: the trunk as a plain `transformers` folder with its tokenizer (decoding
   method 1 of shared/DESIGN.md: drop the heads). ``AutoModelForCausalLM.from_pretrained`` and
-  ``AutoTokenizer.from_pretrained`` load it without multitoken installed.
+  ``AutoTokenizer.from_pretrained`` load it without multitoken installed. A GGUF trunk exports
+  this way as dense safetensors (:mod:`multitoken.gguf` loads it with no quantizer left on it).
 - ``heads``: the heads alone (``heads.safetensors`` + ``heads.json``), to ship beside the trunk
   they were trained on (see :mod:`multitoken.headfile`).
 - ``deepseek-v3``: trunk and DeepSeek MTP modules in the DeepSeek-V3 checkpoint layout
@@ -45,6 +46,14 @@ def export(model: MTPModel, tokenizer: Tokenizer, out: str | Path, fmt: str) -> 
         raise MultitokenError(
             f"only deepseek heads have a DeepSeek-V3 layout; these are {model.family} heads",
             "--deepseek-v3",
+        )
+    quantizer = getattr(model.trunk, "hf_quantizer", None)
+    if fmt != "heads" and quantizer is not None:  # transformers would refuse to save it
+        method = getattr(quantizer.quantization_config, "quant_method", "quantized")
+        raise MultitokenError(
+            f"the trunk is loaded with {getattr(method, 'value', method)} quantisation; only "
+            "dense weights export (a GGUF trunk loaded by multitoken is dense)",
+            "--checkpoint",
         )
     check_out(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))

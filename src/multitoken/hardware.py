@@ -140,10 +140,28 @@ def decode_dtype(precision: Precision, model_dtype: torch.dtype, device: torch.d
     return precision.dtype
 
 
+def decode_precision(requested: str, device: torch.device) -> Precision:
+    """The precision decoding runs in. Self-speculative decoding is exact only if a verify pass
+    over q tokens picks what q one-token passes pick. In bf16 each layer's output is rounded to
+    8 mantissa bits in a way that depends on the kernel the batch shape selects, so near-ties
+    flip: on SmolLM2-135M, 2% of 4-token verify positions disagreed with one-token greedy
+    (``benchmarks/precision.py``). So on a CPU ``auto`` decodes in fp32 even where bf16 is
+    native; on a GPU it takes bf16 as every serving stack does (exact up to that rounding)."""
+    if requested == "auto" and device.type == "cpu":
+        return Precision("fp32", "auto: fp32 decoding keeps verify passes bit-stable on a CPU")
+    chosen = choose_precision(requested, device)
+    if chosen.name == "bf16" and device.type == "cpu":
+        log.warning(
+            "bf16 decoding: a verify pass can round a near-tie differently from a one-token "
+            "pass, so output may differ from plain decoding where the top two logits tie"
+        )
+    return chosen
+
+
 def place_for_decoding(model: torch.nn.Module, device: str, precision: str) -> Precision:
     """Move ``model`` to the device and weight dtype it decodes in; returns the choice made."""
     where = resolve_device(device)
-    chosen = choose_precision(precision, where)
+    chosen = decode_precision(precision, where)
     current = next(model.parameters()).dtype
     model.to(device=where, dtype=decode_dtype(chosen, current, where))
     return chosen

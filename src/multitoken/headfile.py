@@ -10,7 +10,9 @@ size, layers, attention heads, vocabulary...) and a fingerprint of them. Heads l
 trunk with the same fields; anything else is refused with the fields that differ. It also holds
 a digest of the trunk's weights: heads trained on other weights of the same architecture (the
 trunk was fine-tuned after them, say) still load — decoding stays exact whatever the heads are —
-but with a warning that their drafts may be stale and acceptance lower.
+but with a warning that their drafts may be stale and acceptance lower. A trunk loaded from a
+GGUF file signs like any other (its dequantised weights); the signature also names the file
+(``weights_from``), so that warning can say when a quantisation is what differs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from transformers import PreTrainedModel
 
 from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
+from multitoken.gguf import gguf_source
 from multitoken.model import MTPModel
 
 HEADS_FILE = "heads.safetensors"
@@ -55,11 +58,14 @@ def trunk_signature(trunk: PreTrainedModel) -> dict:
     fields = {k: v for k, v in fields.items() if isinstance(v, (int, str))}
     fields["vocab_size"] = trunk.get_input_embeddings().weight.shape[0]
     text = json.dumps(fields, sort_keys=True)
-    return {
+    signature = {
         "fields": fields,
         "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16],
         "weights_digest": weights_digest(trunk),
     }
+    if gguf_source(trunk) is not None:  # informative only: the fields and digest decide
+        signature["weights_from"] = gguf_source(trunk)
+    return signature
 
 
 def weights_digest(trunk: PreTrainedModel) -> str:
@@ -124,10 +130,15 @@ def check_trunk(meta: dict, trunk: PreTrainedModel, where: Path, flag: str = "--
             f"the heads in {where} were trained for another trunk: {'; '.join(differ)}", flag
         )
     if theirs.get("weights_digest") != ours["weights_digest"]:
+        why = "fine-tuned since?"
+        if theirs.get("weights_from") != ours.get("weights_from"):  # e.g. a GGUF quantisation
+            why = f"{theirs.get('weights_from') or 'a model folder'} vs "
+            why += f"{ours.get('weights_from') or 'a model folder'} here"
         log.warning(
-            "the heads in %s were trained on other weights of this trunk (fine-tuned since?): "
+            "the heads in %s were trained on other weights of this trunk (%s): "
             "output stays exact, but drafts may be stale and acceptance lower",
             where,
+            why,
         )
 
 

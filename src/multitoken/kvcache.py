@@ -1,15 +1,20 @@
 """A KV cache shared by the rows of a batch whose sequences grow by different amounts.
 
 Each decoding step appends the same number of slots q to every row (the batch is one tensor), but
-a row keeps only some of them: the tokens it accepted, the positions its heads committed. The
+a row keeps only a prefix of them: the tokens it accepted, the positions its heads committed. The
 others become holes: ``keep[r, s]`` is False and the attention mask hides slot s from row r from
-then on. Trailing columns no row keeps are cropped off, so a batch of one never has a hole and
-runs with no mask at all (the plain causal path). Positions are passed explicitly per row, so
-rotary embeddings see each row's true positions whatever its slot layout.
+then on. Trailing columns no row keeps are cropped off.
+
+While no row has a hole (a batch of one always; a batch whose rows kept the same counts so far)
+``keep`` is None: every row's positions are its slot indices, and a forward needs neither a mask
+nor position ids — the plain causal path of ``transformers``, with no per-step tensor work and
+no device sync here. Once a row has a hole, positions are passed explicitly per row, so rotary
+embeddings see each row's true positions whatever its slot layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,36 +30,49 @@ class RaggedCache:
     device: torch.device
     config: object = None  # the trunk's config, for a cache with one slot per trunk layer
     cache: DynamicCache = field(init=False)
-    keep: torch.Tensor = field(init=False)  # [B, S] bool: slot s holds a committed entry of row r
+    slots: int = field(init=False, default=0)
+    # [B, slots] bool: slot s holds a committed entry of row r; None while no row has a hole
+    keep: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.cache = DynamicCache(config=self.config) if self.config is not None else DynamicCache()
-        for i, layer in enumerate(self.cache.layers):
-            # A sliding-window layer drops entries past its window and so cannot roll back; a
-            # full layer keeps them, and the model's sliding-window mask still hides them.
-            if isinstance(layer, DynamicSlidingWindowLayer):
-                self.cache.layers[i] = DynamicLayer()
-        self.keep = torch.zeros(self.batch, 0, dtype=torch.bool, device=self.device)
+        self.cache = rollback_cache(self.config)
 
     @property
-    def slots(self) -> int:
-        return self.keep.size(1)
+    def ragged(self) -> bool:
+        """Some row has a hole: forwards need :meth:`padding_mask` and explicit positions."""
+        return self.keep is not None
 
     def padding_mask(self, q: int) -> torch.Tensor | None:
         """[B, S + q] mask for a forward of q new slots, or None when no row has a hole."""
-        if bool(self.keep.all()):
+        if self.keep is None:
             return None
-        new = torch.ones(self.batch, q, dtype=torch.long, device=self.device)
-        return torch.cat([self.keep.long(), new], dim=1)
+        new = torch.ones(self.batch, q, dtype=torch.bool, device=self.device)
+        return torch.cat([self.keep, new], dim=1)
 
-    def commit(self, valid: torch.Tensor) -> None:
-        """After a forward of q slots: ``valid`` [B, q] says which of them each row keeps (a prefix
-        per row). Trailing slots no row keeps are cropped from the cache."""
-        keep = torch.cat([self.keep, valid.to(torch.bool)], dim=1)
-        used = keep.any(dim=0).nonzero()
-        length = int(used[-1]) + 1 if used.numel() else 0
-        self.keep = keep[:, :length]
-        crop_cache(self.cache, length)
+    def commit(self, valid: torch.Tensor | Sequence[int]) -> None:
+        """After a forward of q slots each row keeps a prefix of them: ``valid`` says how many,
+        as a list of counts per row (no device work unless a hole appears) or as a [B, q]
+        prefix mask. Trailing slots no row keeps are cropped from the cache."""
+        counts = valid.sum(dim=1).tolist() if isinstance(valid, torch.Tensor) else list(valid)
+        width = max(counts, default=0)
+        if self.keep is not None or min(counts, default=0) < width:
+            keep = self.keep
+            if keep is None:
+                keep = torch.ones(self.batch, self.slots, dtype=torch.bool, device=self.device)
+            self.keep = torch.cat([keep, prefix_mask(counts, width, self.device)], dim=1)
+        self.slots += width
+        crop_cache(self.cache, self.slots)
+
+
+def rollback_cache(config=None) -> DynamicCache:
+    """A ``DynamicCache`` (one slot per layer of ``config``'s model) that can always be cropped
+    back. A sliding-window layer drops entries past its window and so cannot roll back; a full
+    layer keeps them, and the model's sliding-window mask still hides them."""
+    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            cache.layers[i] = DynamicLayer()
+    return cache
 
 
 def prefix_mask(counts: list[int], q: int, device: torch.device) -> torch.Tensor:

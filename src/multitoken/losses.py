@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+# A label outside a head's draft vocabulary (multitoken.heads.draft_vocab): no loss term, but a
+# miss in the head's accuracy.
+OUTSIDE = -101
 
 
 def shift_labels(tokens: torch.Tensor, k: int) -> torch.Tensor:
@@ -43,11 +46,16 @@ def shift_labels(tokens: torch.Tensor, k: int) -> torch.Tensor:
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over labelled positions (fp32 softmax) and top-1 accuracy (no grad).
 
-    logits: [B, T, V]; labels: [B, T] with ``IGNORE`` where there is no label.
+    logits: [B, T, V]; labels: [B, T] with ``IGNORE`` where there is no label, and ``OUTSIDE``
+    where the label lies outside the head's draft vocabulary: no loss term, but counted as a
+    miss in the accuracy. A batch with no loss term has loss 0, not NaN (a draft-vocabulary
+    head can meet one).
     """
     flat = logits.reshape(-1, logits.size(-1)).float()  # [B*T, V]
     target = labels.reshape(-1)
-    loss = F.cross_entropy(flat, target, ignore_index=IGNORE)
+    inside = torch.where(target == OUTSIDE, IGNORE, target)
+    terms = (inside != IGNORE).sum()  # sum / terms is what the "mean" reduction computes
+    loss = F.cross_entropy(flat, inside, ignore_index=IGNORE, reduction="sum") / terms.clamp(min=1)
     with torch.no_grad():
         valid = target != IGNORE
         hits = (flat.argmax(-1) == target) & valid

@@ -37,6 +37,19 @@ class TrunkOutput:
     block_kwargs: dict  # decoder-layer kwargs for positions 0..T-1 (mask, rotary)
 
 
+@dataclass
+class TrunkFeatures:
+    """What the heads read of a frozen trunk's forward over rows ``tokens[:, :T]``, computed
+    before (``multitoken.featcache``): the states and, per row, the trunk's own next-token
+    loss summed over the row, its top-1 hits and the number of labels, from which the main
+    loss and accuracy of any batch of rows follow."""
+
+    states: torch.Tensor  # [B, T, d] h^0 (bpd, deepseek) or the stream entering layer b (meta)
+    main_nll: torch.Tensor  # [B] float32
+    main_hits: torch.Tensor  # [B] float32
+    main_count: torch.Tensor  # [B] float32
+
+
 class MTPModel(nn.Module):
     def __init__(
         self,
@@ -51,13 +64,19 @@ class MTPModel(nn.Module):
         if head_config is None:
             self.heads = None
         else:
-            head_config.validate(num_layers=self.parts.num_layers)
+            vocab = self.parts.unembed.weight.shape[0]
+            head_config.validate(num_layers=self.parts.num_layers, vocab_size=vocab)
             self.heads = heads if heads is not None else build_heads(self.parts, head_config)
         self.tokenizer = None  # set by multitoken.load
 
-    def generate(self, prompts: str | list[str], **options) -> tuple[list[str], dict]:
+    def generate(
+        self, prompts: str | list[str], *, add_special_tokens: bool = True, **options
+    ) -> tuple[list[str], dict]:
         """Text in, text out: ``model.generate("def f(", max_new_tokens=64, draft_len=3)``.
 
+        Prompts are encoded as transformers' ``tokenizer(prompt)`` (with a BOS, for tokenizers
+        that add one); pass ``add_special_tokens=False`` for text that spells its special tokens
+        itself, e.g. a chat rendered with ``model.tokenizer.apply_chat_template``.
         Options are those of :class:`multitoken.config.GenerateConfig`. Returns the generated
         texts and the call's statistics (trunk passes, τ, per-head acceptance, tokens/s)."""
         from multitoken.generate import generate
@@ -68,7 +87,7 @@ class MTPModel(nn.Module):
                 "tokenizer",
             )
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        ids = [self.tokenizer.encode(t) for t in texts]
+        ids = [self.tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
         out = generate(self, ids, eos_id=self.stop_ids(), **options)
         return [self.tokenizer.decode(t) for t in out.tokens], out.stats.to_dict()
 
@@ -130,33 +149,76 @@ class MTPModel(nn.Module):
             hook.remove()
         raise RuntimeError(f"the trunk's forward never reached layer {layer}")
 
+    def head_labels(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """Labels of head k (k >= 1) as its logits index them: over its draft vocabulary, if it
+        has one (:meth:`multitoken.heads.draft_vocab.DraftVocab.draft_labels`)."""
+        labels = shift_labels(tokens, k)
+        to_draft = getattr(self.heads, "draft_labels", None)
+        return labels if to_draft is None else to_draft(labels)
+
     def forward(
-        self, tokens: torch.Tensor, lam: float, memory_efficient: bool = True
+        self,
+        tokens: torch.Tensor,
+        lam: float,
+        memory_efficient: bool = True,
+        features: TrunkFeatures | None = None,
     ) -> LossOutput:
-        """Training forward over packed rows ``tokens`` [B, T+1]: inputs are ``tokens[:, :T]``."""
+        """Training forward over packed rows ``tokens`` [B, T+1]: inputs are ``tokens[:, :T]``.
+
+        ``features``: the frozen trunk's states over these rows, computed before (the feature
+        cache); the trunk then does not run at all."""
         inputs = tokens[:, :-1]
         family = self.family
         frozen = not self.trunk_trainable
+        if features is not None:
+            if not frozen:
+                raise RuntimeError("precomputed trunk features need a frozen trunk")
+            states = features.states.to(self.parts.embed.weight.dtype)
+            positions = torch.arange(inputs.size(1), device=states.device).unsqueeze(0)
+            count = features.main_count.sum().clamp(min=1)
+            main_loss = features.main_nll.sum() / count
+            main_acc = features.main_hits.sum() / count
+            hidden, branch_hidden = (None, states) if family == "meta" else (states, None)
+            block_kwargs = self.parts.block_kwargs(states, positions)
+            return self._head_losses(
+                tokens, lam, main_loss, main_acc, hidden, branch_hidden, block_kwargs
+            )
         if family == "meta" and memory_efficient and torch.is_grad_enabled() and not frozen:
             branch_hidden, layer_kwargs = self.trunk_prefix(inputs, self.heads.branch_layer)
-            labels = [shift_labels(tokens, k) for k in range(self.depth + 1)]
+            labels = [shift_labels(tokens, 0)]
+            labels += [self.head_labels(tokens, k) for k in range(1, self.depth + 1)]
             weights = [1.0, *head_weights(family, self.depth, lam)]
             return self.heads.headwise_loss(branch_hidden, layer_kwargs, labels, weights)
         branch = self.heads.branch_layer if family == "meta" else None
         with torch.no_grad() if frozen else contextlib.nullcontext():  # Medusa-1: heads only
             out = self.trunk_forward(inputs, branch)
         main_loss, main_acc = cross_entropy(out.logits, shift_labels(tokens, 0))
-        weights = head_weights(family, self.depth, lam)
-        labels = [shift_labels(tokens, k) for k in range(1, self.depth + 1)]
+        return self._head_losses(
+            tokens, lam, main_loss, main_acc, out.hidden, out.branch_hidden, out.block_kwargs
+        )
 
+    def _head_losses(
+        self,
+        tokens: torch.Tensor,
+        lam: float,
+        main_loss: torch.Tensor,
+        main_acc: torch.Tensor,
+        hidden: torch.Tensor | None,
+        branch_hidden: torch.Tensor | None,
+        block_kwargs: dict,
+    ) -> LossOutput:
+        """The λ-weighted total of the trunk's loss and every head's, from the trunk's states."""
+        family = self.family
+        weights = head_weights(family, self.depth, lam)
+        labels = [self.head_labels(tokens, k) for k in range(1, self.depth + 1)]
         if family == "bpd":
-            logits = self.heads(out.hidden)
+            logits = self.heads(hidden)
         elif family == "meta":
-            logits = self.heads(out.branch_hidden, out.block_kwargs)
+            logits = self.heads(branch_hidden, block_kwargs)
         else:
             pad = self.parts.config.pad_token_id
             logits = self.heads(
-                out.hidden, tokens, out.block_kwargs, pad_id=pad if isinstance(pad, int) else 0
+                hidden, tokens, block_kwargs, pad_id=pad if isinstance(pad, int) else 0
             )
         total = main_loss
         losses, accs = [], []

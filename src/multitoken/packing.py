@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from multitoken.data import BLOCK_BYTES, FULL_SPAN, Corpus, read_block, span_bounds
+from multitoken.data import BLOCK_BYTES, FULL_SPAN, Corpus, Piece, read_block, span_bounds
 from multitoken.errors import MultitokenError
-from multitoken.tokenizer import Tokenizer
+from multitoken.tokenizer import AddedSpecials, Tokenizer
 
 _POSITION = ("epoch", "file_index", "offset", "epoch_tokens")
 
@@ -23,11 +23,21 @@ _POSITION = ("epoch", "file_index", "offset", "epoch_tokens")
 class PackedStream:
     """Documents as one token stream (each followed by eos), cut into batches of rows.
 
+    Each document is encoded as the tokenizer encodes a whole text, so it starts as a prompt
+    will (with a BOS, for tokenizers that add one) and the trunk trains on what it decodes
+    from; a rendered chat spells its own special tokens and gets none added (see
+    :func:`document_ids`).
+
     A row holds ``seq_len + 1`` tokens and the next row starts on the previous row's last token,
     so every token is a prediction target exactly once. Each epoch shuffles the file order with
     ``random.Random(seed + epoch)``; rank ``r`` of ``world_size`` takes every ``world_size``-th
     file of that order, so ranks see disjoint files. Tokens left over at the end of an epoch
     carry into the next. With ``loop=False`` one pass is made and the last partial batch dropped.
+
+    With ``per_file`` no row spans two files: each file is cut on its own from its first token,
+    and its last tokens short of a row are dropped (a file shorter than a row gives none). Every
+    epoch then cuts exactly the same rows, in another file order: heads-only training uses it so
+    that a frozen trunk's states can be cached by row across epochs (:mod:`multitoken.featcache`).
 
     ``span`` selects a byte range of every file as fractions of its size (see :class:`Corpus`).
     JSONL chat records are rendered with ``tokenizer``'s chat template (see :func:`document_text`).
@@ -47,6 +57,7 @@ class PackedStream:
         shuffle: bool = True,
         span: tuple[float, float] = FULL_SPAN,
         block_bytes: int = BLOCK_BYTES,
+        per_file: bool = False,
     ) -> None:
         if seq_len < 1:
             raise MultitokenError(f"sequence length must be positive, got {seq_len}", "--seq-len")
@@ -62,6 +73,7 @@ class PackedStream:
         self.tokenizer, self.seq_len, self.batch_size = tokenizer, seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.loop, self.shuffle, self.span, self.block_bytes = loop, shuffle, span, block_bytes
+        self.per_file = per_file
         self._restore((0, 0, 0, 0), skip=0, carry=[])
 
     # The cursor (_epoch, _file_index, _offset) is where the next block starts, the offset being
@@ -101,6 +113,9 @@ class PackedStream:
         self._order = self._epoch_order(self._epoch)
         self._buf = [int(token) for token in carry]
         self._carry_len, self._pos, self._skip = len(self._buf), 0, skip
+        # Rows cut so far this epoch (per_file: an epoch with none would loop forever); None when
+        # restored mid-epoch, where the rows cut before are not known.
+        self._epoch_rows = 0 if block_at[1:3] == (0, 0) and skip == 0 else None
 
     def __iter__(self) -> PackedStream:
         return self
@@ -128,11 +143,15 @@ class PackedStream:
                 return None
             if self._skip:
                 ids, self._skip = ids[self._skip :], 0
+            if self.per_file and self._block_at[2] == 0:  # a new file: drop the last one's tail
+                self._buf, self._pos = [], 0
             self._buf = self._buf[self._pos :] + ids
             self._carry_len = len(self._buf) - len(ids)
             self._pos = 0
         row = self._buf[self._pos : self._pos + row_len]
         self._pos += self.seq_len
+        if self._epoch_rows is not None:
+            self._epoch_rows += 1
         return row
 
     def _read_next_block(self) -> list[int] | None:
@@ -147,11 +166,7 @@ class PackedStream:
             pieces, end = read_block(
                 path, start + self._offset, stop, self.block_bytes, self.tokenizer
             )
-        ids = []
-        for text, ends_document in pieces:
-            ids.extend(self.tokenizer.encode(text))
-            if ends_document:
-                ids.append(self.tokenizer.eos_id)
+        ids = [token for piece in pieces for token in document_ids(piece, self.tokenizer)]
         self._epoch_tokens += len(ids)
         if end >= stop:
             self._file_index, self._offset = self._file_index + 1, 0
@@ -170,9 +185,32 @@ class PackedStream:
                 f"fewer than one row of {self.seq_len + 1}",
                 "--seq-len",
             )
+        if self.per_file and self._epoch_rows == 0:
+            raise MultitokenError(
+                f"none of the {len(self._order)} file(s) gives a row of {self.seq_len + 1} "
+                "tokens, and heads-only training cuts rows within files: lower --seq-len or "
+                "join the files",
+                "--seq-len",
+            )
         self._epoch, self._file_index, self._offset, self._epoch_tokens = self._epoch + 1, 0, 0, 0
+        self._epoch_rows = 0
         self._order = self._epoch_order(self._epoch)
         return True
+
+
+def document_ids(piece: Piece, tokenizer: Tokenizer) -> list[int]:
+    """Token ids of a piece of a document: the tokenizer's prefix before a document's first
+    piece, its suffix after the last, then eos to separate documents (once: not after a suffix
+    that already ends with eos)."""
+    specials = tokenizer.added_specials if piece.add_special_tokens else AddedSpecials()
+    ids = tokenizer.encode(piece.text)
+    if piece.starts:
+        ids[:0] = specials.prefix
+    if piece.ends:
+        ids.extend(specials.suffix)
+        if specials.suffix[-1:] != (tokenizer.eos_id,):
+            ids.append(tokenizer.eos_id)
+    return ids
 
 
 def validation_batches(

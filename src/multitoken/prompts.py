@@ -2,6 +2,10 @@
 
 A prompts file holds one prompt per non-blank line, or, as ``.jsonl``, one ``{"text": ...}`` or
 ``{"messages": [...]}`` (a chat, to be rendered with the model's chat template) per line.
+
+A prompt is encoded as the model's tokenizer encodes a whole text (with a BOS, for tokenizers
+that add one); a rendered chat already spells its special tokens and gets none added
+(:meth:`Prompt.encode`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ class Prompt:
         except ChatTemplateError as exc:
             raise MultitokenError(f"{self.where}: {exc.reason}", flag) from None
 
+    def encode(self, tokenizer: Tokenizer, flag: str = "--prompts") -> list[int]:
+        """Token ids of the prompt as the model expects them: the tokenizer's special tokens
+        around plain text (as transformers' ``tokenizer(text)``), none added to a rendered chat
+        (as ``apply_chat_template(tokenize=True)``)."""
+        return tokenizer.encode(self.render(tokenizer, flag), add_special_tokens=not self.is_chat)
+
 
 def read_prompt_records(path: str | Path) -> list[Prompt]:
     """The prompts of a file, chats kept as messages (see the module docstring for the format)."""
@@ -81,28 +91,13 @@ def _jsonl_prompt(line: str, where: str) -> Prompt:
     )
 
 
-def read_prompts(path: str | Path, tokenizer: Tokenizer | None = None) -> list[str]:
-    """One prompt text per non-blank line, or per ``"text"`` field of a ``.jsonl`` file.
-
-    Chat (``"messages"``) prompts are rendered with ``tokenizer``'s chat template and a
-    generation prompt; without a tokenizer they are refused, since nothing says their format.
-    """
-    texts = []
-    for prompt in read_prompt_records(path):
-        if prompt.is_chat and tokenizer is None:
-            raise MultitokenError(
-                f"{prompt.where}: a chat prompt needs the model's chat template; "
-                'give {"text": ...} prompts here',
-                "--prompts",
-            )
-        texts.append(prompt.render(tokenizer) if prompt.is_chat else prompt.text)
-    return texts
-
-
 def window_prompts(
     texts: Iterable[str], tokenizer: Tokenizer, count: int, length: int
 ) -> list[list[int]]:
     """``count`` distinct windows of ``length`` tokens, each starting at a line, spread evenly.
+
+    Windows are fragments of text: nothing is added around them. A caller that decodes from one
+    as a prompt adds the tokenizer's special tokens (``tokenizer.added_specials.around``).
 
     Held-out text keeps the measurement honest: the trunk has not memorised it. Windows of mostly
     whitespace are skipped because their continuation is trivial to draft.

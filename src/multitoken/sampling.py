@@ -75,6 +75,13 @@ def accept_greedy(drafts: torch.Tensor, target: torch.Tensor) -> tuple[int, int]
     return m, int(target[m])
 
 
+def accept_greedy_rows(drafts: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`accept_greedy` for a batch, on the device: drafts [B, K], target [B, K+1] -> m [B],
+    each row's number of leading drafts equal to the trunk's choice (its bonus is target[r, m])."""
+    K = drafts.size(1)
+    return (drafts == target[:, :K]).long().cumprod(dim=1).sum(dim=1)
+
+
 def accept_sampled(
     drafts: torch.Tensor,
     q: torch.Tensor,

@@ -12,6 +12,13 @@ it can represent any text exactly.
 
 Chat templates travel with an ``HFTokenizer`` (read from the folder, kept in checkpoints) and are
 rendered by :mod:`multitoken.chat`.
+
+Special tokens: a text that starts something (a prompt, a training document) is encoded as the
+model's own tokenizer encodes it, with what that tokenizer puts around a whole text (a BOS for
+Llama-style tokenizers; nothing for GPT-2's or Qwen2's): ``encode(text, add_special_tokens=True)``,
+as ``transformers``' ``tokenizer(text)``. A fragment (a continuation, a window of a corpus) and a
+rendered chat, whose template already spells its BOS, get nothing added, as
+``apply_chat_template(tokenize=True)``. What is added is :attr:`Tokenizer.added_specials`.
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from multitoken.chat import ChatTemplateError, render_chat_template
 from multitoken.errors import MultitokenError
@@ -41,6 +49,21 @@ BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|bos|>", 
 PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>", "<|finetune_right_pad_id|>")
 
 
+@dataclass(frozen=True)
+class AddedSpecials:
+    """Token ids a tokenizer puts around a text it encodes whole (``add_special_tokens=True``).
+
+    ``prefix`` is a BOS for Llama-style tokenizers; ``suffix`` an EOS for the few that append
+    one. Both are empty for GPT-2's and Qwen2's tokenizers and for the byte tokenizer."""
+
+    prefix: tuple[int, ...] = ()
+    suffix: tuple[int, ...] = ()
+
+    def around(self, ids: Sequence[int]) -> list[int]:
+        """``ids`` as a whole text: the prefix, ``ids``, the suffix."""
+        return [*self.prefix, *ids, *self.suffix]
+
+
 @runtime_checkable
 class Tokenizer(Protocol):
     """What the rest of the package needs from a tokenizer."""
@@ -49,9 +72,15 @@ class Tokenizer(Protocol):
     bos_id: int
     eos_id: int
     pad_id: int
+    added_specials: AddedSpecials
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, with no special tokens added."""
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``.
+
+        ``add_special_tokens=True`` encodes a whole text as the model expects its input to start
+        (a prompt, a training document): with :attr:`added_specials` around it, exactly as
+        transformers' ``tokenizer(text)``. The default encodes a fragment, or a rendered chat,
+        which spells its special tokens itself: nothing is added."""
         ...
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -73,16 +102,22 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """Ids 0..255 are the bytes of the UTF-8 text; 256, 257, 258 are ``<bos>``, ``<eos>``, ``<pad>``."""
+    """Ids 0..255 are the bytes of the UTF-8 text; 256, 257, 258 are ``<bos>``, ``<eos>``, ``<pad>``.
+
+    A whole text gets no special tokens either: trunks trained from scratch on bytes have always
+    seen documents separated by eos alone, and the byte tokenizer's export (which transformers
+    loads) has no post-processor, so both encode a prompt the same way."""
 
     vocab_size = 259
     bos_id = 256
     eos_id = 257
     pad_id = 258
+    added_specials = AddedSpecials()
 
-    def encode(self, text: str) -> list[int]:
-        """UTF-8 bytes of ``text`` as ids."""
-        return list(text.encode("utf-8"))
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """UTF-8 bytes of ``text`` as ids (nothing is added, see the class docstring)."""
+        ids = list(text.encode("utf-8"))
+        return self.added_specials.around(ids) if add_special_tokens else ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Bytes back to text; special (and out-of-range) ids are dropped."""
@@ -115,6 +150,13 @@ class HFTokenizer:
     ``chat_template`` is the model's Jinja chat template, if it has one. ``split_special_tokens``
     makes special-token spellings in the text encode as ordinary text (transformers' option of
     the same name): the byte tokenizer's export needs it so ``"<eos>"`` typed in text stays bytes.
+
+    What a whole text gets around it (:attr:`added_specials`) is what the ``tokenizer.json``
+    post-processor adds, as transformers 5 does: with a ``tokenizer.json`` present it ignores
+    ``add_bos_token``/``add_eos_token`` in ``tokenizer_config.json`` and trusts the file.
+    ``added_specials`` (spellings, as a saved spec holds them: ``{"prefix": [...], "suffix":
+    [...]}``) overrides that: the post-processor is then replaced by one that adds those, so
+    saving and exporting keep the rule.
     """
 
     def __init__(
@@ -127,6 +169,7 @@ class HFTokenizer:
         source: str = "tokenizer",
         chat_template: str | None = None,
         split_special_tokens: bool = False,
+        added_specials: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self._tok = tokenizer
         self.source = source
@@ -152,6 +195,9 @@ class HFTokenizer:
             for key, token_id in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id))
             if token_id is not None
         }
+        if added_specials is not None:
+            self._set_added_specials(added_specials)
+        self.added_specials = self._probe_added_specials()
 
     @classmethod
     def from_file(
@@ -163,6 +209,7 @@ class HFTokenizer:
         pad: str | None = None,
         chat_template: str | None = None,
         split_special_tokens: bool = False,
+        added_specials: Mapping[str, Sequence[str]] | None = None,
     ) -> HFTokenizer:
         """Load a ``tokenizer.json``; any read or parse failure becomes a ``--tokenizer`` error."""
         try:
@@ -185,6 +232,7 @@ class HFTokenizer:
             source=str(path),
             chat_template=chat_template,
             split_special_tokens=split_special_tokens,
+            added_specials=added_specials,
         )
 
     def _find(self, preferred: str | None, names: Sequence[str]) -> int | None:
@@ -195,9 +243,43 @@ class HFTokenizer:
                 return token_id
         return None
 
-    def encode(self, text: str) -> list[int]:
-        """Ids without the post-processor's bos/eos: the packer places specials itself."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def _probe_added_specials(self) -> AddedSpecials:
+        """What the post-processor puts before and after a text, read off one encoded probe:
+        the tokens it adds have no sequence id. The probe is the eos spelling, which encodes to
+        at least one token (the eos itself, or its characters under ``split_special_tokens``)."""
+        probe = self._tok.encode(self._tok.id_to_token(self.eos_id), add_special_tokens=True)
+        sequence = [i for i, s in enumerate(probe.sequence_ids) if s is not None]
+        if not sequence:  # cannot happen for a text that encodes to tokens; all would be prefix
+            return AddedSpecials(tuple(probe.ids))
+        ids = probe.ids
+        return AddedSpecials(tuple(ids[: sequence[0]]), tuple(ids[sequence[-1] + 1 :]))
+
+    def _set_added_specials(self, spellings: Mapping[str, Sequence[str]]) -> None:
+        """Make the post-processor add exactly the tokens spelled ``prefix`` and ``suffix``."""
+        prefix, suffix = list(spellings.get("prefix", ())), list(spellings.get("suffix", ()))
+        wanted = AddedSpecials(self._ids_of(prefix), self._ids_of(suffix))
+        if self._probe_added_specials() == wanted:
+            return  # keep the file's own post-processor (e.g. GPT-2's ByteLevel offsets)
+        self._tok.post_processor = processors.TemplateProcessing(
+            single=[*prefix, "$A", *suffix],
+            special_tokens=sorted({(t, self._tok.token_to_id(t)) for t in prefix + suffix}),
+        )
+
+    def _ids_of(self, spellings: Sequence[str]) -> tuple[int, ...]:
+        ids = []
+        for spelling in spellings:
+            token_id = self._tok.token_to_id(spelling)
+            if token_id is None:
+                raise MultitokenError(
+                    f"{self.source} has no token {spelling!r} to put around texts", "--tokenizer"
+                )
+            ids.append(token_id)
+        return tuple(ids)
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Ids of ``text``; with ``add_special_tokens`` through the post-processor, exactly as
+        transformers' ``tokenizer(text)`` (see :meth:`Tokenizer.encode`)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; the library's byte-level decoder already replaces invalid UTF-8."""
@@ -216,6 +298,12 @@ class HFTokenizer:
             spec["chat_template"] = self._chat_template
         if self.split_special_tokens:
             spec["split_special_tokens"] = True
+        # Also in tokenizer.json's post-processor; the spec states it so that a spec without it
+        # is known to come from before the rule existed (see tokenizer_from_saved).
+        spec["added_specials"] = {
+            "prefix": [self._tok.id_to_token(i) for i in self.added_specials.prefix],
+            "suffix": [self._tok.id_to_token(i) for i in self.added_specials.suffix],
+        }
         return spec
 
     def special_tokens(self) -> dict[str, str]:
@@ -257,7 +345,10 @@ class HFTokenizer:
 
 
 def tokenizer_from_saved(directory: Path, spec: dict) -> Tokenizer:
-    """Rebuild the tokenizer that :meth:`Tokenizer.save` wrote into ``directory``."""
+    """Rebuild the tokenizer that :meth:`Tokenizer.save` wrote into ``directory``.
+
+    A spec from before ``added_specials`` was saved describes a checkpoint that was trained and
+    prompted with nothing added around texts, so it keeps encoding that way."""
     kind = spec.get("type")
     if kind == "bytes":
         return ByteTokenizer()
@@ -269,8 +360,24 @@ def tokenizer_from_saved(directory: Path, spec: dict) -> Tokenizer:
             pad=spec.get("pad"),
             chat_template=spec.get("chat_template"),
             split_special_tokens=bool(spec.get("split_special_tokens", False)),
+            added_specials=_saved_added_specials(spec, directory),
         )
     raise MultitokenError(f"unknown saved tokenizer type {kind!r} in {directory}", "--tokenizer")
+
+
+def _saved_added_specials(spec: dict, directory: Path) -> dict[str, list[str]]:
+    """A spec's ``added_specials``, checked; none saved (an older spec) means nothing added."""
+    value = spec.get("added_specials", {"prefix": [], "suffix": []})
+    if not (
+        isinstance(value, dict)
+        and all(
+            isinstance(value.get(key, []), list)
+            and all(isinstance(t, str) for t in value.get(key, []))
+            for key in ("prefix", "suffix")
+        )
+    ):
+        raise MultitokenError(f"malformed added_specials in {directory}", "--tokenizer")
+    return value
 
 
 def load_tokenizer(spec: str | None) -> Tokenizer:
@@ -286,6 +393,10 @@ def load_tokenizer(spec: str | None) -> Tokenizer:
     if spec is None or spec == "bytes":
         return ByteTokenizer()
     path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():  # a GGUF's vocabulary is in its metadata
+        from multitoken.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     if path.is_dir():
         options = _options_from_config(path)
         if (path / TOKENIZER_FILE).is_file():

@@ -31,6 +31,10 @@ def write_hf_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
     bos and pad are always written, even where they stand in for eos (the ids the trunk's config
     was built with). A template that uses ``bos_token`` therefore renders it after export even
     when the original tokenizer had no bos of its own.
+
+    What goes around a whole text (``tokenizer.added_specials``) is in ``tokenizer.json``'s
+    post-processor, which is where transformers 5 reads it from; ``add_bos_token`` is not
+    written, since transformers ignores it beside a ``tokenizer.json``.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

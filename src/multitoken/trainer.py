@@ -33,6 +33,7 @@ from multitoken.checkpoint import (
 from multitoken.config import TrainConfig
 from multitoken.data import Corpus
 from multitoken.errors import MultitokenError
+from multitoken.featcache import FeatureCache
 from multitoken.hardware import choose_precision, resolve_device
 from multitoken.model import MTPModel
 from multitoken.packing import PackedStream, validation_batches
@@ -63,6 +64,7 @@ class TrainResult:
     step: int
     val: dict | None  # last validation figures
     model: MTPModel  # the trained model (on its training device, in eval mode)
+    feature_cache: dict | None = None  # the frozen trunk's feature cache: hits, rows computed...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +160,37 @@ def _prepare(cfg: TrainConfig, device: torch.device):
     return out, corpus, tokenizer, model.to(device), resume_ckpt
 
 
+# Tokens counted to choose a draft vocabulary (--draft-vocab): the start of the training stream.
+DRAFT_VOCAB_TOKENS = 4_000_000
+
+
+def draft_vocabulary(corpus: Corpus, tokenizer, cfg: TrainConfig, vocab_size: int):
+    """The ``--draft-vocab`` most frequent tokens among the labels of the first
+    ``DRAFT_VOCAB_TOKENS`` training tokens (or the whole training split, if smaller), in the
+    order the run reads them: (ids, tokens counted, share of those tokens the ids cover)."""
+    from multitoken.heads.draft_vocab import frequent_tokens
+
+    stream = PackedStream(
+        corpus.train_files,
+        tokenizer,
+        cfg.seq_len,
+        1,
+        seed=cfg.seed,
+        loop=False,
+        **corpus.stream_kwargs("train"),
+    )
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    seen = 0
+    for row in stream:
+        labels = row[0, 1:]
+        counts += torch.bincount(labels.clamp(0, vocab_size - 1), minlength=vocab_size)
+        seen += labels.numel()
+        if seen >= DRAFT_VOCAB_TOKENS:
+            break
+    ids = frequent_tokens(counts, cfg.heads.draft_vocab, vocab_size)
+    return ids, seen, float(counts[ids].sum()) / max(1, seen)
+
+
 def _optimizer(model: MTPModel, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for p in model.parameters():
@@ -178,15 +211,24 @@ def _optimizer(model: MTPModel, cfg: TrainConfig, device: torch.device) -> torch
 
 
 @torch.no_grad()
-def evaluate(model: MTPModel, batches: list[torch.Tensor], lam: float, autocast) -> dict:
-    """Mean trunk loss/accuracy and per-head loss/top-1 accuracy over fixed validation batches."""
+def evaluate(
+    model: MTPModel,
+    batches: list[torch.Tensor],
+    lam: float,
+    autocast,
+    cache: FeatureCache | None = None,
+) -> dict:
+    """Mean trunk loss/accuracy and per-head loss/top-1 accuracy over fixed validation batches
+    (a frozen trunk's states from ``cache``, where given)."""
     was_training = model.training
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     device = next(model.parameters()).device
     for batch in batches:
         with autocast():
-            out = model(batch.to(device), lam=lam)
+            batch = batch.to(device)
+            features = None if cache is None else cache.features(model, batch)
+            out = model(batch, lam=lam, features=features)
         for key in ("main_loss", "main_acc", "head_losses", "head_acc"):
             value = getattr(out, key).float().cpu()
             sums[key] = sums.get(key, 0) + value
@@ -241,9 +283,16 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
     out, corpus, tokenizer, model, resume_ckpt = _prepare(cfg, device)
     precision = choose_precision(cfg.precision, device)
     autocast = precision.autocast(device)
-    if ddp.main:
-        print(f"multitoken: {precision.describe()}", file=sys.stderr)
     schedule = cfg.lambda_schedule()
+    said = []
+    if cfg.heads.draft_vocab is not None and resume_ckpt is None:  # a resumed run has its own
+        vocab = model.heads.full_vocab
+        ids, seen, covered = draft_vocabulary(corpus, tokenizer, cfg, vocab)
+        model.heads.set_draft_vocab(ids.to(device))
+        said.append(
+            f"multitoken: draft vocabulary: the {len(ids):,} most frequent of {vocab:,} tokens "
+            f"in the first {seen:,} training tokens (they cover {covered:.1%} of them)"
+        )
 
     stream = PackedStream(
         corpus.train_files,
@@ -253,6 +302,7 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
         seed=cfg.seed,
         rank=ddp.rank,
         world_size=ddp.world,
+        per_file=cfg.freeze_trunk,  # the same rows every epoch: their features are cached
         **corpus.stream_kwargs("train"),
     )
     val = validation_batches(corpus, tokenizer, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
@@ -265,12 +315,29 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
         stream.load_state_dict(state["data"][ddp.rank])
     batches = iter(stream)
     first = next(batches)  # a corpus too small for --seq-len fails here, before OUT is written
+    if ddp.main:  # every input checked: say what the run computes in
+        print(f"multitoken: {precision.describe()}", file=sys.stderr)
+        for line in said:
+            print(line, file=sys.stderr)
 
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "train_config.json", cfg.to_dict())
         if resume_ckpt is not None:
             _truncate_metrics(out / "metrics.jsonl", step)
+    cache = None
+    if cfg.freeze_trunk and cfg.feature_cache_gb > 0:
+        folder = Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else out / "feature-cache"
+        cap = int(cfg.feature_cache_gb * 2**30)
+        cache = FeatureCache(
+            folder, model, cap, cfg.feature_cache_dtype, precision.name, ddp.rank, ddp.world
+        )
+        if ddp.main:
+            print(
+                f"multitoken: feature cache {cache.folder}: {cache.stats.held:,} rows held "
+                f"({cache.stats.bytes / 2**30:.2f} of {cfg.feature_cache_gb:g} GiB)",
+                file=sys.stderr,
+            )
     wrapped = DistributedDataParallel(model) if ddp.world > 1 else model
     metrics_path = out / "metrics.jsonl"
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ddp.world
@@ -287,6 +354,8 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
     last_val = None
 
     def checkpoint(at: int) -> Path | None:
+        if cache is not None:  # a resumed run finds every row computed before this checkpoint
+            cache.flush()
         data_states = [stream.state_dict()]
         if ddp.world > 1:
             data_states = [None] * ddp.world
@@ -309,7 +378,7 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
         return path
 
     if step == 0:  # the curve starts at the initial loss
-        last_val = evaluate(model, val, schedule(0, cfg.max_steps), autocast)
+        last_val = evaluate(model, val, schedule(0, cfg.max_steps), autocast, cache)
         if ddp.main:
             _append_jsonl(metrics_path, {"step": 0, "split": "val", **last_val})
     pending = first
@@ -328,8 +397,13 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
             ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
             with ctx:
                 with autocast():
+                    batch = batch.to(device)
+                    features = None if cache is None else cache.features(model, batch)
                     res = wrapped(
-                        batch.to(device), lam=lam, memory_efficient=cfg.meta_memory_efficient
+                        batch,
+                        lam=lam,
+                        memory_efficient=cfg.meta_memory_efficient,
+                        features=features,
                     )
                 (res.loss / cfg.grad_accum).backward()
             sums += torch.cat(
@@ -376,7 +450,7 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
             if step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps:
                 _append_jsonl(metrics_path, record)
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            last_val = evaluate(model, val, lam, autocast)
+            last_val = evaluate(model, val, lam, autocast, cache)
             if ddp.main:
                 _append_jsonl(metrics_path, {"step": step, "split": "val", **last_val})
                 heads = " ".join(
@@ -394,7 +468,11 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
         if on_step is not None:
             on_step(step)
     bar.close()
-    return TrainResult(out, last_ckpt, step, last_val, model.eval())
+    stats = None
+    if cache is not None:
+        cache.close()
+        stats = cache.stats.to_dict()
+    return TrainResult(out, last_ckpt, step, last_val, model.eval(), stats)
 
 
 def train(**options) -> TrainResult:

@@ -24,6 +24,7 @@ from transformers.masking_utils import create_causal_mask
 
 from multitoken.config import PRESETS
 from multitoken.errors import MultitokenError
+from multitoken.gguf import is_gguf, load_gguf_trunk
 
 # Keyword arguments of a decoder layer that this adapter knows how to supply.
 _LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids", "cache", "use_cache")
@@ -196,7 +197,8 @@ def watch_states(parts: TrunkParts, branch_layer: int | None = None):
         seen["hidden"] = output[0] if isinstance(output, tuple) else output
 
     def grab_branch(module, args, kwargs):
-        seen["branch"] = layer_arguments(module, args, kwargs)[0]
+        # Positional: the first argument is the stream (binding the signature costs ~70 µs)
+        seen["branch"] = args[0] if args else layer_arguments(module, args, kwargs)[0]
 
     hooks = [final.register_forward_hook(grab_final)]
     if branch_layer is not None:
@@ -315,15 +317,18 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def load_trunk(path: str | Path) -> PreTrainedModel:
-    """A local `transformers` causal-LM folder. Nothing is fetched from a hub."""
+def load_trunk(path: str | Path, flag: str = "--trunk") -> PreTrainedModel:
+    """A local `transformers` causal-LM folder, or a GGUF file (:mod:`multitoken.gguf`).
+    Nothing is fetched from a hub."""
     p = Path(path)
+    if is_gguf(p):
+        return load_gguf_trunk(p, flag)
     if not (p / "config.json").is_file():
-        raise MultitokenError(f"{p} is not a transformers model folder (no config.json)", "--trunk")
+        raise MultitokenError(f"{p} is not a transformers model folder (no config.json)", flag)
     try:
         config = AutoConfig.from_pretrained(p, local_files_only=True)
         with quiet_transformers():
             return AutoModelForCausalLM.from_pretrained(p, config=config, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MultitokenError(f"cannot load a causal LM from {p}: {first}", "--trunk") from None
+        raise MultitokenError(f"cannot load a causal LM from {p}: {first}", flag) from None

@@ -7,10 +7,11 @@ from torch import nn
 from multitoken.config import HeadConfig
 from multitoken.heads.bpd import BPDHeads
 from multitoken.heads.deepseek import DeepSeekHeads
+from multitoken.heads.draft_vocab import DraftVocab, frequent_tokens
 from multitoken.heads.meta import MetaHeads
 from multitoken.trunk import TrunkParts
 
-__all__ = ["BPDHeads", "DeepSeekHeads", "MetaHeads", "build_heads"]
+__all__ = ["BPDHeads", "DeepSeekHeads", "DraftVocab", "MetaHeads", "build_heads", "frequent_tokens"]
 
 
 def build_heads(parts: TrunkParts, config: HeadConfig) -> nn.Module:

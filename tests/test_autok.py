@@ -1,0 +1,185 @@
+"""``--draft-len auto``: K chosen before each step from c(q), the drafting cost and the live
+acceptance. Output stays plain greedy whatever K each step takes; good heads make it draft long,
+useless heads make it stop drafting; the choice itself follows E[tokens | K] / cost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import micro_llama, perturb_heads
+from test_generate import PROMPTS, CheckedHeads, OracleHeads, hf_greedy, model_of
+
+from multitoken import costs
+from multitoken.cli import build_parser
+from multitoken.config import GenerateConfig, draft_len_value
+from multitoken.costs import Acceptance, CostModel, DraftLen, best_draft_len, expected_tokens
+from multitoken.generate import generate
+
+
+def fixed_costs(c: list[float], draft: float) -> CostModel:
+    """A cost model that learns nothing: the test, not the machine's load, decides K."""
+    return CostModel(c, t1_s=1e-3, prior_draft=draft, learn_draft=False)
+
+
+CHEAP = fixed_costs([1.0, 1.02, 1.04, 1.06, 1.08], 0.02)  # drafting nearly free
+REALISTIC = fixed_costs([1.0, 1.44, 1.92, 1.73, 1.8], 0.1)  # SmolLM2 on 2 AVX2 cores
+
+
+@pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
+def test_auto_greedy_equals_plain_for_every_family_and_batch_row(family):
+    model = perturb_heads(model_of(family, depth=3))
+    plain = generate(model, PROMPTS, max_new_tokens=30, speculate=False)
+    auto = generate(model, PROMPTS, max_new_tokens=30, draft_len="auto", costs=CHEAP)
+    assert auto.tokens == plain.tokens
+    ks = auto.stats.draft_lens
+    assert 0 in ks and max(ks) >= 2, ks  # K really changed from step to step
+    assert len(auto.stats.acceptance) == 3
+    for prompt, tokens in zip(PROMPTS, plain.tokens):
+        assert tokens == hf_greedy(model, prompt, 30)
+        alone = generate(model, [prompt], max_new_tokens=30, draft_len="auto", costs=CHEAP)
+        assert alone.tokens == [tokens]
+
+
+def test_auto_is_the_default_and_measures_its_costs_once_per_trunk():
+    model = perturb_heads(model_of("bpd", depth=2), scale=0.3)
+    assert GenerateConfig().draft_len == "auto"
+    calls = []
+    hook = model.trunk.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        first = generate(model, PROMPTS[:1], max_new_tokens=8)  # measures c(1..3), then decodes
+        measuring = len(calls) - first.stats.trunk_passes
+        assert measuring == 3 * (costs.AUTO_REPEATS + 1) + 1  # +1: the cached context
+        calls.clear()
+        again = generate(model, PROMPTS[:1], max_new_tokens=8)
+        assert len(calls) == again.stats.trunk_passes  # the curve was kept
+    finally:
+        hook.remove()
+    assert again.tokens == first.tokens
+    assert len(first.stats.draft_lens) == first.stats.trunk_passes - 1  # one K per step
+
+
+def test_always_right_heads_make_auto_draft_long():
+    model = model_of("bpd")
+    plain = generate(model, PROMPTS, max_new_tokens=40, speculate=False)
+    model.heads = OracleHeads(model, wrong=False)
+    out = generate(model, PROMPTS, max_new_tokens=40, draft_len="auto", costs=CHEAP)
+    assert out.tokens == plain.tokens
+    ks = out.stats.draft_lens
+    assert ks[0] >= 1  # the prior drafts from the first step on
+    assert all(k == 4 for k in ks[3:]), ks  # then the longest K, every step
+    assert out.stats.acceptance == [1.0] * 4
+
+
+def test_always_wrong_heads_make_auto_fall_back_to_plain_steps():
+    model = model_of("bpd")
+    plain = generate(model, PROMPTS, max_new_tokens=40, speculate=False)
+    model.heads = OracleHeads(model, wrong=True)
+    out = generate(model, PROMPTS, max_new_tokens=40, draft_len="auto", costs=REALISTIC)
+    assert out.tokens == plain.tokens
+    ks = out.stats.draft_lens
+    assert ks[0] >= 1 and ks[-1] == 0
+    later = ks[5:]
+    assert sum(k == 0 for k in later) >= 0.9 * len(later), ks
+    assert out.stats.acceptance[0] == 0.0
+
+
+@pytest.mark.parametrize("family", ["meta", "deepseek", "bpd"])
+def test_heads_that_skip_steps_still_draft_what_full_recomputation_gives(family):
+    """Steps with K = 0 draft nothing: the positions they commit reach the heads at the next
+    drafting step, and a head with a KV cache keeps drafting exactly (DESIGN.md invariant 3)."""
+    model = perturb_heads(model_of(family, depth=3))
+    checked = CheckedHeads(model)
+    model.heads = checked
+    out = generate(model, PROMPTS, max_new_tokens=30, draft_len="auto", costs=CHEAP)
+    assert 0 in out.stats.draft_lens and checked.checked >= 3
+    model.heads = checked.inner
+    assert out.tokens == generate(model, PROMPTS, max_new_tokens=30, speculate=False).tokens
+
+
+def test_auto_sampling_runs_and_keeps_to_the_trunk_vocabulary():
+    model = perturb_heads(model_of("deepseek", depth=2), scale=0.3)
+    out = generate(
+        model, PROMPTS, max_new_tokens=20, draft_len="auto", costs=CHEAP, temperature=1.0, seed=1
+    )
+    assert [len(t) for t in out.tokens] == [20] * 3
+    assert all(0 <= t < 64 for row in out.tokens for t in row)
+
+
+# ---------------------------------------------------------------------------------------------
+# The choice itself
+# ---------------------------------------------------------------------------------------------
+
+
+def test_expected_tokens_and_the_best_k_by_hand():
+    a = [0.9, 0.5]
+    assert expected_tokens(a, 0) == 1.0
+    assert expected_tokens(a, 2) == pytest.approx(1 + 0.9 + 0.45)
+    model = fixed_costs([1.0, 1.2, 1.5], 0.1)
+    # stateless: K=1 1.9 / (1.2 + 0.1) = 1.46; K=2 2.35 / (1.5 + 0.2) = 1.38
+    best, rates = best_draft_len(a, model, lambda K: K)
+    assert best == 1 and rates == pytest.approx([1.0, 1.9 / 1.3, 2.35 / 1.7])
+    # heads with a draft state draft both tokens whatever K: K=1 1.9 / 1.4 < K=2 2.35 / 1.7
+    best, _ = best_draft_len(a, model, lambda K: 2 if K else 0)
+    assert best == 2
+    # useless heads: a plain step
+    assert best_draft_len([0.05, 0.05], model, lambda K: K)[0] == 0
+
+
+def test_acceptance_starts_at_its_prior_learns_and_drifts_back_when_not_tried():
+    est = Acceptance(3, prior=0.6, weight=2.0, decay=0.9)
+    assert est.rates == pytest.approx([0.6] * 3)
+    for _ in range(20):
+        est.observe(2, [2])  # both drafts accepted, the third position never tried
+    assert est.rates[0] > 0.9 and est.rates[1] > 0.9 and est.rates[2] == pytest.approx(0.6)
+    for _ in range(20):
+        est.observe(1, [0])  # the first draft rejected
+    low = est.rates[0]
+    assert low < 0.2
+    for _ in range(40):
+        est.observe(0, [0])  # plain steps: nothing tried
+    assert low < est.rates[0] < 0.6  # back towards the prior: drafting is tried again
+
+
+def test_draft_len_policy_drafts_all_heads_when_they_keep_state():
+    assert DraftLen(3, fixed=2).drafted(2) == 2
+    assert DraftLen(3, costs=CHEAP, stateless=True).drafted(1) == 1
+    assert DraftLen(3, costs=CHEAP, stateless=False).drafted(1) == 3
+    assert DraftLen(3, costs=CHEAP, stateless=False).drafted(0) == 0
+
+
+def test_cost_model_extends_the_curve_and_learns_the_drafting_cost():
+    model = CostModel([1.0, 1.4, 1.6], t1_s=0.01)
+    assert model.verify(5) == pytest.approx(2.0)  # last slope 0.2 per token
+    assert model.draft(2) == pytest.approx(2 * costs.PRIOR_DRAFT_COST)
+    model.observe_draft(0.003, 3)  # 1 ms per drafted token = 0.1 t1
+    model.observe_draft(0.006, 3)
+    model.observe_draft(0.009, 3)
+    assert model.draft_per_token == pytest.approx(0.2)
+
+
+def test_draft_len_flag_takes_auto_or_a_number():
+    assert draft_len_value("auto") == "auto" and draft_len_value("3") == 3
+    assert draft_len_value(None) is None and draft_len_value(2) == 2
+    with pytest.raises(ValueError):
+        draft_len_value("many")
+    parser = build_parser()
+    base = ["generate", "--checkpoint", "x"]
+    assert parser.parse_args(base + ["--draft-len", "auto"]).draft_len == "auto"
+    assert parser.parse_args(base + ["--draft-len", "2"]).draft_len == 2
+    assert not hasattr(parser.parse_args(base), "draft_len")  # the dataclass default applies
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--draft-len", "many"])
+    model = model_of("bpd", depth=2)
+    with pytest.raises(ValueError, match="--draft-len"):
+        generate(model, PROMPTS[:1], max_new_tokens=2, draft_len="many")
+    with pytest.raises(ValueError, match="--draft-len"):
+        generate(model, PROMPTS[:1], max_new_tokens=2, draft_len=0)
+
+
+def test_a_micro_trunk_has_a_measured_curve_keyed_by_dtype():
+    trunk = micro_llama(seed=5)
+    first = costs.cost_model(trunk, 3, [5, 6, 7])
+    assert costs.cost_model(trunk, 2, [5, 6, 7]) is first  # a shorter curve is already known
+    assert first.c[0] == 1.0 and len(first.c) == 3 and first.t1_s > 0
+    trunk.to(torch.float64)
+    assert costs.cost_model(trunk, 2, [5, 6, 7]) is not first

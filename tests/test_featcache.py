@@ -1,0 +1,248 @@
+"""The frozen-trunk feature cache: cached states are the live trunk's (bit-exact in fp32 storage,
+the bf16 rounding of them in bf16), training from the cache trains the heads a live run trains,
+a resumed run reads what was cached before, a damaged shard is an error naming it, and the cache
+is bounded and never read for another trunk. Also the per-file packing that makes epochs
+repeat their rows."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import micro_llama, perturb_heads
+
+import multitoken
+from multitoken.config import HeadConfig
+from multitoken.errors import MultitokenError
+from multitoken.featcache import FeatureCache, live_features
+from multitoken.model import MTPModel
+from multitoken.packing import PackedStream
+from multitoken.tokenizer import ByteTokenizer
+
+BYTES = ByteTokenizer().vocab_size
+
+
+def frozen(family: str, seed: int = 0) -> MTPModel:
+    model = perturb_heads(MTPModel(micro_llama(seed), HeadConfig(family=family, depth=2)), seed)
+    model.trunk.requires_grad_(False)
+    return model
+
+
+def rows(seed: int = 1, batch: int = 4, length: int = 13) -> torch.Tensor:
+    return torch.randint(3, 64, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def live_states(model: MTPModel, tokens: torch.Tensor) -> torch.Tensor:
+    branch = model.heads.branch_layer if model.family == "meta" else None
+    with torch.no_grad():
+        out = model.trunk_forward(tokens[:, :-1], branch)
+    return out.branch_hidden if branch is not None else out.hidden
+
+
+@pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
+def test_cached_states_are_the_live_trunks_and_give_the_same_losses(tmp_path, family):
+    model, tokens = frozen(family), rows()
+    cache = FeatureCache(tmp_path, model, 1 << 30, storage="fp32")
+    first = cache.features(model, tokens)  # computed and stored
+    cache.close()
+    again = FeatureCache(tmp_path, model, 1 << 30, storage="fp32")  # a new process, say
+    read = again.features(model, tokens)
+    assert (again.stats.hits, again.stats.computed, cache.stats.computed) == (4, 0, 4)
+    want = live_states(model, tokens)
+    assert torch.equal(first.states, want) and torch.equal(read.states, want)  # bit-exact
+    with torch.no_grad():
+        live = model(tokens, lam=0.5)
+        cached = model(tokens, lam=0.5, features=read)
+    torch.testing.assert_close(cached.head_losses, live.head_losses, rtol=0, atol=0)
+    torch.testing.assert_close(cached.head_acc, live.head_acc, rtol=0, atol=0)
+    torch.testing.assert_close(cached.main_loss, live.main_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(cached.main_acc, live.main_acc, rtol=1e-6, atol=0)
+    torch.testing.assert_close(cached.loss, live.loss, rtol=1e-6, atol=0)
+
+
+def test_bf16_storage_holds_the_live_states_rounded(tmp_path):
+    model, tokens = frozen("deepseek"), rows()
+    cache = FeatureCache(tmp_path, model, 1 << 30)  # bf16 by default
+    cache.features(model, tokens)
+    cache.close()
+    read = FeatureCache(tmp_path, model, 1 << 30).features(model, tokens)
+    want = live_states(model, tokens)
+    assert torch.equal(read.states, want.bfloat16().float())
+    assert not torch.equal(read.states, want)  # rounded indeed
+    with torch.no_grad():
+        live, cached = model(tokens, lam=0.5), model(tokens, lam=0.5, features=read)
+    torch.testing.assert_close(cached.head_losses, live.head_losses, rtol=1e-2, atol=0)
+
+
+def test_damaged_shards_are_errors_naming_the_file(tmp_path):
+    model, tokens = frozen("bpd"), rows()
+    cache = FeatureCache(tmp_path, model, 1 << 30)
+    cache.features(model, tokens)
+    cache.close()
+    (shard,) = cache.folder.glob("shard-*.safetensors")
+    data = bytearray(shard.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8:header])["states"]["data_offsets"]
+    data[header + (begin + end) // 2] ^= 0x10  # one flipped bit in the states: its checksum fails
+    shard.write_bytes(bytes(data))
+    reopened = FeatureCache(tmp_path, model, 1 << 30)
+    with pytest.raises(MultitokenError, match=f"{shard}.*checksum"):
+        reopened.features(model, tokens)
+    shard.write_bytes(bytes(data[:-100]))  # truncated: refused when the cache opens
+    with pytest.raises(MultitokenError, match=str(shard)):
+        FeatureCache(tmp_path, model, 1 << 30)
+
+
+def test_the_cap_bounds_what_is_stored_and_the_rest_is_recomputed(tmp_path):
+    model, tokens = frozen("bpd"), rows(batch=6)
+    row_bytes = 16 + 13 * 4 + 12 * 32 * 4 + 12 + 8
+    cache = FeatureCache(tmp_path, model, 2 * row_bytes + 10, storage="fp32")
+    cache.features(model, tokens)
+    assert cache.stats.stored == 2
+    read = cache.features(model, tokens)  # two rows read, four recomputed
+    assert (cache.stats.hits, cache.stats.computed) == (2, 10)
+    assert torch.equal(read.states, live_states(model, tokens))
+    cache.close()
+    assert sum(p.stat().st_size for p in cache.folder.glob("shard-*")) < 4 * row_bytes
+
+
+def test_a_cache_made_for_other_trunk_weights_is_never_read(tmp_path):
+    model, tokens = frozen("bpd"), rows()
+    cache = FeatureCache(tmp_path, model, 1 << 30)
+    cache.features(model, tokens)
+    cache.close()
+    with torch.no_grad():
+        model.trunk.model.layers[1].mlp.down_proj.weight[5, 7] += 1e-3  # one weight, deep inside
+    other = FeatureCache(tmp_path, model, 1 << 30)
+    assert other.folder != cache.folder and other.stats.held == 0
+    other.features(model, tokens)
+    assert other.stats.computed == 4
+    meta = other.folder / "fingerprint.json"  # a folder whose fingerprint disagrees is refused
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "storage": "fp32"}))
+    with pytest.raises(MultitokenError, match="fingerprint.json"):
+        FeatureCache(tmp_path, model, 1 << 30)
+
+
+# --- the trainer ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A plain model folder (micro Llama over bytes) and a small corpus of five files."""
+    from multitoken.tokenizer_export import write_hf_tokenizer
+    from multitoken.trunk import quiet_transformers
+
+    root = tmp_path_factory.mktemp("featcache")
+    with quiet_transformers():
+        micro_llama(0, vocab=BYTES).save_pretrained(root / "trunk")
+    write_hf_tokenizer(ByteTokenizer(), root / "trunk")
+    rng = random.Random(0)
+    for i in range(5):
+        words = [
+            rng.choice(["def", "return", "x", "y", "=", "+", "(", ")", ":"]) for _ in range(90)
+        ]
+        (root / "corpus").mkdir(exist_ok=True)
+        (root / "corpus" / f"f{i}.py").write_text(" ".join(words) + "\n")
+    return root
+
+
+def options(setup, out, **overrides) -> dict:
+    values = dict(
+        trunk=str(setup / "trunk"),
+        freeze_trunk=True,
+        data=[str(setup / "corpus")],
+        out=str(out),
+        family="deepseek",
+        depth=2,
+        seq_len=32,
+        batch_size=4,
+        max_steps=16,
+        eval_every=8,
+        eval_batches=1,
+        log_every=1,
+        save_every=4,
+        val_fraction=0.3,
+        lr=3e-3,
+        precision="fp32",
+        device="cpu",
+        feature_cache_dtype="fp32",
+    )
+    values.update(overrides)
+    return values
+
+
+def train_curve(out) -> list[dict]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in lines]
+
+
+def test_a_cached_run_trains_the_heads_a_live_run_trains(setup, tmp_path):
+    cached = multitoken.train(**options(setup, tmp_path / "cached"))
+    live = multitoken.train(**options(setup, tmp_path / "live", feature_cache_gb=0))
+    stats = cached.feature_cache
+    assert live.feature_cache is None
+    assert stats["hits"] > stats["computed"] > 0  # the rows come round again and are read back
+    a, b = cached.model.heads.state_dict(), live.model.heads.state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    for ma, mb in zip(train_curve(tmp_path / "cached"), train_curve(tmp_path / "live")):
+        for key in ma.keys() - {"split"}:
+            assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-5), (key, ma, mb)
+
+
+def test_a_resumed_run_reads_the_rows_cached_before_it(setup, tmp_path):
+    def killed(step: int) -> None:
+        if step == 10:  # after the step-8 checkpoint; steps 9-10 are lost with the process
+            raise KeyboardInterrupt
+
+    def short(setup, out) -> dict:
+        return options(setup, out, max_steps=12, eval_every=6)
+
+    with pytest.raises(KeyboardInterrupt):
+        multitoken.train(**short(setup, tmp_path / "b"), on_step=killed)
+    resumed = multitoken.train(**short(setup, tmp_path / "b"), resume=True)
+    stats = resumed.feature_cache
+    # every row of an epoch was seen and written by the step-8 checkpoint: nothing recomputed
+    assert stats["computed"] == 0 and stats["hits"] == 4 * 4 + 4, stats  # 4 steps + 1 eval
+    whole = multitoken.train(**short(setup, tmp_path / "a"))
+    a, b = train_curve(tmp_path / "a"), train_curve(tmp_path / "b")
+    assert [(m["step"], m["split"]) for m in a] == [(m["step"], m["split"]) for m in b]
+    for ma, mb in zip(a, b):
+        for key in ma.keys() - {"split"}:
+            assert ma[key] == pytest.approx(mb[key], rel=1e-5, abs=1e-6), (key, ma, mb)
+    assert whole.feature_cache["computed"] > 0
+
+
+def test_per_file_rows_repeat_every_epoch_and_resume_exactly(setup):
+    files = sorted((setup / "corpus").iterdir())
+    stream = PackedStream(files, ByteTokenizer(), 32, 1, seed=3, per_file=True)
+    seen: dict[int, list] = {}
+    states = []
+    for _ in range(120):
+        states.append(stream.state_dict())
+        row = tuple(next(stream)[0].tolist())
+        seen.setdefault(stream._epoch, []).append(row)  # the epoch that cut it
+    epochs = sorted(seen)[:-1]  # the last one may be cut short
+    assert len(epochs) >= 3
+    assert all(sorted(seen[e]) == sorted(seen[epochs[0]]) for e in epochs)
+    assert seen[epochs[0]] != seen[epochs[1]]  # another file order
+    flat = [row for e in sorted(seen) for row in seen[e]]
+    for i in (0, 17, 55, 101):
+        again = PackedStream(files, ByteTokenizer(), 32, 1, seed=3, per_file=True)
+        again.load_state_dict(json.loads(json.dumps(states[i])))
+        assert [tuple(next(again)[0].tolist()) for _ in range(19)] == flat[i : i + 19]
+    with pytest.raises(MultitokenError, match="--seq-len"):  # every file shorter than a row
+        next(iter(PackedStream(files, ByteTokenizer(), 900, 1, per_file=True)))
+
+
+def test_live_features_report_the_trunks_own_loss(tokens):
+    model = frozen("bpd")
+    feats = live_features(model, tokens)
+    with torch.no_grad():
+        out = model(tokens, lam=1.0)
+    count = feats.main_count.sum()
+    assert count == tokens.numel() - tokens.size(0)
+    torch.testing.assert_close(feats.main_nll.sum() / count, out.main_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(feats.main_hits.sum() / count, out.main_acc, rtol=0, atol=0)
