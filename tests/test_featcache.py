@@ -246,3 +246,16 @@ def test_live_features_report_the_trunks_own_loss(tokens):
     assert count == tokens.numel() - tokens.size(0)
     torch.testing.assert_close(feats.main_nll.sum() / count, out.main_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(feats.main_hits.sum() / count, out.main_acc, rtol=0, atol=0)
+
+
+def test_a_row_repeated_in_one_batch_is_held_once_and_flushes(tmp_path):
+    """Short documents make identical rows; both must read back, the shard holding one copy."""
+    model = frozen("bpd")
+    tokens = rows(batch=2)
+    tokens = torch.cat([tokens, tokens[:1]])  # row 0 twice
+    cache = FeatureCache(tmp_path, model, 1 << 30, storage="fp32")
+    first = cache.features(model, tokens)
+    cache.flush()
+    assert (cache.stats.stored, cache.stats.held) == (2, 2)
+    read = FeatureCache(tmp_path, model, 1 << 30, storage="fp32").features(model, tokens)
+    assert torch.equal(read.states, first.states) and torch.equal(read.states[0], read.states[2])

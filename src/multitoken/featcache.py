@@ -267,8 +267,8 @@ class FeatureCache:
 
     def _store(self, key: bytes, row: torch.Tensor, states: torch.Tensor, main: torch.Tensor):
         size = len(key) + row.numel() * 4 + states.numel() * states.element_size() + 3 * 4 + 8
-        if self.stats.bytes + size > self.cap_bytes:
-            return
+        if key in self._index or self.stats.bytes + size > self.cap_bytes:
+            return  # a row seen twice in one batch is held once
         p = self._pending
         if p.tokens and p.tokens[0].shape != row.shape:  # one row length per shard
             self.flush()
