@@ -48,7 +48,7 @@ DEPTH = 3
 DRAFT_VOCAB = 8192
 HEAD_STEPS = scaled(200, 4)
 BENCH_PROMPTS = scaled(16, 2)
-BENCH_NEW = 128
+BENCH_NEW = scaled(128, 32)
 
 
 def model_file() -> Path:
@@ -116,11 +116,16 @@ def main(out: Path) -> None:
     )
     (out / "distill_chat.done").touch()
 
+    # One training file: the split into train/validation is by file, and of two files one
+    # would be held out whole; one file is split by bytes (its last 5% validates).
+    both = out / "distill_all.jsonl"
+    if not both.exists():
+        both.write_text(code.read_text() + chat.read_text())
     for family in FAMILIES:
         run = out / family
         train = [MT, "train", "--trunk", gguf, "--freeze-trunk", "--family", family]
         train += ["--depth", str(DEPTH), "--draft-vocab", str(DRAFT_VOCAB)]
-        train += ["--data", str(code), str(chat), "--seq-len", "256", "--batch-size", "8"]
+        train += ["--data", str(both), "--seq-len", "256", "--batch-size", "8"]
         train += ["--max-steps", str(HEAD_STEPS), "--lr", "1e-3", "--eval-every", "100"]
         train += ["--save-every", "50", "--out", str(run)]
         # bpd and deepseek read the same h^0: one feature cache serves both (meta's differs)
