@@ -19,7 +19,9 @@ def _rows(result: dict) -> list[dict]:
     lookup = by.get("prompt_lookup")
     rows = []
     for r in result["runs"]:
-        name = r["method"] if r["method"] not in OURS else f"{r['heads']} {r['method']}"
+        name = r["method"]
+        if r["method"] in OURS:
+            name = f"{r['heads']} {r['method']}"
         if r["method"] == "speculative":
             name += f" K={r['draft_len']}"
         vs_lookup = r["tokens_per_s"] / lookup["tokens_per_s"] if lookup else None

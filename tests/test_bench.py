@@ -282,8 +282,9 @@ def test_several_heads_on_one_trunk_share_the_baselines(tmp_path):
         ("hf_greedy", None, None),
     ]
     assert all(r["identical"] for r in result["runs"])
+    assert {r.get("draft_vocab") for r in result["runs"]} == {None, 64}  # ours: full vocabulary
     text = format_report(result)
-    assert "speculative (meta)" in text and "auto (deepseek) chose" in text
+    assert "speculative (meta, N=64)" in text and "auto (deepseek) chose" in text
     result["prompts"] = {"count": 1}
     plot(result, tmp_path / "several.png")
     assert (tmp_path / "several.png").read_bytes()[:4] == b"\x89PNG"

@@ -277,6 +277,7 @@ def bench(
     longest = max(draft_lens + [prompt_lookup, depth])  # auto drafts up to D
     check_fits(model, prompts, max_new_tokens, longest, "prompts")
     device, new, passes = model.parts.embed.weight.device, max_new_tokens, [0]
+    vocab = model.trunk.get_output_embeddings().weight.shape[0]
     methods = [(PLAIN, None, ours(model, new, None), None)]
     for label, m in heads.items():
         lens = [K for K in draft_lens if K <= m.depth or m.family == "deepseek"]
@@ -308,8 +309,9 @@ def bench(
                 run, outputs = measure(
                     name, K, decode, prompts, reference, device, repeats, bar.update
                 )
-                if label is not None:
+                if label is not None:  # which heads, and how many tokens they draft from
                     run["heads"] = label
+                    run["draft_vocab"] = heads[label].head_config.draft_vocab or vocab
                 if reference is None:  # the first method, plain decoding, is the reference
                     reference = outputs
                 runs.append(run)

@@ -103,10 +103,11 @@ def _several_heads(result: dict) -> bool:
 
 
 def _method_cell(r: dict, result: dict) -> str:
-    """``speculative``, or ``speculative (meta)`` when several sets of heads were measured."""
-    return (
-        f"{r['method']} ({r['heads']})" if "heads" in r and _several_heads(result) else r["method"]
-    )
+    """``speculative``, or ``speculative (meta, N=8192)`` when several sets of heads were
+    measured: their family or folder, and the draft vocabulary N (acceptance depends on it)."""
+    if "heads" not in r or not _several_heads(result):
+        return r["method"]
+    return f"{r['method']} ({r['heads']}, N={r['draft_vocab']})"
 
 
 def _machine(result: dict) -> str:
