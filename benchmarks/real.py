@@ -6,14 +6,17 @@ never imported, the file is found through the installed distribution's file list
 skipped when its output exists, so an interrupted run resumes where it stopped:
 
     0. export    the GGUF dequantised to a plain safetensors folder (``export --trunk-only``)
-    1. distill   the model's own greedy continuations of code prompts (stdlib training split)
-                 and of chat prompts (benchmarks/data/chat_prompts.jsonl, "train" records)
-    2. train     heads of each family on that text, trunk frozen (feature cache, reduced
-                 draft vocabulary)
-    3. bench     every family against plain decoding, transformers greedy and prompt lookup,
+    1. distill   the model's own answers to chat prompts (benchmarks/data/chat_prompts.jsonl,
+                 "train" records)
+    2. text      one training file: those answers, and code from the stdlib's training split
+    3. train     heads of each family on it, trunk frozen, labelled by the trunk's own greedy
+                 path (``--labels trunk``: self-distillation without generating, so code
+                 costs one trunk pass per token instead of a decoding step), with the feature
+                 cache and a reduced draft vocabulary
+    4. bench     every family against plain decoding, transformers greedy and prompt lookup,
                  in one run per prompt set: held-out validation-split code prompts, and the
                  held-out "test" chat prompts
-    4. report    one table (printed, and OUT/real.md) and one figure (OUT/real.png)
+    5. report    one table (printed, and OUT/real.md) and one figure (OUT/real.png)
 
 Usage: python benchmarks/real.py [OUT]        (default OUT: runs/real; ``make real``)
 Sizes can be scaled down for a smoke run with REAL_SCALE=0.1.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -42,12 +46,14 @@ def scaled(n: int, least: int = 1) -> int:
 
 
 # What each stage does, in one place (the README quotes these).
-CODE_PROMPTS = scaled(160, 4)  # distilled code continuations (chat: every "train" record)
-DISTILL_NEW = 128
+DISTILL_NEW = 128  # tokens of each distilled chat answer (every "train" chat record)
+CODE_BYTES = scaled(700_000, 20_000)  # stdlib code in the training file (~3.3 bytes a token)
+CHUNK_CHARS = 4000  # code is cut into documents of about this size, at line ends
 DEPTH = 3
 DRAFT_VOCAB = 8192
-HEAD_STEPS = scaled(200, 4)
-BENCH_PROMPTS = scaled(16, 2)
+HEAD_STEPS = scaled(300, 4)  # of 8 rows × 256 tokens; epochs after the first read the cache
+BENCH_PROMPTS = scaled(16, 2)  # held-out code prompts
+BENCH_CHAT_PROMPTS = scaled(8, 2)  # held-out chat prompts
 BENCH_NEW = scaled(128, 32)
 
 
@@ -91,6 +97,43 @@ def split_chat_prompts(out: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def code_documents(limit: int) -> list[str]:
+    """About ``limit`` bytes of stdlib code from the training split (the bench's code prompts
+    come from the validation split), in documents of about ``CHUNK_CHARS`` cut at line ends."""
+    from multitoken.data import Corpus
+
+    files = Corpus.from_specs(["stdlib"]).train_files
+    random.Random(0).shuffle(files)
+    documents, total = [], 0
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        lines, piece = text.splitlines(keepends=True), ""
+        for line in lines:
+            piece += line
+            if len(piece) >= CHUNK_CHARS:
+                documents.append(piece)
+                total, piece = total + len(piece), ""
+        if piece.strip():
+            documents.append(piece)
+            total += len(piece)
+        if total >= limit:
+            break
+    return documents
+
+
+def write_training_text(path: Path, chat: Path) -> None:
+    """``CODE_BYTES`` of stdlib code and every distilled chat answer, shuffled, as JSONL."""
+    records = [json.dumps({"text": d}) for d in code_documents(CODE_BYTES)]
+    records += chat.read_text().splitlines()
+    random.Random(1).shuffle(records)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(records) + "\n")
+    tmp.replace(path)
+
+
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # The GGUF dequantised once into a plain safetensors folder: every later stage loads it in
@@ -100,31 +143,22 @@ def main(out: Path) -> None:
     stage("export", model, export)
     gguf = str(model)
     chat_train, chat_test = split_chat_prompts(out)
-    code, chat = out / "distill_code.jsonl", out / "distill_chat.jsonl"
+    chat = out / "distill_chat.jsonl"
     distill = [MT, "distill", "--trunk", gguf, "--max-new-tokens", str(DISTILL_NEW)]
-    distill += ["--batch-size", "16"]
-    stage(
-        "distill code",
-        out / "distill_code.done",
-        [*distill, "--from-corpus", str(CODE_PROMPTS), "--data", "stdlib", "--out", str(code)],
-    )
-    (out / "distill_code.done").touch()
-    stage(
-        "distill chat",
-        out / "distill_chat.done",
-        [*distill, "--prompts", str(chat_train), "--out", str(chat)],
-    )
+    distill += ["--batch-size", "16", "--prompts", str(chat_train), "--out", str(chat)]
+    stage("distill chat", out / "distill_chat.done", distill)
     (out / "distill_chat.done").touch()
 
     # One training file: the split into train/validation is by file, and of two files one
-    # would be held out whole; one file is split by bytes (its last 5% validates).
-    both = out / "distill_all.jsonl"
+    # would be held out whole; one file is split by bytes (its last 5% validates), so the
+    # records are shuffled together.
+    both = out / "train.jsonl"
     if not both.exists():
-        both.write_text(code.read_text() + chat.read_text())
+        write_training_text(both, chat)
     for family in FAMILIES:
         run = out / family
         train = [MT, "train", "--trunk", gguf, "--freeze-trunk", "--family", family]
-        train += ["--depth", str(DEPTH), "--draft-vocab", str(DRAFT_VOCAB)]
+        train += ["--depth", str(DEPTH), "--draft-vocab", str(DRAFT_VOCAB), "--labels", "trunk"]
         train += ["--data", str(both), "--seq-len", "256", "--batch-size", "8"]
         train += ["--max-steps", str(HEAD_STEPS), "--lr", "1e-3", "--eval-every", "100"]
         train += ["--save-every", "50", "--out", str(run)]
@@ -137,8 +171,12 @@ def main(out: Path) -> None:
 
     heads = [str(out / f) for f in FAMILIES]
     bench = [MT, "bench", "--checkpoint", gguf, "--heads", *heads, "--draft-lens", str(DEPTH)]
-    bench += ["--num-prompts", str(BENCH_PROMPTS), "--max-new-tokens", str(BENCH_NEW)]
-    for name, source in (("code", ["--data", "stdlib"]), ("chat", ["--prompts", str(chat_test)])):
+    bench += ["--max-new-tokens", str(BENCH_NEW)]
+    sets = {
+        "code": ["--data", "stdlib", "--num-prompts", str(BENCH_PROMPTS)],
+        "chat": ["--prompts", str(chat_test), "--num-prompts", str(BENCH_CHAT_PROMPTS)],
+    }
+    for name, source in sets.items():
         result = out / f"bench_{name}.json"
         stage(f"bench {name}", result, [*bench, *source, "--json", str(result)])
     report(out)

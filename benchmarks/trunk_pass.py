@@ -8,10 +8,12 @@ For each q, the time of one trunk pass over q new tokens on a cache holding a pr
               decoding), then ``kv.commit`` rolling the q slots back
     +h0       ours with the hook that records h^0 for the heads (bpd, deepseek)
     +branch   ours with that hook and meta's hook on the branch layer's input
+    onednn    ours with the linear layers on oneDNN (multitoken.kernels; CPU, fp32 only)
 
 The variants take turns within each repeat, so drift (other load on a shared machine) hits all
 alike; each figure is a median. Also the prefill: ours (logits at the last position only) beside
-bare with all logits and with the last one. Medians in ms; ``x`` = ours / bare.
+bare with all logits and with the last one. Medians in ms; ``x`` = ours / bare; ``c`` = a
+pass over q tokens / a pass over one, on the same kernel (bare's, and oneDNN's).
 
     python benchmarks/trunk_pass.py                          # a from-scratch `small` trunk
     python benchmarks/trunk_pass.py path/to/model-or-checkpoint --q 1,2,4,8 --threads 2
@@ -69,10 +71,13 @@ def _timed(device, fn) -> float:
 
 
 @torch.no_grad()
-def measure(model, qs: list[int], context: int, repeats: int) -> tuple[list[dict], dict]:
+def measure(
+    model, qs: list[int], context: int, repeats: int, onednn: bool
+) -> tuple[list[dict], dict]:
     from transformers import DynamicCache
 
     from multitoken.generate import trunk_pass
+    from multitoken.kernels import linear_kernels
     from multitoken.kvcache import RaggedCache
     from multitoken.trunk import watch_states
 
@@ -98,14 +103,23 @@ def measure(model, qs: list[int], context: int, repeats: int) -> tuple[list[dict
 
     last = len(model.parts.layers) - 1
 
+    @contextlib.contextmanager
+    def on_onednn():
+        with linear_kernels(model, "onednn"):
+            yield {}
+
     def watching(name: str):  # the hooks speculative decoding registers, outside the timing
         if name == "+h0":
             return watch_states(model.parts)
         if name == "+branch":
             return watch_states(model.parts, last)
+        if name == "onednn":
+            return on_onednn()
         return contextlib.nullcontext({})
 
     variants = {"bare": lambda q, _seen: bare(q), "ours": ours, "+h0": ours, "+branch": ours}
+    if onednn:
+        variants["onednn"] = ours
     samples = {(name, q): [] for name in variants for q in qs}
     for repeat in range(repeats + 1):  # repeat 0 warms up
         for q in qs:
@@ -161,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     model, name = load_model(args.model)
     model.to(args.device)
     qs = sorted({int(q) for q in args.q.split(",")})
-    rows, prefill = measure(model, qs, args.context, args.repeats)
+    weight = model.parts.embed.weight
+    onednn = weight.device.type == "cpu" and weight.dtype == torch.float32
+    rows, prefill = measure(model, qs, args.context, args.repeats, onednn)
     dtype = str(model.parts.embed.weight.dtype).removeprefix("torch.")
     params = sum(p.numel() for p in model.trunk.parameters()) / 1e6
     print(
@@ -169,13 +185,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads, {args.context} cached tokens, batch 1, "
         f"medians of {args.repeats}"
     )
-    print(f"{'q':>3}  {'bare ms':>8}  {'ours ms':>8}  {'x':>5}  {'+h0 x':>6}  {'+branch x':>9}")
+    head = f"{'q':>3}  {'bare ms':>8}  {'c':>5}  {'ours ms':>8}  {'x':>5}  {'+h0 x':>6}  "
+    head += f"{'+branch x':>9}"
+    if onednn:
+        head += f"  {'onednn ms':>9}  {'x':>5}  {'c':>5}"
+    print(head)
     for r in rows:
         bare = r["bare"]
-        print(
-            f"{r['q']:>3}  {bare:8.2f}  {r['ours']:8.2f}  {r['ours'] / bare:5.2f}  "
-            f"{r['+h0'] / bare:6.2f}  {r['+branch'] / bare:9.2f}"
-        )
+        line = f"{r['q']:>3}  {bare:8.2f}  {bare / rows[0]['bare']:5.2f}  {r['ours']:8.2f}  "
+        line += f"{r['ours'] / bare:5.2f}  {r['+h0'] / bare:6.2f}  {r['+branch'] / bare:9.2f}"
+        if onednn:
+            fast = r["onednn"]
+            line += f"  {fast:9.2f}  {fast / bare:5.2f}  {fast / rows[0]['onednn']:5.2f}"
+        print(line)
     print(f"prefill of {args.context}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in prefill.items()))
     return 0
 

@@ -29,7 +29,7 @@ REALISTIC = fixed_costs([1.0, 1.44, 1.92, 1.73, 1.8], 0.1)  # SmolLM2 on 2 AVX2 
 def test_auto_greedy_equals_plain_for_every_family_and_batch_row(family):
     model = perturb_heads(model_of(family, depth=3))
     plain = generate(model, PROMPTS, max_new_tokens=30, speculate=False)
-    auto = generate(model, PROMPTS, max_new_tokens=30, draft_len="auto", costs=CHEAP)
+    auto = generate(model, PROMPTS, max_new_tokens=30, draft_len="auto", costs=REALISTIC)
     assert auto.tokens == plain.tokens
     ks = auto.stats.draft_lens
     assert 0 in ks and max(ks) >= 2, ks  # K really changed from step to step
@@ -90,7 +90,7 @@ def test_heads_that_skip_steps_still_draft_what_full_recomputation_gives(family)
     model = perturb_heads(model_of(family, depth=3))
     checked = CheckedHeads(model)
     model.heads = checked
-    out = generate(model, PROMPTS, max_new_tokens=30, draft_len="auto", costs=CHEAP)
+    out = generate(model, PROMPTS, max_new_tokens=30, draft_len="auto", costs=REALISTIC)
     assert 0 in out.stats.draft_lens and checked.checked >= 3
     model.heads = checked.inner
     assert out.tokens == generate(model, PROMPTS, max_new_tokens=30, speculate=False).tokens

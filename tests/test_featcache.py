@@ -17,6 +17,7 @@ import multitoken
 from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
 from multitoken.featcache import FeatureCache, live_features
+from multitoken.losses import IGNORE, cross_entropy, greedy_path_labels, shift_labels
 from multitoken.model import MTPModel
 from multitoken.packing import PackedStream
 from multitoken.tokenizer import ByteTokenizer
@@ -41,20 +42,35 @@ def live_states(model: MTPModel, tokens: torch.Tensor) -> torch.Tensor:
     return out.branch_hidden if branch is not None else out.hidden
 
 
+def greedy_rows(model: MTPModel, batch: int = 4, length: int = 13) -> torch.Tensor:
+    """Rows whose tokens after a 3-token prompt are the trunk's own greedy continuation."""
+    prompts = rows(batch=batch, length=3)
+    with torch.no_grad():
+        out = model.trunk.generate(
+            prompts, max_new_tokens=length - 3, do_sample=False, pad_token_id=0
+        )
+    return out[:, :length]
+
+
+@pytest.mark.parametrize("labels", ["text", "trunk"])
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
-def test_cached_states_are_the_live_trunks_and_give_the_same_losses(tmp_path, family):
-    model, tokens = frozen(family), rows()
+def test_cached_states_are_the_live_trunks_and_give_the_same_losses(tmp_path, family, labels):
+    model = frozen(family)
+    tokens = rows() if labels == "text" else torch.cat([rows(), greedy_rows(model)])
     cache = FeatureCache(tmp_path, model, 1 << 30, storage="fp32")
     first = cache.features(model, tokens)  # computed and stored
     cache.close()
     again = FeatureCache(tmp_path, model, 1 << 30, storage="fp32")  # a new process, say
     read = again.features(model, tokens)
-    assert (again.stats.hits, again.stats.computed, cache.stats.computed) == (4, 0, 4)
+    n = len(tokens)
+    assert (again.stats.hits, again.stats.computed, cache.stats.computed) == (n, 0, n)
     want = live_states(model, tokens)
     assert torch.equal(first.states, want) and torch.equal(read.states, want)  # bit-exact
     with torch.no_grad():
-        live = model(tokens, lam=0.5)
-        cached = model(tokens, lam=0.5, features=read)
+        live = model(tokens, lam=0.5, labels=labels)
+        cached = model(tokens, lam=0.5, features=read, labels=labels)
+        greedy = model.trunk(tokens[:, :-1]).logits.argmax(-1)
+    assert torch.equal(read.greedy, greedy) and torch.equal(first.greedy, greedy)
     torch.testing.assert_close(cached.head_losses, live.head_losses, rtol=0, atol=0)
     torch.testing.assert_close(cached.head_acc, live.head_acc, rtol=0, atol=0)
     torch.testing.assert_close(cached.main_loss, live.main_loss, rtol=1e-6, atol=0)
@@ -97,7 +113,7 @@ def test_damaged_shards_are_errors_naming_the_file(tmp_path):
 
 def test_the_cap_bounds_what_is_stored_and_the_rest_is_recomputed(tmp_path):
     model, tokens = frozen("bpd"), rows(batch=6)
-    row_bytes = 16 + 13 * 4 + 12 * 32 * 4 + 12 + 8
+    row_bytes = 16 + (13 + 12) * 4 + 12 * 32 * 4 + 12 + 8  # key, tokens, greedy, states...
     cache = FeatureCache(tmp_path, model, 2 * row_bytes + 10, storage="fp32")
     cache.features(model, tokens)
     assert cache.stats.stored == 2
@@ -259,3 +275,32 @@ def test_a_row_repeated_in_one_batch_is_held_once_and_flushes(tmp_path):
     assert (cache.stats.stored, cache.stats.held) == (2, 2)
     read = FeatureCache(tmp_path, model, 1 << 30, storage="fp32").features(model, tokens)
     assert torch.equal(read.states, first.states) and torch.equal(read.states[0], read.states[2])
+
+
+def test_trunk_labels_train_the_heads_on_the_greedy_path_only():
+    model = frozen("bpd")
+    for tokens, on_path in ((greedy_rows(model), True), (rows(), False)):
+        with torch.no_grad():
+            trunk = model(tokens, lam=1.0, labels="trunk")
+            out = model.trunk_forward(tokens[:, :-1])
+            logits = model.heads(out.hidden)
+        greedy = out.logits.argmax(-1)
+        for k in (1, 2):
+            labels = greedy_path_labels(tokens, greedy, k)
+            want, _ = cross_entropy(logits[k - 1], labels)
+            torch.testing.assert_close(trunk.head_losses[k - 1], want)
+            if on_path:  # past the 3-token prompt the text is the greedy path: labels are its own
+                assert torch.equal(labels[:, 2:], shift_labels(tokens, k)[:, 2:])
+            else:  # random text seldom follows the trunk's top-1
+                assert (labels != IGNORE).float().mean() < 0.2
+
+
+def test_trunk_labels_need_a_frozen_trunk():
+    from multitoken.config import TrainConfig
+
+    with pytest.raises(MultitokenError, match="--freeze-trunk") as err:
+        TrainConfig(labels="trunk").validate()
+    assert err.value.flag == "--labels"
+    with pytest.raises(MultitokenError, match="unknown labels"):
+        TrainConfig(labels="teacher", freeze_trunk=True).validate()
+    TrainConfig(labels="trunk", freeze_trunk=True).validate()

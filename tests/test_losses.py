@@ -2,7 +2,13 @@
 
 import torch
 
-from multitoken.losses import IGNORE, cross_entropy, head_weights, shift_labels
+from multitoken.losses import (
+    IGNORE,
+    cross_entropy,
+    greedy_path_labels,
+    head_weights,
+    shift_labels,
+)
 
 
 def test_shift_labels_matches_docstring_example():
@@ -13,6 +19,33 @@ def test_shift_labels_matches_docstring_example():
     assert shift_labels(tokens, 2).tolist() == [[d, e, IGNORE, IGNORE]]
     assert shift_labels(tokens, 4).tolist() == [[IGNORE] * 4]
     assert shift_labels(tokens, 9).tolist() == [[IGNORE] * 4]
+
+
+def test_greedy_path_labels_match_docstring_example():
+    a, b, c, d, e, x = 10, 11, 12, 13, 14, 19
+    tokens, greedy = torch.tensor([[a, b, c, d, e]]), torch.tensor([[b, x, d, e]])
+    assert greedy_path_labels(tokens, greedy, 1).tolist() == [[x, IGNORE, e, IGNORE]]
+    assert greedy_path_labels(tokens, greedy, 2).tolist() == [[IGNORE] * 4]
+
+
+def test_greedy_path_labels_are_the_text_where_the_text_is_the_greedy_path():
+    # a row whose tokens from position 3 on are the trunk's greedy output: past the prompt the
+    # greedy-path labels are the text's own; a broken step hides every label reaching over it
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (1, 13), generator=g)
+    greedy = torch.randint(0, 50, (1, 12), generator=g)
+    greedy[0, 3:] = tokens[0, 4:]  # the text follows the greedy path after position 3
+    greedy[0, :3] = (tokens[0, 1:4] + 1) % 50  # ...and not before
+    for k in (1, 2, 3):
+        labels = greedy_path_labels(tokens, greedy, k)
+        text = shift_labels(tokens, k)
+        assert torch.equal(labels[0, 3:], text[0, 3:])
+        assert (labels[0, :3] == IGNORE).all()
+    greedy[0, 7] = (greedy[0, 7] + 1) % 50  # the text leaves the path at position 7
+    labels = greedy_path_labels(tokens, greedy, 2)
+    assert labels[0, 6].item() == labels[0, 7].item() == IGNORE  # their two steps cross 7
+    assert labels[0, 5].item() == greedy[0, 7].item()  # its steps (5, 6) follow the path
+    assert labels[0, 8].item() == greedy[0, 10].item()
 
 
 def test_cross_entropy_by_hand():

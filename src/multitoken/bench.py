@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import statistics
 import sys
 import time
@@ -32,11 +33,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from multitoken.config import RuntimeConfig
+from multitoken.config import GenerateConfig, RuntimeConfig
 from multitoken.costs import remember_cost, verify_cost
 from multitoken.errors import MultitokenError
 from multitoken.generate import generate
 from multitoken.hardware import cpu_kind, place_for_decoding, sync
+from multitoken.kernels import choose_linear_kernel, linear_kernels
 from multitoken.model import MTPModel
 from multitoken.prompts import read_prompt_records, window_prompts
 
@@ -126,12 +128,13 @@ def outputs_identical(outputs: list[list[int]], reference: list[list[int]]) -> b
     )
 
 
-def ours(model: MTPModel, new: int, K: int | str | None) -> Decode:
+def ours(model: MTPModel, new: int, K: int | str | None, kernel: str = "torch") -> Decode:
     """Our decoder for one prompt; ``K`` None is plain decoding (the trunk alone), ``"auto"``
-    chooses K before each step."""
+    chooses K before each step; ``kernel``: of the linear layers."""
 
     def decode(prompt: list[int]):
         spec = dict(draft_len=K or 1, speculate=K is not None, temperature=0.0)
+        spec.update(linear_kernel=kernel)
         out = generate(model, [prompt], max_new_tokens=new, eos_id=None, **spec)
         return out.tokens[0], out.stats.trunk_passes, out.stats
 
@@ -248,6 +251,7 @@ def bench(
     repeats: int = 1,
     progress: bool = True,
     also: dict[str, MTPModel] | None = None,
+    linear_kernel: str = GenerateConfig.linear_kernel,
 ) -> dict:
     """Run every method on ``prompts``; return ``{"runs": [...], "verify_cost": {...},
     "repeated_8gram_share": x, "device", "cpu", "threads", "dtype"}`` (see
@@ -259,6 +263,9 @@ def bench(
     free, draft_ms_per_step and draft_cost (the heads' time per drafting step, in ms and in
     units of a one-token trunk pass), mean_draft_len and draft_len_counts. ``prompt_lookup`` 0
     skips prompt lookup; ``draft_model`` None skips assisted generation.
+
+    ``linear_kernel``: what our decoders run the linear layers on (:mod:`multitoken.kernels`;
+    c(q) is measured on it too); transformers' methods always run on torch's own.
 
     ``also``: more heads on the same trunk object (``multitoken.headfile.load_heads``), by label.
     The baselines run once; each set of heads gets its speculative and auto rows, and every
@@ -278,11 +285,12 @@ def bench(
     check_fits(model, prompts, max_new_tokens, longest, "prompts")
     device, new, passes = model.parts.embed.weight.device, max_new_tokens, [0]
     vocab = model.trunk.get_output_embeddings().weight.shape[0]
-    methods = [(PLAIN, None, ours(model, new, None), None)]
+    kernel = choose_linear_kernel(linear_kernel, model)
+    methods = [(PLAIN, None, ours(model, new, None, kernel), None)]
     for label, m in heads.items():
         lens = [K for K in draft_lens if K <= m.depth or m.family == "deepseek"]
-        methods += [(SPECULATIVE, K, ours(m, new, K), label) for K in lens]
-        methods.append((AUTO, None, ours(m, new, "auto"), label))
+        methods += [(SPECULATIVE, K, ours(m, new, K, kernel), label) for K in lens]
+        methods.append((AUTO, None, ours(m, new, "auto", kernel), label))
     methods.append((HF_GREEDY, None, transformers_method(model, new, passes), None))
     if prompt_lookup:
         lookup = transformers_method(model, new, passes, prompt_lookup_num_tokens=prompt_lookup)
@@ -294,9 +302,9 @@ def bench(
 
     # c(q) first, on a machine not yet warmed by decoding; auto K then uses this same curve
     q_max = max(draft_lens + [depth]) + 1
-    with torch.no_grad():
+    with torch.no_grad(), linear_kernels(model, kernel):
         cost = verify_cost(model.trunk, prompts[0], q_max)
-    remember_cost(model.trunk, cost)
+        remember_cost(model.trunk, cost)  # keyed by the kernel: auto K finds it
     hook = model.trunk.register_forward_pre_hook(lambda *_: passes.__setitem__(0, passes[0] + 1))
     # disable=None: a bar on a terminal only, so logs and pipes stay clean
     bar = tqdm(total=len(methods) * repeats * len(prompts), disable=None if progress else True)
@@ -325,6 +333,7 @@ def bench(
         "cpu": cpu_kind(),
         "threads": torch.get_num_threads(),
         "dtype": str(model.parts.embed.weight.dtype).removeprefix("torch."),
+        "linear_kernel": kernel,
     }
     return {"runs": runs, "verify_cost": cost, "repeated_8gram_share": repeats_share, **machine}
 
@@ -414,6 +423,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add("--repeats", type=int, metavar="N", default=1, help="timed passes per method (default: 1)")
     add("--json", metavar="FILE", help="write every figure as JSON")
     add("--plot", metavar="FILE", help="write a PNG: acceptance and speedup against K")
+    kernel = next(f for f in dataclasses.fields(GenerateConfig) if f.name == "linear_kernel")
+    add(
+        "--linear-kernel",
+        default=kernel.default,
+        choices=kernel.metadata["choices"],
+        help=f"{kernel.metadata['help']} (default: {kernel.default})",
+    )
     return p
 
 
@@ -538,6 +554,7 @@ def run(args: argparse.Namespace) -> int:
     longest = max(draft_lens + [args.prompt_lookup, depth])  # auto drafts up to D
     check_fits(model, prompts, args.max_new_tokens, longest, flag)
 
+    kernel = choose_linear_kernel(args.linear_kernel, model)
     print(f"multitoken: {precision.describe()}", file=sys.stderr)  # every input checked
     result: dict = {"checkpoint": str(ckpt), "family": family, "depth": depth}
     result.update(device=str(device), threads=torch.get_num_threads(), cpu=cpu_kind())
@@ -551,7 +568,11 @@ def run(args: argparse.Namespace) -> int:
     result["prompts"] = {"source": source, "count": len(prompts), "tokens": list(map(len, prompts))}
     result.update(max_new_tokens=args.max_new_tokens, repeats=args.repeats)
     new, lookup, repeats = args.max_new_tokens, args.prompt_lookup, args.repeats
-    result.update(bench(model, prompts, draft_lens, new, draft, lookup, repeats, also=also))
+    result.update(
+        bench(
+            model, prompts, draft_lens, new, draft, lookup, repeats, also=also, linear_kernel=kernel
+        )
+    )
     print(format_report(result))
     if json_path is not None:
         write_json_atomic(json_path, result)

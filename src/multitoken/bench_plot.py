@@ -111,12 +111,15 @@ def _method_cell(r: dict, result: dict) -> str:
 
 
 def _machine(result: dict) -> str:
-    """e.g. ``machine: cpu (AVX2), 2 threads, fp32 (auto: CPU AVX2 without native bf16)``."""
+    """e.g. ``machine: cpu (AVX2), 2 threads, fp32 (auto: CPU AVX2 without native bf16), linear
+    layers on onednn``."""
     device = result.get("device", "?")
     kind = f" ({result['cpu']})" if device.startswith("cpu") and result.get("cpu") else ""
     precision = result.get("precision") or result.get("dtype", "?")
     reason = f" ({result['precision_reason']})" if result.get("precision_reason") else ""
-    return f"machine: {device}{kind}, {result.get('threads', '?')} threads, {precision}{reason}"
+    kernel = f", linear layers on {result['linear_kernel']}" if result.get("linear_kernel") else ""
+    threads = result.get("threads", "?")
+    return f"machine: {device}{kind}, {threads} threads, {precision}{reason}{kernel}"
 
 
 def plot(result: dict, path: str | Path) -> None:

@@ -20,6 +20,8 @@ from multitoken.errors import MultitokenError
 
 FAMILIES = ("bpd", "meta", "deepseek")
 PRECISIONS = ("auto", "bf16", "fp32")
+LINEAR_KERNELS = ("auto", "onednn", "torch")  # multitoken.kernels
+HEAD_LABELS = ("text", "trunk")  # multitoken.losses
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,6 +331,16 @@ class TrainConfig:
             "cached (--feature-cache-gb)"
         ),
     )
+    labels: str = field(
+        default="text",
+        metadata=_opt(
+            "what head k learns at each position: text = the text's token k+1 ahead; trunk = "
+            "(with --freeze-trunk) the token the trunk's own greedy decoding writes there, "
+            "wherever the text follows its greedy path: self-distillation from plain text, "
+            "without generating any (multitoken.losses.greedy_path_labels)",
+            choices=HEAD_LABELS,
+        ),
+    )
     feature_cache_gb: float = field(
         default=4.0,
         metadata=_opt(
@@ -405,6 +417,16 @@ class TrainConfig:
         if self.feature_cache_dtype not in ("bf16", "fp32"):
             raise MultitokenError(
                 f"must be bf16 or fp32, got {self.feature_cache_dtype!r}", "--feature-cache-dtype"
+            )
+        if self.labels not in HEAD_LABELS:
+            raise MultitokenError(
+                f"unknown labels {self.labels!r} (choose from {', '.join(HEAD_LABELS)})", "--labels"
+            )
+        if self.labels == "trunk" and not self.freeze_trunk:
+            raise MultitokenError(
+                "the trunk's greedy tokens are fixed labels only while the trunk is frozen; add "
+                "--freeze-trunk",
+                "--labels",
             )
         RuntimeConfig(self.device, self.precision).validate()
         self.lambda_schedule()  # parse errors surface before anything is written
@@ -513,4 +535,13 @@ class GenerateConfig:
     speculate: bool = field(
         default=True,
         metadata=_opt("self-speculative decoding with the heads; --no-speculate: the trunk alone"),
+    )
+    linear_kernel: str = field(
+        default="auto",
+        metadata=_opt(
+            "kernel of the linear layers on a CPU: onednn (faster for one token and much faster "
+            "for a few, see multitoken.kernels), torch (its default), auto = onednn for an fp32 "
+            "model on a CPU with layers of 512x512 or more",
+            choices=LINEAR_KERNELS,
+        ),
     )

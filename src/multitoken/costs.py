@@ -8,19 +8,21 @@ and emits 1 + (the accepted prefix) tokens. In units of t1, one trunk pass over 
     E[tokens | K] = 1 + Σ_{j=1..K} Π_{i≤j} a_i                      a_i live, :class:`Acceptance`
 
 and ``--draft-len auto`` takes, before each step, the K in 0..K_max that maximises
-E[tokens | K] / (c(K+1) + d(drafted(K))); K = 0 is a plain step. Heads that keep a draft state
+E[tokens | K] / (c(K+1) + d(drafted(K))), each a_i taken one standard error above its mean
+(:attr:`Acceptance.optimistic`: what was tried little gets tried); K = 0 is a plain step. Heads that keep a draft state
 (meta, deepseek: a KV cache per head, which must see every committed position) run all K_max
 heads whenever they draft, so for them drafted(K) = K_max; stateless heads (bpd) draft K.
 
-c(q) is measured once per trunk, device and dtype (a few forward passes) and kept in a cache
-keyed weakly by the trunk module — never as an attribute on it — so ``multitoken bench`` and every
-``generate`` call in a process share one measurement. A caller that wants other figures (a test,
+c(q) is measured once per trunk, device, dtype and linear kernel (:mod:`multitoken.kernels`; a
+few forward passes) and kept in a cache keyed weakly by the trunk module — never as an attribute
+on it — so ``multitoken bench`` and every ``generate`` call in a process share one measurement. A caller that wants other figures (a test,
 a machine whose costs it knows) passes a :class:`CostModel` of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 import weakref
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from multitoken.hardware import sync
+from multitoken.kernels import active_kernel
 from multitoken.kvcache import rollback_cache
 
 VERIFY_REPEATS = 7  # multitoken bench: a careful measurement
@@ -124,9 +127,9 @@ class CostModel:
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _key(trunk: nn.Module) -> tuple[str, torch.dtype]:
+def _key(trunk: nn.Module) -> tuple[str, torch.dtype, str]:
     weight = next(trunk.parameters())
-    return str(weight.device), weight.dtype
+    return str(weight.device), weight.dtype, active_kernel(trunk)
 
 
 def cost_model(trunk: nn.Module, q_max: int, context: list[int]) -> CostModel:
@@ -190,6 +193,17 @@ class Acceptance:
         w = self.weight
         return [(h + self.prior * w) / (t + w) for h, t in zip(self.hits, self.tries)]
 
+    @property
+    def optimistic(self) -> list[float]:
+        """Each rate plus one standard error, sqrt(a(1-a) / (tries + weight)): what K is chosen
+        by. A position tried little (or not lately: the counts decay) looks better than its
+        mean, so a run of plain steps after a few misses ends by itself and drafting is tried
+        again, while one tried often is judged by its mean (UCB, Auer et al. 2002)."""
+        return [
+            min(1.0, a + math.sqrt(a * (1 - a) / (t + self.weight)))
+            for a, t in zip(self.rates, self.tries)
+        ]
+
 
 def expected_tokens(a: list[float], K: int) -> float:
     """E[tokens | K] = 1 + Σ_{j=1..K} Π_{i≤j} a_i."""
@@ -236,7 +250,7 @@ class DraftLen:
     def choose(self) -> int:
         if self.fixed is not None:
             return self.fixed
-        return best_draft_len(self.acceptance.rates, self.costs, self.drafted)[0]
+        return best_draft_len(self.acceptance.optimistic, self.costs, self.drafted)[0]
 
     def observe(self, K: int, accepted: list[int]) -> None:
         if self.acceptance is not None:

@@ -15,6 +15,8 @@ What a row keeps (one row = ``seq_len + 1`` tokens, the model reading the first 
     main     [3]     the trunk's next-token loss summed over the row, its top-1 hits and the
                      number of labels: the main loss and accuracy of any batch of rows follow,
                      so the reported trunk figures stay the real ones without the trunk's logits
+    greedy   [T]     the trunk's top-1 token at each position (``--labels trunk`` trains the
+                     heads on the trunk's greedy path: multitoken.losses.greedy_path_labels)
     tokens   [T+1]   the row itself, checked against the row asked for on every read
 
 Key: a 128-bit BLAKE2b digest of the row's tokens. The cache is content-addressed, so the data,
@@ -55,7 +57,7 @@ from multitoken.errors import MultitokenError
 from multitoken.losses import IGNORE, shift_labels
 from multitoken.model import MTPModel, TrunkFeatures
 
-FORMAT = 1
+FORMAT = 2  # 2: rows keep the trunk's greedy tokens
 STORAGE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SHARD_BYTES = 64 << 20
 FLAG = "--feature-cache-dir"
@@ -106,13 +108,15 @@ def live_features(model: MTPModel, tokens: torch.Tensor) -> TrunkFeatures:
     states = out.branch_hidden if branch is not None else out.hidden
     labels = shift_labels(tokens, 0)
     main = torch.zeros(tokens.size(0), 3, device=tokens.device)
+    greedy = torch.empty_like(labels)
     for r in range(tokens.size(0)):  # row by row: one row's fp32 logits at a time
         logits = out.logits[r].float()
         valid = labels[r] != IGNORE
+        greedy[r] = logits.argmax(-1)
         main[r, 0] = F.cross_entropy(logits, labels[r], ignore_index=IGNORE, reduction="sum")
-        main[r, 1] = ((logits.argmax(-1) == labels[r]) & valid).sum()
+        main[r, 1] = ((greedy[r] == labels[r]) & valid).sum()
         main[r, 2] = valid.sum()
-    return TrunkFeatures(states, main[:, 0], main[:, 1], main[:, 2])
+    return TrunkFeatures(states, main[:, 0], main[:, 1], main[:, 2], greedy)
 
 
 def _crc(key: bytes, *tensors: torch.Tensor) -> int:
@@ -147,6 +151,7 @@ class _Pending:
     tokens: list[torch.Tensor] = field(default_factory=list)
     states: list[torch.Tensor] = field(default_factory=list)
     main: list[torch.Tensor] = field(default_factory=list)
+    greedy: list[torch.Tensor] = field(default_factory=list)
     bytes: int = 0
 
 
@@ -243,30 +248,32 @@ class FeatureCache:
 
     # -- reading and writing -------------------------------------------------------------------
     def _read(self, key: bytes, row: torch.Tensor):
-        """(states [T, d], main [3]) of a cached row, or None."""
+        """(states [T, d], main [3], greedy [T]) of a cached row, or None."""
         where = self._index.get(key)
         if where is None:
             return None
         shard_index, r = where
         if shard_index < 0:
             p = self._pending
-            return p.states[r], p.main[r]
+            return p.states[r], p.main[r], p.greedy[r]
         shard = self._shards[shard_index]
         try:
             tokens = shard.handle.get_slice("tokens")[r : r + 1][0]
             states = shard.handle.get_slice("states")[r : r + 1][0]
             main = shard.handle.get_slice("main")[r : r + 1][0]
+            greedy = shard.handle.get_slice("greedy")[r : r + 1][0]
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             why = str(exc).splitlines()[0]
             raise MultitokenError(self._damaged(shard.path, why), FLAG) from None
-        if _crc(key, tokens, states, main) != int(shard.crc[r]):
+        if _crc(key, tokens, states, main, greedy) != int(shard.crc[r]):
             raise MultitokenError(self._damaged(shard.path, f"row {r} fails its checksum"), FLAG)
         if not torch.equal(tokens, row):
             raise MultitokenError(self._damaged(shard.path, f"row {r} holds other tokens"), FLAG)
-        return states, main
+        return states, main, greedy
 
-    def _store(self, key: bytes, row: torch.Tensor, states: torch.Tensor, main: torch.Tensor):
-        size = len(key) + row.numel() * 4 + states.numel() * states.element_size() + 3 * 4 + 8
+    def _store(self, key: bytes, row: torch.Tensor, states, main, greedy) -> None:
+        size = len(key) + (row.numel() + greedy.numel()) * 4 + 3 * 4 + 8
+        size += states.numel() * states.element_size()
         if key in self._index or self.stats.bytes + size > self.cap_bytes:
             return  # a row seen twice in one batch is held once
         p = self._pending
@@ -277,6 +284,7 @@ class FeatureCache:
         p.tokens.append(row)
         p.states.append(states)
         p.main.append(main)
+        p.greedy.append(greedy)
         p.bytes += size
         self.stats.bytes += size
         self.stats.stored += 1
@@ -290,12 +298,14 @@ class FeatureCache:
         if not p.keys:
             return
         tokens, states, main = torch.stack(p.tokens), torch.stack(p.states), torch.stack(p.main)
-        crc = torch.tensor([_crc(*row) for row in zip(p.keys, tokens, states, main)])
+        greedy = torch.stack(p.greedy)
+        crc = torch.tensor([_crc(*row) for row in zip(p.keys, tokens, states, main, greedy)])
         keys = torch.tensor([list(k) for k in p.keys], dtype=torch.uint8)
         name = f"shard-r{self.rank}-{self._next_shard:06d}.safetensors"
         self._next_shard += 1
         final, tmp = self.folder / name, self.folder / f".{name}.tmp"
         tensors = {"keys": keys, "tokens": tokens, "states": states, "main": main, "crc": crc}
+        tensors["greedy"] = greedy
         save_file(tensors, str(tmp), metadata={"fingerprint": self.key, "format": str(FORMAT)})
         os.replace(tmp, final)
         before = self.stats.bytes - p.bytes
@@ -322,11 +332,13 @@ class FeatureCache:
             live = live_features(model, tokens[missing])
             states = live.states.to("cpu", self.dtype)
             main = torch.stack([live.main_nll, live.main_hits, live.main_count], 1).cpu()
+            greedy = live.greedy.to("cpu", torch.int32)
             for j, i in enumerate(missing):
-                found[i] = (states[j].clone(), main[j].clone())
+                found[i] = (states[j].clone(), main[j].clone(), greedy[j].clone())
                 self._store(keys[i], rows[i], *found[i])
             self.stats.computed += len(missing)
         device = tokens.device
         states = torch.stack([f[0] for f in found]).to(device).float()
         main = torch.stack([f[1] for f in found]).to(device)
-        return TrunkFeatures(states, main[:, 0], main[:, 1], main[:, 2])
+        greedy = torch.stack([f[2] for f in found]).to(device, torch.long)
+        return TrunkFeatures(states, main[:, 0], main[:, 1], main[:, 2], greedy)

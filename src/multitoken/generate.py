@@ -32,6 +32,7 @@ import torch
 from multitoken.config import GenerateConfig, draft_len_value
 from multitoken.costs import CostModel, DraftLen, Stopwatch, cost_model
 from multitoken.errors import MultitokenError
+from multitoken.kernels import choose_linear_kernel, linear_kernels
 from multitoken.kvcache import RaggedCache
 from multitoken.model import MTPModel
 from multitoken.sampling import (
@@ -430,6 +431,12 @@ def generate(
                 f"context window of {limit}",
                 "--prompt",
             )
+    kernel = choose_linear_kernel(cfg.linear_kernel, model)
+    with linear_kernels(model, kernel):  # one kernel for the whole call: exact against plain
+        return _generate(model, prompts, cfg, K, auto, sampling, eos_id, on_tokens, costs)
+
+
+def _generate(model, prompts, cfg, K, auto, sampling, eos_id, on_tokens, costs) -> Generation:
     gen = None
     if not sampling.greedy:
         gen = torch.Generator(device=model.parts.embed.weight.device)

@@ -43,6 +43,38 @@ def shift_labels(tokens: torch.Tensor, k: int) -> torch.Tensor:
     return labels
 
 
+def greedy_path_labels(tokens: torch.Tensor, greedy: torch.Tensor, k: int) -> torch.Tensor:
+    """Labels for head ``k`` >= 1 from a frozen trunk's own greedy predictions over text
+    (``--labels trunk``): the tokens greedy decoding would write, where the text lets us know.
+
+    ``greedy`` [B, T]: the trunk's top-1 token at each input position of ``tokens`` [B, T+1].
+    When decoding, head k drafts from position i the token greedy decoding writes k steps after
+    the pending one. Over text, that token is ``greedy[i + k]`` provided the text itself followed
+    the greedy path from i on (``tokens[i+1..i+k] == greedy[i..i+k-1]``): the trunk then read
+    exactly the prefix it will read when decoding. Elsewhere the label is ``IGNORE``.
+
+    Worked example, inputs ``a b c d`` (T = 4), row ``a b c d e``, greedy ``b x d e``::
+
+        position        0  1  2  3
+        text follows    y  n  y  y     (b == b, c != x, d == d, e == e)
+        head 1          x  -  e  -     greedy[i+1] where the text follows at i
+        head 2          -  -  -  -     needs two steps followed: (0: y,n) (2: y,y but 4 > T-1)
+    """
+    if k < 1:
+        raise ValueError(f"head index must be >= 1, got {k}")
+    batch, length = tokens.shape
+    T = length - 1
+    follows = tokens[:, 1:] == greedy  # [B, T]: the text's next token is the trunk's top-1
+    labels = torch.full((batch, T), IGNORE, dtype=torch.long, device=tokens.device)
+    n = max(0, T - k)
+    if n:
+        ok = follows[:, :n].clone()
+        for j in range(1, k):
+            ok &= follows[:, j : j + n]
+        labels[:, :n] = torch.where(ok, greedy[:, k : k + n].long(), IGNORE)
+    return labels
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over labelled positions (fp32 softmax) and top-1 accuracy (no grad).
 

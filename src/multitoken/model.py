@@ -17,7 +17,13 @@ from transformers import PreTrainedModel
 from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
 from multitoken.heads import build_heads
-from multitoken.losses import LossOutput, cross_entropy, head_weights, shift_labels
+from multitoken.losses import (
+    LossOutput,
+    cross_entropy,
+    greedy_path_labels,
+    head_weights,
+    shift_labels,
+)
 from multitoken.trunk import TrunkParts, inspect_trunk, layer_arguments, watch_states
 
 
@@ -48,6 +54,7 @@ class TrunkFeatures:
     main_nll: torch.Tensor  # [B] float32
     main_hits: torch.Tensor  # [B] float32
     main_count: torch.Tensor  # [B] float32
+    greedy: torch.Tensor | None = None  # [B, T] the trunk's top-1 token at each position
 
 
 class MTPModel(nn.Module):
@@ -149,10 +156,16 @@ class MTPModel(nn.Module):
             hook.remove()
         raise RuntimeError(f"the trunk's forward never reached layer {layer}")
 
-    def head_labels(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    def head_labels(
+        self, tokens: torch.Tensor, k: int, greedy: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Labels of head k (k >= 1) as its logits index them: over its draft vocabulary, if it
-        has one (:meth:`multitoken.heads.draft_vocab.DraftVocab.draft_labels`)."""
-        labels = shift_labels(tokens, k)
+        has one (:meth:`multitoken.heads.draft_vocab.DraftVocab.draft_labels`). ``greedy``
+        [B, T]: the frozen trunk's top-1 tokens, for labels from its greedy path instead of the
+        text (:func:`multitoken.losses.greedy_path_labels`)."""
+        labels = (
+            shift_labels(tokens, k) if greedy is None else greedy_path_labels(tokens, greedy, k)
+        )
         to_draft = getattr(self.heads, "draft_labels", None)
         return labels if to_draft is None else to_draft(labels)
 
@@ -162,11 +175,15 @@ class MTPModel(nn.Module):
         lam: float,
         memory_efficient: bool = True,
         features: TrunkFeatures | None = None,
+        labels: str = "text",
     ) -> LossOutput:
         """Training forward over packed rows ``tokens`` [B, T+1]: inputs are ``tokens[:, :T]``.
 
         ``features``: the frozen trunk's states over these rows, computed before (the feature
-        cache); the trunk then does not run at all."""
+        cache); the trunk then does not run at all. ``labels``: ``text``, or ``trunk`` for a
+        frozen trunk's greedy path (``TrainConfig.labels``)."""
+        if labels == "trunk" and self.trunk_trainable:
+            raise RuntimeError("labels from the trunk's greedy path need a frozen trunk")
         inputs = tokens[:, :-1]
         family = self.family
         frozen = not self.trunk_trainable
@@ -180,8 +197,9 @@ class MTPModel(nn.Module):
             main_acc = features.main_hits.sum() / count
             hidden, branch_hidden = (None, states) if family == "meta" else (states, None)
             block_kwargs = self.parts.block_kwargs(states, positions)
+            greedy = features.greedy if labels == "trunk" else None
             return self._head_losses(
-                tokens, lam, main_loss, main_acc, hidden, branch_hidden, block_kwargs
+                tokens, lam, main_loss, main_acc, hidden, branch_hidden, block_kwargs, greedy
             )
         if family == "meta" and memory_efficient and torch.is_grad_enabled() and not frozen:
             branch_hidden, layer_kwargs = self.trunk_prefix(inputs, self.heads.branch_layer)
@@ -193,8 +211,16 @@ class MTPModel(nn.Module):
         with torch.no_grad() if frozen else contextlib.nullcontext():  # Medusa-1: heads only
             out = self.trunk_forward(inputs, branch)
         main_loss, main_acc = cross_entropy(out.logits, shift_labels(tokens, 0))
+        greedy = out.logits.argmax(-1) if labels == "trunk" else None
         return self._head_losses(
-            tokens, lam, main_loss, main_acc, out.hidden, out.branch_hidden, out.block_kwargs
+            tokens,
+            lam,
+            main_loss,
+            main_acc,
+            out.hidden,
+            out.branch_hidden,
+            out.block_kwargs,
+            greedy,
         )
 
     def _head_losses(
@@ -206,11 +232,12 @@ class MTPModel(nn.Module):
         hidden: torch.Tensor | None,
         branch_hidden: torch.Tensor | None,
         block_kwargs: dict,
+        greedy: torch.Tensor | None = None,
     ) -> LossOutput:
         """The λ-weighted total of the trunk's loss and every head's, from the trunk's states."""
         family = self.family
         weights = head_weights(family, self.depth, lam)
-        labels = [self.head_labels(tokens, k) for k in range(1, self.depth + 1)]
+        labels = [self.head_labels(tokens, k, greedy) for k in range(1, self.depth + 1)]
         if family == "bpd":
             logits = self.heads(hidden)
         elif family == "meta":

@@ -217,9 +217,10 @@ def evaluate(
     lam: float,
     autocast,
     cache: FeatureCache | None = None,
+    labels: str = "text",
 ) -> dict:
     """Mean trunk loss/accuracy and per-head loss/top-1 accuracy over fixed validation batches
-    (a frozen trunk's states from ``cache``, where given)."""
+    (a frozen trunk's states from ``cache``, where given), heads against ``labels``."""
     was_training = model.training
     model.eval()
     sums: dict[str, torch.Tensor] = {}
@@ -228,7 +229,7 @@ def evaluate(
         with autocast():
             batch = batch.to(device)
             features = None if cache is None else cache.features(model, batch)
-            out = model(batch, lam=lam, features=features)
+            out = model(batch, lam=lam, features=features, labels=labels)
         for key in ("main_loss", "main_acc", "head_losses", "head_acc"):
             value = getattr(out, key).float().cpu()
             sums[key] = sums.get(key, 0) + value
@@ -404,6 +405,7 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
                         lam=lam,
                         memory_efficient=cfg.meta_memory_efficient,
                         features=features,
+                        labels=cfg.labels,
                     )
                 (res.loss / cfg.grad_accum).backward()
             sums += torch.cat(
