@@ -170,10 +170,12 @@ def test_draft_len_flag_takes_auto_or_a_number():
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--draft-len", "many"])
     model = model_of("bpd", depth=2)
-    with pytest.raises(ValueError, match="--draft-len"):
+    with pytest.raises(ValueError, match="expected auto or a whole number") as err:
         generate(model, PROMPTS[:1], max_new_tokens=2, draft_len="many")
-    with pytest.raises(ValueError, match="--draft-len"):
+    assert err.value.flag == "--draft-len"
+    with pytest.raises(ValueError, match="must be >= 1 or auto, got 0") as err:
         generate(model, PROMPTS[:1], max_new_tokens=2, draft_len=0)
+    assert err.value.flag == "--draft-len"
 
 
 def test_a_micro_trunk_has_a_measured_curve_keyed_by_dtype():

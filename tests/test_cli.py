@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import micro_llama
 
-from multitoken.cli import build_parser, main
+from multitoken.cli import build_parser, error_line, main
 from multitoken.config import HeadConfig, TrainConfig
+from multitoken.errors import MultitokenError
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -277,6 +278,19 @@ def test_generate_bad_input(checkpoint, args, flag):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_errors_read_plainly_from_python_and_name_their_flag_on_the_command_line(tmp_path, capsys):
+    exc = MultitokenError("no prompts", "--prompt")
+    assert str(exc) == exc.message == "no prompts" and exc.flag == "--prompt"
+    assert error_line(exc) == "--prompt: no prompts"
+    assert error_line(MultitokenError("no flag")) == "no flag"
+    missing = tmp_path / "nope"
+    assert main(["generate", "--checkpoint", str(missing), "--prompt", "x"]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"multitoken: error: --checkpoint: no such checkpoint: {missing}\n"
+    )
 
 
 def test_generate_missing_checkpoint(tmp_path):

@@ -249,8 +249,9 @@ def test_per_file_rows_repeat_every_epoch_and_resume_exactly(setup):
         again = PackedStream(files, ByteTokenizer(), 32, 1, seed=3, per_file=True)
         again.load_state_dict(json.loads(json.dumps(states[i])))
         assert [tuple(next(again)[0].tolist()) for _ in range(19)] == flat[i : i + 19]
-    with pytest.raises(MultitokenError, match="--seq-len"):  # every file shorter than a row
+    with pytest.raises(MultitokenError, match="lower --seq-len") as err:  # all shorter than a row
         next(iter(PackedStream(files, ByteTokenizer(), 900, 1, per_file=True)))
+    assert err.value.flag == "--seq-len"
 
 
 def test_live_features_report_the_trunks_own_loss(tokens):

@@ -15,7 +15,9 @@ from conftest import (
 
 from multitoken.config import HeadConfig
 from multitoken.costs import CostModel
+from multitoken.errors import MultitokenError
 from multitoken.generate import generate
+from multitoken.heads import MTPHeads
 from multitoken.model import MTPModel
 
 PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
@@ -74,12 +76,12 @@ def test_sliding_window_trunk_decodes_exactly_past_its_window(family):
     assert spec.stats.trunk_passes < 3 * 21  # some drafts were accepted: rollbacks happened
 
 
-class OracleHeads(torch.nn.Module):
+class OracleHeads(MTPHeads):
     """Stub heads drafting the trunk's own greedy continuation (``wrong``: always a wrong one)."""
 
     def __init__(self, model: MTPModel, wrong: bool) -> None:
         super().__init__()
-        self.model, self.wrong = model, wrong
+        self.model, self.wrong, self.depth = model, wrong, model.depth
 
     def new_draft_state(self, batch):
         return None
@@ -215,8 +217,9 @@ def test_typical_acceptance_is_opt_in_and_says_it_is_lossy(caplog):
     with caplog.at_level("WARNING", logger="multitoken"):
         generate(model, PROMPTS[:1], max_new_tokens=5, temperature=1.0, typical=0.09)
     assert any("lossy" in r.message for r in caplog.records)
-    with pytest.raises(ValueError, match="--typical"):
+    with pytest.raises(MultitokenError, match="typical acceptance samples") as err:
         generate(model, PROMPTS[:1], max_new_tokens=5, typical=0.09)  # greedy: nothing to type
+    assert err.value.flag == "--typical"
 
 
 class TrunkSpy:
@@ -289,3 +292,69 @@ def test_a_trunk_without_logits_to_keep_decodes_the_same(monkeypatch):
     finally:
         spy.remove()
     assert spy.calls[0] == (11, 0, 11)  # nothing asked: all 11 positions came back
+
+
+class RowOracleHeads(OracleHeads):
+    """Right for rows whose text starts with a token in ``right``, wrong for the others: rows
+    accept different counts (whether decoded together or one by one)."""
+
+    def __init__(self, model: MTPModel, right: set[int]) -> None:
+        super().__init__(model, wrong=False)
+        self.right = right
+
+    def draft(self, state, step, K, pick):
+        cont, q = super().draft(state, step, K, pick)
+        for r, ids in enumerate(step.tokens):
+            if int(ids[0]) not in self.right:
+                cont[r] = (cont[r] + 1) % self.model.trunk.config.vocab_size
+        return cont, q
+
+
+def test_a_batch_never_lets_cache_holes_slide_a_window_over_keys_a_row_needs(monkeypatch):
+    """Row 0 accepts every draft and row 1 none: each step appends K+1 slots to both, so the
+    batch's cache outgrows a 39-token window long before either row's 34 positions do. The
+    window counts slots, so such a batch must decode row by row (outside review of issue 9)."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from multitoken.kvcache import RaggedCache
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=39,
+        max_position_embeddings=256,
+    )
+    config._attn_implementation = "eager"
+    trunk = AutoModelForCausalLM.from_config(config).eval()
+    model = MTPModel(trunk, HeadConfig(family="bpd", depth=4)).eval()
+    model.heads = RowOracleHeads(model, right={5})  # the first prompt's drafts are right
+    widest = {}  # batch size -> most slots a cache of that batch held
+    commit = RaggedCache.commit
+
+    def spy(self, valid):
+        commit(self, valid)
+        widest[self.batch] = max(widest.get(self.batch, 0), self.slots)
+
+    monkeypatch.setattr(RaggedCache, "commit", spy)
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    out = generate(model, prompts, max_new_tokens=30, draft_len=4)
+    for prompt, tokens in zip(prompts, out.tokens):
+        assert tokens == hf_greedy(model, prompt, 30)
+    assert out.stats.head_hits[0] > 0 and out.stats.head_hits[0] < out.stats.head_tries[0]
+    assert widest.get(2, 0) <= 39, widest  # no batched cache outgrew the window
+    short = generate(model, prompts, max_new_tokens=5, draft_len=4)  # fits: decoded together
+    assert widest[2] > 0 and short.tokens == [t[:5] for t in out.tokens]
+
+
+def test_a_trunk_with_a_recurrent_state_is_refused_before_decoding():
+    model = model_of("bpd", depth=2)
+    model.trunk.config.layer_types = ["linear_attention", "full_attention"]
+    with pytest.raises(MultitokenError, match="recurrent state .*LinearAttentionLayer"):
+        generate(model, PROMPTS[:1], max_new_tokens=4)
+    with pytest.raises(MultitokenError, match="cannot give back"):  # padding is a hole too
+        generate(model, PROMPTS, max_new_tokens=4, speculate=False)

@@ -150,3 +150,30 @@ def test_meta_memory_efficient_backward_equals_naive(tokens, branch):
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
     assert any(g.abs().sum() > 0 for n, g in grads[0].items() if n.startswith("heads."))
+
+
+def test_every_family_is_registered_and_implements_the_protocol():
+    from multitoken.config import FAMILIES
+    from multitoken.errors import MultitokenError
+    from multitoken.heads import HEADS, HeadInputs, MTPHeads, head_class
+
+    assert set(HEADS) == set(FAMILIES)
+    trunk = micro_llama()
+    tokens = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    for family, cls in HEADS.items():
+        assert issubclass(cls, MTPHeads) and cls.family == family and head_class(family) is cls
+        for name in ("training_logits", "new_draft_state", "draft"):  # each overrides the base
+            assert getattr(cls, name) is not getattr(MTPHeads, name), (family, name)
+        model = MTPModel(trunk, HeadConfig(family=family, depth=2))
+        assert type(model.heads) is cls
+        assert (model.heads.branch_layer is not None) == cls.reads_branch
+        branch = model.heads.branch_layer if cls.reads_branch else None
+        with torch.no_grad():
+            out = model.trunk_forward(tokens[:, :-1], branch)
+            inputs = HeadInputs(tokens, out.hidden, out.branch_hidden, out.block_kwargs)
+            logits = model.heads.training_logits(inputs)
+        assert [tuple(lg.shape) for lg in logits] == [(2, 8, 64)] * 2
+        assert model.heads.max_draft_len() == (None if cls.drafts_past_depth else 2)
+    with pytest.raises(MultitokenError, match="unknown head family 'medusa'") as err:
+        head_class("medusa")
+    assert err.value.flag == "--family"

@@ -6,7 +6,6 @@ from multitoken.losses import (
     IGNORE,
     cross_entropy,
     greedy_path_labels,
-    head_weights,
     shift_labels,
 )
 
@@ -59,6 +58,8 @@ def test_cross_entropy_by_hand():
 
 
 def test_head_weights_follow_each_paper():
-    assert head_weights("deepseek", 4, 0.3) == [0.075] * 4  # λ / D (DeepSeek-V3 eq. 25)
-    assert head_weights("meta", 3, 1.0) == [1.0] * 3  # sum of head losses (Gloeckle 2024)
-    assert head_weights("bpd", 2, 0.5) == [0.5, 0.5]
+    from multitoken.heads import head_class
+
+    assert head_class("deepseek").loss_weights(4, 0.3) == [0.075] * 4  # λ / D (DeepSeek-V3 eq. 25)
+    assert head_class("meta").loss_weights(3, 1.0) == [1.0] * 3  # sum of losses (Gloeckle 2024)
+    assert head_class("bpd").loss_weights(2, 0.5) == [0.5, 0.5]

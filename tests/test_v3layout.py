@@ -179,6 +179,12 @@ class RecordedHeads(torch.nn.Module):
         super().__init__()
         self.inner, self.calls = inner, []
 
+    def __getattr__(self, name):  # what the protocol says of the family: the inner heads'
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
     def new_draft_state(self, batch):
         return self.inner.new_draft_state(batch)
 
@@ -378,8 +384,9 @@ def test_init_from_trunk_copies_the_last_layer_into_each_block():
 
     config = HeadConfig(family="deepseek", depth=1)
     config.init_from_trunk = True  # a dense last layer cannot seed an MoE block
-    with pytest.raises(MultitokenError, match="^--init-from-trunk: .*DeepseekV3DecoderLayer"):
+    with pytest.raises(MultitokenError, match="DeepseekV3DecoderLayer") as err:
         MTPModel(micro_deepseek(layers=1, dense=1), config)
+    assert err.value.flag == "--init-from-trunk"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,8 +397,9 @@ def test_init_from_trunk_copies_the_last_layer_into_each_block():
 def one_line_error(folder: Path) -> str:
     with pytest.raises(MultitokenError) as err:
         load_v3_layout(folder)
+    assert err.value.flag == "--checkpoint"
     text = str(err.value)
-    assert "\n" not in text and text.startswith("--checkpoint: ")
+    assert "\n" not in text and not text.startswith("--")
     return text
 
 
@@ -457,11 +465,13 @@ def test_folder_without_mtp_modules_and_other_families_are_refused(tmp_path):
     assert "holds no MTP modules" in one_line_error(tmp_path / "plain")
     (tmp_path / "out").mkdir()
     bpd = MTPModel(micro_llama(), HeadConfig(family="bpd", depth=2))
-    with pytest.raises(MultitokenError, match="^--format: only deepseek heads"):
+    with pytest.raises(MultitokenError, match="^only deepseek heads") as err:
         write_v3_layout(bpd, tmp_path / "out")
+    assert err.value.flag == "--format"
     ds = MTPModel(micro_llama(), HeadConfig(family="deepseek", depth=1))
-    with pytest.raises(MultitokenError, match="^--out: .* must be an existing empty folder"):
+    with pytest.raises(MultitokenError, match=" must be an existing empty folder$") as err:
         write_v3_layout(ds, tmp_path / "plain")
+    assert err.value.flag == "--out"
     assert list((tmp_path / "out").iterdir()) == []
 
 

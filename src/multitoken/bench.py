@@ -38,6 +38,7 @@ from multitoken.costs import remember_cost, verify_cost
 from multitoken.errors import MultitokenError
 from multitoken.generate import generate
 from multitoken.hardware import cpu_kind, place_for_decoding, sync
+from multitoken.heads import head_class
 from multitoken.kernels import choose_linear_kernel, linear_kernels
 from multitoken.model import MTPModel
 from multitoken.prompts import read_prompt_records, window_prompts
@@ -56,8 +57,9 @@ Decode = Callable[[list[int]], tuple[list[int], int, object]]
 
 
 def default_draft_lens(family: str, depth: int) -> list[int]:
-    """1..D; DeepSeek modules can also draft past D (the last one recurs), so add D+2."""
-    return list(range(1, depth + 1)) + ([depth + 2] if family == "deepseek" else [])
+    """1..D; heads that can draft past D (DeepSeek's last module recurs) add D+2."""
+    past = head_class(family).drafts_past_depth
+    return list(range(1, depth + 1)) + ([depth + 2] if past else [])
 
 
 def parse_draft_lens(text: str | None, family: str, depth: int) -> list[int]:
@@ -72,7 +74,7 @@ def parse_draft_lens(text: str | None, family: str, depth: int) -> list[int]:
         ) from None
     if not lens or lens[0] < 1:
         raise MultitokenError(f"draft lengths must be >= 1, got {text!r}", "--draft-lens")
-    if family != "deepseek" and lens[-1] > depth:
+    if not head_class(family).drafts_past_depth and lens[-1] > depth:
         raise MultitokenError(
             f"{family} heads draft at most D = {depth} tokens; got {lens[-1]}", "--draft-lens"
         )
@@ -93,7 +95,7 @@ def load_draft_model(path: str | Path, vocab_size: int) -> PreTrainedModel:
     try:
         draft = checkpoint_trunk(path) if is_run_or_checkpoint(path) else load_trunk(path)
     except MultitokenError as exc:
-        raise MultitokenError(str(exc).removeprefix(f"{exc.flag}: "), "--draft-model") from None
+        raise MultitokenError(exc.message, "--draft-model") from None
     theirs = draft.get_output_embeddings().weight.shape[0]
     if theirs != vocab_size:
         raise MultitokenError(
@@ -145,7 +147,7 @@ def transformers_method(model: MTPModel, new: int, passes: list[int], **extra) -
     """``model.trunk.generate`` greedy for one prompt; ``passes[0]`` counts trunk calls.
     ``eos_token_id=None`` keeps it going: ``min_new_tokens`` would instead mask EOS and so
     change the output."""
-    from transformers.utils import logging as hf_logging
+    from multitoken.trunk import quiet_transformers
 
     device = model.parts.embed.weight.device
     options = dict(max_new_tokens=new, eos_token_id=None, **extra)
@@ -153,13 +155,9 @@ def transformers_method(model: MTPModel, new: int, passes: list[int], **extra) -
     def decode(prompt: list[int]):
         ids = torch.tensor([prompt], device=device)
         passes[0] = 0
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # assisted generation warns about itself on every call
-        try:
-            mask = torch.ones_like(ids)
+        mask = torch.ones_like(ids)
+        with quiet_transformers(warnings=False):  # assisted generation warns on every call
             out = model.trunk.generate(ids, attention_mask=mask, do_sample=False, **options)
-        finally:
-            hf_logging.set_verbosity(level)
         return out[0, ids.shape[1] :].tolist(), passes[0], None
 
     return decode
@@ -288,7 +286,8 @@ def bench(
     kernel = choose_linear_kernel(linear_kernel, model)
     methods = [(PLAIN, None, ours(model, new, None, kernel), None)]
     for label, m in heads.items():
-        lens = [K for K in draft_lens if K <= m.depth or m.family == "deepseek"]
+        longest = m.heads.max_draft_len()
+        lens = [K for K in draft_lens if longest is None or K <= longest]
         methods += [(SPECULATIVE, K, ours(m, new, K, kernel), label) for K in lens]
         methods.append((AUTO, None, ours(m, new, "auto", kernel), label))
     methods.append((HF_GREEDY, None, transformers_method(model, new, passes), None))
@@ -512,13 +511,10 @@ def run(args: argparse.Namespace) -> int:
     """The ``bench`` command: every input is checked before any timing; then measure, report."""
     import multitoken
     from multitoken.bench_plot import format_report, plot
-    from multitoken.checkpoint import (
-        is_run_or_checkpoint,
-        read_meta,
-        resolve_checkpoint,
-        write_json_atomic,
-    )
+    from multitoken.checkpoint import is_run_or_checkpoint, read_meta, resolve_checkpoint
+    from multitoken.cli import error_line
     from multitoken.data import Corpus
+    from multitoken.fileio import write_json_atomic
 
     _check_numbers(args)
     json_path, plot_path = _output_path(args.json, "--json"), _output_path(args.plot, "--plot")
@@ -549,7 +545,7 @@ def run(args: argparse.Namespace) -> int:
         specs = args.data if args.data is not None else config.get("data")
         corpus = Corpus.from_specs(specs or None, config.get("val_fraction", 0.05))
     except MultitokenError as exc:
-        corpus_error = str(exc)
+        corpus_error = error_line(exc)
     prompts, source, flag = _prompts(args, model.tokenizer, corpus, corpus_error)
     longest = max(draft_lens + [args.prompt_lookup, depth])  # auto drafts up to D
     check_fits(model, prompts, args.max_new_tokens, longest, flag)
@@ -564,7 +560,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             result.update(_validation(model, corpus, config))
         except MultitokenError as exc:  # a split too small for a batch: time all the same
-            print(f"multitoken: no validation loss: {exc}", file=sys.stderr)
+            print(f"multitoken: no validation loss: {error_line(exc)}", file=sys.stderr)
     result["prompts"] = {"source": source, "count": len(prompts), "tokens": list(map(len, prompts))}
     result.update(max_new_tokens=args.max_new_tokens, repeats=args.repeats)
     new, lookup, repeats = args.max_new_tokens, args.prompt_lookup, args.repeats

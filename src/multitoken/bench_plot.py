@@ -12,9 +12,9 @@ window, safe on a headless machine and inside a user's own session.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+
+from multitoken.fileio import atomic_path
 
 # auto and transformers' methods: one horizontal line each (no one K of ours)
 _FLAT_LINES = {
@@ -184,15 +184,5 @@ def plot(result: dict, path: str | Path) -> None:
         speed.set_xticks(ks)
     speed.legend(fontsize="small")
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the file the usual mode
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

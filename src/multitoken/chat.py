@@ -19,12 +19,11 @@ from multitoken.errors import MultitokenError
 
 
 class ChatTemplateError(MultitokenError):
-    """A chat template is missing or failed to render. ``reason`` is the message without the
-    flag, so callers that know more (a file and line) can restate it with their own flag."""
+    """A chat template is missing or failed to render. Callers that know more (a file and
+    line) restate its ``message`` with their own flag."""
 
-    def __init__(self, reason: str, flag: str = "--tokenizer") -> None:
-        self.reason = reason
-        super().__init__(reason, flag)
+    def __init__(self, message: str, flag: str = "--tokenizer") -> None:
+        super().__init__(message, flag)
 
 
 def chat_messages(value: object) -> list[dict]:

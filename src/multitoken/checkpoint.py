@@ -21,16 +21,14 @@ checkpoint intact and pointed to. Inside a checkpoint::
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from multitoken.errors import MultitokenError
+from multitoken.fileio import atomic_folder, write_json_atomic, write_text_atomic
 from multitoken.gguf import is_gguf, load_gguf_tokenizer
 from multitoken.headfile import is_heads_folder, load_heads, save_heads
 from multitoken.model import MTPModel
@@ -39,25 +37,6 @@ from multitoken.tokenizer_export import write_hf_tokenizer
 from multitoken.trunk import load_trunk, quiet_transformers
 
 FORMAT_VERSION = 2
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file in the same folder + rename: readers see the old file or the new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_checkpoint(
@@ -76,9 +55,8 @@ def save_checkpoint(
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-step-{step:07d}-"))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
+    # re-saving the same step (e.g. the final save after a periodic one) replaces it
+    with atomic_folder(final, replace=True) as tmp:
         if trunk_ref is None:  # trunk/ is a complete model folder, usable as a --trunk
             with quiet_transformers():
                 model.trunk.save_pretrained(tmp / "trunk", safe_serialization=True)
@@ -97,12 +75,6 @@ def save_checkpoint(
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if state is not None:
             write_json_atomic(tmp / "state.json", state)
-        if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_text_atomic(run_dir / "latest", f"checkpoints/{final.name}\n")
     for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -165,7 +137,9 @@ def _checkpoint_trunk(ckpt: Path, meta: dict, flag: str) -> PreTrainedModel:
     try:
         return load_trunk(folder)
     except MultitokenError as exc:
-        raise MultitokenError(f"checkpoint {ckpt} has a damaged trunk: {exc}", flag) from None
+        raise MultitokenError(
+            f"checkpoint {ckpt} has a damaged trunk: {exc.message}", flag
+        ) from None
 
 
 def load_checkpoint(
@@ -193,8 +167,9 @@ def load_checkpoint(
         try:
             tokenizer = load_tokenizer(str(p))
         except MultitokenError as exc:
-            reason = str(exc).removeprefix(f"{exc.flag}: ")
-            raise MultitokenError(f"a model folder needs its tokenizer: {reason}", flag) from None
+            raise MultitokenError(
+                f"a model folder needs its tokenizer: {exc.message}", flag
+            ) from None
         if heads is None and mtp_depth(p) > 0:
             model = load_v3_layout(p)
         else:

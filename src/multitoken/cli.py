@@ -28,6 +28,12 @@ from multitoken.errors import MultitokenError
 EXIT_USAGE = 2
 
 
+def error_line(exc: MultitokenError) -> str:
+    """``--flag: what is wrong``: the error as the command line says it. The message itself
+    speaks of the input; only here is it tied to the option to change."""
+    return f"{exc.flag}: {exc.message}" if exc.flag else exc.message
+
+
 def _base_type(annotation) -> type:
     """``int | None`` -> int, ``list[str]`` -> list."""
     origin = typing.get_origin(annotation)
@@ -394,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bench.run(args)
         return _cmd_tokenizer(args)
     except MultitokenError as exc:
-        print(f"multitoken: error: {exc}", file=sys.stderr)
+        print(f"multitoken: error: {error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLoss as exc:
         print(f"multitoken: {exc}", file=sys.stderr)

@@ -10,11 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the standard library's TOML parser from 3.11 on; the same code as tomli before it
+    import tomli as tomllib
 
 from multitoken.errors import MultitokenError
 
@@ -125,8 +129,10 @@ class LambdaSchedule:
 
 
 def default_lambda(family: str) -> str:
-    """DeepSeek-V3 weights its MTP loss by λ = 0.3 (divided by D); Meta and Stern sum head losses."""
-    return "0.3" if family == "deepseek" else "1.0"
+    """The family's own λ (DeepSeek-V3: 0.3, divided by D; Meta and Stern sum head losses: 1)."""
+    from multitoken.heads import head_class  # heads import this module
+
+    return head_class(family).default_lambda
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,15 +220,22 @@ class HeadConfig:
                     f"{self.draft_vocab} exceeds the trunk's vocabulary of {vocab_size}",
                     "--draft-vocab",
                 )
-        if self.init_from_trunk and self.family == "bpd":
+        from multitoken.heads import head_class  # heads import this module
+
+        family = head_class(self.family)
+        if self.init_from_trunk and not family.copies_trunk_layers:
             raise MultitokenError(
                 "bpd heads have no decoder block to copy; a fresh bpd head already predicts what "
                 "the trunk predicts",
                 "--init-from-trunk",
             )
         if self.branch_layer is not None:
-            if self.family != "meta":
-                raise MultitokenError("only the meta family has a branch layer", "--branch-layer")
+            if not family.reads_branch:
+                raise MultitokenError(
+                    f"{self.family} heads read h^0; only heads that branch off the trunk (meta) "
+                    "have a branch layer",
+                    "--branch-layer",
+                )
             if num_layers is not None and not 0 <= self.branch_layer < num_layers:
                 raise MultitokenError(
                     f"branch layer {self.branch_layer} is out of range for a trunk with "

@@ -306,7 +306,7 @@ def _read_jsonl_lines(
                 text = document_text(record, tokenizer)
             except ChatTemplateError as exc:  # the fix is another tokenizer (or plain text)
                 where = f"{path}:{_line_number(path, line_start)}"
-                raise MultitokenError(f"{where}: {exc.reason}", exc.flag) from None
+                raise MultitokenError(f"{where}: {exc.message}", exc.flag) from None
             except ValueError as exc:
                 reason = f"is malformed: {exc}"
             else:

@@ -76,7 +76,7 @@ def _prepare(prompts: Sequence[str | Prompt], tokenizer: Tokenizer) -> list[_Job
             try:
                 _answered(prompt.messages, "", tokenizer)
             except ChatTemplateError as exc:
-                raise MultitokenError(f"{prompt.where}: {exc.reason}", "--prompts") from None
+                raise MultitokenError(f"{prompt.where}: {exc.message}", "--prompts") from None
         ids = tokenizer.encode(text, add_special_tokens=not prompt.is_chat)
         jobs.append(_Job(text, ids, prompt.messages))
     return jobs

@@ -1,15 +1,27 @@
-"""The one exception type users see: a problem with their input, named with the flag at fault.
+"""The one exception type users see: a problem with their input, and the option at fault.
 
-The CLI prints it as a single line and exits with status 2 (argparse's convention for usage
-errors); the Python API lets it propagate like any other ``ValueError``.
+The message speaks of the input, not of a command line, so ``str(exc)`` reads the same from
+Python; the option is the ``flag`` field. The CLI prints ``flag: message`` as a single line and
+exits with status 2 (argparse's convention for usage errors); the Python API lets it propagate
+like any other ``ValueError``.
 """
 
 from __future__ import annotations
 
 
 class MultitokenError(ValueError):
-    """Bad input. ``flag`` names the CLI option (or API argument) the user should change."""
+    """Bad input. ``message`` says what is wrong; ``flag`` names the CLI option (or API argument)
+    the user should change, or is None. A caller that knows better which option is at fault
+    restates it: ``MultitokenError(exc.message, "--other")``."""
 
     def __init__(self, message: str, flag: str | None = None) -> None:
+        self.message = message
         self.flag = flag
-        super().__init__(f"{flag}: {message}" if flag else message)
+        super().__init__(message)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text, or its type's name when it has none: what a
+    one-line error can quote of a library's multi-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -12,13 +12,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from multitoken.errors import MultitokenError
+from multitoken.fileio import atomic_folder
 from multitoken.headfile import save_heads
+from multitoken.heads import DeepSeekHeads
 from multitoken.model import MTPModel
 from multitoken.tokenizer import Tokenizer
 from multitoken.tokenizer_export import write_hf_tokenizer
@@ -42,7 +41,7 @@ def export(model: MTPModel, tokenizer: Tokenizer, out: str | Path, fmt: str) -> 
         raise MultitokenError(f"unknown export format {fmt!r} ({', '.join(FORMATS)})", "--format")
     if fmt != "trunk-only" and model.heads is None:
         raise MultitokenError("this model has no heads to export", "--checkpoint")
-    if fmt == "deepseek-v3" and model.family != "deepseek":
+    if fmt == "deepseek-v3" and not isinstance(model.heads, DeepSeekHeads):
         raise MultitokenError(
             f"only deepseek heads have a DeepSeek-V3 layout; these are {model.family} heads",
             "--deepseek-v3",
@@ -56,8 +55,7 @@ def export(model: MTPModel, tokenizer: Tokenizer, out: str | Path, fmt: str) -> 
             "--checkpoint",
         )
     check_out(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_folder(out) as tmp:
         if fmt == "heads":
             save_heads(model, tmp)
         else:
@@ -69,13 +67,4 @@ def export(model: MTPModel, tokenizer: Tokenizer, out: str | Path, fmt: str) -> 
 
                 write_v3_layout(model, tmp)
             write_hf_tokenizer(tokenizer, tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; an export is meant to be shared
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

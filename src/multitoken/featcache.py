@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from multitoken.errors import MultitokenError
+from multitoken.errors import MultitokenError, first_line
+from multitoken.fileio import atomic_path, write_json_atomic
 from multitoken.losses import IGNORE, shift_labels
 from multitoken.model import MTPModel, TrunkFeatures
 
@@ -70,7 +70,7 @@ def row_key(row: torch.Tensor) -> bytes:
 
 def cached_state(model: MTPModel) -> str:
     """Which trunk state the heads read: ``h0``, or ``branch:b`` for meta heads."""
-    return f"branch:{model.heads.branch_layer}" if model.family == "meta" else "h0"
+    return f"branch:{model.heads.branch_layer}" if model.heads.reads_branch else "h0"
 
 
 def trunk_fingerprint(model: MTPModel, storage: str, compute: str) -> dict:
@@ -103,7 +103,7 @@ def trunk_fingerprint(model: MTPModel, storage: str, compute: str) -> dict:
 def live_features(model: MTPModel, tokens: torch.Tensor) -> TrunkFeatures:
     """Run the trunk over rows ``tokens`` [B, T+1] (inputs ``tokens[:, :T]``): the states the
     heads read and the trunk's own loss per row. Runs under the caller's autocast."""
-    branch = model.heads.branch_layer if model.family == "meta" else None
+    branch = model.heads.branch_layer if model.heads.reads_branch else None
     out = model.trunk_forward(tokens[:, :-1], branch)
     states = out.branch_hidden if branch is not None else out.hidden
     labels = shift_labels(tokens, 0)
@@ -209,9 +209,7 @@ class FeatureCache:
                     FLAG,
                 )
         else:
-            tmp = meta.with_name(f".fingerprint.json.r{self.rank}.tmp")
-            tmp.write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, meta)
+            write_json_atomic(meta, self.fingerprint, sort_keys=True)
         for stale in self.folder.glob(f".shard-r{self.rank}-*.tmp"):  # a killed writer's
             stale.unlink(missing_ok=True)
         mine = f"shard-r{self.rank}-"
@@ -230,7 +228,7 @@ class FeatureCache:
             crc = handle.get_tensor("crc")
             rows = handle.get_slice("states").get_shape()[0]
         except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise MultitokenError(self._damaged(path, str(exc).splitlines()[0]), FLAG) from None
+            raise MultitokenError(self._damaged(path, first_line(exc)), FLAG) from None
         if meta.get("fingerprint") != self.key or len(keys) != rows or len(crc) != rows:
             raise MultitokenError(self._damaged(path, "its header does not match"), FLAG)
         index = len(self._shards)
@@ -263,8 +261,7 @@ class FeatureCache:
             main = shard.handle.get_slice("main")[r : r + 1][0]
             greedy = shard.handle.get_slice("greedy")[r : r + 1][0]
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            why = str(exc).splitlines()[0]
-            raise MultitokenError(self._damaged(shard.path, why), FLAG) from None
+            raise MultitokenError(self._damaged(shard.path, first_line(exc)), FLAG) from None
         if _crc(key, tokens, states, main, greedy) != int(shard.crc[r]):
             raise MultitokenError(self._damaged(shard.path, f"row {r} fails its checksum"), FLAG)
         if not torch.equal(tokens, row):
@@ -303,11 +300,11 @@ class FeatureCache:
         keys = torch.tensor([list(k) for k in p.keys], dtype=torch.uint8)
         name = f"shard-r{self.rank}-{self._next_shard:06d}.safetensors"
         self._next_shard += 1
-        final, tmp = self.folder / name, self.folder / f".{name}.tmp"
+        final = self.folder / name
         tensors = {"keys": keys, "tokens": tokens, "states": states, "main": main, "crc": crc}
         tensors["greedy"] = greedy
-        save_file(tensors, str(tmp), metadata={"fingerprint": self.key, "format": str(FORMAT)})
-        os.replace(tmp, final)
+        with atomic_path(final) as tmp:  # a killed writer's is .<name>.<random>.tmp
+            save_file(tensors, str(tmp), metadata={"fingerprint": self.key, "format": str(FORMAT)})
         before = self.stats.bytes - p.bytes
         self.stats.held -= len(p.keys)
         self._pending = _Pending()

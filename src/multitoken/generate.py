@@ -32,8 +32,9 @@ import torch
 from multitoken.config import GenerateConfig, draft_len_value
 from multitoken.costs import CostModel, DraftLen, Stopwatch, cost_model
 from multitoken.errors import MultitokenError
+from multitoken.heads.base import Committed
 from multitoken.kernels import choose_linear_kernel, linear_kernels
-from multitoken.kvcache import RaggedCache
+from multitoken.kvcache import RaggedCache, unrollable_layers
 from multitoken.model import MTPModel
 from multitoken.sampling import (
     Sampling,
@@ -46,20 +47,6 @@ from multitoken.sampling import (
 from multitoken.trunk import watch_states
 
 log = logging.getLogger("multitoken")
-
-
-@dataclass
-class Committed:
-    """What the heads draft from. Row r has ``len(tokens[r])`` committed tokens (the last is the
-    trunk's pending token, not yet through the trunk) and ``new[r]`` trunk-processed positions
-    ``start[r] .. start[r] + new[r] - 1`` the heads have not drafted from yet, whose states are
-    in ``hidden``/``branch``."""
-
-    tokens: list[torch.Tensor] | None  # per row [N_r]; filled in when the heads draft
-    hidden: torch.Tensor  # [B, n, d] h^0 of the new positions (a prefix of new[r] per row)
-    branch: torch.Tensor | None  # [B, n, d] stream entering the branch layer (meta)
-    start: list[int]
-    new: list[int]
 
 
 @dataclass
@@ -341,7 +328,7 @@ def _decode_loop(
     if not cfg.speculate:
         choice = DraftLen(0, fixed=0)
     elif auto:
-        choice = DraftLen(k_max, costs=costs, stateless=heads is None)
+        choice = DraftLen(k_max, costs=costs, stateless=not model.heads.keeps_draft_state)
     else:
         choice = DraftLen(k_max, fixed=k_max)
     capacity = max(map(len, prompts)) + cfg.max_new_tokens + 2 * (k_max + 1)
@@ -431,6 +418,13 @@ def generate(
                 f"context window of {limit}",
                 "--prompt",
             )
+    recurrent = sorted(set(unrollable_layers(model.trunk.config)))
+    if recurrent and (cfg.speculate or len(set(map(len, prompts))) > 1):
+        raise MultitokenError(
+            f"this trunk keeps a recurrent state ({', '.join(recurrent)}) that cannot give back "
+            "rejected drafts or padding: speculative decoding needs a KV cache it can crop; "
+            "decode with --no-speculate, prompts of one length at a time"
+        )
     kernel = choose_linear_kernel(cfg.linear_kernel, model)
     with linear_kernels(model, kernel):  # one kernel for the whole call: exact against plain
         return _generate(model, prompts, cfg, K, auto, sampling, eos_id, on_tokens, costs)
@@ -446,7 +440,12 @@ def _generate(model, prompts, cfg, K, auto, sampling, eos_id, on_tokens, costs) 
         with torch.no_grad():
             costs = cost_model(model.trunk, K + 1, prompts[0])
     window = _sliding_window(model.trunk.config)
-    longest = max(map(len, prompts)) + cfg.max_new_tokens + K + 1
+    # Cache slots, not positions, decide what a sliding-window mask hides. Every step appends
+    # the widest count any row keeps, up to K+1 when one row accepts everything while another
+    # accepts nothing (and finished rows still take part), so a batch can reach the prompt's
+    # slots + (K+1) per new token.
+    q = K + 1 if cfg.speculate else 1
+    slots = max(map(len, prompts)) + q * (cfg.max_new_tokens + 1)
     stop = (
         frozenset()
         if eos_id is None
@@ -463,11 +462,11 @@ def _generate(model, prompts, cfg, K, auto, sampling, eos_id, on_tokens, costs) 
         gen=gen,
         stop=stop,
     )
-    branch = model.heads.branch_layer if (cfg.speculate and model.family == "meta") else None
+    branch = model.heads.branch_layer if cfg.speculate else None
     # one set of hooks for the whole call; plain decoding needs none
     watching = watch_states(model.parts, branch) if cfg.speculate else contextlib.nullcontext({})
     with watching as seen:
-        if len(prompts) > 1 and window is not None and longest > window:
+        if len(prompts) > 1 and window is not None and slots > window:
             # Rows of a RaggedCache have holes, and a sliding-window mask counts cache slots, not
             # positions: past the window a batch would hide keys a row should see. One row at a
             # time has no holes, so it is exact.
@@ -493,7 +492,8 @@ def _draft_len(cfg: GenerateConfig, model: MTPModel) -> tuple[int, bool]:
         return depth, value == "auto"
     if value < 1:
         raise MultitokenError(f"must be >= 1 or auto, got {value}", "--draft-len")
-    if cfg.speculate and value > model.depth and model.family != "deepseek":
+    longest = model.heads.max_draft_len() if cfg.speculate else None
+    if longest is not None and value > longest:
         raise MultitokenError(
             f"{model.family} heads draft at most D = {model.depth} tokens; got {value}",
             "--draft-len",

@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from multitoken.errors import MultitokenError
+from multitoken.errors import MultitokenError, first_line
 
 SUFFIX = ".gguf"
 MAGIC = b"GGUF"
@@ -69,11 +69,6 @@ class GGUFInfo:
         return f"{self.path.name} (GGUF {kind})"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def require_packages(path: Path, flag: str) -> None:
     """transformers reads GGUF files with the ``gguf`` package and loads them with accelerate."""
     try:
@@ -103,7 +98,7 @@ def read_gguf(path: str | Path, flag: str = "--trunk") -> GGUFInfo:
     except struct.error:  # a field runs past the end of the file
         raise MultitokenError(f"{p} is truncated or corrupt: its header ends early", flag) from None
     except (ValueError, KeyError, IndexError, UnicodeDecodeError, OverflowError) as exc:
-        raise MultitokenError(f"{p} is corrupt: {_first_line(exc)}", flag) from None
+        raise MultitokenError(f"{p} is corrupt: {first_line(exc)}", flag) from None
     if data_end is not None and data_end > size:
         raise MultitokenError(
             f"{p} is truncated: its tensors need {data_end} bytes, the file has {size}", flag
@@ -169,8 +164,9 @@ def _float_dtype(types: list[int]) -> str:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """No progress bars: transformers' own, and the plain tqdm its GGUF dequantiser draws."""
+def _quiet(*, warnings: bool = True):
+    """No progress bars: transformers' own, and the plain tqdm its GGUF dequantiser draws
+    (``warnings``: as for :func:`multitoken.trunk.quiet_transformers`)."""
     from multitoken.trunk import quiet_transformers
 
     try:
@@ -181,7 +177,7 @@ def _quiet():
     if bar is not None:
         legacy.tqdm = lambda iterable, *args, **kwargs: iterable
     try:
-        with quiet_transformers():
+        with quiet_transformers(warnings=warnings):
             yield
     finally:
         if bar is not None:
@@ -208,7 +204,7 @@ def load_gguf_trunk(path: str | Path, flag: str = "--trunk"):
         except _LOAD_ERRORS as exc:
             raise MultitokenError(
                 f"transformers cannot load {p}, a GGUF of architecture {info.architecture!r}: "
-                f"{_first_line(exc)}",
+                f"{first_line(exc)}",
                 flag,
             ) from None
         try:
@@ -217,7 +213,7 @@ def load_gguf_trunk(path: str | Path, flag: str = "--trunk"):
             )
         except _LOAD_ERRORS as exc:
             raise MultitokenError(
-                f"cannot load a causal LM from {p}: {_first_line(exc)}", flag
+                f"cannot load a causal LM from {p}: {first_line(exc)}", flag
             ) from None
     strip_quantizer_marks(model)
     stops = getattr(model.generation_config, "eos_token_id", None)
@@ -260,23 +256,18 @@ def gguf_source(trunk) -> str | None:
 def load_gguf_tokenizer(path: str | Path, flag: str = "--tokenizer"):
     """The tokenizer a GGUF file describes, with its special tokens and chat template."""
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from multitoken.tokenizer import HFTokenizer
 
     info = read_gguf(path, flag)
     p = info.path.resolve()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     try:
-        with _quiet():
+        with _quiet(warnings=False):
             auto = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, local_files_only=True)
     except Exception as exc:  # any failure means the same: no tokenizer we can use in this file
         raise MultitokenError(
-            f"cannot build the tokenizer of {info.describe()}: {_first_line(exc)}", flag
+            f"cannot build the tokenizer of {info.describe()}: {first_line(exc)}", flag
         ) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     backend = getattr(auto, "backend_tokenizer", None)
     if backend is None:
         raise MultitokenError(f"{info.describe()} gives no fast tokenizer", flag)
@@ -294,7 +285,7 @@ def load_gguf_tokenizer(path: str | Path, flag: str = "--tokenizer"):
             **options,
         )
     except MultitokenError as exc:  # e.g. no end-of-text token: said of the flag given
-        raise MultitokenError(str(exc).removeprefix(f"{exc.flag}: "), flag) from None
+        raise MultitokenError(exc.message, flag) from None
 
 
 def _without_invented_tokens(backend, vocab_size: int | None, used: set[str]):

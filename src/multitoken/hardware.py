@@ -49,17 +49,16 @@ class Precision:
 
 def resolve_device(spec: str = "auto", flag: str = "--device") -> torch.device:
     """``auto`` is the local CUDA device where there is one (``LOCAL_RANK`` under torchrun)."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+    auto = spec == "auto"
     try:
-        device = torch.device(spec)
+        device = torch.device("cuda" if auto else spec)
     except RuntimeError as exc:
         raise MultitokenError(str(exc), flag) from None
     if device.type == "cuda" and not torch.cuda.is_available():
+        if auto:
+            return torch.device("cpu")
         raise MultitokenError("CUDA is not available on this machine", flag)
-    return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if auto else device
 
 
 def sync(device: torch.device) -> None:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from multitoken.config import HeadConfig
-from multitoken.errors import MultitokenError
+from multitoken.errors import MultitokenError, first_line
 from multitoken.gguf import gguf_source
 from multitoken.model import MTPModel
 
@@ -164,9 +164,8 @@ def load_heads(trunk: PreTrainedModel, folder: str | Path, flag: str = "--heads"
     try:
         model.heads.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
         raise MultitokenError(
-            f"{folder / HEADS_FILE} does not match its config: {first}", flag
+            f"{folder / HEADS_FILE} does not match its config: {first_line(exc)}", flag
         ) from None
     model.head_config.init_from_trunk = meta["heads"].get("init_from_trunk")
     return model

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, cache_utils
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from multitoken.trunk import crop_cache
@@ -62,6 +62,18 @@ class RaggedCache:
             self.keep = torch.cat([keep, prefix_mask(counts, width, self.device)], dim=1)
         self.slots += width
         crop_cache(self.cache, self.slots)
+
+
+def unrollable_layers(config) -> list[str]:
+    """Class names of the cache layers of ``config``'s model that cannot give back their newest
+    entries: a recurrent state (linear attention, short convolutions) folds every token in, so
+    neither a rejected draft nor a padded prompt can be taken out again."""
+    recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())
+    return [
+        type(layer).__name__
+        for layer in rollback_cache(config).layers
+        if isinstance(layer, recurrent)
+    ]
 
 
 def rollback_cache(config=None) -> DynamicCache:

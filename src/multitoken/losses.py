@@ -95,16 +95,6 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return loss, acc
 
 
-def head_weights(family: str, depth: int, lam: float) -> list[float]:
-    """Weight of each MTP head's loss in the total (the trunk's weight is 1).
-
-    DeepSeek-V3 (§2.2): ``L = L_main + (λ / D) Σ_k L^k``. Meta (Gloeckle 2024) and Stern 2018 sum
-    the heads' losses, ``L = L_main + λ Σ_k L^k`` with λ = 1 by default.
-    """
-    per_head = lam / depth if family == "deepseek" else lam
-    return [per_head] * depth
-
-
 @dataclass
 class LossOutput:
     """One training forward: the loss to backpropagate and the figures to report."""

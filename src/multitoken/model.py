@@ -16,12 +16,11 @@ from transformers import PreTrainedModel
 
 from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
-from multitoken.heads import build_heads
+from multitoken.heads import HeadInputs, MTPHeads, build_heads
 from multitoken.losses import (
     LossOutput,
     cross_entropy,
     greedy_path_labels,
-    head_weights,
     shift_labels,
 )
 from multitoken.trunk import TrunkParts, inspect_trunk, layer_arguments, watch_states
@@ -62,7 +61,7 @@ class MTPModel(nn.Module):
         self,
         trunk: PreTrainedModel,
         head_config: HeadConfig | None,
-        heads: nn.Module | None = None,
+        heads: MTPHeads | None = None,
     ) -> None:
         super().__init__()
         self.trunk = trunk
@@ -185,7 +184,7 @@ class MTPModel(nn.Module):
         if labels == "trunk" and self.trunk_trainable:
             raise RuntimeError("labels from the trunk's greedy path need a frozen trunk")
         inputs = tokens[:, :-1]
-        family = self.family
+        heads = self.heads
         frozen = not self.trunk_trainable
         if features is not None:
             if not frozen:
@@ -195,19 +194,19 @@ class MTPModel(nn.Module):
             count = features.main_count.sum().clamp(min=1)
             main_loss = features.main_nll.sum() / count
             main_acc = features.main_hits.sum() / count
-            hidden, branch_hidden = (None, states) if family == "meta" else (states, None)
+            hidden, branch_hidden = (None, states) if heads.reads_branch else (states, None)
             block_kwargs = self.parts.block_kwargs(states, positions)
             greedy = features.greedy if labels == "trunk" else None
             return self._head_losses(
                 tokens, lam, main_loss, main_acc, hidden, branch_hidden, block_kwargs, greedy
             )
-        if family == "meta" and memory_efficient and torch.is_grad_enabled() and not frozen:
-            branch_hidden, layer_kwargs = self.trunk_prefix(inputs, self.heads.branch_layer)
+        if heads.headwise and memory_efficient and torch.is_grad_enabled() and not frozen:
+            branch_hidden, layer_kwargs = self.trunk_prefix(inputs, heads.branch_layer)
             labels = [shift_labels(tokens, 0)]
             labels += [self.head_labels(tokens, k) for k in range(1, self.depth + 1)]
-            weights = [1.0, *head_weights(family, self.depth, lam)]
-            return self.heads.headwise_loss(branch_hidden, layer_kwargs, labels, weights)
-        branch = self.heads.branch_layer if family == "meta" else None
+            weights = [1.0, *heads.loss_weights(self.depth, lam)]
+            return heads.headwise_loss(branch_hidden, layer_kwargs, labels, weights)
+        branch = heads.branch_layer if heads.reads_branch else None
         with torch.no_grad() if frozen else contextlib.nullcontext():  # Medusa-1: heads only
             out = self.trunk_forward(inputs, branch)
         main_loss, main_acc = cross_entropy(out.logits, shift_labels(tokens, 0))
@@ -235,18 +234,13 @@ class MTPModel(nn.Module):
         greedy: torch.Tensor | None = None,
     ) -> LossOutput:
         """The λ-weighted total of the trunk's loss and every head's, from the trunk's states."""
-        family = self.family
-        weights = head_weights(family, self.depth, lam)
+        weights = self.heads.loss_weights(self.depth, lam)
         labels = [self.head_labels(tokens, k, greedy) for k in range(1, self.depth + 1)]
-        if family == "bpd":
-            logits = self.heads(hidden)
-        elif family == "meta":
-            logits = self.heads(branch_hidden, block_kwargs)
-        else:
-            pad = self.parts.config.pad_token_id
-            logits = self.heads(
-                hidden, tokens, block_kwargs, pad_id=pad if isinstance(pad, int) else 0
-            )
+        pad = self.parts.config.pad_token_id
+        inputs = HeadInputs(
+            tokens, hidden, branch_hidden, block_kwargs, pad if isinstance(pad, int) else 0
+        )
+        logits = self.heads.training_logits(inputs)
         total = main_loss
         losses, accs = [], []
         for w, lg, lb in zip(weights, logits, labels):

@@ -46,7 +46,7 @@ class Prompt:
         try:
             return tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
         except ChatTemplateError as exc:
-            raise MultitokenError(f"{self.where}: {exc.reason}", flag) from None
+            raise MultitokenError(f"{self.where}: {exc.message}", flag) from None
 
     def encode(self, tokenizer: Tokenizer, flag: str = "--prompts") -> list[int]:
         """Token ids of the prompt as the model expects them: the tokenizer's special tokens

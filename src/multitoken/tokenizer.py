@@ -24,9 +24,7 @@ rendered chat, whose template already spells its BOS, get nothing added, as
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from multitoken.chat import ChatTemplateError, render_chat_template
 from multitoken.errors import MultitokenError
+from multitoken.fileio import atomic_path
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -417,18 +416,16 @@ def _tokenizer_via_transformers(folder: Path, options: dict[str, Any]) -> HFToke
     if not any(folder.iterdir()):
         raise missing
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its advice on missing files would break our one line
+    from multitoken.trunk import quiet_transformers
+
     try:
-        auto = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        with quiet_transformers(warnings=False):  # its advice on missing files: not our one line
+            auto = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     # Any failure (missing files, unknown class, absent sentencepiece, ...) means the same thing
     # to the user: this folder does not give a tokenizer we can use.
     except Exception:
         raise missing from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     backend = getattr(auto, "backend_tokenizer", None)
     if not isinstance(backend, tokenizers.Tokenizer):
         raise missing
@@ -511,14 +508,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: Path) -> HFTokenizer:
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        tok.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(out) as tmp:
+        tok.save(str(tmp))
     return HFTokenizer(tok, bos="<|endoftext|>", eos="<|endoftext|>", pad="<pad>", source=str(out))
 
 

@@ -7,15 +7,13 @@ load without multitoken, so its tokenizer is written as ``tokenizer.json`` +
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from multitoken.fileio import write_json_atomic, write_text_atomic
 from multitoken.tokenizer import CONFIG_FILE, TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer
 
 
@@ -57,8 +55,8 @@ def write_hf_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
     if template is not None:
         # In the config rather than chat_template.jinja: every transformers since 4.34 reads it.
         config["chat_template"] = template
-    _write_atomic(folder / TOKENIZER_FILE, backend.to_str(pretty=True))
-    _write_atomic(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(folder / TOKENIZER_FILE, backend.to_str(pretty=True))
+    write_json_atomic(folder / CONFIG_FILE, config, ensure_ascii=False)
 
 
 def byte_level_backend() -> tokenizers.Tokenizer:
@@ -94,18 +92,3 @@ def _byte_symbols() -> list[str]:
             symbols.append(chr(256 + shifted))
             shifted += 1
     return symbols
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Temp file + rename: a crash never leaves a half-written tokenizer file behind."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; exported files are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -28,13 +28,14 @@ from multitoken.checkpoint import (
     load_training_state,
     resolve_checkpoint,
     save_checkpoint,
-    write_json_atomic,
 )
 from multitoken.config import TrainConfig
 from multitoken.data import Corpus
 from multitoken.errors import MultitokenError
 from multitoken.featcache import FeatureCache
+from multitoken.fileio import write_json_atomic, write_text_atomic
 from multitoken.hardware import choose_precision, resolve_device
+from multitoken.heads import head_class
 from multitoken.model import MTPModel
 from multitoken.packing import PackedStream, validation_batches
 from multitoken.tokenizer import load_tokenizer
@@ -109,7 +110,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def _prepare(cfg: TrainConfig, device: torch.device):
     cfg.validate()
     if cfg.heads.init_from_trunk is None:  # a pretrained layer is a better start than noise
-        cfg.heads.init_from_trunk = bool(cfg.trunk) and cfg.heads.family != "bpd"
+        copies = head_class(cfg.heads.family).copies_trunk_layers
+        cfg.heads.init_from_trunk = bool(cfg.trunk) and copies
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise MultitokenError(f"{out} exists and is not a folder", "--out")
@@ -269,9 +271,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         for ln in path.read_text().splitlines()
         if ln.strip() and json.loads(ln).get("step", 0) <= step
     ]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(ln + "\n" for ln in kept))
 
 
 def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -23,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.masking_utils import create_causal_mask
 
 from multitoken.config import PRESETS
-from multitoken.errors import MultitokenError
+from multitoken.errors import MultitokenError, first_line
 from multitoken.gguf import is_gguf, load_gguf_trunk
 
 # Keyword arguments of a decoder layer that this adapter knows how to supply.
@@ -304,17 +306,44 @@ def build_trunk(preset: str, tokenizer) -> PreTrainedModel:
 
 
 @contextlib.contextmanager
-def quiet_transformers():
-    """transformers draws a progress bar per load/save; ours is the one the user watches."""
+def quiet_transformers(*, warnings: bool = True) -> Iterator[None]:
+    """No transformers progress bars: it draws one per load and save, and ours is the one the
+    user watches. ``warnings=False``: no transformers log lines below an error either, where its
+    advice would break our one-line messages or it repeats itself on every call. What was set
+    before is restored on the way out, exception or not."""
     from transformers.utils import logging as hf_logging
 
-    enabled = hf_logging.is_progress_bar_enabled()
+    bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    if not warnings:
+        hf_logging.set_verbosity_error()
     try:
         yield
     finally:
-        if enabled:
+        if not warnings:
+            hf_logging.set_verbosity(verbosity)
+        if bars:
             hf_logging.enable_progress_bar()
+
+
+def load_causal_lm(
+    folder: Path, flag: str, *, warnings: bool = True, **options: Any
+) -> PreTrainedModel | tuple[PreTrainedModel, dict]:
+    """``AutoModelForCausalLM.from_pretrained`` of a local model folder: offline, quietly (see
+    :func:`quiet_transformers`), and whatever a damaged or foreign folder makes transformers
+    raise is one line naming the folder. ``options`` go to ``from_pretrained`` (with
+    ``output_loading_info=True`` it returns the model and that info)."""
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        with quiet_transformers(warnings=warnings):
+            return AutoModelForCausalLM.from_pretrained(
+                folder, config=config, local_files_only=True, **options
+            )
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise MultitokenError(
+            f"cannot load a causal LM from {folder}: {first_line(exc)}", flag
+        ) from None
 
 
 def load_trunk(path: str | Path, flag: str = "--trunk") -> PreTrainedModel:
@@ -325,10 +354,4 @@ def load_trunk(path: str | Path, flag: str = "--trunk") -> PreTrainedModel:
         return load_gguf_trunk(p, flag)
     if not (p / "config.json").is_file():
         raise MultitokenError(f"{p} is not a transformers model folder (no config.json)", flag)
-    try:
-        config = AutoConfig.from_pretrained(p, local_files_only=True)
-        with quiet_transformers():
-            return AutoModelForCausalLM.from_pretrained(p, config=config, local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MultitokenError(f"cannot load a causal LM from {p}: {first}", flag) from None
+    return load_causal_lm(p, flag)

@@ -29,19 +29,19 @@ What the loaders compute (module k reads h^{k-1} and Emb(t_{i+k}); DESIGN.md §D
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from safetensors import safe_open
+from transformers import GenerationConfig
 
 from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
+from multitoken.heads import DeepSeekHeads
 from multitoken.model import MTPModel
-from multitoken.trunk import mtp_layer_kind, quiet_transformers
+from multitoken.trunk import load_causal_lm, mtp_layer_kind, quiet_transformers
 
 # config.json names of D: DeepSeek-V3's (engines) first, then transformers' own.
 DEPTH_KEYS = ("num_nextn_predict_layers", "num_mtp_layers")
@@ -105,7 +105,7 @@ def write_v3_layout(model: MTPModel, folder: Path) -> None:
     """Write ``model`` into the existing empty ``folder`` as a plain transformers model folder
     (config.json, model.safetensors, generation_config.json) of the trunk with its D DeepSeek
     modules stored as layers L..L+D-1, DeepSeek-V3's layout."""
-    if model.heads is None or model.family != "deepseek":
+    if not isinstance(model.heads, DeepSeekHeads):
         has = "no" if model.heads is None else model.family
         raise MultitokenError(
             f"only deepseek heads have a DeepSeek-V3 layout; this model has {has} heads",
@@ -145,37 +145,17 @@ def mtp_depth(folder: Path) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _errors_only():
-    """Silence transformers' warnings (its load report lists the MTP keys as unexpected); what
-    matters in that report is checked from the loading info instead."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def _load_trunk(folder: Path):
-    """The trunk as an ordinary causal LM from the folder, without a word about the MTP keys."""
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        with quiet_transformers(), _errors_only():
-            trunk, info = AutoModelForCausalLM.from_pretrained(
-                folder,
-                config=config,
-                local_files_only=True,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,  # reported below, by name
-            )
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MultitokenError(
-            f"cannot load a causal LM from {folder}: {first}", "--checkpoint"
-        ) from None
+    """The trunk as an ordinary causal LM from the folder, without a word about the MTP keys:
+    transformers' load report lists them as unexpected, so its warnings are silenced and what
+    matters in that report is checked from the loading info instead."""
+    trunk, info = load_causal_lm(
+        folder,
+        "--checkpoint",
+        warnings=False,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,  # reported below, by name
+    )
     for problem in ("missing_keys", "mismatched_keys"):
         found = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(problem, ()))
         if found:

@@ -1,23 +1,31 @@
-"""MTP head families (shared/DESIGN.md §The three head families), one module each."""
+"""MTP head families (shared/DESIGN.md §The three head families), one module each, all
+implementing :class:`~multitoken.heads.base.MTPHeads` and registered by family name."""
 
 from __future__ import annotations
 
-from torch import nn
-
 from multitoken.config import HeadConfig
+from multitoken.heads.base import HEADS, Committed, HeadInputs, MTPHeads, head_class
 from multitoken.heads.bpd import BPDHeads
 from multitoken.heads.deepseek import DeepSeekHeads
 from multitoken.heads.draft_vocab import DraftVocab, frequent_tokens
 from multitoken.heads.meta import MetaHeads
 from multitoken.trunk import TrunkParts
 
-__all__ = ["BPDHeads", "DeepSeekHeads", "DraftVocab", "MetaHeads", "build_heads", "frequent_tokens"]
+__all__ = [
+    "HEADS",
+    "BPDHeads",
+    "Committed",
+    "DeepSeekHeads",
+    "DraftVocab",
+    "HeadInputs",
+    "MTPHeads",
+    "MetaHeads",
+    "build_heads",
+    "frequent_tokens",
+    "head_class",
+]
 
 
-def build_heads(parts: TrunkParts, config: HeadConfig) -> nn.Module:
+def build_heads(parts: TrunkParts, config: HeadConfig) -> MTPHeads:
     """Fresh heads of ``config.family`` for this trunk (``config`` validated by the caller)."""
-    if config.family == "bpd":
-        return BPDHeads(parts, config)
-    if config.family == "meta":
-        return MetaHeads(parts, config)
-    return DeepSeekHeads(parts, config)
+    return head_class(config.family)(parts, config)

@@ -19,12 +19,15 @@ import torch
 from torch import nn
 
 from multitoken.config import HeadConfig
+from multitoken.heads.base import Committed, HeadInputs, MTPHeads, Pick, register
 from multitoken.heads.draft_vocab import DraftVocab
 from multitoken.trunk import TrunkParts
 
 
-class BPDHeads(DraftVocab, nn.Module):
+@register
+class BPDHeads(DraftVocab, MTPHeads):
     family = "bpd"
+    copies_trunk_layers = False  # no decoder block; a fresh head already predicts the trunk's
 
     def __init__(self, parts: TrunkParts, config: HeadConfig) -> None:
         super().__init__()
@@ -88,11 +91,14 @@ class BPDHeads(DraftVocab, nn.Module):
         vocabulary, see :meth:`draft_labels`), head k at index k-1."""
         return list(self.logits(self.residual(h0)).unbind(0))
 
+    def training_logits(self, inputs: HeadInputs) -> list[torch.Tensor]:
+        return self(inputs.hidden)
+
     # -- decoding ---------------------------------------------------------------------------------
     def new_draft_state(self, batch: int) -> None:
         return None  # no attention, nothing to cache
 
-    def draft(self, state, step, K: int, pick):
+    def draft(self, state: None, step: Committed, K: int, pick: Pick):
         """Parallel drafting: heads 1..K all read h^0 at each row's newest trunk position p.
 
         There the trunk gives its own next token (the pending one, t_{p+1}) and head k gives

@@ -25,6 +25,7 @@ from torch import nn
 
 from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
+from multitoken.heads.base import Committed, HeadInputs, MTPHeads, Pick, register
 from multitoken.heads.draft_vocab import DraftVocab
 from multitoken.kvcache import RaggedCache, prefix_mask
 from multitoken.trunk import TrunkParts, run_layer
@@ -63,8 +64,17 @@ class DeepSeekModule(nn.Module):
         return run_layer(self.block, mixed, block_kwargs)
 
 
-class DeepSeekHeads(DraftVocab, nn.Module):
+@register
+class DeepSeekHeads(DraftVocab, MTPHeads):
     family = "deepseek"
+    keeps_draft_state = True
+    drafts_past_depth = True
+    default_lambda = "0.3"
+
+    @classmethod
+    def loss_weights(cls, depth: int, lam: float) -> list[float]:
+        """DeepSeek-V3 §2.2: ``L = L_main + (λ / D) Σ_k L^k``."""
+        return [lam / depth] * depth
 
     def __init__(self, parts: TrunkParts, config: HeadConfig) -> None:
         super().__init__()
@@ -105,11 +115,14 @@ class DeepSeekHeads(DraftVocab, nn.Module):
             out.append(self.out_head(k - 1, h))
         return out
 
+    def training_logits(self, inputs: HeadInputs) -> list[torch.Tensor]:
+        return self(inputs.hidden, inputs.tokens, inputs.block_kwargs, pad_id=inputs.pad_id)
+
     # -- decoding ---------------------------------------------------------------------------------
     def new_draft_state(self, batch: int) -> DeepSeekDraftState:
         return DeepSeekDraftState(batch, self.parts.embed.weight.device)
 
-    def draft(self, state: DeepSeekDraftState, step, K: int, pick):
+    def draft(self, state: DeepSeekDraftState, step: Committed, K: int, pick: Pick):
         """Free-running drafting along the causal chain (shared/DESIGN.md §Inference, step 1).
 
         Position p (0-based) of module k reads h^{k-1}_p and Emb(x_{p+k}) and predicts

@@ -13,14 +13,19 @@ import torch
 from torch import nn
 
 from multitoken.config import HeadConfig
+from multitoken.heads.base import Committed, HeadInputs, MTPHeads, Pick, register
 from multitoken.heads.draft_vocab import DraftVocab
 from multitoken.kvcache import RaggedCache, prefix_mask
 from multitoken.losses import LossOutput, cross_entropy
 from multitoken.trunk import TrunkParts, run_layer
 
 
-class MetaHeads(DraftVocab, nn.Module):
+@register
+class MetaHeads(DraftVocab, MTPHeads):
     family = "meta"
+    reads_branch = True
+    keeps_draft_state = True
+    headwise = True
 
     def __init__(self, parts: TrunkParts, config: HeadConfig) -> None:
         super().__init__()
@@ -49,12 +54,15 @@ class MetaHeads(DraftVocab, nn.Module):
     def forward(self, branch_hidden: torch.Tensor, block_kwargs: dict) -> list[torch.Tensor]:
         return [self.head_logits(k, branch_hidden, block_kwargs) for k in range(self.depth)]
 
+    def training_logits(self, inputs: HeadInputs) -> list[torch.Tensor]:
+        return self(inputs.branch, inputs.block_kwargs)
+
     # -- decoding ---------------------------------------------------------------------------------
     def new_draft_state(self, batch: int) -> list[RaggedCache]:
         device = self.parts.embed.weight.device
         return [RaggedCache(batch, device) for _ in range(self.depth)]
 
-    def draft(self, caches: list[RaggedCache], step, K: int, pick):
+    def draft(self, caches: list[RaggedCache], step: Committed, K: int, pick: Pick):
         """Heads 1..K extend their KV caches over each row's newly committed positions of the
         branch stream (committed positions only, so the caches never need rolling back); the
         drafts are the heads' outputs at each row's newest position.

@@ -1,0 +1,120 @@
+"""What every MTP head family provides, and the registry from family name to class.
+
+The model, the trainer, the feature cache and the decoder program against :class:`MTPHeads`
+only (as torchtitan's ``ModelProtocol`` + ``TrainSpec``): which trunk state a family reads, its
+loss weights, its training forward over :class:`HeadInputs`, its draft state and
+``draft(state, step, K, pick)`` over :class:`Committed`, and how far it can draft. A family is
+one module under ``multitoken.heads`` whose class is decorated with :func:`register`; nothing
+else compares family names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from multitoken.errors import MultitokenError
+
+
+@dataclass
+class Committed:
+    """What the heads draft from. Row r has ``len(tokens[r])`` committed tokens (the last is the
+    trunk's pending token, not yet through the trunk) and ``new[r]`` trunk-processed positions
+    ``start[r] .. start[r] + new[r] - 1`` the heads have not drafted from yet, whose states are
+    in ``hidden``/``branch``."""
+
+    tokens: list[torch.Tensor] | None  # per row [N_r]; filled in when the heads draft
+    hidden: torch.Tensor  # [B, n, d] h^0 of the new positions (a prefix of new[r] per row)
+    branch: torch.Tensor | None  # [B, n, d] stream entering the branch layer (meta)
+    start: list[int]
+    new: list[int]
+
+
+@dataclass
+class HeadInputs:
+    """What a training forward hands the heads, over rows ``tokens`` [B, T+1] read as
+    ``tokens[:, :T]``: each family takes the parts it needs."""
+
+    tokens: torch.Tensor  # [B, T+1]
+    hidden: torch.Tensor | None  # [B, T, d] h^0, the trunk's final-norm output
+    branch: torch.Tensor | None  # [B, T, d] the stream entering the branch layer (reads_branch)
+    block_kwargs: dict  # decoder-layer arguments over positions 0..T-1 (mask, rotary)
+    pad_id: int = 0
+
+
+# Turns draft logits [B, K, V] into (drafts [B, K], q [B, K, V] or None): argmax or a sample.
+Pick = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+class MTPHeads(nn.Module):
+    """The protocol of a head family. Subclasses set the class attributes and implement
+    :meth:`training_logits`, :meth:`new_draft_state` and :meth:`draft`."""
+
+    family: ClassVar[str]
+    # the stream entering ``branch_layer`` (Gloeckle 2024) instead of h^0
+    reads_branch: ClassVar[bool] = False
+    # the heads keep a KV cache per head that must see every committed position, so a step
+    # that drafts at all runs every head (multitoken.costs.DraftLen)
+    keeps_draft_state: ClassVar[bool] = False
+    # K may exceed D: the last module is reused recurrently (DeepSeek-V3)
+    drafts_past_depth: ClassVar[bool] = False
+    # has a decoder block that can start as a copy of a trunk layer (--init-from-trunk)
+    copies_trunk_layers: ClassVar[bool] = True
+    # λ of the MTP loss when none is given, as a LambdaSchedule string
+    default_lambda: ClassVar[str] = "1.0"
+    # can compute its loss one head at a time, freeing each head's graph before the next
+    # (Gloeckle 2024 §3, memory-efficient implementation): see :meth:`headwise_loss`
+    headwise: ClassVar[bool] = False
+
+    depth: int
+    branch_layer: int | None = None
+
+    @classmethod
+    def loss_weights(cls, depth: int, lam: float) -> list[float]:
+        """Weight of each head's loss in the total (the trunk's weight is 1): Stern 2018 and
+        Gloeckle 2024 sum the heads' losses, ``L = L_main + λ Σ_k L^k``."""
+        return [lam] * depth
+
+    def training_logits(self, inputs: HeadInputs) -> list[torch.Tensor]:
+        """Teacher-forced logits of heads 1..D, each [B, T, V] (N over a draft vocabulary)."""
+        raise NotImplementedError
+
+    def headwise_loss(
+        self, branch: torch.Tensor, layer_kwargs: dict, labels: list, weights: list[float]
+    ) -> Any:
+        """The trunk's loss from the branch layer on and every head's, head by head
+        (``headwise`` families only): a :class:`multitoken.losses.LossOutput`."""
+        raise NotImplementedError
+
+    def new_draft_state(self, batch: int) -> Any:
+        """The state drafting carries from step to step (None for stateless heads)."""
+        raise NotImplementedError
+
+    def draft(self, state: Any, step: Committed, K: int, pick: Pick):
+        """Drafts d_1..d_K for every row from what ``step`` commits: (drafts [B, K], q or None)."""
+        raise NotImplementedError
+
+    def max_draft_len(self) -> int | None:
+        """The most tokens a step can draft (None: no limit)."""
+        return None if self.drafts_past_depth else self.depth
+
+
+HEADS: dict[str, type[MTPHeads]] = {}
+
+
+def register(cls: type[MTPHeads]) -> type[MTPHeads]:
+    """Class decorator: make ``cls`` the family ``cls.family``."""
+    HEADS[cls.family] = cls
+    return cls
+
+
+def head_class(family: str) -> type[MTPHeads]:
+    """The class of a registered family; an unknown name is the user's error."""
+    if family not in HEADS:
+        known = ", ".join(HEADS)
+        raise MultitokenError(f"unknown head family {family!r} (choose from {known})", "--family")
+    return HEADS[family]
