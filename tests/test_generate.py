@@ -50,10 +50,8 @@ def test_speculative_greedy_equals_plain_and_transformers(family):
             assert generate(model, [prompt], max_new_tokens=24, draft_len=K).tokens == [tokens]
 
 
-@pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
-def test_sliding_window_trunk_decodes_exactly_past_its_window(family):
-    """Mistral-style attention over the last 6 tokens only: the trunk cache must roll back past
-    the window, and a batch must not let holes shift the window (rows then decode one by one)."""
+def mistral(window: int):
+    """A tiny Mistral trunk attending over the last ``window`` tokens only (eager attention)."""
     from transformers import AutoModelForCausalLM, MistralConfig
 
     torch.manual_seed(0)
@@ -64,11 +62,18 @@ def test_sliding_window_trunk_decodes_exactly_past_its_window(family):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        sliding_window=6,
-        max_position_embeddings=128,
+        sliding_window=window,
+        max_position_embeddings=256,
     )
     config._attn_implementation = "eager"
-    trunk = AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
+def test_sliding_window_trunk_decodes_exactly_past_its_window(family):
+    """Mistral-style attention over the last 6 tokens only: the trunk cache must roll back past
+    the window, and a batch must not let holes shift the window (rows then decode one by one)."""
+    trunk = mistral(window=6)
     model = perturb_heads(MTPModel(trunk, HeadConfig(family=family, depth=2)), scale=0.3)
     spec = generate(model, PROMPTS, max_new_tokens=20)
     for prompt, tokens in zip(PROMPTS, spec.tokens):
@@ -314,24 +319,9 @@ def test_a_batch_never_lets_cache_holes_slide_a_window_over_keys_a_row_needs(mon
     """Row 0 accepts every draft and row 1 none: each step appends K+1 slots to both, so the
     batch's cache outgrows a 39-token window long before either row's 34 positions do. The
     window counts slots, so such a batch must decode row by row (outside review of issue 9)."""
-    from transformers import AutoModelForCausalLM, MistralConfig
-
     from multitoken.kvcache import RaggedCache
 
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=39,
-        max_position_embeddings=256,
-    )
-    config._attn_implementation = "eager"
-    trunk = AutoModelForCausalLM.from_config(config).eval()
-    model = MTPModel(trunk, HeadConfig(family="bpd", depth=4)).eval()
+    model = MTPModel(mistral(window=39), HeadConfig(family="bpd", depth=4)).eval()
     model.heads = RowOracleHeads(model, right={5})  # the first prompt's drafts are right
     widest = {}  # batch size -> most slots a cache of that batch held
     commit = RaggedCache.commit
