@@ -2,11 +2,11 @@
 
 torch runs an fp32 ``nn.Linear`` on a CPU through MKL's sgemm/sgemv. At the row counts decoding
 meets (1 for a plain step, K+1 for a verify pass) that path is a poor fit: on a 2-core AMD EPYC,
-SmolLM2-135M's trunk (30 layers, hidden 576) took 56 ms for one new token, 91 ms for two and 111
+SmolLM2-135M's trunk (30 layers, hidden 576) took 60 ms for one new token, 97 ms for two and 118
 ms for three (MKL computes q < 4 rows as q matrix-vector products, each re-reading the weights).
 oneDNN's matmul (``torch._C._nn.mkldnn_linear`` on weights held in oneDNN's own format) took
-48 ms, 59 ms and 62 ms: a plain step 15% cheaper, and a 2- or 3-token verify pass 1.23 and 1.30
-times one step instead of 1.62 and 1.98 — which is what makes drafting pay on a CPU
+54 ms, 63 ms and 68 ms: a plain step 9% cheaper, and a 2- or 3-token verify pass 1.16 and 1.26
+times one step instead of 1.62 and 1.97 — which is what makes drafting pay on a CPU
 (``python benchmarks/trunk_pass.py MODEL`` prints both curves on the machine at hand).
 
 :func:`linear_kernels` switches a model's ``nn.Linear`` layers to oneDNN for the duration of a
