@@ -60,6 +60,33 @@ def two_token_law(trunk, prompt: list[int], vocab: int) -> torch.Tensor:
     return (first[:, None] * second).flatten()
 
 
+def three_token_law(trunk, prompt: list[int], vocab: int, sampling) -> torch.Tensor:
+    """[vocab ** 3] the trunk's joint law of the first three sampled tokens under ``sampling``
+    (temperature, top-k, top-p): p(x1) p(x2 | x1) p(x3 | x1, x2), flattened as
+    (x1 * vocab + x2) * vocab + x3. With K = 2, x2 is the first draft's position and x3 the
+    second draft's or the bonus token: both speculative positions are covered."""
+    from multitoken.sampling import probs
+
+    def law(ids: list[int]) -> torch.Tensor:
+        return probs(trunk(torch.tensor([ids])).logits[0, -1], sampling)
+
+    with torch.no_grad():
+        first = law(prompt)
+        out = torch.zeros(vocab, vocab, vocab)
+        for a in range(vocab):
+            second = law(prompt + [a])
+            for b in range(vocab):
+                out[a, b] = first[a] * second[b] * law(prompt + [a, b])
+    return out.flatten()
+
+
+def three_token_counts(outputs: list[list[int]], vocab: int) -> torch.Tensor:
+    counts = torch.zeros(vocab**3)
+    for toks in outputs:
+        counts[(toks[0] * vocab + toks[1]) * vocab + toks[2]] += 1
+    return counts
+
+
 def two_token_counts(outputs: list[list[int]], vocab: int) -> torch.Tensor:
     counts = torch.zeros(vocab * vocab)
     for toks in outputs:

@@ -9,6 +9,8 @@ from conftest import (
     assert_chi_square_fits,
     micro_llama,
     perturb_heads,
+    three_token_counts,
+    three_token_law,
     two_token_counts,
     two_token_law,
 )
@@ -121,6 +123,22 @@ def test_stub_heads_always_or_never_accepted(wrong):
         assert spec.stats.trunk_passes == per_prompt * len(PROMPTS)
 
 
+def test_a_stop_token_inside_an_accepted_draft_ends_the_row_there():
+    """Heads that are always right put the stop token in the middle of an accepted draft: the row
+    ends at it (kept as its last token), as plain decoding ends, while the other row goes on."""
+    model = model_of("bpd")
+    plain = generate(model, PROMPTS, max_new_tokens=21, speculate=False)
+    row = plain.tokens[0]
+    stop = row[6]  # lands inside the second step's accepted draft (K = 4: steps of 5 tokens)
+    end = row.index(stop) + 1
+    model.heads = OracleHeads(model, wrong=False)
+    spec = generate(model, PROMPTS, max_new_tokens=21, draft_len=4, eos_id=stop)
+    assert spec.tokens[0] == row[:end]
+    for tokens, full in zip(spec.tokens[1:], plain.tokens[1:]):
+        assert tokens == (full[: full.index(stop) + 1] if stop in full else full)
+    assert spec.stats.acceptance[0] == 1.0  # the stop came inside accepted drafts
+
+
 def teacher_forced_drafts(model: MTPModel, tokens: torch.Tensor, drafts: torch.Tensor) -> list:
     """DESIGN.md's definition, recomputed from scratch without any cache: draft k is the argmax
     of the teacher-forced forward over x_0..x_{N-1}, d_1..d_{k-1} read at module k's last
@@ -205,6 +223,31 @@ def test_sampled_speculative_decoding_follows_the_trunk_distribution(draft_len):
     assert out.stats.draft_lens[0] == (2 if draft_len == 2 else 1)
     assert out.stats.acceptance[0] < 0.8  # drafts do get rejected
     assert_chi_square_fits(two_token_counts(out.tokens, 8), expected)
+
+
+@pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.8)])
+def test_sampling_is_exact_at_both_draft_positions_for_every_family(family, top_k, top_p):
+    """Invariant 2 over the first three tokens (vocabulary 4, K = 2): x2 is verified at the first
+    draft's position and x3 at the second's or is the bonus token, so a q read for the wrong
+    draft or a bonus taken from the wrong position shows; top-k and top-p truncate both p and
+    q."""
+    from multitoken.sampling import Sampling
+
+    torch.manual_seed(0)
+    model = model_of(family, depth=2, vocab=4)
+    with torch.no_grad():  # heads far from the trunk: rejections and residuals are exercised
+        for p in model.heads.parameters():
+            p.add_(torch.randn_like(p))
+        model.trunk.lm_head.weight.mul_(4.0)  # peaked, non-uniform distributions
+    prompt = [1, 2, 3]
+    sampling = Sampling(temperature=1.0, top_k=top_k, top_p=top_p)
+    expected = three_token_law(model.trunk, prompt, 4, sampling)  # [64]
+    options = dict(draft_len=2, temperature=1.0, top_k=top_k, top_p=top_p, seed=11)
+    out = generate(model, [prompt] * 2500, max_new_tokens=3, **options)
+    assert out.stats.draft_lens[0] == 2
+    assert 0 < out.stats.acceptance[0] < 0.9  # drafts are both accepted and rejected
+    assert_chi_square_fits(three_token_counts(out.tokens, 4), expected)
 
 
 def test_typical_acceptance_follows_its_threshold():
