@@ -432,11 +432,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-_LEAST = {"num_prompts": 1, "prompt_tokens": 1, "max_new_tokens": 1, "repeats": 1}
+_LEAST = {"num_prompts": 1, "prompt_tokens": 1, "repeats": 1, "prompt_lookup": 0}
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for name, least in {**_LEAST, "prompt_lookup": 0}.items():
+    # the decoding options bench shares with generate are checked where generate's are
+    GenerateConfig(max_new_tokens=args.max_new_tokens, linear_kernel=args.linear_kernel).validate()
+    for name, least in _LEAST.items():
         value = getattr(args, name)
         if value is not None and value < least:
             raise MultitokenError(f"must be >= {least}, got {value}", "--" + name.replace("_", "-"))

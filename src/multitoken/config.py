@@ -558,3 +558,31 @@ class GenerateConfig:
             choices=LINEAR_KERNELS,
         ),
     )
+
+    def validate(self) -> None:
+        """Each option on its own, in one place (generate, distill and bench call this); what
+        depends on the model — K against the heads' depth, the context window — is checked
+        where the model is known."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise MultitokenError(f"must be >= 1, got {self.max_new_tokens!r}", "--max-new-tokens")
+        try:
+            value = draft_len_value(self.draft_len)
+        except ValueError as exc:
+            raise MultitokenError(str(exc), "--draft-len") from None
+        if isinstance(value, int) and value < 1:
+            raise MultitokenError(f"must be >= 1 or auto, got {value}", "--draft-len")
+        if self.temperature < 0:
+            raise MultitokenError(f"must be >= 0, got {self.temperature}", "--temperature")
+        if self.top_k < 0:
+            raise MultitokenError(f"must be >= 0, got {self.top_k}", "--top-k")
+        if not 0 < self.top_p <= 1:
+            raise MultitokenError(f"must be in (0, 1], got {self.top_p}", "--top-p")
+        if not 0 <= self.typical < 1:
+            raise MultitokenError(f"must be in [0, 1), got {self.typical}", "--typical")
+        if self.typical > 0 and self.speculate and self.temperature == 0:
+            raise MultitokenError("typical acceptance samples: give --temperature > 0", "--typical")
+        if self.linear_kernel not in LINEAR_KERNELS:
+            raise MultitokenError(
+                f"unknown kernel {self.linear_kernel!r} (choose from {', '.join(LINEAR_KERNELS)})",
+                "--linear-kernel",
+            )

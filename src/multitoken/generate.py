@@ -390,22 +390,17 @@ def generate(
     trunk, device and dtype). ``on_tokens(row, tokens)`` is called as tokens are accepted
     (streaming)."""
     cfg = dataclasses.replace(config or GenerateConfig(), **options)
+    cfg.validate()
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     if cfg.speculate and model.heads is None:
         log.warning("this checkpoint has no MTP heads: decoding with the trunk alone")
         cfg = dataclasses.replace(cfg, speculate=False)
-    if cfg.typical < 0 or cfg.typical >= 1:
-        raise MultitokenError(f"must be in [0, 1), got {cfg.typical}", "--typical")
     if cfg.typical > 0 and cfg.speculate:
-        if sampling.greedy:
-            raise MultitokenError("typical acceptance samples: give --temperature > 0", "--typical")
         log.warning(
             "typical acceptance is lossy: the output no longer follows the trunk's "
             "distribution exactly"
         )
     K, auto = _draft_len(cfg, model)
-    if cfg.max_new_tokens < 1:
-        raise MultitokenError(f"must be >= 1, got {cfg.max_new_tokens}", "--max-new-tokens")
     if not prompts:
         raise MultitokenError("no prompts", "--prompt")
     limit = getattr(model.trunk.config, "max_position_embeddings", None)
@@ -482,16 +477,12 @@ def _generate(model, prompts, cfg, K, auto, sampling, eos_id, on_tokens, costs) 
 
 
 def _draft_len(cfg: GenerateConfig, model: MTPModel) -> tuple[int, bool]:
-    """(K, or the most auto may choose; whether K is chosen per step) from ``draft_len``."""
-    try:
-        value = draft_len_value(cfg.draft_len)
-    except ValueError as exc:
-        raise MultitokenError(str(exc), "--draft-len") from None
+    """(K, or the most auto may choose; whether K is chosen per step) from ``draft_len``
+    (already validated on its own)."""
+    value = draft_len_value(cfg.draft_len)
     depth = model.depth or 1
     if value is None or value == "auto":
         return depth, value == "auto"
-    if value < 1:
-        raise MultitokenError(f"must be >= 1 or auto, got {value}", "--draft-len")
     longest = model.heads.max_draft_len() if cfg.speculate else None
     if longest is not None and value > longest:
         raise MultitokenError(

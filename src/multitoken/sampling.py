@@ -14,8 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from multitoken.errors import MultitokenError
-
 
 @dataclass(frozen=True)
 class Sampling:
@@ -23,13 +21,7 @@ class Sampling:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
 
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise MultitokenError(f"must be >= 0, got {self.temperature}", "--temperature")
-        if self.top_k < 0:
-            raise MultitokenError(f"must be >= 0, got {self.top_k}", "--top-k")
-        if not 0 < self.top_p <= 1:
-            raise MultitokenError(f"must be in (0, 1], got {self.top_p}", "--top-p")
+    # the values are checked once, by multitoken.config.GenerateConfig.validate
 
     @property
     def greedy(self) -> bool:
