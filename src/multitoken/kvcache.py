@@ -3,13 +3,15 @@
 Each decoding step appends the same number of slots q to every row (the batch is one tensor), but
 a row keeps only a prefix of them: the tokens it accepted, the positions its heads committed. The
 others become holes: ``keep[r, s]`` is False and the attention mask hides slot s from row r from
-then on. Trailing columns no row keeps are cropped off.
+then on. Trailing columns no row keeps are cropped off, and once holes make up a good part of the
+cache it is compacted: every row's entries move to the front, in order.
 
 While no row has a hole (a batch of one always; a batch whose rows kept the same counts so far)
 ``keep`` is None: every row's positions are its slot indices, and a forward needs neither a mask
 nor position ids — the plain causal path of ``transformers``, with no per-step tensor work and
 no device sync here. Once a row has a hole, positions are passed explicitly per row, so rotary
-embeddings see each row's true positions whatever its slot layout.
+embeddings see each row's true positions whatever its slot layout, and the mask is built from
+positions too: a sliding window counts positions, while ``transformers`` would count slots.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ from transformers import DynamicCache, cache_utils
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from multitoken.trunk import crop_cache
+
+# Compaction rewrites the whole cache, so it waits until it frees at least this many slots and
+# this share of them (attention over holes costs in proportion to their share).
+COMPACT_MIN_SLOTS = 16
+COMPACT_MIN_SHARE = 0.25
+
+SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 @dataclass
@@ -39,7 +48,7 @@ class RaggedCache:
 
     @property
     def ragged(self) -> bool:
-        """Some row has a hole: forwards need :meth:`padding_mask` and explicit positions."""
+        """Some row has a hole: forwards need a mask and explicit positions."""
         return self.keep is not None
 
     def padding_mask(self, q: int) -> torch.Tensor | None:
@@ -48,6 +57,24 @@ class RaggedCache:
             return None
         new = torch.ones(self.batch, q, dtype=torch.bool, device=self.device)
         return torch.cat([self.keep, new], dim=1)
+
+    def window_mask(
+        self, start: torch.Tensor, q: int, window: int | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """[B, 1, q, S + q] additive float mask (0 where seen, dtype-min where not) for a forward
+        of q new slots, row r's first at position ``start[r]`` ([B] long): each query sees the
+        entries at positions it may see, a ``window`` of positions back (None: all)."""
+        offsets = torch.arange(q, device=self.device)
+        queries = start[:, None] + offsets  # [B, q]
+        keys = torch.cat([self.key_positions(), queries], dim=1)  # [B, S + q]
+        return position_mask(keys, queries, window, dtype)
+
+    def key_positions(self) -> torch.Tensor:
+        """[B, S] the position each slot holds for its row, -1 for a hole."""
+        if self.keep is None:
+            return torch.arange(self.slots, device=self.device).expand(self.batch, -1)
+        positions = self.keep.long().cumsum(dim=1) - 1
+        return positions.masked_fill(~self.keep, -1)
 
     def commit(self, valid: torch.Tensor | Sequence[int]) -> None:
         """After a forward of q slots each row keeps a prefix of them: ``valid`` says how many,
@@ -62,6 +89,91 @@ class RaggedCache:
             self.keep = torch.cat([keep, prefix_mask(counts, width, self.device)], dim=1)
         self.slots += width
         crop_cache(self.cache, self.slots)
+        if self.keep is not None:
+            self._compact_if_worth_it()
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` ([n] long, in that order): finished rows leave."""
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+        self.batch = rows.numel()
+        if self.keep is not None:
+            self.keep = self.keep[rows]
+            if bool(self.keep.all()):
+                self.keep = None
+            else:
+                self._compact_if_worth_it()
+
+    def compact(self) -> None:
+        """Move every row's kept entries to its first slots, in order; trailing holes remain
+        only where rows hold fewer entries than the longest."""
+        if self.keep is None:
+            return
+        counts = self.keep.sum(dim=1)  # [B]
+        width = int(counts.max())
+        # a stable sort of "is a hole" lists each row's kept slots first, in slot order
+        order = torch.sort((~self.keep).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is None or not layer.keys.numel():
+                continue
+            index = order[:, None, :, None].expand(-1, layer.keys.size(1), -1, layer.keys.size(3))
+            layer.keys = layer.keys.gather(2, index)  # [B, H, S, Dh] -> [B, H, width, Dh]
+            layer.values = layer.values.gather(2, index)
+        self.slots = width
+        kept = torch.arange(width, device=self.device)[None, :] < counts[:, None]
+        self.keep = None if bool(kept.all()) else kept
+
+    def _compact_if_worth_it(self) -> None:
+        # one sync, only while some row has a hole
+        freed = self.slots - int(self.keep.sum(dim=1).max())
+        if freed >= COMPACT_MIN_SLOTS and freed >= COMPACT_MIN_SHARE * self.slots:
+            self.compact()
+
+
+def position_mask(
+    keys: torch.Tensor, queries: torch.Tensor, window: int | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive attention mask [B, 1, q, S] from the position of every key slot ``keys`` [B, S]
+    (-1: a hole, never seen) and of every query ``queries`` [B, q]: a query sees the keys at
+    its own and earlier positions, within ``window`` positions (transformers' sliding window:
+    q - k < window). Float, as eager attention needs; sdpa takes it too."""
+    k, qp = keys[:, None, :], queries[:, :, None]  # [B, 1, S], [B, q, 1]
+    seen = (k >= 0) & (k <= qp)
+    if window is not None:
+        seen &= qp - k < window
+    mask = torch.zeros(seen.shape, dtype=dtype, device=keys.device)
+    return mask.masked_fill_(~seen, torch.finfo(dtype).min)[:, None]
+
+
+def sliding_window(config) -> int | None:
+    """The trunk's attention window where some layer uses one (Mistral, Qwen, Gemma...)."""
+    config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not isinstance(window, int) or (types is not None and SLIDING not in types):
+        return None
+    return window
+
+
+def trunk_attention_mask(
+    kv: RaggedCache, start: torch.Tensor, q: int, dtype: torch.dtype
+) -> torch.Tensor | dict | None:
+    """The ``attention_mask`` a trunk forward of q new slots over ``kv`` takes: None without
+    holes (the model's own causal mask is exact); with holes, the padding mask, or where some
+    layer slides a window, masks by position — one [B, 1, q, S + q] mask where every layer is
+    of one kind, else one per layer kind as a dict (how models with mixed ``layer_types`` take
+    prepared masks)."""
+    if not kv.ragged:
+        return None
+    window = sliding_window(kv.config)
+    if window is None:
+        return kv.padding_mask(q)
+    kinds = set(getattr(kv.config.get_text_config(), "layer_types", None) or [SLIDING])
+    masks = {
+        kind: kv.window_mask(start, q, window if kind == SLIDING else None, dtype) for kind in kinds
+    }
+    return masks.popitem()[1] if len(masks) == 1 else masks
 
 
 def unrollable_layers(config) -> list[str]:
@@ -79,7 +191,7 @@ def unrollable_layers(config) -> list[str]:
 def rollback_cache(config=None) -> DynamicCache:
     """A ``DynamicCache`` (one slot per layer of ``config``'s model) that can always be cropped
     back. A sliding-window layer drops entries past its window and so cannot roll back; a full
-    layer keeps them, and the model's sliding-window mask still hides them."""
+    layer keeps them, and the sliding-window mask still hides them."""
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
     for i, layer in enumerate(cache.layers):
         if isinstance(layer, DynamicSlidingWindowLayer):

@@ -33,6 +33,17 @@ class Committed:
     start: list[int]
     new: list[int]
 
+    def select(self, rows: torch.Tensor) -> Committed:
+        """The same for the batch rows ``rows`` ([n] long) only."""
+        keep = rows.tolist()
+        return Committed(
+            None if self.tokens is None else [self.tokens[r] for r in keep],
+            self.hidden[rows],
+            None if self.branch is None else self.branch[rows],
+            [self.start[r] for r in keep],
+            [self.new[r] for r in keep],
+        )
+
 
 @dataclass
 class HeadInputs:
@@ -97,6 +108,11 @@ class MTPHeads(nn.Module):
     def draft(self, state: Any, step: Committed, K: int, pick: Pick):
         """Drafts d_1..d_K for every row from what ``step`` commits: (drafts [B, K], q or None)."""
         raise NotImplementedError
+
+    def select_draft_rows(self, state: Any, rows: torch.Tensor) -> Any:
+        """The draft state of the batch rows ``rows`` ([n] long, in that order) only: rows that
+        finished leave the batch. Stateless heads keep None."""
+        return state
 
     def max_draft_len(self) -> int | None:
         """The most tokens a step can draft (None: no limit)."""

@@ -122,6 +122,10 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
     def new_draft_state(self, batch: int) -> DeepSeekDraftState:
         return DeepSeekDraftState(batch, self.parts.embed.weight.device)
 
+    def select_draft_rows(self, state: DeepSeekDraftState, rows: torch.Tensor):
+        state.select(rows)
+        return state
+
     def draft(self, state: DeepSeekDraftState, step: Committed, K: int, pick: Pick):
         """Free-running drafting along the causal chain (shared/DESIGN.md §Inference, step 1).
 
@@ -221,6 +225,15 @@ class DeepSeekDraftState:
     def read(self, level: int, row: int, begin: int, end: int) -> torch.Tensor:
         h, start = self.hist[level][row]
         return h[begin - start : end - start]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` ([n] long, in that order)."""
+        keep = rows.tolist()
+        for kv in self.caches.values():
+            kv.select(rows)
+        self.done = {k: [done[r] for r in keep] for k, done in self.done.items()}
+        self.hist = {level: [held[r] for r in keep] for level, held in self.hist.items()}
+        self.batch = len(keep)
 
     def trim(self) -> None:
         """Drop the h^l that module l+1 has taken into its cache."""

@@ -62,6 +62,11 @@ class MetaHeads(DraftVocab, MTPHeads):
         device = self.parts.embed.weight.device
         return [RaggedCache(batch, device) for _ in range(self.depth)]
 
+    def select_draft_rows(self, caches: list[RaggedCache], rows: torch.Tensor):
+        for kv in caches:
+            kv.select(rows)
+        return caches
+
     def draft(self, caches: list[RaggedCache], step: Committed, K: int, pick: Pick):
         """Heads 1..K extend their KV caches over each row's newly committed positions of the
         branch stream (committed positions only, so the caches never need rolling back); the
