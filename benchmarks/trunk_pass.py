@@ -4,7 +4,7 @@ For each q, the time of one trunk pass over q new tokens on a cache holding a pr
 
     bare      ``model(ids, cache=DynamicCache, use_cache=True, logits_to_keep=q)``, then
               ``cache.crop(-q)``: what transformers itself does, the floor
-    ours      :func:`multitoken.generate.trunk_pass` on a ``RaggedCache`` (no hooks: plain
+    ours      :func:`multitoken.ladder.trunk_pass` on a ``RaggedCache`` (no hooks: plain
               decoding), then ``kv.commit`` rolling the q slots back
     +h0       ours with the hook that records h^0 for the heads (bpd, deepseek)
     +branch   ours with that hook and meta's hook on the branch layer's input
@@ -76,10 +76,9 @@ def measure(
 ) -> tuple[list[dict], dict]:
     from transformers import DynamicCache
 
-    from multitoken.generate import trunk_pass
+    from multitoken.ladder import trunk_pass
     from multitoken.kernels import linear_kernels
     from multitoken.kvcache import RaggedCache
-    from multitoken.trunk import watch_states
 
     trunk, device = model.trunk, model.parts.embed.weight.device
     vocab = trunk.get_output_embeddings().weight.shape[0]
@@ -90,7 +89,7 @@ def measure(
     bare_cache = DynamicCache(config=trunk.config)
     trunk(input_ids=prompt, cache=bare_cache, use_cache=True, logits_to_keep=1)
     kv = RaggedCache(1, device, trunk.config)
-    trunk_pass(model, prompt, kv, [0], {}, keep=[context - 1])
+    trunk_pass(model, prompt, kv, [0], [context - 1])
     kv.commit([context])
 
     def bare(q):
@@ -98,7 +97,7 @@ def measure(
         bare_cache.crop(-q)
 
     def ours(q, seen):
-        trunk_pass(model, new[:, :q], kv, [context], seen, keep=q)
+        trunk_pass(model, new[:, :q], kv, [context], q, **seen)
         kv.commit([0])  # every slot rolled back, as when no draft is accepted
 
     last = len(model.parts.layers) - 1
@@ -108,14 +107,14 @@ def measure(
         with linear_kernels(model, "onednn"):
             yield {}
 
-    def watching(name: str):  # the hooks speculative decoding registers, outside the timing
-        if name == "+h0":
-            return watch_states(model.parts)
-        if name == "+branch":
-            return watch_states(model.parts, last)
+    # what speculative decoding asks of a pass (its hooks are registered inside the timing,
+    # as decoding registers them per pass)
+    options = {"+h0": {"states": True}, "+branch": {"states": True, "branch_layer": last}}
+
+    def watching(name: str):
         if name == "onednn":
             return on_onednn()
-        return contextlib.nullcontext({})
+        return contextlib.nullcontext(options.get(name, {}))
 
     variants = {"bare": lambda q, _seen: bare(q), "ours": ours, "+h0": ours, "+branch": ours}
     if onednn:
@@ -144,7 +143,7 @@ def measure(
 
     def prefill_ours():
         fresh = RaggedCache(1, device, trunk.config)
-        trunk_pass(model, ids, fresh, [0], {}, keep=[context - 1])
+        trunk_pass(model, ids, fresh, [0], [context - 1])
         fresh.commit([context])
 
     prefill_fns = {

@@ -1,13 +1,7 @@
 """Decoding: the trunk alone (method 1) or self-speculative decoding with the MTP heads (method 2).
 
-A call is a ladder of small functions over one explicit state (:class:`Decoding`):
-
-    prefill  one trunk pass over the prompts; logits only at each row's last position
-    draft    the heads propose d_1..d_K from what the trunk has committed (K = 0: a plain step)
-    verify   one trunk pass over [pending, d_1..d_K] gives the trunk's own choices g_1..g_{K+1}
-    accept   each row keeps its longest correct prefix d_1..d_m and the bonus g_{m+1}
-    commit   every KV cache keeps exactly the accepted prefix (``RaggedCache``: rows of a batch
-             may accept different numbers of tokens in the same step); the tokens join the rows
+A call climbs the ladder of :mod:`multitoken.ladder` — prefill, then draft → verify → accept →
+commit → emit (→ retire) until every row is done — over one explicit state.
 
 K is fixed (``--draft-len 3``) or chosen before each step (``--draft-len auto``,
 :mod:`multitoken.costs`) from the measured verify cost c(q), the measured drafting cost and
@@ -18,33 +12,35 @@ follows the trunk's distribution exactly (speculative sampling, ``multitoken.sam
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import inspect
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from multitoken.config import GenerateConfig, draft_len_value
 from multitoken.costs import CostModel, DraftLen, Stopwatch, cost_model
 from multitoken.errors import MultitokenError
-from multitoken.heads.base import Committed
 from multitoken.kernels import choose_linear_kernel, linear_kernels
-from multitoken.kvcache import RaggedCache, unrollable_layers
-from multitoken.model import MTPModel
-from multitoken.sampling import (
-    Sampling,
-    accept_greedy_rows,
-    accept_sampled,
-    accept_typical,
-    choose,
-    probs,
+from multitoken.kvcache import unrollable_layers
+from multitoken.ladder import (
+    OnTokens,
+    Plan,
+    accept,
+    commit,
+    draft,
+    emit,
+    prefill,
+    retire,
+    verify,
 )
-from multitoken.trunk import watch_states
+from multitoken.sampling import Sampling
+
+if TYPE_CHECKING:  # type only: the model's text API calls down into this module, never the reverse
+    from multitoken.model import MTPModel
 
 log = logging.getLogger("multitoken")
 
@@ -97,264 +93,47 @@ class Generation:
     stats: Stats
 
 
-@dataclass
-class Decoding:
-    """The state one call carries from rung to rung (nothing is kept on the model)."""
-
-    kv: RaggedCache  # the trunk's cache
-    tokens: torch.Tensor  # [B, capacity]: row r's committed tokens are tokens[r, :length[r]]
-    length: list[int]  # committed tokens per row; the last one is pending
-    pending: torch.Tensor  # [B] each row's pending token (the trunk's latest choice)
-    unseen: list[Committed]  # trunk states the heads have not drafted from yet, oldest first
-    heads: object  # the heads' draft state (None for heads that keep none)
-    out: list[list[int]]  # the new tokens of each row, as the caller gets them
-    done: list[bool]  # the row reached max_new_tokens or wrote a stop token
-
-
-# ---------------------------------------------------------------------------------------------
-# The trunk
-# ---------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _takes_logits_to_keep(cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
-
-
-def trunk_pass(
-    model: MTPModel,
-    ids: torch.Tensor,
-    kv: RaggedCache,
-    start: list[int],
-    seen: dict,
-    keep: int | list[int],
-):
-    """Run ``ids`` [B, q] on top of ``kv``, row r's first token at position ``start[r]``:
-    logits, and h^0 and (meta) the stream entering the branch layer, [B, q, d] each, as
-    :func:`multitoken.trunk.watch_states` recorded them into ``seen`` (None outside it).
-
-    ``keep``: logits of the last ``keep`` positions [B, keep, V], or of one position per row
-    (a list) [B, 1, V]. While no row of ``kv`` has a hole the forward is the plain
-    ``transformers`` one: no mask, no position ids. ``kv.commit`` must follow."""
-    q = ids.size(1)
-    options: dict = {}
-    if kv.ragged:
-        options["attention_mask"] = kv.padding_mask(q)
-        options["position_ids"] = _column(start, ids.device) + torch.arange(q, device=ids.device)
-    per_row = isinstance(keep, list) and any(k != q - 1 for k in keep)
-    if isinstance(keep, list) and not per_row:
-        keep = 1  # every row ends at the last position
-    if _takes_logits_to_keep(type(model.trunk)):
-        options["logits_to_keep"] = _column(keep, ids.device) if per_row else keep
-    logits = model.trunk(input_ids=ids, cache=kv.cache, use_cache=True, **options).logits
-    if per_row and logits.size(1) == q:  # the model computed every position's: pick each row's
-        index = _column(keep, ids.device)[..., None].expand(-1, -1, logits.size(-1))
-        logits = logits.gather(1, index)
-    elif not per_row and logits.size(1) > keep:
-        logits = logits[:, q - keep :]
-    return logits, seen.get("hidden"), seen.get("branch")
-
-
-def _column(values: list[int], device) -> torch.Tensor:
-    return torch.tensor(values, device=device)[:, None]
-
-
-# ---------------------------------------------------------------------------------------------
-# The rungs of a step
-# ---------------------------------------------------------------------------------------------
-
-
-def prefill(
-    model: MTPModel,
-    prompts: list[list[int]],
-    capacity: int,
-    heads: object,
-    sampling: Sampling,
-    gen,
-    seen: dict,
-) -> tuple[Decoding, list[int]]:
-    """One pass over the right-padded prompts (causal attention keeps each row's tokens from
-    seeing its padding), logits at each row's last position only; each row's first new token.
-    ``heads``: the heads' fresh draft state. Returns the state and those tokens."""
-    device = model.parts.embed.weight.device
-    B, P = len(prompts), max(map(len, prompts))
-    lengths = [len(p) for p in prompts]
-    tokens = torch.zeros(B, capacity, dtype=torch.long, device=device)
-    tokens[:, :P] = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=device)
-    kv = RaggedCache(B, device, model.trunk.config)
-    last = [n - 1 for n in lengths]
-    logits, hidden, branch = trunk_pass(model, tokens[:, :P], kv, [0] * B, seen, keep=last)
-    kv.commit(lengths)
-    first, _ = choose(logits[:, 0], sampling, gen)  # [B]
-    tokens[torch.arange(B, device=device), torch.tensor(lengths, device=device)] = first
-    # h^0 is watched only when the heads will draft
-    unseen = [] if hidden is None else [Committed(None, hidden, branch, [0] * B, lengths)]
-    state = Decoding(
-        kv=kv,
-        tokens=tokens,
-        length=[n + 1 for n in lengths],
-        pending=first,
-        unseen=unseen,
-        heads=heads,
-        out=[[] for _ in prompts],
-        done=[False] * B,
-    )
-    return state, first.tolist()
-
-
-def draft(model: MTPModel, state: Decoding, K: int, drafted: int, sampling: Sampling, gen):
-    """The heads draft ``drafted`` tokens per row (K <= drafted are verified) from everything
-    committed since they last drafted. Returns (drafts [B, K], q [B, K, V] or None)."""
-    B = state.pending.size(0)
-    if K == 0:
-        return state.pending.new_zeros(B, 0), None
-    tokens = [state.tokens[r, : state.length[r]] for r in range(B)]
-    step = _joined(state.unseen, tokens)
-    state.unseen = []
-    drafts, q = model.heads.draft(state.heads, step, drafted, lambda lg: choose(lg, sampling, gen))
-    return drafts[:, :K], (None if q is None else q[:, :K])
-
-
-def verify(model: MTPModel, state: Decoding, drafts: torch.Tensor, seen: dict):
-    """One trunk pass over each row's pending token and its drafts, logits at all K+1."""
-    ids = state.pending[:, None]
-    if drafts.size(1):
-        ids = torch.cat([ids, drafts], dim=1)  # [B, K+1]
-    start = [n - 1 for n in state.length]
-    return trunk_pass(model, ids, state.kv, start, seen, keep=ids.size(1))
-
-
-def accept(drafts, q_draft, logits, sampling: Sampling, typical: float, gen, live: list[bool]):
-    """Each live row's new tokens d_1..d_m and the bonus g_{m+1}, as lists (empty for a
-    finished row) and as the rows of a [B, K+1] tensor on the device (row r's first m+1
-    entries; the rest is filler). Greedy: one device sync for the whole batch."""
-    if sampling.greedy:
-        target = logits.argmax(-1)  # [B, K+1]: the trunk's own choices
-        if drafts.size(1) == 0:  # a plain step
-            return target, [row if ok else [] for row, ok in zip(target.tolist(), live)]
-        m = accept_greedy_rows(drafts, target)
-        flat = torch.cat([m[:, None], target], dim=1).tolist()
-        return target, [row[1 : row[0] + 2] if ok else [] for row, ok in zip(flat, live)]
-    K = drafts.size(1)
-    new: list[list[int]] = []
-    for r, ok in enumerate(live):
-        if not ok:
-            new.append([])
-            continue
-        if K == 0:
-            m, nxt = 0, int(choose(logits[r, :1], sampling, gen)[0])
-        elif typical > 0:
-            m, nxt = accept_typical(drafts[r], probs(logits[r], sampling), typical, gen)
-        else:
-            m, nxt = accept_sampled(drafts[r], q_draft[r], probs(logits[r], sampling), gen)
-        new.append(drafts[r, :m].tolist() + [nxt])
-    padded = [row + [0] * (K + 1 - len(row)) for row in new]
-    return torch.tensor(padded, device=logits.device), new
-
-
-def commit(state: Decoding, new: torch.Tensor, counts: list[int], hidden, branch) -> None:
-    """Row r keeps the first ``counts[r]`` of the verified slots (0 for a finished row) in every
-    KV cache and ``new[r, :counts[r]]`` as its next tokens; the heads will see those positions."""
-    start = [n - 1 for n in state.length]
-    state.kv.commit(counts)
-    for r, (n, c) in enumerate(zip(state.length, counts)):
-        if c:
-            state.tokens[r, n : n + c] = new[r, :c]
-    last = [max(c, 1) - 1 for c in counts]  # a finished row's pending token is never used
-    if len(set(last)) == 1:  # the same for every row (always at batch 1): no index tensor
-        state.pending = new[:, last[0]]
-    else:
-        state.pending = new.gather(1, torch.tensor(last, device=new.device)[:, None]).squeeze(1)
-    state.length = [n + c for n, c in zip(state.length, counts)]
-    if hidden is not None:  # speculating: the heads draft from these states
-        width = max(counts)
-        kept_branch = None if branch is None else branch[:, :width]
-        state.unseen.append(Committed(None, hidden[:, :width], kept_branch, start, counts))
-
-
-def emit(state: Decoding, tokens: list[list[int]], max_new: int, stop: frozenset, on_tokens):
-    """Hand each row's new tokens to the caller, up to ``max_new`` and through a stop token."""
-    for r, fresh in enumerate(tokens):
-        if state.done[r] or not fresh:
-            continue
-        fresh = fresh[: max_new - len(state.out[r])]
-        cut = next((i for i, t in enumerate(fresh) if t in stop), None)
-        if cut is not None:
-            fresh = fresh[: cut + 1]
-        state.out[r].extend(fresh)
-        if on_tokens and fresh:
-            on_tokens(r, fresh)
-        state.done[r] = cut is not None or len(state.out[r]) >= max_new
-
-
-def _joined(parts: list[Committed], tokens: list[torch.Tensor]) -> Committed:
-    """The unseen positions of several steps (steps with K = 0 draft nothing) as one."""
-    if len(parts) == 1:
-        return dataclasses.replace(parts[0], tokens=tokens)
-    new = [sum(p.new[r] for p in parts) for r in range(len(tokens))]
-
-    def join(name: str) -> torch.Tensor | None:
-        if getattr(parts[0], name) is None:
-            return None
-        rows = [
-            torch.cat([getattr(p, name)[r, : p.new[r]] for p in parts]) for r in range(len(new))
-        ]
-        width = max(new)
-        return torch.stack([torch.nn.functional.pad(x, (0, 0, 0, width - x.size(0))) for x in rows])
-
-    return Committed(tokens, join("hidden"), join("branch"), parts[0].start, new)
-
-
-# ---------------------------------------------------------------------------------------------
-# The decode loop
-# ---------------------------------------------------------------------------------------------
-
-
 @torch.no_grad()
-def _decode_loop(
+def decode(
     model: MTPModel,
     prompts: list[list[int]],
-    cfg: GenerateConfig,
-    k_max: int,
-    auto: bool,
+    plan: Plan,
     costs: CostModel | None,
-    sampling: Sampling,
-    gen: torch.Generator | None,
-    stop: frozenset,
-    on_tokens: Callable[[int, list[int]], None] | None,
-    seen: dict,
+    on_tokens: OnTokens | None = None,
 ) -> Generation:
-    heads = model.heads.new_draft_state(len(prompts)) if cfg.speculate else None
-    if not cfg.speculate:
-        choice = DraftLen(0, fixed=0)
-    elif auto:
-        choice = DraftLen(k_max, costs=costs, stateless=not model.heads.keeps_draft_state)
-    else:
-        choice = DraftLen(k_max, fixed=k_max)
-    capacity = max(map(len, prompts)) + cfg.max_new_tokens + 2 * (k_max + 1)
-    state, first = prefill(model, prompts, capacity, heads, sampling, gen, seen)
+    """prefill, then draft → verify → accept → commit → emit until every row is done."""
+    choice = _draft_choice(model, plan, costs)
+    state = prefill(model, prompts, plan)
     stats = Stats(
         trunk_passes=len(prompts), head_tries=[0] * choice.k_max, head_hits=[0] * choice.k_max
     )
-    emit(state, [[t] for t in first], cfg.max_new_tokens, stop, on_tokens)
+    retire(model, state, emit(state, [[t] for t in state.pending.tolist()], plan, on_tokens))
     watch = Stopwatch(state.tokens.device)
-    while not all(state.done):
-        live = [not d for d in state.done]
+    while state.rows:
         K = choice.choose()
         with watch.section():
-            drafts, q_draft = draft(model, state, K, choice.drafted(K), sampling, gen)
-        logits, hidden, branch = verify(model, state, drafts, seen)
-        new, accepted = accept(drafts, q_draft, logits, sampling, cfg.typical, gen, live)
-        commit(state, new, [len(a) for a in accepted], hidden, branch)
-        emit(state, accepted, cfg.max_new_tokens, stop, on_tokens)
+            drafts, q_draft = draft(model, state, K, choice.drafted(K), plan)
+        verified = verify(model, state, drafts, plan)
+        new, accepted = accept(drafts, q_draft, verified.logits, plan)
+        commit(state, new, [len(a) for a in accepted], verified)
+        done = emit(state, accepted, plan, on_tokens)
         _record(stats, choice, K, accepted, watch.take())
+        retire(model, state, done)
     stats.tokens = sum(map(len, state.out))
     return Generation(state.out, stats)
 
 
+def _draft_choice(model: MTPModel, plan: Plan, costs: CostModel | None) -> DraftLen:
+    if not plan.speculate:
+        return DraftLen(0, fixed=0)
+    if plan.auto:
+        return DraftLen(plan.k_max, costs=costs, stateless=not model.heads.keeps_draft_state)
+    return DraftLen(plan.k_max, fixed=plan.k_max)
+
+
 def _record(stats: Stats, choice: DraftLen, K: int, accepted: list[list[int]], draft_s) -> None:
     """Count the step in ``stats`` and tell ``choice`` what it cost and what was accepted."""
-    m = [len(a) - 1 for a in accepted if a]  # each live row's accepted prefix
+    m = [len(a) - 1 for a in accepted]  # each row's accepted prefix
     stats.trunk_passes += len(m)
     stats.draft_lens.append(K)
     for mr in m:
@@ -374,7 +153,7 @@ def generate(
     prompts: list[list[int]],
     config: GenerateConfig | None = None,
     eos_id: int | Iterable[int] | None = None,
-    on_tokens: Callable[[int, list[int]], None] | None = None,
+    on_tokens: OnTokens | None = None,
     costs: CostModel | None = None,
     **options,
 ) -> Generation:
@@ -389,9 +168,29 @@ def generate(
     ``costs``: the :class:`~multitoken.costs.CostModel` auto uses (default: measured once per
     trunk, device and dtype). ``on_tokens(row, tokens)`` is called as tokens are accepted
     (streaming)."""
+    t0 = time.perf_counter()
+    plan = make_plan(model, prompts, config, eos_id, **options)
+    kernel = choose_linear_kernel(plan.cfg.linear_kernel, model)
+    with linear_kernels(model, kernel):  # one kernel for the whole call: exact against plain
+        if plan.auto and plan.speculate and costs is None:
+            with torch.no_grad():
+                costs = cost_model(model.trunk, plan.k_max + 1, prompts[0])
+        result = decode(model, prompts, plan, costs, on_tokens)
+    result.stats.wall_s = time.perf_counter() - t0
+    return result
+
+
+def make_plan(
+    model: MTPModel,
+    prompts: list[list[int]],
+    config: GenerateConfig | None = None,
+    eos_id: int | Iterable[int] | None = None,
+    **options,
+) -> Plan:
+    """The options of one call, checked against the model and the prompts: what
+    :func:`generate` decodes by (bench checks its requests with the same function)."""
     cfg = dataclasses.replace(config or GenerateConfig(), **options)
     cfg.validate()
-    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     if cfg.speculate and model.heads is None:
         log.warning("this checkpoint has no MTP heads: decoding with the trunk alone")
         cfg = dataclasses.replace(cfg, speculate=False)
@@ -401,6 +200,24 @@ def generate(
             "distribution exactly"
         )
     K, auto = _draft_len(cfg, model)
+    check_prompts(model, prompts, cfg, K)
+    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    gen = None
+    if not sampling.greedy:
+        gen = torch.Generator(device=model.parts.embed.weight.device)
+        gen.manual_seed(0 if cfg.seed is None else cfg.seed)
+    stop = (
+        frozenset()
+        if eos_id is None
+        else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
+    )
+    return Plan(cfg, K, auto, sampling, stop, gen)
+
+
+def check_prompts(model: MTPModel, prompts: list[list[int]], cfg: GenerateConfig, K: int) -> None:
+    """Refuse, in one line, prompts the trunk cannot decode: none, an empty one, one whose
+    tokens plus the new ones pass the context window, or any that would need a recurrent
+    state given back."""
     if not prompts:
         raise MultitokenError("no prompts", "--prompt")
     limit = getattr(model.trunk.config, "max_position_embeddings", None)
@@ -420,60 +237,6 @@ def generate(
             "rejected drafts or padding: speculative decoding needs a KV cache it can crop; "
             "decode with --no-speculate, prompts of one length at a time"
         )
-    kernel = choose_linear_kernel(cfg.linear_kernel, model)
-    with linear_kernels(model, kernel):  # one kernel for the whole call: exact against plain
-        return _generate(model, prompts, cfg, K, auto, sampling, eos_id, on_tokens, costs)
-
-
-def _generate(model, prompts, cfg, K, auto, sampling, eos_id, on_tokens, costs) -> Generation:
-    gen = None
-    if not sampling.greedy:
-        gen = torch.Generator(device=model.parts.embed.weight.device)
-        gen.manual_seed(0 if cfg.seed is None else cfg.seed)
-    t0 = time.perf_counter()
-    if auto and cfg.speculate and costs is None:
-        with torch.no_grad():
-            costs = cost_model(model.trunk, K + 1, prompts[0])
-    window = _sliding_window(model.trunk.config)
-    # Cache slots, not positions, decide what a sliding-window mask hides. Every step appends
-    # the widest count any row keeps, up to K+1 when one row accepts everything while another
-    # accepts nothing (and finished rows still take part), so a batch can reach the prompt's
-    # slots + (K+1) per new token.
-    q = K + 1 if cfg.speculate else 1
-    slots = max(map(len, prompts)) + q * (cfg.max_new_tokens + 1)
-    stop = (
-        frozenset()
-        if eos_id is None
-        else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
-    )
-    run = functools.partial(
-        _decode_loop,
-        model,
-        cfg=cfg,
-        k_max=K,
-        auto=auto,
-        costs=costs,
-        sampling=sampling,
-        gen=gen,
-        stop=stop,
-    )
-    branch = model.heads.branch_layer if cfg.speculate else None
-    # one set of hooks for the whole call; plain decoding needs none
-    watching = watch_states(model.parts, branch) if cfg.speculate else contextlib.nullcontext({})
-    with watching as seen:
-        if len(prompts) > 1 and window is not None and slots > window:
-            # Rows of a RaggedCache have holes, and a sliding-window mask counts cache slots, not
-            # positions: past the window a batch would hide keys a row should see. One row at a
-            # time has no holes, so it is exact.
-            rows = [
-                run([p], on_tokens=_for_row(on_tokens, r), seen=seen) for r, p in enumerate(prompts)
-            ]
-            tokens = [g.tokens[0] for g in rows]
-            result = Generation(tokens, _sum_stats([g.stats for g in rows]))
-        else:
-            result = run(prompts, on_tokens=on_tokens, seen=seen)
-    result.stats.wall_s = time.perf_counter() - t0
-    return result
 
 
 def _draft_len(cfg: GenerateConfig, model: MTPModel) -> tuple[int, bool]:
@@ -490,29 +253,3 @@ def _draft_len(cfg: GenerateConfig, model: MTPModel) -> tuple[int, bool]:
             "--draft-len",
         )
     return value, False
-
-
-def _sliding_window(config) -> int | None:
-    """The trunk's attention window where some layer uses one (Mistral, Qwen, Gemma...)."""
-    config = config.get_text_config()
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if not isinstance(window, int) or (types is not None and "sliding_attention" not in types):
-        return None
-    return window
-
-
-def _for_row(on_tokens, row: int):
-    return None if on_tokens is None else (lambda _r, tokens: on_tokens(row, tokens))
-
-
-def _sum_stats(parts: list[Stats]) -> Stats:
-    return Stats(
-        trunk_passes=sum(s.trunk_passes for s in parts),
-        tokens=sum(s.tokens for s in parts),
-        head_tries=[sum(t) for t in zip(*(s.head_tries for s in parts))],
-        head_hits=[sum(h) for h in zip(*(s.head_hits for s in parts))],
-        draft_lens=[k for s in parts for k in s.draft_lens],
-        draft_s=sum(s.draft_s for s in parts),
-        draft_steps=sum(s.draft_steps for s in parts),
-    )

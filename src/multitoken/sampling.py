@@ -80,35 +80,60 @@ def accept_sampled(
     p: torch.Tensor,
     generator: torch.Generator | None,
 ) -> tuple[int, int]:
-    """drafts [K], q [K, V] draft distributions, p [K+1, V] trunk distributions -> (m, next)."""
-    K = drafts.numel()
-    idx = torch.arange(K)
-    ratio = p[idx, drafts] / q[idx, drafts].clamp_min(1e-30)  # q(d) > 0: d was sampled from q
-    u = torch.rand(K, generator=generator, device=p.device)
-    rejected = (u >= ratio.clamp(max=1.0)).nonzero()
-    if not rejected.numel():
-        return K, int(torch.multinomial(p[K], 1, generator=generator))
-    m = int(rejected[0])
-    residual = (p[m] - q[m]).clamp_min(0.0)
-    total = residual.sum()
+    """One row of :func:`accept_sampled_rows`: drafts [K], q [K, V], p [K+1, V] -> (m, next)."""
+    m, nxt = accept_sampled_rows(drafts[None], q[None], p[None], generator)
+    return int(m[0]), int(nxt[0])
+
+
+def accept_sampled_rows(
+    drafts: torch.Tensor,
+    q: torch.Tensor,
+    p: torch.Tensor,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling for a batch, on the device: drafts [B, K], q [B, K, V] the draft
+    distributions, p [B, K+1, V] the trunk's -> (m [B], next [B]).
+
+    Row r accepts d_j while u_j < p_j(d_j) / q_j(d_j); at the first rejection j = m it samples
+    from norm(max(0, p_m − q_m)); when all K are accepted, from p_{K+1} (taken here as the
+    residual against q_{K+1} = 0)."""
+    B, K = drafts.shape
+    rows = torch.arange(B, device=p.device)
+    index = drafts[..., None]  # [B, K, 1]
+    ratio = p[:, :K].gather(-1, index) / q.gather(-1, index).clamp_min(1e-30)  # q(d) > 0
+    u = torch.rand(B, K, generator=generator, device=p.device)
+    m = (u < ratio.squeeze(-1).clamp(max=1.0)).long().cumprod(dim=1).sum(dim=1)  # [B]
+    q_next = torch.cat([q, q.new_zeros(B, 1, q.size(-1))], dim=1)[rows, m]  # [B, V]
+    p_next = p[rows, m]
+    residual = (p_next - q_next).clamp_min(0.0)
+    total = residual.sum(-1, keepdim=True)
     # p == q on the support: the residual is empty, and any rejection had probability zero
-    dist = residual / total if total > 0 else p[m]
-    return m, int(torch.multinomial(dist, 1, generator=generator))
+    dist = torch.where(total > 0, residual / total.clamp_min(1e-30), p_next)
+    return m, torch.multinomial(dist, 1, generator=generator).squeeze(1)
 
 
 def accept_typical(
     drafts: torch.Tensor, p: torch.Tensor, eps: float, generator: torch.Generator | None
 ) -> tuple[int, int]:
+    """One row of :func:`accept_typical_rows`: drafts [K], p [K+1, V] -> (m, next)."""
+    m, nxt = accept_typical_rows(drafts[None], p[None], eps, generator)
+    return int(m[0]), int(nxt[0])
+
+
+def accept_typical_rows(
+    drafts: torch.Tensor, p: torch.Tensor, eps: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Medusa's typical acceptance (Cai et al. 2024, §2.3.1) — LOSSY, opt-in.
 
     Accept d_j while p_j(d_j) > min(ε, α·exp(−H(p_j))) with α = √ε (Medusa's defaults pair
     ε = 0.09 with α = 0.3), then sample the next token from p_{m+1}. Plausible continuations are
     kept even where the trunk would rarely have sampled them, so the output no longer follows the
-    trunk's distribution exactly. drafts [K], p [K+1, V] -> (m, next)."""
-    K = drafts.numel()
-    idx = torch.arange(K)
-    entropy = -(p[:K] * p[:K].clamp_min(1e-30).log()).sum(-1)  # [K]
+    trunk's distribution exactly. drafts [B, K], p [B, K+1, V] -> (m [B], next [B])."""
+    K = drafts.size(1)
+    head = p[:, :K]  # [B, K, V]
+    entropy = -(head * head.clamp_min(1e-30).log()).sum(-1)  # [B, K]
     threshold = torch.minimum(torch.full_like(entropy, eps), eps**0.5 * torch.exp(-entropy))
-    rejected = (p[idx, drafts] <= threshold).nonzero()
-    m = int(rejected[0]) if rejected.numel() else K
-    return m, int(torch.multinomial(p[m], 1, generator=generator))
+    likely = head.gather(-1, drafts[..., None]).squeeze(-1) > threshold
+    m = likely.long().cumprod(dim=1).sum(dim=1)
+    p_next = p[torch.arange(p.size(0), device=p.device), m]
+    return m, torch.multinomial(p_next, 1, generator=generator).squeeze(1)
