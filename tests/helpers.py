@@ -7,18 +7,30 @@ the distribution helpers stay in ``conftest.py``, which every test module can im
 
 from __future__ import annotations
 
+import functools
+import json
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tokenizers
+import torch
 from conftest import micro_llama, perturb_heads
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    Qwen2Config,
+)
 
 import multitoken
 from multitoken.checkpoint import save_checkpoint
 from multitoken.config import HeadConfig
 from multitoken.model import MTPModel
-from multitoken.tokenizer import ByteTokenizer
+from multitoken.tokenizer import ByteTokenizer, load_tokenizer
 from multitoken.tokenizer_export import write_hf_tokenizer
 from multitoken.trainer import TrainResult
 from multitoken.trunk import quiet_transformers
@@ -89,6 +101,12 @@ def train_tiny(
     return multitoken.train(**values)
 
 
+def unpack(batches: list[torch.Tensor]) -> list[int]:
+    """Undo packing: consecutive rows share one token, so drop each later row's first token."""
+    rows = [row.tolist() for batch in batches for row in batch]
+    return rows[0] + [token for row in rows[1:] for token in row[1:]] if rows else []
+
+
 def one_line_error(capsys: pytest.CaptureFixture[str], flag: str | None = None) -> str:
     """The CLI's error output, checked to be one line ``multitoken: error: FLAG: ...`` (any flag
     when ``flag`` is None); returns that line."""
@@ -96,3 +114,141 @@ def one_line_error(capsys: pytest.CaptureFixture[str], flag: str | None = None) 
     prefix = "multitoken: error: " + (f"{flag}: " if flag else "--")
     assert len(err) == 1 and err[0].startswith(prefix), err
     return err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and model folders as transformers writes them, differing in what the tokenizer puts
+# around a whole text; transformers itself is the reference (``theirs``, ``hf_greedy``).
+
+SPECIALS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
+PAD, BOS, EOS = 0, 1, 2
+BPE_CORPUS = [
+    f"def area_{i}(width, height):\n    return width * height + {i}  # the quick brown fox\n"
+    for i in range(80)
+]
+BPE_PROMPTS = ["def area(width, height):", "the quick brown", " leading space and\nnewline"]
+BOS_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+BOS_CHAT = [{"role": "user", "content": "what is the area"}]
+NEW_TOKENS = 8
+
+# How a folder's tokenizer says what goes around a text:
+#   template-bos          tokenizer.json's TemplateProcessing adds <s> (Llama 3, SmolLM style)
+#   plain                 nothing anywhere (GPT-2, Qwen2 style)
+#   config-add-bos        a plain tokenizer.json, add_bos_token in tokenizer_config.json (which
+#                         transformers 5 ignores beside a tokenizer.json)
+#   vocab-merges-add-bos  no tokenizer.json: vocab.json + merges.txt, add_bos_token honoured
+TOKENIZER_KINDS = ["template-bos", "plain", "config-add-bos", "vocab-merges-add-bos"]
+ADDS_BOS = {"template-bos", "vocab-merges-add-bos"}
+
+
+@functools.cache
+def _trained_backend() -> str:
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(BPE_CORPUS, trainer=trainer)
+    return tok.to_str()
+
+
+def backend(bos: bool) -> tokenizers.Tokenizer:
+    """A small byte-level BPE; ``bos``: its post-processor adds <s> before a whole text."""
+    tok = tokenizers.Tokenizer.from_str(_trained_backend())
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", BOS)]
+        )
+    return tok
+
+
+def write_tokenizer(
+    folder: Path, kind: str, tokenizer_class: str = "PreTrainedTokenizerFast"
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "tokenizer_class": tokenizer_class,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "chat_template": BOS_TEMPLATE,
+    }
+    if kind == "vocab-merges-add-bos":
+        backend(bos=False).model.save(str(folder))
+        config.update(tokenizer_class="GPT2Tokenizer", add_bos_token=True)
+    else:
+        backend(bos=kind == "template-bos").save(str(folder / "tokenizer.json"))
+        if kind == "config-add-bos":
+            config["add_bos_token"] = True
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def theirs(folder: Path):
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def chat_ids(tokenizer, add_generation_prompt: bool = True) -> list[int]:
+    """transformers' ``apply_chat_template(tokenize=True)`` ids of ``BOS_CHAT``."""
+    out = tokenizer.apply_chat_template(
+        BOS_CHAT, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+    )
+    return list(out["input_ids"])
+
+
+def build_model(arch: str, vocab: int):
+    torch.manual_seed(0)
+    ids = {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}
+    if arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, **ids
+        )
+    else:
+        kind = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+        config = kind(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            **ids,
+        )
+    # A larger spread than the default makes the random trunk's choices depend on its whole
+    # input, so a missing or doubled BOS changes what it writes.
+    config.initializer_range = 0.5
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def model_folder(root: Path, arch: str, kind: str) -> Path:
+    folder = root / f"{arch}-{kind}"
+    write_tokenizer(folder, kind)
+    model = build_model(arch, load_tokenizer(str(folder)).vocab_size)
+    model.save_pretrained(folder)
+    return folder
+
+
+def until_eos(ids: list[int]) -> list[int]:
+    return ids[: ids.index(EOS)] if EOS in ids else ids
+
+
+def hf_greedy(folder: Path, ids: list[int]) -> list[int]:
+    """transformers' greedy continuation of ``ids``, the reference."""
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=PAD,
+        )
+    return until_eos(out[0, len(ids) :].tolist())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import unpack
 
 from multitoken.data import Corpus, iter_texts, resolve_sources, split_files, stdlib_files
 from multitoken.errors import MultitokenError
@@ -42,12 +43,6 @@ def expected_tokens(files: list[Path], tok: Tokenizer = TOK) -> list[int]:
         ids += tok.encode(path.read_text(encoding="utf-8"), add_special_tokens=True)
         ids.append(tok.eos_id)
     return ids
-
-
-def unpack(batches: list[torch.Tensor], seq_len: int) -> list[int]:
-    """Undo packing: consecutive rows share one token, so drop each later row's first token."""
-    rows = [row.tolist() for batch in batches for row in batch]
-    return rows[0] + [token for row in rows[1:] for token in row[1:]] if rows else []
 
 
 def take(stream: PackedStream, count: int) -> list[torch.Tensor]:
@@ -132,7 +127,7 @@ def test_single_file_corpus_splits_by_bytes(tmp_path: Path) -> None:
         kwargs = corpus.stream_kwargs(split)
         # seq_len 1: rows of two tokens overlapping by one, so no token is left over.
         stream = PackedStream([path], TOK, 1, 1, loop=False, shuffle=False, **kwargs)
-        texts.append(TOK.decode(unpack(list(stream), 1)))
+        texts.append(TOK.decode(unpack(list(stream))))
     whole = path.read_text(encoding="utf-8")
     assert texts[0] + texts[1] == whole
     assert 0.85 < len(texts[0]) / len(whole) < 0.95
@@ -141,7 +136,7 @@ def test_single_file_corpus_splits_by_bytes(tmp_path: Path) -> None:
     for split in ("train", "val"):
         kwargs = corpus.stream_kwargs(split)
         stream = PackedStream([path], BOS_TOK, 1, 1, loop=False, shuffle=False, **kwargs)
-        ids = unpack(list(stream), 1)
+        ids = unpack(list(stream))
         starts.append((ids[0] == BOS_TOK.bos_id, ids.count(BOS_TOK.bos_id)))
     assert starts == [(True, 1), (False, 0)]
 
@@ -160,7 +155,7 @@ def test_rows_round_trip_to_documents(tmp_path: Path, block_bytes: int, tok: Tok
     )
     batches = list(stream)
     assert all(batch.shape == (2, seq_len + 1) and batch.dtype == torch.long for batch in batches)
-    got, want = unpack(batches, seq_len), expected_tokens(files, tok)
+    got, want = unpack(batches), expected_tokens(files, tok)
     assert got == want[: len(got)]
     assert len(want) - len(got) < 2 * seq_len  # only the last partial batch is dropped
 
@@ -170,7 +165,7 @@ def test_shuffled_epochs_follow_the_seeded_order(tmp_path: Path) -> None:
     order = list(range(len(files)))
     random.Random(3 + 0).shuffle(order)
     stream = PackedStream(files, TOK, 5, 1, seed=3, loop=False)
-    got = unpack(list(stream), 5)
+    got = unpack(list(stream))
     assert got == expected_tokens([files[i] for i in order])[: len(got)]
 
 
@@ -206,7 +201,7 @@ def test_ranks_read_disjoint_files(tmp_path: Path) -> None:
     seen = []
     for rank in (0, 1):
         stream = PackedStream(files, TOK, 8, 1, seed=5, rank=rank, world_size=2, loop=False)
-        text = TOK.decode(unpack(list(stream), 8))
+        text = TOK.decode(unpack(list(stream)))
         seen.append({i for i in range(len(files)) if f"FILE{i} " in text})
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(range(len(files)))
@@ -218,7 +213,7 @@ def test_jsonl_documents(tmp_path: Path) -> None:
     path.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1]) + "\n")
     stream = PackedStream([path], TOK, 3, 1, loop=False)
     want = TOK.encode("hello") + [TOK.eos_id] + TOK.encode("wörld") + [TOK.eos_id]
-    got = unpack(list(stream), 3)
+    got = unpack(list(stream))
     assert got == want[: len(got)] and len(want) - len(got) < 3
 
 
@@ -261,7 +256,7 @@ def test_jsonl_chat_records_are_rendered_with_the_chat_template(tmp_path: Path) 
         *b"plain", eos,
         *b"text wins", eos,
     ]  # fmt: skip
-    got = unpack(list(PackedStream([path], CHAT_TOK, 4, 1, loop=False)), 4)
+    got = unpack(list(PackedStream([path], CHAT_TOK, 4, 1, loop=False)))
     assert got == want[: len(got)] and len(want) - len(got) < 4
     # Without a tokenizer (fitting one) a chat is its contents, one message per line.
     assert list(iter_texts([path])) == ["hï\nyo", "plain", "text wins"]
@@ -303,7 +298,7 @@ def test_validation_batches_are_fixed_and_seed_independent(tmp_path: Path) -> No
     assert len(first) == 3 and all(batch.shape == (4, 9) for batch in first)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     want = expected_tokens(corpus.val_files)
-    got = unpack(first, 8)
+    got = unpack(first)
     assert got == want[: len(got)]
 
 
