@@ -128,17 +128,11 @@ def test_runtime_options_come_from_any_object_with_some_of_the_fields():
 
 # --- training ---------------------------------------------------------------------------------
 
-POSITIVE = [
-    "seq_len",
-    "batch_size",
-    "grad_accum",
-    "max_steps",
-    "eval_every",
-    "eval_batches",
-    "log_every",
-    "save_every",
-    "keep_checkpoints",
-]
+# the counts that must be integers >= 1, by field name
+POSITIVE = (
+    "seq_len batch_size grad_accum max_steps eval_every eval_batches log_every save_every "
+    "keep_checkpoints"
+).split()
 
 
 @pytest.mark.parametrize("name", POSITIVE)
