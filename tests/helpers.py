@@ -30,8 +30,8 @@ import multitoken
 from multitoken.checkpoint import save_checkpoint
 from multitoken.config import HeadConfig
 from multitoken.model import MTPModel
-from multitoken.tokenizer import ByteTokenizer, load_tokenizer
-from multitoken.tokenizer_export import write_hf_tokenizer
+from multitoken.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from multitoken.tokenizer_export import byte_level_backend, write_hf_tokenizer
 from multitoken.trainer import TrainResult
 from multitoken.trunk import quiet_transformers
 
@@ -99,6 +99,33 @@ def train_tiny(
     )
     values.update(options)
     return multitoken.train(**values)
+
+
+# Ids are bytes as for ByteTokenizer, but a whole text starts with <bos> (256), as a Llama
+# tokenizer's does.
+BOS_BYTES = HFTokenizer(byte_level_backend(), eos="<eos>", added_specials={"prefix": ["<bos>"]})
+
+
+def make_files(folder: Path, count: int = 6) -> list[Path]:
+    """Small text files with distinct markers and multi-byte characters."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(count):
+        path = folder / f"doc{i}.txt"
+        path.write_text(f"FILE{i} héllo wörld €😀 line {i}\n" * (3 + i), encoding="utf-8")
+        files.append(path)
+    return files
+
+
+def expected_tokens(files: list[Path], tok: Tokenizer | None = None) -> list[int]:
+    """The stream's definition: each document's ids as a whole text, then eos, in order (bytes
+    unless ``tok`` is given)."""
+    tok = tok or ByteTokenizer()
+    ids: list[int] = []
+    for path in files:
+        ids += tok.encode(path.read_text(encoding="utf-8"), add_special_tokens=True)
+        ids.append(tok.eos_id)
+    return ids
 
 
 def unpack(batches: list[torch.Tensor]) -> list[int]:
