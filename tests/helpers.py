@@ -238,17 +238,10 @@ def build_model(arch: str, vocab: int):
         )
     else:
         kind = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-        config = kind(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=False,
-            **ids,
-        )
+        shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+        attention = {"num_attention_heads": 4, "num_key_value_heads": 2}
+        config = kind(vocab_size=vocab, max_position_embeddings=256, **shape, **attention, **ids)
+        config.tie_word_embeddings = False
     # A larger spread than the default makes the random trunk's choices depend on its whole
     # input, so a missing or doubled BOS changes what it writes.
     config.initializer_range = 0.5
