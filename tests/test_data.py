@@ -1,57 +1,23 @@
-"""Corpus discovery and splitting (multitoken.data), packing and exact resumption of the data
-stream (multitoken.packing)."""
+"""Corpus discovery and splitting, and reading documents from files and JSONL records
+(multitoken.data); packing them into rows is in test_packing.py."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import random
 import shutil
 import sysconfig
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import BOS_BYTES, make_files, unpack
 
 from multitoken.data import Corpus, iter_texts, resolve_sources, split_files, stdlib_files
 from multitoken.errors import MultitokenError
-from multitoken.packing import PackedStream, validation_batches
-from multitoken.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from multitoken.packing import PackedStream
+from multitoken.tokenizer import ByteTokenizer, HFTokenizer
 from multitoken.tokenizer_export import byte_level_backend
 
 TOK = ByteTokenizer()
-# Ids are bytes as for TOK, but a whole text starts with <bos> (256), as a Llama tokenizer's does.
-BOS_TOK = HFTokenizer(byte_level_backend(), eos="<eos>", added_specials={"prefix": ["<bos>"]})
-
-
-def make_files(folder: Path, count: int = 6) -> list[Path]:
-    """Small text files with distinct markers and multi-byte characters."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i in range(count):
-        path = folder / f"doc{i}.txt"
-        path.write_text(f"FILE{i} héllo wörld €😀 line {i}\n" * (3 + i), encoding="utf-8")
-        files.append(path)
-    return files
-
-
-def expected_tokens(files: list[Path], tok: Tokenizer = TOK) -> list[int]:
-    """The stream's definition: each document's ids as a whole text, then eos, in order."""
-    ids: list[int] = []
-    for path in files:
-        ids += tok.encode(path.read_text(encoding="utf-8"), add_special_tokens=True)
-        ids.append(tok.eos_id)
-    return ids
-
-
-def unpack(batches: list[torch.Tensor], seq_len: int) -> list[int]:
-    """Undo packing: consecutive rows share one token, so drop each later row's first token."""
-    rows = [row.tolist() for batch in batches for row in batch]
-    return rows[0] + [token for row in rows[1:] for token in row[1:]] if rows else []
-
-
-def take(stream: PackedStream, count: int) -> list[torch.Tensor]:
-    return list(itertools.islice(stream, count))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +98,7 @@ def test_single_file_corpus_splits_by_bytes(tmp_path: Path) -> None:
         kwargs = corpus.stream_kwargs(split)
         # seq_len 1: rows of two tokens overlapping by one, so no token is left over.
         stream = PackedStream([path], TOK, 1, 1, loop=False, shuffle=False, **kwargs)
-        texts.append(TOK.decode(unpack(list(stream), 1)))
+        texts.append(TOK.decode(unpack(list(stream))))
     whole = path.read_text(encoding="utf-8")
     assert texts[0] + texts[1] == whole
     assert 0.85 < len(texts[0]) / len(whole) < 0.95
@@ -140,76 +106,10 @@ def test_single_file_corpus_splits_by_bytes(tmp_path: Path) -> None:
     starts = []
     for split in ("train", "val"):
         kwargs = corpus.stream_kwargs(split)
-        stream = PackedStream([path], BOS_TOK, 1, 1, loop=False, shuffle=False, **kwargs)
-        ids = unpack(list(stream), 1)
-        starts.append((ids[0] == BOS_TOK.bos_id, ids.count(BOS_TOK.bos_id)))
+        stream = PackedStream([path], BOS_BYTES, 1, 1, loop=False, shuffle=False, **kwargs)
+        ids = unpack(list(stream))
+        starts.append((ids[0] == BOS_BYTES.bos_id, ids.count(BOS_BYTES.bos_id)))
     assert starts == [(True, 1), (False, 0)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Packing and streaming
-
-
-@pytest.mark.parametrize("tok", [TOK, BOS_TOK], ids=["bytes", "bos"])
-@pytest.mark.parametrize("block_bytes", [1 << 20, 16, 7])
-def test_rows_round_trip_to_documents(tmp_path: Path, block_bytes: int, tok: Tokenizer) -> None:
-    files = make_files(tmp_path)
-    seq_len = 9
-    stream = PackedStream(
-        files, tok, seq_len, 2, loop=False, shuffle=False, block_bytes=block_bytes
-    )
-    batches = list(stream)
-    assert all(batch.shape == (2, seq_len + 1) and batch.dtype == torch.long for batch in batches)
-    got, want = unpack(batches, seq_len), expected_tokens(files, tok)
-    assert got == want[: len(got)]
-    assert len(want) - len(got) < 2 * seq_len  # only the last partial batch is dropped
-
-
-def test_shuffled_epochs_follow_the_seeded_order(tmp_path: Path) -> None:
-    files = make_files(tmp_path)
-    order = list(range(len(files)))
-    random.Random(3 + 0).shuffle(order)
-    stream = PackedStream(files, TOK, 5, 1, seed=3, loop=False)
-    got = unpack(list(stream), 5)
-    assert got == expected_tokens([files[i] for i in order])[: len(got)]
-
-
-@pytest.mark.parametrize("tok", [TOK, BOS_TOK], ids=["bytes", "bos"])
-@pytest.mark.parametrize("block_bytes", [1 << 20, 13])
-def test_resume_yields_exactly_the_same_batches(
-    tmp_path: Path, block_bytes: int, tok: Tokenizer
-) -> None:
-    files = make_files(tmp_path, count=4)
-    kwargs = dict(seq_len=6, batch_size=3, seed=7, block_bytes=block_bytes)
-    reference = take(PackedStream(files, tok, **kwargs), 120)
-    for before in [0, 1, 5, 17, 40, 77]:
-        stream = PackedStream(files, tok, **kwargs)
-        assert all(torch.equal(a, b) for a, b in zip(take(stream, before), reference))
-        state = json.loads(json.dumps(stream.state_dict()))
-        resumed = PackedStream(files, tok, **kwargs)
-        resumed.load_state_dict(state)
-        assert resumed.state_dict() == state
-        for a, b in zip(take(resumed, 30), reference[before : before + 30]):
-            assert torch.equal(a, b)
-    assert stream.state_dict()["epoch"] >= 2  # the checks above crossed epoch boundaries
-
-
-def test_state_is_small(tmp_path: Path) -> None:
-    files = make_files(tmp_path, count=2)
-    stream = PackedStream(files, TOK, 8, 2)
-    take(stream, 3)
-    assert len(stream.state_dict()["carry"]) <= 8
-
-
-def test_ranks_read_disjoint_files(tmp_path: Path) -> None:
-    files = make_files(tmp_path, count=6)
-    seen = []
-    for rank in (0, 1):
-        stream = PackedStream(files, TOK, 8, 1, seed=5, rank=rank, world_size=2, loop=False)
-        text = TOK.decode(unpack(list(stream), 8))
-        seen.append({i for i in range(len(files)) if f"FILE{i} " in text})
-    assert seen[0] and seen[1] and not seen[0] & seen[1]
-    assert seen[0] | seen[1] == set(range(len(files)))
 
 
 def test_jsonl_documents(tmp_path: Path) -> None:
@@ -218,7 +118,7 @@ def test_jsonl_documents(tmp_path: Path) -> None:
     path.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1]) + "\n")
     stream = PackedStream([path], TOK, 3, 1, loop=False)
     want = TOK.encode("hello") + [TOK.eos_id] + TOK.encode("wörld") + [TOK.eos_id]
-    got = unpack(list(stream), 3)
+    got = unpack(list(stream))
     assert got == want[: len(got)] and len(want) - len(got) < 3
 
 
@@ -261,7 +161,7 @@ def test_jsonl_chat_records_are_rendered_with_the_chat_template(tmp_path: Path) 
         *b"plain", eos,
         *b"text wins", eos,
     ]  # fmt: skip
-    got = unpack(list(PackedStream([path], CHAT_TOK, 4, 1, loop=False)), 4)
+    got = unpack(list(PackedStream([path], CHAT_TOK, 4, 1, loop=False)))
     assert got == want[: len(got)] and len(want) - len(got) < 4
     # Without a tokenizer (fitting one) a chat is its contents, one message per line.
     assert list(iter_texts([path])) == ["hï\nyo", "plain", "text wins"]
@@ -286,34 +186,6 @@ def test_chat_records_need_a_chat_template(tmp_path: Path) -> None:
     )
     with pytest.raises(MultitokenError, match=f"{path}:2: the chat template of strict-tok failed"):
         next(PackedStream([path], strict, 2, 1))
-
-
-def test_corpus_too_small_for_seq_len(tmp_path: Path) -> None:
-    path = tmp_path / "tiny.txt"
-    path.write_text("tiny")
-    with pytest.raises(MultitokenError, match="too small for --seq-len 64"):
-        next(PackedStream([path], TOK, 64, 1))
-
-
-def test_validation_batches_are_fixed_and_seed_independent(tmp_path: Path) -> None:
-    make_files(tmp_path / "c", count=20)
-    corpus = Corpus.from_specs([str(tmp_path / "c")], val_fraction=0.3)
-    first = validation_batches(corpus, TOK, 8, 4, max_batches=3)
-    second = validation_batches(corpus, TOK, 8, 4, max_batches=3)
-    assert len(first) == 3 and all(batch.shape == (4, 9) for batch in first)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
-    want = expected_tokens(corpus.val_files)
-    got = unpack(first, 8)
-    assert got == want[: len(got)]
-
-
-def test_validation_falls_back_to_a_smaller_batch(tmp_path: Path) -> None:
-    make_files(tmp_path / "c", count=2)
-    corpus = Corpus(train_files=[], val_files=[tmp_path / "c" / "doc0.txt"])
-    (batch,) = validation_batches(corpus, TOK, 40, 64, max_batches=5)
-    assert 1 <= batch.shape[0] < 64 and batch.shape[1] == 41
-    with pytest.raises(MultitokenError, match="validation split is too small"):
-        validation_batches(corpus, TOK, 4000, 64, max_batches=5)
 
 
 def test_iter_texts_yields_whole_files_in_pieces(tmp_path: Path) -> None:

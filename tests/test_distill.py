@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import micro_llama
+from helpers import one_line_error
 
 import multitoken
 from multitoken.cli import main
@@ -245,12 +246,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
     prompts.write_text(content)
     out = tmp_path / "out" / "d.jsonl"
     capsys.readouterr()
-    code = main(distill_args(request.getfixturevalue(folder_fixture), prompts, out))
-    err = capsys.readouterr().err
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"multitoken: error: {flag}: "), err
-    assert detail in lines[0] and "Traceback" not in err
+    assert main(distill_args(request.getfixturevalue(folder_fixture), prompts, out)) == 2
+    assert detail in one_line_error(capsys, flag)  # one line: no traceback
     assert not out.exists() and not out.parent.exists()
 
 
@@ -261,8 +258,7 @@ def test_out_must_be_jsonl_and_existing_output_is_left_alone(
     prompts.write_text(json.dumps({"messages": CHATS[0]}) + "\n")
     capsys.readouterr()
     assert main(distill_args(folder, prompts, tmp_path / "d.txt")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--out" in err[0] and "must end in .jsonl" in err[0]
+    assert "must end in .jsonl" in one_line_error(capsys, "--out")
     assert not (tmp_path / "d.txt").exists()
     # An existing output is not extended when the input is refused.
     out = tmp_path / "d.jsonl"

@@ -15,6 +15,7 @@ from conftest import (
     two_token_counts,
     two_token_law,
 )
+from helpers import train_tiny, trunk_folder, write_corpus
 
 import multitoken
 from multitoken.config import HeadConfig
@@ -198,38 +199,26 @@ def test_training_picks_the_most_frequent_tokens_and_resumes_with_them(tmp_path)
     """The trainer counts the training labels, keeps the top N with the heads, and a resumed run
     (and its checkpoint) keeps them."""
     from multitoken.tokenizer import ByteTokenizer
-    from multitoken.tokenizer_export import write_hf_tokenizer
-    from multitoken.trunk import quiet_transformers
 
-    with quiet_transformers():
-        micro_llama(0, vocab=259).save_pretrained(tmp_path / "trunk")
-    write_hf_tokenizer(ByteTokenizer(), tmp_path / "trunk")
-    (tmp_path / "corpus").mkdir()
-    for i in range(4):  # 'a' most frequent, then 'b', ' ', 'c', then '\n' and eos
-        (tmp_path / "corpus" / f"f{i}.txt").write_text("aaaa bbb aaaa bbb cc\n" * 12)
+    # 'a' most frequent, then 'b', ' ', 'c', then '\n' and eos
+    corpus = write_corpus(tmp_path / "corpus", ["aaaa bbb aaaa bbb cc\n" * 12] * 4)
     options = dict(
-        trunk=str(tmp_path / "trunk"),
-        freeze_trunk=True,
-        data=[str(tmp_path / "corpus")],
-        out=str(tmp_path / "run"),
         family="bpd",
         depth=2,
+        trunk=str(trunk_folder(tmp_path / "trunk")),
+        freeze_trunk=True,
         draft_vocab=4,
         seq_len=32,
-        batch_size=2,
         max_steps=4,
         eval_every=4,
-        eval_batches=1,
         save_every=2,
         val_fraction=0.3,
-        precision="fp32",
-        device="cpu",
     )
-    result = multitoken.train(**options)
+    result = train_tiny(tmp_path / "run", corpus, **options)
     want = sorted(ByteTokenizer().encode("ab c"))
     assert result.model.heads.draft_ids.tolist() == want
     assert all(acc <= 1.0 for acc in result.val["head_acc"])
-    resumed = multitoken.train(**{**options, "max_steps": 6}, resume=True)
+    resumed = train_tiny(tmp_path / "run", corpus, **{**options, "max_steps": 6}, resume=True)
     assert resumed.model.heads.draft_ids.tolist() == want
     loaded = multitoken.load(tmp_path / "run")
     assert loaded.heads.draft_ids.tolist() == want

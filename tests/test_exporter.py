@@ -9,7 +9,8 @@ import sys
 import textwrap
 
 import pytest
-from conftest import micro_llama, perturb_heads
+from conftest import micro_llama
+from helpers import BYTES, one_line_error, saved_run, trunk_folder
 
 import multitoken
 from multitoken.checkpoint import save_checkpoint
@@ -19,16 +20,11 @@ from multitoken.generate import generate
 from multitoken.model import MTPModel
 from multitoken.tokenizer import ByteTokenizer
 
-BYTES = ByteTokenizer.vocab_size
-
 
 @pytest.fixture
 def run(tmp_path):
     """A saved run with deepseek heads whose weights are not at their initial values."""
-    trunk = micro_llama(3, vocab=BYTES)
-    model = perturb_heads(MTPModel(trunk, HeadConfig(family="deepseek", depth=2)), seed=7)
-    save_checkpoint(tmp_path / "run", 1, model, ByteTokenizer(), {})
-    return tmp_path / "run", model
+    return tmp_path / "run", saved_run(tmp_path / "run", family="deepseek", depth=2)
 
 
 def test_trunk_only_export_loads_in_plain_transformers(run, tmp_path):
@@ -118,18 +114,10 @@ def test_bad_export_is_one_line_exit_2_and_nothing_written(run, tmp_path, capsys
         save_checkpoint(tmp_path / "bpd", 1, bpd, ByteTokenizer(), {})
         args = ["export", "--checkpoint", str(tmp_path / "bpd"), "--deepseek-v3", "--out", str(out)]
     else:
-        from multitoken.tokenizer_export import write_hf_tokenizer
-        from multitoken.trunk import quiet_transformers
-
-        with quiet_transformers():
-            micro_llama(0, vocab=BYTES).save_pretrained(tmp_path / "plain")
-
-        write_hf_tokenizer(ByteTokenizer(), tmp_path / "plain")
-        args[2] = str(tmp_path / "plain")
+        args[2] = str(trunk_folder(tmp_path / "plain"))
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("multitoken: error: --"), err
+    one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp folder left behind
     if case == "existing folder":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]

@@ -7,13 +7,12 @@ repeat their rows."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 from conftest import micro_llama, perturb_heads
+from helpers import tiny_corpus, train_tiny, trunk_folder
 
-import multitoken
 from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
 from multitoken.featcache import FeatureCache, live_features
@@ -21,8 +20,7 @@ from multitoken.losses import IGNORE, cross_entropy, greedy_path_labels, shift_l
 from multitoken.model import MTPModel
 from multitoken.packing import PackedStream
 from multitoken.tokenizer import ByteTokenizer
-
-BYTES = ByteTokenizer().vocab_size
+from multitoken.trainer import TrainResult
 
 
 def frozen(family: str, seed: int = 0) -> MTPModel:
@@ -147,46 +145,31 @@ def test_a_cache_made_for_other_trunk_weights_is_never_read(tmp_path):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A plain model folder (micro Llama over bytes) and a small corpus of five files."""
-    from multitoken.tokenizer_export import write_hf_tokenizer
-    from multitoken.trunk import quiet_transformers
-
     root = tmp_path_factory.mktemp("featcache")
-    with quiet_transformers():
-        micro_llama(0, vocab=BYTES).save_pretrained(root / "trunk")
-    write_hf_tokenizer(ByteTokenizer(), root / "trunk")
-    rng = random.Random(0)
-    for i in range(5):
-        words = [
-            rng.choice(["def", "return", "x", "y", "=", "+", "(", ")", ":"]) for _ in range(90)
-        ]
-        (root / "corpus").mkdir(exist_ok=True)
-        (root / "corpus" / f"f{i}.py").write_text(" ".join(words) + "\n")
+    trunk_folder(root / "trunk")
+    tiny_corpus(root / "corpus", files=5, words=90)
     return root
 
 
-def options(setup, out, **overrides) -> dict:
+def train_heads(setup, out, **overrides) -> TrainResult:
+    """Deepseek D = 2 heads on the frozen micro trunk, its states cached in fp32 (bit-exact)."""
     values = dict(
         trunk=str(setup / "trunk"),
         freeze_trunk=True,
-        data=[str(setup / "corpus")],
-        out=str(out),
         family="deepseek",
         depth=2,
         seq_len=32,
         batch_size=4,
         max_steps=16,
         eval_every=8,
-        eval_batches=1,
         log_every=1,
         save_every=4,
         val_fraction=0.3,
         lr=3e-3,
-        precision="fp32",
-        device="cpu",
         feature_cache_dtype="fp32",
     )
     values.update(overrides)
-    return values
+    return train_tiny(out, setup / "corpus", **values)
 
 
 def train_curve(out) -> list[dict]:
@@ -195,8 +178,8 @@ def train_curve(out) -> list[dict]:
 
 
 def test_a_cached_run_trains_the_heads_a_live_run_trains(setup, tmp_path):
-    cached = multitoken.train(**options(setup, tmp_path / "cached"))
-    live = multitoken.train(**options(setup, tmp_path / "live", feature_cache_gb=0))
+    cached = train_heads(setup, tmp_path / "cached")
+    live = train_heads(setup, tmp_path / "live", feature_cache_gb=0)
     stats = cached.feature_cache
     assert live.feature_cache is None
     assert stats["hits"] > stats["computed"] > 0  # the rows come round again and are read back
@@ -213,16 +196,16 @@ def test_a_resumed_run_reads_the_rows_cached_before_it(setup, tmp_path):
         if step == 10:  # after the step-8 checkpoint; steps 9-10 are lost with the process
             raise KeyboardInterrupt
 
-    def short(setup, out) -> dict:
-        return options(setup, out, max_steps=12, eval_every=6)
+    def short(out, **extra) -> TrainResult:
+        return train_heads(setup, out, max_steps=12, eval_every=6, **extra)
 
     with pytest.raises(KeyboardInterrupt):
-        multitoken.train(**short(setup, tmp_path / "b"), on_step=killed)
-    resumed = multitoken.train(**short(setup, tmp_path / "b"), resume=True)
+        short(tmp_path / "b", on_step=killed)
+    resumed = short(tmp_path / "b", resume=True)
     stats = resumed.feature_cache
     # every row of an epoch was seen and written by the step-8 checkpoint: nothing recomputed
     assert stats["computed"] == 0 and stats["hits"] == 4 * 4 + 4, stats  # 4 steps + 1 eval
-    whole = multitoken.train(**short(setup, tmp_path / "a"))
+    whole = short(tmp_path / "a")
     a, b = train_curve(tmp_path / "a"), train_curve(tmp_path / "b")
     assert [(m["step"], m["split"]) for m in a] == [(m["step"], m["split"]) for m in b]
     for ma, mb in zip(a, b):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, micro_llama
+from helpers import one_line_error, train_tiny, write_corpus
 
 import multitoken
 from multitoken.checkpoint import load_checkpoint
@@ -106,16 +107,8 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """Text spelled in the tiny vocabulary only."""
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(4):
-        (root / f"doc{i}.txt").write_text(" ".join([TEXT] * 30) + f" {i}")
-    return root
-
-
-def one_line_error(capsys, flag: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"multitoken: error: {flag}: "), err
-    return err[0]
+    texts = [" ".join([TEXT] * 30) + f" {i}" for i in range(4)]
+    return write_corpus(tmp_path_factory.mktemp("corpus"), texts)
 
 
 def test_a_gguf_trunk_decodes_as_the_same_weights_from_a_folder(files):
@@ -177,21 +170,16 @@ def test_heads_on_a_frozen_gguf_trunk_refer_to_it_and_reload(
 ):
     path, folder = files
     run = tmp_path / "run"
-    result = multitoken.train(
-        trunk=str(path),
-        freeze_trunk=True,
+    result = train_tiny(
+        run,
+        corpus,
         family="deepseek",
         depth=1,
-        data=[str(corpus)],
-        out=str(run),
-        seq_len=16,
-        batch_size=2,
-        max_steps=2,
+        trunk=str(path),
+        freeze_trunk=True,
         eval_every=2,
-        eval_batches=1,
         save_every=2,
         val_fraction=0.25,
-        precision="fp32",
     )
     ckpt = result.checkpoint
     assert not (ckpt / "trunk").exists()  # referred to, not copied

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from helpers import train_tiny, write_corpus
 
 from multitoken import hardware
 from multitoken.errors import MultitokenError
@@ -98,11 +99,9 @@ def test_decoding_on_a_gpu_follows_the_hardware(monkeypatch):
 
 
 def test_training_says_which_precision_and_computes_in_it(cpu_probe, tmp_path, capsys, monkeypatch):
-    import multitoken
     from multitoken import model as model_module
 
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("def f(x):\n    return x + 1\n" * 200)
+    corpus = write_corpus(tmp_path / "corpus", ["def f(x):\n    return x + 1\n" * 200])
     logits_dtypes = []
 
     def recording(logits, labels):
@@ -114,16 +113,8 @@ def test_training_says_which_precision_and_computes_in_it(cpu_probe, tmp_path, c
     for claims, dtype in ((False, torch.float32), (True, torch.bfloat16)):
         cpu_probe(claims=claims)
         logits_dtypes.clear()
-        multitoken.train(
-            data=[str(corpus)],
-            family="bpd",
-            depth=1,
-            max_steps=1,
-            seq_len=16,
-            batch_size=2,
-            eval_batches=1,
-            out=str(tmp_path / f"run-{claims}"),
-        )
+        # precision auto is the point; the device is the (probed) CPU wherever this runs
+        train_tiny(tmp_path / f"run-{claims}", corpus, max_steps=1, precision="auto")
         expected = f"precision: {'bf16' if claims else 'fp32'} (auto: CPU"
         assert expected in capsys.readouterr().err
         assert logits_dtypes and set(logits_dtypes) == {dtype}

@@ -8,11 +8,30 @@ from pathlib import Path
 
 import pytest
 import tokenizers
+from helpers import (
+    ADDS_BOS,
+    BOS,
+    BOS_CHAT,
+    BPE_PROMPTS,
+    EOS,
+    NEW_TOKENS,
+    TOKENIZER_KINDS,
+    backend,
+    chat_ids,
+    hf_greedy,
+    model_folder,
+    theirs,
+    until_eos,
+    write_tokenizer,
+)
 from tokenizers import models
 from transformers import AutoTokenizer
 
+import multitoken
 from multitoken.chat import ChatTemplateError
+from multitoken.cli import main
 from multitoken.errors import MultitokenError
+from multitoken.prompts import Prompt
 from multitoken.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -343,3 +362,120 @@ def test_hf_tokenizer_written_for_transformers(bpe: HFTokenizer, tmp_path: Path)
     rendered = theirs.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     assert rendered == tok.apply_chat_template(CHAT, add_generation_prompt=True)
     assert load_tokenizer(str(tmp_path)).chat_template == RICH_TEMPLATE
+
+
+# ---------------------------------------------------------------------------------------------
+# What goes around a whole text (a BOS for Llama-style tokenizers) is the tokenizer's own rule:
+# a prompt gets it, a rendered chat gets nothing added (its template spells its BOS), a saved or
+# exported tokenizer keeps it, and decoding a plain folder starts as transformers does.
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_encoding_agrees_with_transformers(tmp_path: Path, kind: str) -> None:
+    write_tokenizer(tmp_path, kind)
+    ours, hf = load_tokenizer(str(tmp_path)), theirs(tmp_path)
+    # The folders really differ: two add a BOS, two add nothing.
+    assert ours.added_specials.prefix == ((BOS,) if kind in ADDS_BOS else ())
+    for prompt in BPE_PROMPTS:
+        assert ours.encode(prompt, add_special_tokens=True) == hf(prompt)["input_ids"]
+        assert ours.encode(prompt) == hf(prompt, add_special_tokens=False)["input_ids"]
+    # A rendered chat spells its BOS itself: encoding it adds no second one.
+    ids = Prompt(messages=BOS_CHAT).encode(ours)
+    assert ids == chat_ids(hf)
+    assert ids[0] == BOS and ids.count(BOS) == 1
+
+
+@pytest.mark.parametrize("tokenizer_class", ["LlamaTokenizer", "Qwen2Tokenizer", "GPT2Tokenizer"])
+def test_a_model_familys_tokenizer_class_keeps_the_files_rule(
+    tmp_path: Path, tokenizer_class: str
+) -> None:
+    """transformers builds these classes in code of their own, yet takes the post-processor
+    from tokenizer.json, as we do."""
+    write_tokenizer(tmp_path, "template-bos", tokenizer_class)
+    ours, hf = load_tokenizer(str(tmp_path)), theirs(tmp_path)
+    assert ours.added_specials.prefix == (BOS,)
+    for prompt in BPE_PROMPTS:
+        assert ours.encode(prompt, add_special_tokens=True) == hf(prompt)["input_ids"]
+
+
+def test_the_rule_is_saved_and_old_specs_add_nothing(tmp_path: Path) -> None:
+    write_tokenizer(tmp_path / "folder", "template-bos")
+    tok = load_tokenizer(str(tmp_path / "folder"))
+    spec = json.loads(json.dumps(tok.save(tmp_path / "ckpt")))
+    assert spec["added_specials"] == {"prefix": ["<s>"], "suffix": []}
+    again = tokenizer_from_saved(tmp_path / "ckpt", spec)
+    assert again.added_specials == tok.added_specials
+    assert again.encode(BPE_PROMPTS[0], add_special_tokens=True) == tok.encode(
+        BPE_PROMPTS[0], add_special_tokens=True
+    )
+    # A checkpoint saved before the rule existed was trained and prompted with nothing added.
+    del spec["added_specials"]
+    old = tokenizer_from_saved(tmp_path / "ckpt", spec)
+    assert old.added_specials.prefix == ()
+    assert old.encode(BPE_PROMPTS[0], add_special_tokens=True) == tok.encode(BPE_PROMPTS[0])
+    # Exported, it still encodes that way in plain transformers.
+    write_hf_tokenizer(old, tmp_path / "export")
+    hf = theirs(tmp_path / "export")
+    assert hf(BPE_PROMPTS[0])["input_ids"] == old.encode(BPE_PROMPTS[0], add_special_tokens=True)
+
+
+def test_a_saved_rule_overrides_the_post_processor(tmp_path: Path) -> None:
+    """A spec naming a prefix gets it even from a tokenizer.json without one, and the export
+    tells transformers."""
+    tok = HFTokenizer(backend(bos=False), added_specials={"prefix": ["<s>"], "suffix": ["</s>"]})
+    assert tok.added_specials.prefix == (BOS,) and tok.added_specials.suffix == (EOS,)
+    plain = tok.encode(BPE_PROMPTS[1])
+    assert tok.encode(BPE_PROMPTS[1], add_special_tokens=True) == [BOS, *plain, EOS]
+    write_hf_tokenizer(tok, tmp_path)
+    assert theirs(tmp_path)(BPE_PROMPTS[1])["input_ids"] == [BOS, *plain, EOS]
+    with pytest.raises(multitoken.MultitokenError, match="no token '<nope>'"):
+        HFTokenizer(backend(bos=False), added_specials={"prefix": ["<nope>"]})
+
+
+def our_greedy(folder: Path, prompt: str, **options) -> list[int]:
+    model = multitoken.load(folder)
+    seen: list[int] = []
+    model.generate(
+        prompt,
+        max_new_tokens=NEW_TOKENS,
+        speculate=False,
+        on_tokens=lambda _row, tokens: seen.extend(tokens),
+        **options,
+    )
+    return until_eos(seen)
+
+
+CASES = [
+    ("llama", "template-bos"),
+    ("qwen2", "plain"),
+    ("gpt2", "plain"),
+    ("qwen2", "vocab-merges-add-bos"),
+]
+
+
+@pytest.mark.parametrize(("arch", "kind"), CASES)
+def test_plain_folder_decodes_as_transformers(tmp_path: Path, arch: str, kind: str) -> None:
+    folder = model_folder(tmp_path, arch, kind)
+    hf = theirs(folder)
+    for prompt in BPE_PROMPTS[:2]:
+        ids = hf(prompt)["input_ids"]
+        want = hf_greedy(folder, ids)
+        assert want, "the reference stopped at once: the test would prove little"
+        assert our_greedy(folder, prompt) == want
+        if kind in ADDS_BOS:  # the BOS matters to this trunk, so dropping it would be caught
+            assert hf_greedy(folder, ids[1:]) != want
+    # A chat rendered by hand is given as such: no second BOS.
+    rendered = load_tokenizer(str(folder)).apply_chat_template(BOS_CHAT, add_generation_prompt=True)
+    want = hf_greedy(folder, chat_ids(hf))
+    assert our_greedy(folder, rendered, add_special_tokens=False) == want
+
+
+def test_cli_generate_on_a_folder_with_bos(tmp_path: Path, capsys) -> None:
+    folder = model_folder(tmp_path, "llama", "template-bos")
+    hf = theirs(folder)
+    want = hf_greedy(folder, hf(BPE_PROMPTS[0])["input_ids"])
+    args = ["generate", "--checkpoint", str(folder), "--prompt", BPE_PROMPTS[0], "--no-speculate"]
+    args += ["--precision", "fp32", "--max-new-tokens", str(NEW_TOKENS), "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["text"] == hf.decode(want, skip_special_tokens=True)

@@ -58,12 +58,19 @@ def test_auto_is_the_default_and_measures_its_costs_once_per_trunk():
     assert len(first.stats.draft_lens) == first.stats.trunk_passes - 1  # one K per step
 
 
-def test_always_right_heads_make_auto_draft_long():
+def auto_with_oracle_heads(wrong: bool, costs: CostModel):
+    """Decode with ``--draft-len auto`` and heads that always draft the trunk's next tokens (or
+    never do); the output is plain greedy's either way. Returns the result."""
     model = model_of("bpd")
     plain = generate(model, PROMPTS, max_new_tokens=40, speculate=False)
-    model.heads = OracleHeads(model, wrong=False)
-    out = generate(model, PROMPTS, max_new_tokens=40, draft_len="auto", costs=CHEAP)
+    model.heads = OracleHeads(model, wrong=wrong)
+    out = generate(model, PROMPTS, max_new_tokens=40, draft_len="auto", costs=costs)
     assert out.tokens == plain.tokens
+    return out
+
+
+def test_always_right_heads_make_auto_draft_long():
+    out = auto_with_oracle_heads(wrong=False, costs=CHEAP)
     ks = out.stats.draft_lens
     assert ks[0] >= 1  # the prior drafts from the first step on
     assert all(k == 4 for k in ks[3:]), ks  # then the longest K, every step
@@ -71,11 +78,7 @@ def test_always_right_heads_make_auto_draft_long():
 
 
 def test_always_wrong_heads_make_auto_fall_back_to_plain_steps():
-    model = model_of("bpd")
-    plain = generate(model, PROMPTS, max_new_tokens=40, speculate=False)
-    model.heads = OracleHeads(model, wrong=True)
-    out = generate(model, PROMPTS, max_new_tokens=40, draft_len="auto", costs=REALISTIC)
-    assert out.tokens == plain.tokens
+    out = auto_with_oracle_heads(wrong=True, costs=REALISTIC)
     ks = out.stats.draft_lens
     assert ks[0] >= 1 and ks[-1] == 0
     later = ks[5:]
