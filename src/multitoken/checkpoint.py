@@ -21,13 +21,14 @@ checkpoint intact and pointed to. Inside a checkpoint::
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
-from multitoken.errors import MultitokenError
+from multitoken.errors import MultitokenError, first_line
 from multitoken.fileio import atomic_folder, write_json_atomic, write_text_atomic
 from multitoken.gguf import is_gguf, load_gguf_tokenizer
 from multitoken.headfile import is_heads_folder, load_heads, save_heads
@@ -201,8 +202,8 @@ def load_training_state(ckpt: Path) -> tuple[dict, dict]:
     try:
         optim_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
         state = json.loads((ckpt / "state.json").read_text())
-    except (OSError, RuntimeError, json.JSONDecodeError, EOFError) as exc:
+    except (OSError, RuntimeError, json.JSONDecodeError, EOFError, pickle.UnpicklingError) as exc:
         raise MultitokenError(
-            f"{ckpt} has no usable optimizer/trainer state ({exc})", "--resume"
+            f"{ckpt} has no usable optimizer/trainer state ({first_line(exc)})", "--resume"
         ) from None
     return optim_state, state
