@@ -42,9 +42,11 @@ class RaggedCache:
     slots: int = field(init=False, default=0)
     # [B, slots] bool: slot s holds a committed entry of row r; None while no row has a hole
     keep: torch.Tensor | None = field(init=False, default=None)
+    kept: list[int] = field(init=False)  # entries each row holds, on the host: no sync to read
 
     def __post_init__(self) -> None:
         self.cache = rollback_cache(self.config)
+        self.kept = [0] * self.batch
 
     @property
     def ragged(self) -> bool:
@@ -88,6 +90,7 @@ class RaggedCache:
                 keep = torch.ones(self.batch, self.slots, dtype=torch.bool, device=self.device)
             self.keep = torch.cat([keep, prefix_mask(counts, width, self.device)], dim=1)
         self.slots += width
+        self.kept = [n + c for n, c in zip(self.kept, counts)]
         crop_cache(self.cache, self.slots)
         if self.keep is not None:
             self._compact_if_worth_it()
@@ -98,6 +101,7 @@ class RaggedCache:
             if getattr(layer, "keys", None) is not None and layer.keys.numel():
                 layer.keys, layer.values = layer.keys[rows], layer.values[rows]
         self.batch = rows.numel()
+        self.kept = [self.kept[r] for r in rows.tolist()]
         if self.keep is not None:
             self.keep = self.keep[rows]
             if bool(self.keep.all()):
@@ -110,8 +114,8 @@ class RaggedCache:
         only where rows hold fewer entries than the longest."""
         if self.keep is None:
             return
-        counts = self.keep.sum(dim=1)  # [B]
-        width = int(counts.max())
+        counts = torch.tensor(self.kept, device=self.device)  # [B]
+        width = max(self.kept)
         # a stable sort of "is a hole" lists each row's kept slots first, in slot order
         order = torch.sort((~self.keep).to(torch.uint8), dim=1, stable=True).indices[:, :width]
         for layer in self.cache.layers:
@@ -125,8 +129,7 @@ class RaggedCache:
         self.keep = None if bool(kept.all()) else kept
 
     def _compact_if_worth_it(self) -> None:
-        # one sync, only while some row has a hole
-        freed = self.slots - int(self.keep.sum(dim=1).max())
+        freed = self.slots - max(self.kept)
         if freed >= COMPACT_MIN_SLOTS and freed >= COMPACT_MIN_SHARE * self.slots:
             self.compact()
 
