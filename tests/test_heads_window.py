@@ -7,6 +7,7 @@ decoding, so that past the window training, memory-efficient training and drafti
 from __future__ import annotations
 
 import pytest
+import test_generate as generate_tests
 import torch
 from conftest import micro_llama, perturb_heads
 
@@ -22,39 +23,23 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 
 def mistral(window: int = WINDOW):
     """A tiny Mistral trunk: every layer attends over the last ``window`` positions (eager)."""
-    from transformers import AutoModelForCausalLM, MistralConfig
-
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=window,
-        max_position_embeddings=256,
-    )
-    config._attn_implementation = "eager"
-    return AutoModelForCausalLM.from_config(config).eval()
+    return generate_tests.mistral(window)
 
 
 def mixed_qwen2(window: int = WINDOW, **extra):
-    """A tiny Qwen2 trunk whose layer 0 attends over everything and layer 1 over a window."""
+    """The same tiny sizes as a Qwen2 trunk whose layer 0 attends over everything and layer 1
+    over the last ``window`` positions."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+    sizes += ("num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+    like = mistral(window).config
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **{name: getattr(like, name) for name in sizes},
         use_sliding_window=True,
         sliding_window=window,
         max_window_layers=1,
-        max_position_embeddings=256,
         **extra,
     )
     config._attn_implementation = "eager"
@@ -178,13 +163,6 @@ def test_deepseek_blocks_attend_with_their_layer_kind_in_training(trunk, windows
     assert [m.kind for m in model.heads.mtp] == [FULL if w is None else SLIDING for w in windows]
 
 
-def hf_greedy(model: MTPModel, prompt: list[int], n: int) -> list[int]:
-    out = model.trunk.generate(
-        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0
-    )
-    return out[0, len(prompt) :].tolist()
-
-
 @pytest.mark.parametrize("family", ["meta", "deepseek"])
 def test_sliding_heads_decode_losslessly_past_the_window(family):
     scale = 0.3 if family == "meta" else 0.05  # scales at which some drafts are accepted
@@ -192,7 +170,7 @@ def test_sliding_heads_decode_losslessly_past_the_window(family):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
     spec = generate(model, prompts, max_new_tokens=T, draft_len=2)
     for prompt, tokens in zip(prompts, spec.tokens):
-        assert tokens == hf_greedy(model, prompt, T)
+        assert tokens == generate_tests.hf_greedy(model, prompt, T)
     assert 0 < spec.stats.acceptance[0] < 1  # drafts were both accepted and rejected
     # (with this trunk generate decodes such a batch row by row; tests/test_heads_drafting.py
     # drafts for rows with holes in one batch)
