@@ -140,14 +140,8 @@ class TrunkParts:
         [B, 1, q, cached + q] mask is taken as it is), rotary cos/sin, the cache."""
         kwargs: dict = {}
         if "attention_mask" in self.layer_kwargs:
-            sliding = kind is not None and self.window(kind) is not None
-            make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
-            kwargs["attention_mask"] = make_mask(
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=padding_mask,
-                cache=cache,
-                position_ids=position_ids,
+            kwargs["attention_mask"] = self.attention_mask(
+                hidden, position_ids, cache, padding_mask, kind
             )
         if "position_embeddings" in self.layer_kwargs and self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(hidden, position_ids=position_ids)
@@ -159,6 +153,26 @@ class TrunkParts:
             kwargs["use_cache"] = cache is not None
         return kwargs
 
+    def attention_mask(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache=None,
+        padding_mask: torch.Tensor | None = None,
+        kind: str | None = None,
+    ) -> Any:
+        """The ``attention_mask`` argument of :meth:`block_kwargs`, in the form the attention
+        implementation in use takes (None where it needs none)."""
+        sliding = kind is not None and self.window(kind) is not None
+        make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
+        return make_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=padding_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+
     def with_kind(self, kwargs: dict, hidden: torch.Tensor, kind: str) -> dict:
         """Training-time ``kwargs`` of a forward over positions 0..T-1 of ``hidden`` [B, T, d]
         (no cache) with the attention mask a layer of ``kind`` takes. Whoever built ``kwargs``
@@ -167,10 +181,7 @@ class TrunkParts:
         if "attention_mask" not in self.layer_kwargs:
             return kwargs
         positions = torch.arange(hidden.size(1), device=hidden.device).unsqueeze(0)
-        return {
-            **kwargs,
-            "attention_mask": self.block_kwargs(hidden, positions, kind=kind)["attention_mask"],
-        }
+        return {**kwargs, "attention_mask": self.attention_mask(hidden, positions, kind=kind)}
 
     def ragged_block_kwargs(
         self, hidden: torch.Tensor, position_ids: torch.Tensor, kv: RaggedCache, kind: str

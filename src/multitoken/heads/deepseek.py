@@ -189,6 +189,7 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
         module = self.mtp[min(k, self.depth) - 1]
         kv, done, held, held_len = state.caches[i], state.done[i], state.held[i], state.held_len[i]
         count = N - 1 - done  # [B]
+        assert bool((held_len + fresh_len == count).all()), "h^{k-1} must stay contiguous"
         q = max(int(count.max()), 1)
         h_in = _join_rows(held, held_len, fresh, q)  # [B, q, d]
         positions = done.to(ext.device)[:, None] + torch.arange(q, device=ext.device)  # [B, q]
