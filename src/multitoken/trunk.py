@@ -141,7 +141,7 @@ class TrunkParts:
         kwargs: dict = {}
         if "attention_mask" in self.layer_kwargs:
             kwargs["attention_mask"] = self.attention_mask(
-                hidden, position_ids, cache, padding_mask, kind
+                hidden, position_ids, kind, cache, padding_mask
             )
         if "position_embeddings" in self.layer_kwargs and self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(hidden, position_ids=position_ids)
@@ -157,21 +157,15 @@ class TrunkParts:
         self,
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
+        kind: str | None,
         cache=None,
         padding_mask: torch.Tensor | None = None,
-        kind: str | None = None,
     ) -> Any:
         """The ``attention_mask`` argument of :meth:`block_kwargs`, in the form the attention
         implementation in use takes (None where it needs none)."""
         sliding = kind is not None and self.window(kind) is not None
         make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
-        return make_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=padding_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
+        return make_mask(self.config, hidden, padding_mask, cache, position_ids=position_ids)
 
     def with_kind(self, kwargs: dict, hidden: torch.Tensor, kind: str) -> dict:
         """Training-time ``kwargs`` of a forward over positions 0..T-1 of ``hidden`` [B, T, d]
@@ -181,7 +175,7 @@ class TrunkParts:
         if "attention_mask" not in self.layer_kwargs:
             return kwargs
         positions = torch.arange(hidden.size(1), device=hidden.device).unsqueeze(0)
-        return {**kwargs, "attention_mask": self.attention_mask(hidden, positions, kind=kind)}
+        return {**kwargs, "attention_mask": self.attention_mask(hidden, positions, kind)}
 
     def ragged_block_kwargs(
         self, hidden: torch.Tensor, position_ids: torch.Tensor, kv: RaggedCache, kind: str
