@@ -16,17 +16,20 @@ import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from multitoken.config import PRESETS
 from multitoken.errors import MultitokenError, first_line
 from multitoken.gguf import is_gguf, load_gguf_trunk
+
+if TYPE_CHECKING:
+    from multitoken.kvcache import RaggedCache
 
 # Keyword arguments of a decoder layer that this adapter knows how to supply.
 _LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids", "cache", "use_cache")
@@ -108,25 +111,37 @@ class TrunkParts:
                 param.fill_(0.0 if "bias" in name else 1.0)
         return norm
 
+    def block_kind(self, *, like: int | None = None, mtp_index: int | None = None) -> str:
+        """The attention kind (``layer_types`` vocabulary) of the block :meth:`new_layer` builds
+        with the same arguments: trunk layer ``like``'s own, or MTP module ``mtp_index``'s."""
+        if like is not None:
+            return layer_kind(self.config, like)
+        declared = mtp_layer_kind(self.config, "layer_types", mtp_index or 0)
+        return declared or layer_kind(self.config, -1)
+
+    def window(self, kind: str) -> int | None:
+        """The positions a layer of ``kind`` looks back over (None: all of them)."""
+        from multitoken.kvcache import SLIDING  # kvcache imports this module
+
+        return self.config.sliding_window if kind == SLIDING else None
+
     def block_kwargs(
         self,
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         cache=None,
         padding_mask: torch.Tensor | None = None,
+        kind: str | None = None,
     ) -> dict:
-        """The keyword arguments a decoder layer needs to run over ``hidden`` [B, q, d] at
-        ``position_ids`` [B, q]: the causal mask for the attention implementation in use (and,
-        with ``padding_mask`` [B, cached + q], cached slots a row must not see), rotary cos/sin,
-        the cache."""
+        """The keyword arguments a decoder layer of attention ``kind`` (None: full) needs to run
+        over ``hidden`` [B, q, d] at ``position_ids`` [B, q]: the causal mask — with a sliding
+        window for a sliding layer — for the attention implementation in use (and, with
+        ``padding_mask`` [B, cached + q], cached slots a row must not see; a prepared
+        [B, 1, q, cached + q] mask is taken as it is), rotary cos/sin, the cache."""
         kwargs: dict = {}
         if "attention_mask" in self.layer_kwargs:
-            kwargs["attention_mask"] = create_causal_mask(
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=padding_mask,
-                cache=cache,
-                position_ids=position_ids,
+            kwargs["attention_mask"] = self.attention_mask(
+                hidden, position_ids, kind, cache, padding_mask
             )
         if "position_embeddings" in self.layer_kwargs and self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(hidden, position_ids=position_ids)
@@ -137,6 +152,57 @@ class TrunkParts:
         if "use_cache" in self.layer_kwargs:
             kwargs["use_cache"] = cache is not None
         return kwargs
+
+    def attention_mask(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        kind: str | None,
+        cache=None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> Any:
+        """The ``attention_mask`` argument of :meth:`block_kwargs`, in the form the attention
+        implementation in use takes (None where it needs none)."""
+        sliding = kind is not None and self.window(kind) is not None
+        make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
+        return make_mask(self.config, hidden, padding_mask, cache, position_ids=position_ids)
+
+    def with_kind(self, kwargs: dict, hidden: torch.Tensor, kind: str) -> dict:
+        """Training-time ``kwargs`` of a forward over positions 0..T-1 of ``hidden`` [B, T, d]
+        (no cache) with the attention mask a layer of ``kind`` takes. Whoever built ``kwargs``
+        (the trunk for its layer b, :meth:`block_kwargs` for a full layer) need not have built
+        them for this kind, and a head must attend in training as it will in decoding."""
+        if "attention_mask" not in self.layer_kwargs:
+            return kwargs
+        positions = torch.arange(hidden.size(1), device=hidden.device).unsqueeze(0)
+        return {**kwargs, "attention_mask": self.attention_mask(hidden, positions, kind)}
+
+    def ragged_block_kwargs(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, kv: RaggedCache, kind: str
+    ) -> dict:
+        """:meth:`block_kwargs` for q new slots ``hidden`` [B, q, d] over a head's own ragged
+        cache ``kv``, row r's at positions ``position_ids[r, 0]`` onwards. Once a row has holes
+        its slots are not its positions, and transformers would slide the window over slots:
+        a sliding layer's mask is then built from positions (``RaggedCache.window_mask``)."""
+        window = self.window(kind)
+        q = hidden.size(1)
+        if kv.ragged and window is not None:
+            mask = kv.window_mask(position_ids[:, 0], q, window, hidden.dtype)
+        else:
+            mask = kv.padding_mask(q)
+        return self.block_kwargs(hidden, position_ids, kv.cache, mask, kind)
+
+
+def layer_kind(config, index: int) -> str:
+    """The attention kind of trunk layer ``index`` as transformers' models choose its mask:
+    ``layer_types[index]`` where the config lists per-layer kinds (Qwen2, Gemma), else sliding
+    wherever the config sets a window for every layer (Mistral), else full attention."""
+    from multitoken.kvcache import FULL, SLIDING, sliding_window  # kvcache imports this module
+
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return kinds[index]
+    return SLIDING if sliding_window(config) is not None else FULL
 
 
 def mtp_layer_kind(config, name: str, mtp_index: int) -> str | None:
@@ -232,62 +298,12 @@ def inspect_trunk(model: PreTrainedModel) -> TrunkParts:
         raise MultitokenError(
             f"{type(model).__name__} exposes no input/output embeddings", "--trunk"
         )
-    n_layers = getattr(config, "num_hidden_layers", None)
-    lists = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
-    if len(lists) != 1:
-        raise MultitokenError(
-            f"cannot find the {n_layers} decoder layers of {type(model).__name__}", "--trunk"
-        )
-    layers = lists[0]
-
-    outputs: dict[nn.Module, object] = {}
-    order: list[nn.Module] = []
-    seen_kwargs: dict[str, object] = {}
-
-    def record(module, _args, output):
-        outputs[module] = output
-        order.append(module)
-
-    def record_kwargs(module, args, kwargs):
-        seen_kwargs.update(layer_arguments(module, args, kwargs)[1])
-
-    hooks = [m.register_forward_hook(record) for m in base.children() if m is not layers]
-    hooks.append(layers[-1].register_forward_hook(record))
-    hooks.append(layers[0].register_forward_pre_hook(record_kwargs, with_kwargs=True))
+    layers = _decoder_layers(model, base, getattr(config, "num_hidden_layers", None))
     probe = torch.tensor([[1, 2, 3, 4]], device=embed.weight.device) % config.vocab_size
-    try:
-        with torch.no_grad():
-            last = base(input_ids=probe, use_cache=False).last_hidden_state
-    finally:
-        for h in hooks:
-            h.remove()
-
-    final_norm: nn.Module | None = None
-    for module in reversed(order):
-        out = outputs[module]
-        if module is layers[-1]:
-            out = out[0] if isinstance(out, tuple) else out
-            if torch.is_tensor(out) and out.shape == last.shape and torch.equal(out, last):
-                final_norm = nn.Identity()
-            break
-        if torch.is_tensor(out) and out.shape == last.shape and torch.equal(out, last):
-            final_norm = module
-            break
-    if final_norm is None:
-        raise MultitokenError(f"cannot find the final norm of {type(model).__name__}", "--trunk")
-
-    rotary = None
-    for module in order:
-        out = outputs[module]
-        if (
-            module is not layers[-1]
-            and isinstance(out, tuple)
-            and len(out) == 2
-            and all(torch.is_tensor(t) for t in out)
-        ):
-            rotary = module
-            break
-    layer_kwargs = tuple(k for k in _LAYER_KWARGS if k in seen_kwargs)
+    seen = _watch_probe(base, layers, probe)
+    final_norm = _final_norm(model, layers, seen)
+    rotary = _rotary(layers, seen)
+    layer_kwargs = tuple(k for k in _LAYER_KWARGS if k in seen.layer_kwargs)
     if "position_embeddings" in layer_kwargs and rotary is None:
         raise MultitokenError(
             f"{type(model).__name__} passes position embeddings to its layers but no rotary "
@@ -295,6 +311,81 @@ def inspect_trunk(model: PreTrainedModel) -> TrunkParts:
             "--trunk",
         )
     return TrunkParts(model, base, layers, final_norm, embed, unembed, rotary, layer_kwargs)
+
+
+@dataclass
+class _Probe:
+    """What one forward of the base model showed: each watched module's output, in call order,
+    the keyword arguments layer 0 was called with, and the base model's last hidden state."""
+
+    outputs: dict[nn.Module, object]
+    order: list[nn.Module]
+    layer_kwargs: dict[str, object]
+    last: torch.Tensor
+
+
+def _decoder_layers(model: PreTrainedModel, base: nn.Module, n_layers: int | None) -> nn.ModuleList:
+    """The one list of ``n_layers`` modules directly under the base model: its decoder layers."""
+    lists = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if len(lists) != 1:
+        raise MultitokenError(
+            f"cannot find the {n_layers} decoder layers of {type(model).__name__}", "--trunk"
+        )
+    return lists[0]
+
+
+def _watch_probe(base: nn.Module, layers: nn.ModuleList, probe: torch.Tensor) -> _Probe:
+    """Run ``probe`` through the base model with hooks on its direct children (the last layer
+    standing for the layer list) and on layer 0's arguments."""
+    seen = _Probe({}, [], {}, probe)
+
+    def record(module, _args, output):
+        seen.outputs[module] = output
+        seen.order.append(module)
+
+    def record_kwargs(module, args, kwargs):
+        seen.layer_kwargs.update(layer_arguments(module, args, kwargs)[1])
+
+    hooks = [m.register_forward_hook(record) for m in base.children() if m is not layers]
+    hooks.append(layers[-1].register_forward_hook(record))
+    hooks.append(layers[0].register_forward_pre_hook(record_kwargs, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            seen.last = base(input_ids=probe, use_cache=False).last_hidden_state
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _final_norm(model: PreTrainedModel, layers: nn.ModuleList, seen: _Probe) -> nn.Module:
+    """The last module whose output is the base model's output: a norm after the last layer,
+    or nn.Identity where the last layer's output is already it."""
+    last = seen.last
+    for module in reversed(seen.order):
+        out = seen.outputs[module]
+        if module is layers[-1]:
+            out = out[0] if isinstance(out, tuple) else out
+            if torch.is_tensor(out) and out.shape == last.shape and torch.equal(out, last):
+                return nn.Identity()
+            break
+        if torch.is_tensor(out) and out.shape == last.shape and torch.equal(out, last):
+            return module
+    raise MultitokenError(f"cannot find the final norm of {type(model).__name__}", "--trunk")
+
+
+def _rotary(layers: nn.ModuleList, seen: _Probe) -> nn.Module | None:
+    """The first child that returns a pair of tensors (cos, sin): the rotary embedding."""
+    for module in seen.order:
+        out = seen.outputs[module]
+        if (
+            module is not layers[-1]
+            and isinstance(out, tuple)
+            and len(out) == 2
+            and all(torch.is_tensor(t) for t in out)
+        ):
+            return module
+    return None
 
 
 def build_trunk(preset: str, tokenizer) -> PreTrainedModel:

@@ -27,7 +27,7 @@ from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
 from multitoken.heads.base import Committed, HeadInputs, MTPHeads, Pick, register
 from multitoken.heads.draft_vocab import DraftVocab
-from multitoken.kvcache import RaggedCache, prefix_mask
+from multitoken.kvcache import RaggedCache
 from multitoken.trunk import TrunkParts, run_layer
 
 
@@ -40,6 +40,9 @@ class DeepSeekModule(nn.Module):
         self.hnorm = parts.new_norm()
         self.eh_proj = nn.Linear(2 * d, d, bias=False, device=ref.device, dtype=ref.dtype)
         self.block = parts.new_layer(mtp_index=index)
+        # the block attends as its layer kind says (a sliding window for a sliding block), in
+        # training and in decoding alike
+        self.kind = parts.block_kind(mtp_index=index)
         self.shared_head = nn.ModuleDict({"norm": parts.new_norm()})
         parts.model._init_weights(self.eh_proj)
         if init_from_trunk:
@@ -106,12 +109,16 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
         T = h0.size(1)
         h = h0
         out = []
+        by_kind: dict[str, dict] = {}  # block_kwargs with each block kind's mask
         for k in range(1, self.depth + 1):
             ahead = tokens[:, k : k + T]
             if ahead.size(1) < T:  # [B, T - k + 1] -> [B, T]
                 pad = ahead.new_full((ahead.size(0), T - ahead.size(1)), pad_id)
                 ahead = torch.cat([ahead, pad], dim=1)
-            h = self.mtp[k - 1](h, self.parts.embed(ahead), block_kwargs)
+            module = self.mtp[k - 1]
+            if module.kind not in by_kind:
+                by_kind[module.kind] = self.parts.with_kind(block_kwargs, h0, module.kind)
+            h = module(h, self.parts.embed(ahead), by_kind[module.kind])
             out.append(self.out_head(k - 1, h))
         return out
 
@@ -137,111 +144,127 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
 
         Module k's positions up to N-1-k read only committed tokens: they stay in its KV cache.
         Positions N-k..N-2 read drafts: computed for this step only, never kept. K may exceed D:
-        the last module is then applied again, with a cache of its own.
+        the last module is then applied again, with a cache of its own. Each module runs over
+        every row at once (rows padded to the longest); the loop over k is the chain itself.
         Returns (drafts [B, K], q [B, K, V] or None).
         """
-        B, device = len(step.tokens), state.device
-        N = [t.numel() for t in step.tokens]
-        ext = list(step.tokens)  # per row: committed tokens, then the drafts as they are chosen
-        for r in range(B):
-            state.append(0, r, step.hidden[r, : step.new[r]], step.start[r])
-        carried: list[torch.Tensor | None] = [None] * B  # module k-1 at its draft positions
+        hidden = step.hidden  # [B, n, d]: h^0 of row r at positions start[r] .. + new[r] - 1
+        state.ensure(K, hidden)
+        device, B = hidden.device, hidden.size(0)
+        N = torch.tensor([t.numel() for t in step.tokens])  # [B] committed tokens, on the CPU
+        # [B, max N + K]: each row's committed tokens, then its drafts as they are chosen
+        ext = nn.functional.pad(
+            nn.utils.rnn.pad_sequence(list(step.tokens), batch_first=True), (0, K)
+        )
+        rows = torch.arange(B, device=device)
+        fresh, fresh_len = hidden, torch.tensor(step.new)  # h^{k-1} computed this step
         drafts, qs = [], []
         for k in range(1, K + 1):
-            module = self.mtp[min(k, self.depth) - 1]
-            kv = state.cache(k)
-            done = state.done[k]  # per row: module k holds positions 0..done-1
-            rows_in, rows_tok, counts = [], [], []
-            for r in range(B):
-                c = done[r]
-                frontier = N[r] - 2 if k == 1 else N[r] - k  # last committed position of h^{k-1}
-                h_in = state.read(k - 1, r, c, frontier + 1)
-                if carried[r] is not None:
-                    h_in = torch.cat([h_in, carried[r]])
-                rows_in.append(h_in)  # [N_r - 1 - c, d]: positions c..N_r-2
-                rows_tok.append(ext[r][c + k : N[r] - 1 + k])  # x_{p+k} for those positions
-                counts.append(N[r] - 1 - c)
-            q = max(counts)
-            h_in = torch.stack([_pad(x, q) for x in rows_in])  # [B, q, d]
-            ahead = torch.stack([_pad(x, q) for x in rows_tok])  # [B, q]
-            positions = torch.tensor(done, device=device)[:, None] + torch.arange(q, device=device)
-            kwargs = self.parts.block_kwargs(h_in, positions, kv.cache, kv.padding_mask(q))
-            h_out = module(h_in, self.parts.embed(ahead), kwargs)  # [B, q, d]
-            committed = [max(0, N[r] - k - done[r]) for r in range(B)]
-            kv.commit(prefix_mask(committed, q, device))
-            for r in range(B):
-                if k < K:
-                    state.append(k, r, h_out[r, : committed[r]], done[r])
-                carried[r] = h_out[r, committed[r] : counts[r]]
-                done[r] += committed[r]
-            newest = torch.tensor(counts, device=device) - 1
-            logits = self.out_head(
-                min(k, self.depth) - 1, h_out[torch.arange(B, device=device), newest]
-            )
+            h_out, count = self._chain_step(state, k, ext, N, fresh, fresh_len)
+            newest = (count - 1).clamp(min=0).to(device)  # position N-2 of every row
+            logits = self.out_head(min(k, self.depth) - 1, h_out[rows, newest])
             token, q_k = pick(self.full_logits(logits))  # over [B, V]
+            ext.scatter_(1, (N - 1 + k).to(device)[:, None], token[:, None].to(ext.dtype))
             drafts.append(token)
             qs.append(q_k)
-            ext = [torch.cat([ext[r], token[r : r + 1]]) for r in range(B)]
-        state.trim()
+            fresh, fresh_len = h_out, count
         q_all = None if qs[0] is None else torch.stack(qs, dim=1)
         return torch.stack(drafts, dim=1), q_all
 
+    def _chain_step(
+        self,
+        state: DeepSeekDraftState,
+        k: int,
+        ext: torch.Tensor,
+        N: torch.Tensor,
+        fresh: torch.Tensor,
+        fresh_len: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module k over positions done..N-2 of every row, reading h^{k-1} there: what its
+        cache had not taken yet (``state.held``) followed by what module k-1 (the trunk, for
+        k = 1) computed this step, ``fresh`` [B, *, d] with ``fresh_len`` [B] per row. Commits
+        the positions that read committed tokens only; returns h^k over the positions it ran,
+        [B, q, d], and each row's count of them [B] (on the CPU)."""
+        i = k - 1
+        module = self.mtp[min(k, self.depth) - 1]
+        kv, done, held, held_len = state.caches[i], state.done[i], state.held[i], state.held_len[i]
+        count = N - 1 - done  # [B]
+        assert bool((held_len + fresh_len == count).all()), "h^{k-1} must stay contiguous"
+        q = max(int(count.max()), 1)
+        h_in = _join_rows(held, held_len, fresh, q)  # [B, q, d]
+        positions = done.to(ext.device)[:, None] + torch.arange(q, device=ext.device)  # [B, q]
+        ahead = ext.gather(1, (positions + k).clamp(max=ext.size(1) - 1))  # x_{p+k}
+        kwargs = self.parts.ragged_block_kwargs(h_in, positions, kv, module.kind)
+        h_out = module(h_in, self.parts.embed(ahead), kwargs)  # [B, q, d]
+        committed = (N - k - done).clamp(min=0)
+        kv.commit(committed.tolist())
+        # h^{k-1} is committed up to N-2 (the trunk's) or N-k: what module k has not cached
+        # of it stays held for the next step
+        frontier = N - max(k, 2)
+        keep = (frontier - done - committed + 1).clamp(min=0)
+        state.held[i], state.held_len[i] = _take_rows(h_in, committed, keep), keep
+        state.done[i] = done + committed
+        return h_out, count
 
-def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Right-pad the first dimension with zeros (slots past a row's count are never kept)."""
-    if x.size(0) == length:
-        return x
-    return torch.cat([x, x.new_zeros((length - x.size(0), *x.shape[1:]))])
+
+def _join_rows(a: torch.Tensor, a_len: torch.Tensor, b: torch.Tensor, q: int) -> torch.Tensor:
+    """[B, q, d]: row r's first ``a_len[r]`` entries of ``a`` [B, Wa, d], then ``b`` [B, Wb, d]
+    from its start. Entries past a row's own count are filler (never committed, and causal
+    attention keeps them from the positions before)."""
+    B, d = b.size(0), b.size(-1)
+    if b.size(1) < q:  # room for any row whose a part is empty
+        b = torch.cat([b, b.new_zeros(B, q - b.size(1), d)], dim=1)
+    j = torch.arange(q, device=b.device)[None, :]
+    a_len = a_len.to(b.device)[:, None]
+    index = torch.where(j < a_len, j, a.size(1) + j - a_len)  # [B, q] into [a ; b]
+    index = index.clamp(max=a.size(1) + b.size(1) - 1)
+    both = torch.cat([a, b], dim=1)  # [B, Wa + Wb, d]
+    return both.gather(1, index[..., None].expand(-1, -1, d))
+
+
+def _take_rows(x: torch.Tensor, begin: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """[B, max count, d]: row r's entries ``begin[r] .. begin[r] + count[r] - 1`` of ``x``
+    [B, W, d], left-aligned (past a row's count: filler)."""
+    width = int(count.max()) if count.numel() else 0
+    j = torch.arange(width, device=x.device)[None, :]
+    index = (begin.to(x.device)[:, None] + j).clamp(max=max(x.size(1) - 1, 0))  # [B, width]
+    return x.gather(1, index[..., None].expand(-1, -1, x.size(-1)))
 
 
 @dataclass
 class DeepSeekDraftState:
-    """Decode-time state of the chain, passed explicitly: a KV cache per (virtual) module k with
-    ``done[k][r]`` committed positions of row r, and for each level l the committed h^l of each
-    row that module l+1 has not yet taken into its cache."""
+    """Decode-time state of the chain, passed explicitly, for each (virtual) module k = i + 1:
+    its KV cache, ``done[i]`` [B] (CPU) the positions of each row it holds, and ``held[i]``
+    [B, W, d] the committed h^{k-1} at positions ``done[i]`` onwards that it has not taken
+    into its cache yet, ``held_len[i]`` [B] (CPU) of them per row (one, between steps, for
+    k > 1: h^{k-1} at N-k, whose token x_N is not committed yet)."""
 
     batch: int
     device: torch.device
-    caches: dict[int, RaggedCache] = field(default_factory=dict)
-    done: dict[int, list[int]] = field(default_factory=dict)
-    hist: dict[int, list[tuple[torch.Tensor, int] | None]] = field(default_factory=dict)
+    caches: list[RaggedCache] = field(default_factory=list)
+    done: list[torch.Tensor] = field(default_factory=list)
+    held: list[torch.Tensor] = field(default_factory=list)
+    held_len: list[torch.Tensor] = field(default_factory=list)
 
-    def cache(self, k: int) -> RaggedCache:
-        if k not in self.caches:
-            self.caches[k] = RaggedCache(self.batch, self.device)
-            self.done[k] = [0] * self.batch
-        return self.caches[k]
-
-    def append(self, level: int, row: int, h: torch.Tensor, start: int) -> None:
-        """Add h^level at positions start.. for a row (contiguous with what is held)."""
-        rows = self.hist.setdefault(level, [None] * self.batch)
-        if rows[row] is None:
-            rows[row] = (h, start)
+    def ensure(self, K: int, hidden: torch.Tensor) -> None:
+        """An empty chain of K modules at the first draft; the same K at every later one (a
+        module left out of a step would miss the states the next one reads)."""
+        if self.caches:
+            if K != len(self.caches):
+                raise ValueError(f"the chain drafted {len(self.caches)} tokens before, not {K}")
             return
-        old, old_start = rows[row]
-        assert old_start + old.size(0) == start, "h^l must stay contiguous"
-        rows[row] = (torch.cat([old, h]), old_start)
-
-    def read(self, level: int, row: int, begin: int, end: int) -> torch.Tensor:
-        h, start = self.hist[level][row]
-        return h[begin - start : end - start]
+        empty = hidden.new_zeros(self.batch, 0, hidden.size(-1))
+        self.caches = [RaggedCache(self.batch, self.device) for _ in range(K)]
+        self.done = [torch.zeros(self.batch, dtype=torch.long) for _ in range(K)]
+        self.held = [empty] * K
+        self.held_len = [torch.zeros(self.batch, dtype=torch.long) for _ in range(K)]
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` ([n] long, in that order)."""
-        keep = rows.tolist()
-        for kv in self.caches.values():
+        on_cpu = rows.cpu()
+        for kv in self.caches:
             kv.select(rows)
-        self.done = {k: [done[r] for r in keep] for k, done in self.done.items()}
-        self.hist = {level: [held[r] for r in keep] for level, held in self.hist.items()}
-        self.batch = len(keep)
-
-    def trim(self) -> None:
-        """Drop the h^l that module l+1 has taken into its cache."""
-        for level, rows in self.hist.items():
-            if level + 1 not in self.done:
-                continue
-            for r, entry in enumerate(rows):
-                if entry is not None and self.done[level + 1][r] > entry[1]:
-                    h, start = entry
-                    cut = self.done[level + 1][r]
-                    rows[r] = (h[cut - start :], cut)
+        self.done = [done[on_cpu] for done in self.done]
+        self.held = [held[rows.to(held.device)] for held in self.held]
+        self.held_len = [n[on_cpu] for n in self.held_len]
+        self.batch = rows.numel()

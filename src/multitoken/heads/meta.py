@@ -15,9 +15,9 @@ from torch import nn
 from multitoken.config import HeadConfig
 from multitoken.heads.base import Committed, HeadInputs, MTPHeads, Pick, register
 from multitoken.heads.draft_vocab import DraftVocab
-from multitoken.kvcache import RaggedCache, prefix_mask
+from multitoken.kvcache import RaggedCache
 from multitoken.losses import LossOutput, cross_entropy
-from multitoken.trunk import TrunkParts, run_layer
+from multitoken.trunk import TrunkParts, layer_kind, run_layer
 
 
 @register
@@ -34,6 +34,9 @@ class MetaHeads(DraftVocab, MTPHeads):
         self.branch_layer = config.resolved_branch_layer(parts.num_layers)
         b = self.branch_layer
         self.layers = nn.ModuleList(parts.new_layer(like=b) for _ in range(self.depth))
+        # each head attends as layer b does (a sliding window where b slides one), in training
+        # and in decoding alike
+        self.kind = parts.block_kind(like=b)
         self._init_draft_vocab(getattr(config, "draft_vocab", None))
         if config.init_from_trunk:  # on a pretrained trunk each head starts as layer b's twin
             for layer in self.layers:
@@ -45,14 +48,22 @@ class MetaHeads(DraftVocab, MTPHeads):
         return self.unembed_draft(self.parts.final_norm(h))
 
     def main_logits(self, branch_hidden: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
-        """The trunk's own next-token path from layer b on: layers b..L-1, final norm, lm_head."""
+        """The trunk's own next-token path from layer b on: layers b..L-1, final norm, lm_head,
+        each layer with the mask of its own kind (``layer_kwargs`` are layer b's)."""
+        by_kind: dict[str, dict] = {}
         h = branch_hidden
-        for layer in self.parts.layers[self.branch_layer :]:
-            h = run_layer(layer, h, layer_kwargs)
+        for i in range(self.branch_layer, self.parts.num_layers):
+            kind = layer_kind(self.parts.config, i)
+            if kind not in by_kind:
+                by_kind[kind] = self.parts.with_kind(layer_kwargs, branch_hidden, kind)
+            h = run_layer(self.parts.layers[i], h, by_kind[kind])
         return self.parts.unembed(self.parts.final_norm(h))
 
     def forward(self, branch_hidden: torch.Tensor, block_kwargs: dict) -> list[torch.Tensor]:
-        return [self.head_logits(k, branch_hidden, block_kwargs) for k in range(self.depth)]
+        """Teacher-forced logits of every head over positions 0..T-1 of the stream entering
+        layer b [B, T, d]; ``block_kwargs`` over those positions, of any mask kind."""
+        kwargs = self.parts.with_kind(block_kwargs, branch_hidden, self.kind)
+        return [self.head_logits(k, branch_hidden, kwargs) for k in range(self.depth)]
 
     def training_logits(self, inputs: HeadInputs) -> list[torch.Tensor]:
         return self(inputs.branch, inputs.block_kwargs)
@@ -77,16 +88,19 @@ class MetaHeads(DraftVocab, MTPHeads):
         device = stream.device
         positions = torch.tensor(step.start, device=device)[:, None] + torch.arange(
             n, device=device
-        )
-        valid = prefix_mask(step.new, n, device)
+        )  # [B, n]
+        # Every head's cache has committed the same slots of every row, so one mask and one
+        # rotary cos/sin serve all K heads; only the cache each attends over differs.
+        assert all(kv.slots == caches[0].slots for kv in caches[:K]), "head caches diverged"
+        shared = self.parts.ragged_block_kwargs(stream, positions, caches[0], self.kind)
         newest = (torch.tensor(step.new, device=device) - 1).clamp(min=0)
         last = []
         for k in range(K):
-            kv = caches[k]
-            kwargs = self.parts.block_kwargs(stream, positions, kv.cache, kv.padding_mask(n))
+            kwargs = {**shared, "cache": caches[k].cache} if "cache" in shared else shared
             h = run_layer(self.layers[k], stream, kwargs)  # [B, n, d]
-            kv.commit(valid)
             last.append(h[torch.arange(B, device=device), newest])
+        for kv in caches[:K]:
+            kv.commit(step.new)  # counts as a list: no device sync
         logits = self.unembed_draft(self.parts.final_norm(torch.stack(last, dim=1)))
         return pick(self.full_logits(logits))  # [B, K, V]
 
@@ -107,6 +121,7 @@ class MetaHeads(DraftVocab, MTPHeads):
     ) -> LossOutput:
         """Memory-efficient loss over the trunk's path (index 0) and every head (1..D)."""
         shared = self.shared_parameters()
+        head_kwargs = self.parts.with_kind(layer_kwargs, branch_hidden, self.kind)
         trunk_path = [
             p for layer in self.parts.layers[self.branch_layer :] for p in layer.parameters()
         ]
@@ -114,7 +129,7 @@ class MetaHeads(DraftVocab, MTPHeads):
         for k in range(self.depth):
             paths.append(
                 (
-                    lambda s, k=k: self.head_logits(k, s, layer_kwargs),
+                    lambda s, k=k: self.head_logits(k, s, head_kwargs),
                     list(self.layers[k].parameters()) + shared,
                 )
             )

@@ -1,0 +1,112 @@
+"""Drafting reads what training taught (invariants 3 and 4 of docs/design.md), driven here without
+the decoder: a batch whose rows differ in length and commit different counts every step, so the
+heads' caches get holes (and are compacted), one row committing nothing for a step, and rows
+leaving the batch in a new order midway. Every row's drafts must equal the argmax of the heads'
+own teacher-forced training logits at the same positions, on a full-attention trunk and on a
+sliding-window one, where holes must not shift the window (issue 9, items 1-3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import micro_llama, perturb_heads
+from test_heads_window import WINDOW, mistral
+
+from multitoken.config import HeadConfig
+from multitoken.heads import Committed, HeadInputs
+from multitoken.kvcache import RaggedCache
+from multitoken.model import MTPModel
+
+K = 3
+TRUNKS = {"llama": micro_llama, "mistral": mistral}
+
+
+def argmax(logits: torch.Tensor):
+    return logits.argmax(-1), None
+
+
+def committed(model: MTPModel, tokens: list[torch.Tensor], start: list[int]) -> Committed:
+    """Row r's positions start[r] .. N_r - 2 (the last token is pending), their states from a
+    fresh trunk forward over the row alone, right-padded into [B, n, d]."""
+    hidden, branch = [], []
+    for ids, s in zip(tokens, start):
+        out = model.trunk_forward(ids[None, :-1], model.heads.branch_layer)
+        hidden.append(out.hidden[0, s:])
+        branch.append(None if out.branch_hidden is None else out.branch_hidden[0, s:])
+    pad = torch.nn.utils.rnn.pad_sequence
+    return Committed(
+        list(tokens),
+        pad(hidden, batch_first=True),
+        None if branch[0] is None else pad(branch, batch_first=True),
+        list(start),
+        [h.size(0) for h in hidden],
+    )
+
+
+def teacher_forced(model: MTPModel, ids: torch.Tensor, drafts: list[int]) -> list[int]:
+    """Draft k as training defines it: the argmax of head k's teacher-forced logits at the
+    newest trunk position N-2, over x_0..x_{N-1}, d_1..d_{k-1}."""
+    N, out = ids.numel(), []
+    for k in range(1, len(drafts) + 1):
+        seq = torch.cat([ids, torch.tensor(drafts[: k - 1], dtype=ids.dtype)])[None]
+        t = model.trunk_forward(seq[:, : N - 1], model.heads.branch_layer)
+        inputs = HeadInputs(seq, t.hidden, t.branch_hidden, t.block_kwargs)
+        out.append(int(model.heads.training_logits(inputs)[k - 1][0, N - 2].argmax()))
+    return out
+
+
+def head_caches(state) -> list[RaggedCache]:
+    return state if isinstance(state, list) else state.caches
+
+
+@pytest.mark.parametrize("family", ["meta", "deepseek"])
+@pytest.mark.parametrize("trunk", ["llama", "mistral"])
+def test_drafts_of_ragged_rows_equal_teacher_forced_logits(family, trunk, monkeypatch):
+    model = perturb_heads(MTPModel(TRUNKS[trunk](), HeadConfig(family=family, depth=K)), 0, 0.3)
+    compactions = []
+    compact = RaggedCache.compact
+    monkeypatch.setattr(RaggedCache, "compact", lambda kv: compactions.append(compact(kv)))
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(3, 64, (n,), generator=g) for n in (9, 2, 5)]  # prompt + pending
+    start, state = [0, 0, 0], model.heads.new_draft_state(3)
+    ragged = checked = 0
+    with torch.no_grad():
+        for step in range(14):
+            if step == 7:  # the middle row leaves; the others swap places
+                order = [2, 0]
+                state = model.heads.select_draft_rows(state, torch.tensor(order))
+                tokens, start = [tokens[r] for r in order], [start[r] for r in order]
+            c = committed(model, tokens, start)
+            drafts = model.heads.draft(state, c, K, argmax)[0].tolist()
+            for ids, row, new in zip(tokens, drafts, c.new):
+                if new:  # a row that committed nothing has nothing new to draft from
+                    assert row == teacher_forced(model, ids, row), (step, ids.numel())
+                    checked += 1
+            ragged += any(kv.ragged for kv in head_caches(state))
+            # each row in turn accepts every draft while the others accept none or one, so
+            # every row gets holes, enough for the caches to be compacted
+            some = torch.randint(1, 3, (len(tokens),), generator=g).tolist()
+            accepted = [K + 1 if (step + r) % 3 == 0 else a for r, a in enumerate(some)]
+            if step == 3:
+                accepted[0] = 0  # a finished row still in the batch commits nothing
+            start = [ids.numel() - 1 for ids in tokens]
+            bonus = torch.randint(3, 64, (len(tokens),), generator=g).tolist()
+            tokens = [
+                torch.cat([ids, torch.tensor(row[: a - 1] + [b])]) if a else ids
+                for ids, row, a, b in zip(tokens, drafts, accepted, bonus)
+            ]
+    assert checked >= 30 and ragged >= 5 and compactions  # holes were drafted over
+    assert min(ids.numel() for ids in tokens) > 4 * WINDOW  # far past the window
+
+
+def test_the_chain_drafts_the_same_count_every_step():
+    """DeepSeek's state holds, for module k+1, the states module k committed: a step that left
+    a module out would leave a gap, so a changed K is refused rather than drafted wrongly."""
+    model = MTPModel(micro_llama(), HeadConfig(family="deepseek", depth=2))
+    tokens = [torch.tensor([5, 6, 7, 8])]
+    state = model.heads.new_draft_state(1)
+    with torch.no_grad():
+        model.heads.draft(state, committed(model, tokens, [0]), 2, argmax)
+        tokens = [torch.cat([tokens[0], torch.tensor([9])])]
+        with pytest.raises(ValueError, match="drafted 2 tokens before, not 3"):
+            model.heads.draft(state, committed(model, tokens, [3]), 3, argmax)
