@@ -13,6 +13,7 @@ from conftest import micro_llama
 
 import multitoken
 from multitoken import bench
+from multitoken.cli import bench as bench_command
 from multitoken.errors import MultitokenError
 from multitoken.prompts import window_prompts
 from multitoken.tokenizer import ByteTokenizer
@@ -36,7 +37,7 @@ PROMPTS, PROMPT_TOKENS, NEW = 2, 16, 8
 def parse(*argv: str) -> argparse.Namespace:
     """The CLI's own parser is wired elsewhere; this one holds just the bench subcommand."""
     parser = argparse.ArgumentParser()
-    bench.add_parser(parser.add_subparsers(dest="command"))
+    bench_command.add_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["bench", *argv])
 
 
@@ -88,7 +89,7 @@ def report(checkpoint, tmp_path_factory) -> tuple[dict, Path]:
         "--plot",
         str(out / "bench.png"),
     )
-    assert bench.run(args) == 0
+    assert bench_command.run(args) == 0
     return json.loads((out / "bench.json").read_text()), out
 
 
@@ -197,7 +198,7 @@ def test_bad_input_names_the_flag(checkpoint, tmp_path):
     ]
     for extra, flag in cases:
         with pytest.raises(MultitokenError) as caught:
-            bench.run(parse("--checkpoint", str(checkpoint), *extra))
+            bench_command.run(parse("--checkpoint", str(checkpoint), *extra))
         assert caught.value.flag == flag, extra
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "micro"]
 
@@ -291,3 +292,22 @@ def test_several_heads_on_one_trunk_share_the_baselines(tmp_path):
     stranger = MTPModel(micro_llama(seed=4), HeadConfig(family="bpd", depth=1)).eval()
     with pytest.raises(MultitokenError, match="same trunk"):
         bench.bench(model, [[5, 6, 7, 8]], [1], 4, prompt_lookup=0, also={"x": stranger})
+
+
+def test_the_trunk_validation_loss_is_the_reported_one_and_leaves_the_dtype(checkpoint, report):
+    """``evaluate`` lives beside the model: the command's figure is trunk_validation's, scored
+    in fp32 whatever the model decodes in; the trainer still finds it under its old name."""
+    from multitoken import trainer
+    from multitoken.data import Corpus
+    from multitoken.evaluate import evaluate, trunk_validation
+
+    assert trainer.evaluate is evaluate
+    result, _ = report
+    model = multitoken.load(checkpoint)
+    corpus = Corpus.from_specs([str(checkpoint.parent / "text")], 0.05)
+    scores = trunk_validation(model, corpus, seq_len=32, batch_size=2)
+    assert scores == {"val_loss": result["val_loss"], "val_accuracy": result["val_accuracy"]}
+    model.to(torch.bfloat16)
+    rounded = trunk_validation(model, corpus, seq_len=32, batch_size=2)
+    assert model.parts.embed.weight.dtype == torch.bfloat16
+    assert rounded["val_loss"] == pytest.approx(scores["val_loss"], abs=0.05)

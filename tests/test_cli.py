@@ -347,3 +347,54 @@ def test_distill_writes_the_trunks_own_continuations_and_resumes(checkpoint, tmp
     assert main(args) == 0
     again = [json.loads(x) for x in out.read_text().splitlines()]
     assert again == lines
+
+
+def test_every_subcommand_in_the_dispatch_table_has_a_parser_and_a_runner():
+    from multitoken.cli import COMMANDS
+    from multitoken.cli.flags import Parser
+
+    listed = build_parser()._subparsers._group_actions[0].choices
+    assert list(listed) == list(COMMANDS)
+    assert set(COMMANDS) == {"train", "generate", "distill", "bench", "export", "tokenizer"}
+    for name, module in COMMANDS.items():
+        subparsers = Parser().add_subparsers(dest="command")
+        module.add_parser(subparsers)
+        assert list(subparsers.choices) == [name], module.__name__  # adds itself, nothing else
+        assert callable(module.run), module.__name__
+
+
+def test_main_runs_the_module_the_table_names(monkeypatch):
+    from multitoken.cli import COMMANDS
+
+    seen = []
+
+    def fake_run(args) -> int:
+        seen.append((args.command, args.format, args.out))
+        return 7
+
+    monkeypatch.setattr(COMMANDS["export"], "run", fake_run)
+    assert main(["export", "--checkpoint", "c", "--out", "o", "--heads-only"]) == 7
+    assert seen == [("export", "heads", "o")]
+
+
+def _modules_after_import(module: str) -> set[str]:
+    """The modules a fresh interpreter holds after importing ``module`` and nothing else."""
+    code = f"import sys, {module}; print(' '.join(sorted(sys.modules)))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    return set(proc.stdout.split())
+
+
+def test_the_command_line_loads_torch_only_when_a_command_runs():
+    loaded = _modules_after_import("multitoken.cli")
+    assert "multitoken.cli.bench" in loaded  # the whole dispatch table was imported
+    assert not {"torch", "transformers", "multitoken.trainer"} & loaded  # --help stays quick
+
+
+def test_bench_is_a_library_without_training_or_command_line_code():
+    loaded = _modules_after_import("multitoken.bench")
+    assert "multitoken.generate" in loaded  # it did import what it measures
+    training = {"multitoken.trainer", "multitoken.featcache", "multitoken.packing"}
+    assert not (training | {"multitoken.cli", "multitoken.data"}) & loaded
+    assert not any(name.startswith("multitoken.cli.") for name in loaded)

@@ -1,4 +1,6 @@
-"""``multitoken bench``: is self-speculative decoding faster than the alternatives, here, really?
+"""``multitoken bench``'s measuring: is self-speculative decoding faster than the alternatives,
+here, really? (The command itself is :mod:`multitoken.cli.bench`; transformers' methods are
+:mod:`multitoken.bench_peers`, the table and figure :mod:`multitoken.bench_plot`.)
 
 A high τ can come with a wall-clock slowdown (drafting costs time, and a verify pass over K+1
 tokens costs more than a pass over 1), and a weak trunk that loops inflates τ (shared/DESIGN.md
@@ -21,34 +23,59 @@ on validation text.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel
 
-from multitoken.config import GenerateConfig, RuntimeConfig
+from multitoken.bench_peers import (
+    ASSISTED,
+    HF_GREEDY,
+    PROMPT_LOOKUP,
+    Decode,
+    baselines,
+    load_draft_model,
+    transformers_method,
+)
+from multitoken.config import GenerateConfig
 from multitoken.costs import remember_cost, verify_cost
 from multitoken.errors import MultitokenError
 from multitoken.generate import generate
-from multitoken.hardware import cpu_kind, place_for_decoding, sync
+from multitoken.hardware import cpu_kind, sync
 from multitoken.heads import head_class
 from multitoken.kernels import choose_linear_kernel, linear_kernels
 from multitoken.model import MTPModel
-from multitoken.prompts import read_prompt_records, window_prompts
+from multitoken.prompts import read_prompt_records
+
+# transformers' methods and the draft model's loader are bench_peers'; named here as well, so
+# that every method name and everything ``multitoken bench`` runs is one import away
+__all__ = [
+    "ASSISTED",
+    "AUTO",
+    "HF_GREEDY",
+    "PLAIN",
+    "PROMPT_LOOKUP",
+    "SPECULATIVE",
+    "bench",
+    "check_fits",
+    "default_draft_lens",
+    "load_draft_model",
+    "measure",
+    "ours",
+    "outputs_identical",
+    "parse_draft_lens",
+    "pooled_acceptance",
+    "read_prompt_file",
+    "repeated_ngram_share",
+    "transformers_method",
+]
 
 PLAIN, SPECULATIVE, AUTO = "plain", "speculative", "auto"
-HF_GREEDY, PROMPT_LOOKUP, ASSISTED = "hf_greedy", "prompt_lookup", "assisted"
 OURS_SPECULATIVE = (SPECULATIVE, AUTO)
-
-# A method decodes one prompt: (new tokens, trunk passes, our Stats or None for transformers').
-Decode = Callable[[list[int]], tuple[list[int], int, object]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,25 +114,6 @@ def read_prompt_file(path: str | Path, tokenizer) -> list[list[int]]:
     return [prompt.encode(tokenizer) for prompt in read_prompt_records(path)]
 
 
-def load_draft_model(path: str | Path, vocab_size: int) -> PreTrainedModel:
-    """A transformers causal-LM folder, or a multitoken checkpoint/run folder (its trunk)."""
-    from multitoken.checkpoint import checkpoint_trunk, is_run_or_checkpoint
-    from multitoken.trunk import load_trunk
-
-    try:
-        draft = checkpoint_trunk(path) if is_run_or_checkpoint(path) else load_trunk(path)
-    except MultitokenError as exc:
-        raise MultitokenError(exc.message, "--draft-model") from None
-    theirs = draft.get_output_embeddings().weight.shape[0]
-    if theirs != vocab_size:
-        raise MultitokenError(
-            f"the draft model has {theirs} tokens, the trunk {vocab_size}: assisted generation "
-            "needs the same tokenizer",
-            "--draft-model",
-        )
-    return draft.eval()
-
-
 def check_fits(model: MTPModel, prompts: list[list[int]], new: int, K: int, flag: str) -> None:
     """Fail before any timing if a prompt plus its continuation overflows the context window."""
     limit = getattr(model.trunk.config, "max_position_embeddings", None)
@@ -139,26 +147,6 @@ def ours(model: MTPModel, new: int, K: int | str | None, kernel: str = "torch") 
         spec.update(linear_kernel=kernel)
         out = generate(model, [prompt], max_new_tokens=new, eos_id=None, **spec)
         return out.tokens[0], out.stats.trunk_passes, out.stats
-
-    return decode
-
-
-def transformers_method(model: MTPModel, new: int, passes: list[int], **extra) -> Decode:
-    """``model.trunk.generate`` greedy for one prompt; ``passes[0]`` counts trunk calls.
-    ``eos_token_id=None`` keeps it going: ``min_new_tokens`` would instead mask EOS and so
-    change the output."""
-    from multitoken.trunk import quiet_transformers
-
-    device = model.parts.embed.weight.device
-    options = dict(max_new_tokens=new, eos_token_id=None, **extra)
-
-    def decode(prompt: list[int]):
-        ids = torch.tensor([prompt], device=device)
-        passes[0] = 0
-        mask = torch.ones_like(ids)
-        with quiet_transformers(warnings=False):  # assisted generation warns on every call
-            out = model.trunk.generate(ids, attention_mask=mask, do_sample=False, **options)
-        return out[0, ids.shape[1] :].tolist(), passes[0], None
 
     return decode
 
@@ -239,6 +227,15 @@ def _drafting(stats: list) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+class Method(NamedTuple):
+    """One row of the benchmark: a method, its draft length, its decoder, and whose heads."""
+
+    name: str
+    K: int | None
+    decode: Decode
+    label: str | None  # the heads' label for ours; None for plain decoding and the baselines
+
+
 def bench(
     model: MTPModel,
     prompts: list[list[int]],
@@ -269,8 +266,6 @@ def bench(
     The baselines run once; each set of heads gets its speculative and auto rows, and every
     row of ours names its heads (``"heads"``: the label, or ``model``'s family).
     """
-    from tqdm import tqdm
-
     if not prompts or not draft_lens or max_new_tokens < 1 or repeats < 1 or prompt_lookup < 0:
         raise MultitokenError(
             "need prompts, draft lengths, max_new_tokens >= 1, repeats >= 1, prompt_lookup >= 0"
@@ -281,29 +276,56 @@ def bench(
     depth = max(m.depth for m in heads.values())
     longest = max(draft_lens + [prompt_lookup, depth])  # auto drafts up to D
     check_fits(model, prompts, max_new_tokens, longest, "prompts")
-    device, new, passes = model.parts.embed.weight.device, max_new_tokens, [0]
-    vocab = model.trunk.get_output_embeddings().weight.shape[0]
     kernel = choose_linear_kernel(linear_kernel, model)
-    methods = [(PLAIN, None, ours(model, new, None, kernel), None)]
-    for label, m in heads.items():
-        longest = m.heads.max_draft_len()
-        lens = [K for K in draft_lens if longest is None or K <= longest]
-        methods += [(SPECULATIVE, K, ours(m, new, K, kernel), label) for K in lens]
-        methods.append((AUTO, None, ours(m, new, "auto", kernel), label))
-    methods.append((HF_GREEDY, None, transformers_method(model, new, passes), None))
-    if prompt_lookup:
-        lookup = transformers_method(model, new, passes, prompt_lookup_num_tokens=prompt_lookup)
-        methods.append((PROMPT_LOOKUP, prompt_lookup, lookup, None))
-    if draft_model is not None:
-        assistant = draft_model.to(device)
-        assisted = transformers_method(model, new, passes, assistant_model=assistant)
-        methods.append((ASSISTED, None, assisted, None))
-
+    passes = [0]  # trunk calls, counted by a hook for transformers' methods
+    methods = _ours(model, heads, draft_lens, max_new_tokens, kernel)
+    peers = baselines(model, max_new_tokens, passes, prompt_lookup, draft_model)
+    methods += [Method(name, K, decode, None) for name, K, decode in peers]
     # c(q) first, on a machine not yet warmed by decoding; auto K then uses this same curve
     q_max = max(draft_lens + [depth]) + 1
     with torch.no_grad(), linear_kernels(model, kernel):
         cost = verify_cost(model.trunk, prompts[0], q_max)
         remember_cost(model.trunk, cost)  # keyed by the kernel: auto K finds it
+    runs, reference = _measure_all(model, heads, methods, prompts, passes, repeats, progress)
+    _add_speedups(runs, cost)
+    share = repeated_ngram_share(prompts, reference)
+    return {
+        "runs": runs,
+        "verify_cost": cost,
+        "repeated_8gram_share": share,
+        **_machine(model, kernel),
+    }
+
+
+def _ours(
+    model: MTPModel, heads: dict[str, MTPModel], draft_lens: list[int], new: int, kernel: str
+) -> list[Method]:
+    """Plain decoding (the reference, so first), then each set of heads' fixed-K and auto rows;
+    a K past what the heads can draft is left out for them."""
+    methods = [Method(PLAIN, None, ours(model, new, None, kernel), None)]
+    for label, m in heads.items():
+        longest = m.heads.max_draft_len()
+        lens = [K for K in draft_lens if longest is None or K <= longest]
+        methods += [Method(SPECULATIVE, K, ours(m, new, K, kernel), label) for K in lens]
+        methods.append(Method(AUTO, None, ours(m, new, "auto", kernel), label))
+    return methods
+
+
+def _measure_all(
+    model: MTPModel,
+    heads: dict[str, MTPModel],
+    methods: list[Method],
+    prompts: list[list[int]],
+    passes: list[int],
+    repeats: int,
+    progress: bool,
+) -> tuple[list[dict], list[list[int]]]:
+    """Every method in turn, each checked against the first (plain decoding); returns the runs
+    and plain decoding's outputs."""
+    from tqdm import tqdm
+
+    device = model.parts.embed.weight.device
+    vocab = model.trunk.get_output_embeddings().weight.shape[0]
     hook = model.trunk.register_forward_pre_hook(lambda *_: passes.__setitem__(0, passes[0] + 1))
     # disable=None: a bar on a terminal only, so logs and pipes stay clean
     bar = tqdm(total=len(methods) * repeats * len(prompts), disable=None if progress else True)
@@ -325,16 +347,18 @@ def bench(
     finally:
         bar.close()
         hook.remove()
-    _add_speedups(runs, cost)
-    repeats_share = repeated_ngram_share(prompts, reference)
-    machine = {
-        "device": str(device),
+    return runs, reference
+
+
+def _machine(model: MTPModel, kernel: str) -> dict:
+    """What the figures were measured on: they mean little without it."""
+    return {
+        "device": str(model.parts.embed.weight.device),
         "cpu": cpu_kind(),
         "threads": torch.get_num_threads(),
         "dtype": str(model.parts.embed.weight.dtype).removeprefix("torch."),
         "linear_kernel": kernel,
     }
-    return {"runs": runs, "verify_cost": cost, "repeated_8gram_share": repeats_share, **machine}
 
 
 def repeated_ngram_share(prompts: list[list[int]], outputs: list[list[int]], n: int = 8) -> float:
@@ -369,211 +393,3 @@ def _add_speedups(runs: list[dict], cost: dict) -> None:
             counts = {int(k): n for k, n in r["draft_len_counts"].items()}
             mean_c = sum(c[k + 1] * n for k, n in counts.items()) / max(1, sum(counts.values()))
             r["verify_bound"] = r["tau"] / mean_c
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``bench`` to the CLI's subcommands (built with the subparsers' own parser class)."""
-    p = subparsers.add_parser(
-        "bench",
-        help="measure decoding speed: ours (plain, speculative) vs transformers' methods",
-        description="Decode the same prompts greedily with every method, check that the outputs "
-        "are identical, and report tau, per-head acceptance, tokens/s, speedups, the verify-cost "
-        "curve c(q) and the trunk's validation loss.",
-    )
-    add = p.add_argument
-    add(
-        "--checkpoint",
-        required=True,
-        metavar="DIR",
-        help="checkpoint or run folder, or a plain transformers model folder (with --heads)",
-    )
-    add(
-        "--heads",
-        nargs="+",
-        metavar="DIR",
-        help="heads folder(s) or runs to attach to that trunk; several are measured side by side "
-        "against one set of baselines",
-    )
-    add("--draft-lens", metavar="K,...", help="e.g. 1,2,4 (default: 1..D; deepseek adds D+2)")
-    add(
-        "--prompts",
-        metavar="FILE",
-        help='one prompt per line, or .jsonl with a "text" or a "messages" chat (rendered with '
-        "the chat template)",
-    )
-    add(
-        "--data",
-        nargs="+",
-        metavar="SPEC",
-        help="corpus whose validation split gives the prompts and the trunk's validation loss "
-        "(default: the checkpoint's training data; 'stdlib' for the default corpus; use "
-        "it when the heads were trained on distilled text)",
-    )
-    add("--num-prompts", type=int, metavar="N", help="default: 8, or all of --prompts FILE")
-    add("--prompt-tokens", type=int, metavar="N", default=64, help="prompt length (default: 64)")
-    add("--max-new-tokens", type=int, metavar="N", default=64, help="per prompt (default: 64)")
-    add("--draft-model", metavar="DIR", help="small model (same vocabulary) for assisted")
-    add("--prompt-lookup", type=int, metavar="N", default=3, help="0: off (default: 3)")
-    add("--repeats", type=int, metavar="N", default=1, help="timed passes per method (default: 1)")
-    add("--json", metavar="FILE", help="write every figure as JSON")
-    add("--plot", metavar="FILE", help="write a PNG: acceptance and speedup against K")
-    kernel = next(f for f in dataclasses.fields(GenerateConfig) if f.name == "linear_kernel")
-    add(
-        "--linear-kernel",
-        default=kernel.default,
-        choices=kernel.metadata["choices"],
-        help=f"{kernel.metadata['help']} (default: {kernel.default})",
-    )
-    return p
-
-
-_LEAST = {"num_prompts": 1, "prompt_tokens": 1, "repeats": 1, "prompt_lookup": 0}
-
-
-def _check_numbers(args: argparse.Namespace) -> None:
-    # the decoding options bench shares with generate are checked where generate's are
-    GenerateConfig(max_new_tokens=args.max_new_tokens, linear_kernel=args.linear_kernel).validate()
-    for name, least in _LEAST.items():
-        value = getattr(args, name)
-        if value is not None and value < least:
-            raise MultitokenError(f"must be >= {least}, got {value}", "--" + name.replace("_", "-"))
-
-
-def _output_path(value: str | None, flag: str) -> Path | None:
-    """Checked before minutes of measuring, not after."""
-    path = None if value is None else Path(value)
-    if path is not None and (path.is_dir() or not path.parent.is_dir()):
-        raise MultitokenError(f"cannot write {path}: not a file in an existing folder", flag)
-    return path
-
-
-def _prompts(args: argparse.Namespace, tokenizer, corpus, corpus_error: str | None):
-    """(prompts, where they came from, the flag to blame if they are too long)."""
-    from multitoken.data import FULL_SPAN, iter_texts
-
-    if args.prompts is not None:
-        prompts = read_prompt_file(args.prompts, tokenizer)[: args.num_prompts]
-        return prompts, str(args.prompts), "--prompts"
-    if corpus is None:
-        raise MultitokenError(
-            f"cannot rebuild the checkpoint's validation split ({corpus_error}); give a file",
-            "--prompts",
-        )
-    texts = iter_texts(corpus.val_files, corpus.stream_kwargs("val").get("span", FULL_SPAN))
-    windows = window_prompts(texts, tokenizer, args.num_prompts or 8, args.prompt_tokens)
-    # A window is a fragment; as a prompt it starts as the tokenizer starts a text (a BOS).
-    prompts = [tokenizer.added_specials.around(ids) for ids in windows]
-    if not prompts:
-        raise MultitokenError(
-            f"no line of the validation split starts {args.prompt_tokens} tokens of text",
-            "--prompt-tokens",
-        )
-    return prompts, "validation", "--prompt-tokens"
-
-
-def _validation(model: MTPModel, corpus, config: dict) -> dict:
-    """The trunk's loss on a few validation batches in fp32. A τ means little without it: a
-    weak trunk's greedy output loops, and heads predict loops well (DESIGN.md §Measured)."""
-    from multitoken.packing import validation_batches
-    from multitoken.trainer import evaluate
-
-    seq_len, batch = config.get("seq_len", 256), config.get("batch_size", 8)
-    batches = validation_batches(corpus, model.tokenizer, seq_len, batch, 4)
-    dtype = model.parts.embed.weight.dtype
-    try:
-        scores = evaluate(model.float(), batches, 1.0, contextlib.nullcontext)
-    finally:
-        model.to(dtype)
-    return {"val_loss": scores["main_loss"], "val_accuracy": scores["main_acc"]}
-
-
-def _more_heads(model: MTPModel, folders: list[str]) -> dict[str, MTPModel]:
-    """Further ``--heads`` on ``model``'s trunk object, labelled by folder name (made unique)."""
-    from multitoken.checkpoint import resolve_checkpoint
-    from multitoken.headfile import is_heads_folder, load_heads
-
-    labels = [model.family]
-    also = {}
-    for folder in folders:
-        path = Path(folder)
-        label = path.name if path.name not in labels else f"{path.name}-{len(labels)}"
-        labels.append(label)
-        if not is_heads_folder(path):
-            path = resolve_checkpoint(path, "--heads")
-        also[label] = load_heads(model.trunk, path, "--heads").eval()
-    return also
-
-
-def run(args: argparse.Namespace) -> int:
-    """The ``bench`` command: every input is checked before any timing; then measure, report."""
-    import multitoken
-    from multitoken.bench_plot import format_report, plot
-    from multitoken.checkpoint import is_run_or_checkpoint, read_meta, resolve_checkpoint
-    from multitoken.cli import error_line
-    from multitoken.data import Corpus
-    from multitoken.fileio import write_json_atomic
-
-    _check_numbers(args)
-    json_path, plot_path = _output_path(args.json, "--json"), _output_path(args.plot, "--plot")
-    runtime = RuntimeConfig.from_options(args)
-    runtime.validate()
-    heads = args.heads or [None]
-    model = multitoken.load(args.checkpoint, heads=heads[0], flag="--checkpoint")
-    if model.heads is None:
-        raise MultitokenError(f"{args.checkpoint} has no heads to measure; add --heads", "--heads")
-    also = _more_heads(model, heads[1:])
-    precision = place_for_decoding(model, runtime.device, runtime.precision)
-    for other in also.values():
-        place_for_decoding(other, runtime.device, runtime.precision)
-    device = model.parts.embed.weight.device
-    family, depth = model.family, model.depth
-    draft_lens = parse_draft_lens(
-        args.draft_lens, family, max(m.depth for m in [model, *also.values()])
-    )
-    ckpt, meta = Path(args.checkpoint), {"train_config": {}}
-    if is_run_or_checkpoint(ckpt):
-        ckpt = resolve_checkpoint(ckpt, "--checkpoint")
-        meta = read_meta(ckpt)
-    vocab = model.trunk.get_output_embeddings().weight.shape[0]
-    draft = None if args.draft_model is None else load_draft_model(args.draft_model, vocab)
-    config = meta.get("train_config", {})
-    corpus, corpus_error = None, None
-    try:
-        specs = args.data if args.data is not None else config.get("data")
-        corpus = Corpus.from_specs(specs or None, config.get("val_fraction", 0.05))
-    except MultitokenError as exc:
-        corpus_error = error_line(exc)
-    prompts, source, flag = _prompts(args, model.tokenizer, corpus, corpus_error)
-    longest = max(draft_lens + [args.prompt_lookup, depth])  # auto drafts up to D
-    check_fits(model, prompts, args.max_new_tokens, longest, flag)
-
-    kernel = choose_linear_kernel(args.linear_kernel, model)
-    print(f"multitoken: {precision.describe()}", file=sys.stderr)  # every input checked
-    result: dict = {"checkpoint": str(ckpt), "family": family, "depth": depth}
-    result.update(device=str(device), threads=torch.get_num_threads(), cpu=cpu_kind())
-    result.update(precision=precision.name, precision_reason=precision.reason)
-    result.update(val_loss=None, val_accuracy=None)
-    if corpus is not None:
-        try:
-            result.update(_validation(model, corpus, config))
-        except MultitokenError as exc:  # a split too small for a batch: time all the same
-            print(f"multitoken: no validation loss: {error_line(exc)}", file=sys.stderr)
-    result["prompts"] = {"source": source, "count": len(prompts), "tokens": list(map(len, prompts))}
-    result.update(max_new_tokens=args.max_new_tokens, repeats=args.repeats)
-    new, lookup, repeats = args.max_new_tokens, args.prompt_lookup, args.repeats
-    result.update(
-        bench(
-            model, prompts, draft_lens, new, draft, lookup, repeats, also=also, linear_kernel=kernel
-        )
-    )
-    print(format_report(result))
-    if json_path is not None:
-        write_json_atomic(json_path, result)
-    if plot_path is not None:
-        plot(result, plot_path)
-    return 0

@@ -123,7 +123,7 @@ def _machine(result: dict) -> str:
 
 
 def plot(result: dict, path: str | Path) -> None:
-    """Draw ``result`` (what :func:`multitoken.bench.run` writes as JSON) to a PNG, atomically."""
+    """Draw ``result`` (what ``multitoken bench --json`` writes) to a PNG, atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # only when a plot is asked for
     from matplotlib.figure import Figure
 
@@ -133,7 +133,14 @@ def plot(result: dict, path: str | Path) -> None:
     spec = sorted(
         (r for r in result["runs"] if r["method"] == "speculative"), key=lambda r: r["draft_len"]
     )
+    _plot_acceptance(accept, spec, result)
+    _plot_speedup(speed, spec, result)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
 
+
+def _plot_acceptance(accept, spec: list[dict], result: dict) -> None:
+    """Left panel: a_k against k, one line per speculative run (``spec``, sorted by K)."""
     several = _several_heads(result)
     for r in spec:
         ks = range(1, len(r["acceptance"]) + 1)
@@ -149,6 +156,11 @@ def plot(result: dict, path: str | Path) -> None:
     if spec:
         accept.legend()
 
+
+def _plot_speedup(speed, spec: list[dict], result: dict) -> None:
+    """Right panel: speedup and τ against K per set of heads (with the bound τ / c(K+1) for
+    one), and every method without one K of ours as a flat line."""
+    several = _several_heads(result)
     groups: dict[str | None, list[dict]] = {}
     for r in spec:
         groups.setdefault(r.get("heads"), []).append(r)
@@ -183,6 +195,3 @@ def plot(result: dict, path: str | Path) -> None:
     if ks:
         speed.set_xticks(ks)
     speed.legend(fontsize="small")
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)

@@ -1,4 +1,4 @@
-"""Typed configuration: trunk presets, head config, training config — validated in one place.
+"""Typed configuration: head config, training config, decoding — validated in one place.
 
 Every default lives in a dataclass field here. The CLI builds its flags from these fields
 (``multitoken.cli``), config files name the same fields, and ``multitoken.train(**kwargs)`` takes
@@ -21,65 +21,31 @@ else:  # the standard library's TOML parser from 3.11 on; the same code as tomli
     import tomli as tomllib
 
 from multitoken.errors import MultitokenError
+from multitoken.presets import PRESETS, PRETRAINED_LR, TrunkPreset
+
+# The trunk presets are named here too: the options that choose among them are this module's.
+__all__ = [
+    "FAMILIES",
+    "HEAD_LABELS",
+    "LINEAR_KERNELS",
+    "PRECISIONS",
+    "PRESETS",
+    "PRETRAINED_LR",
+    "GenerateConfig",
+    "HeadConfig",
+    "LambdaSchedule",
+    "RuntimeConfig",
+    "TrainConfig",
+    "TrunkPreset",
+    "default_lambda",
+    "draft_len_value",
+    "read_config_file",
+]
 
 FAMILIES = ("bpd", "meta", "deepseek")
 PRECISIONS = ("auto", "bf16", "fp32")
 LINEAR_KERNELS = ("auto", "onednn", "torch")  # multitoken.kernels
 HEAD_LABELS = ("text", "trunk")  # multitoken.losses
-
-
-# --------------------------------------------------------------------------------------------
-# Trunk presets (from-scratch trunks are plain Llama configs)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrunkPreset:
-    """Shape of a from-scratch Llama trunk. Parameter counts are for the byte-level vocabulary."""
-
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    lr: float  # a learning rate known to train this size well from scratch
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-
-    def llama_config(self, vocab_size: int, bos_id: int, eos_id: int, pad_id: int):
-        from transformers import LlamaConfig
-
-        return LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_heads,
-            max_position_embeddings=self.max_position_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            bos_token_id=bos_id,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-        )
-
-
-PRESETS: dict[str, TrunkPreset] = {
-    # ~3.3M parameters: tests and the demo.
-    "tiny": TrunkPreset(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=704, lr=2e-3),
-    # ~25M parameters.
-    "small": TrunkPreset(
-        hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408, lr=1e-3
-    ),
-    # ~100M parameters.
-    "base": TrunkPreset(
-        hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2560, lr=6e-4
-    ),
-}
-
-# Learning rate when fine-tuning a pretrained --trunk (heads only or jointly).
-PRETRAINED_LR = 1e-4
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,55 +107,47 @@ def default_lambda(family: str) -> str:
 
 
 def _opt(help: str, flag: str | None = None, **extra: Any) -> dict[str, Any]:
-    """Field metadata read by the CLI builder."""
+    """Field metadata read by the CLI builder (``multitoken.cli.flags``)."""
     return {"help": help, "flag": flag, **extra}
+
+
+def _field(default: Any, help: str, flag: str | None = None, **extra: Any) -> Any:
+    """A dataclass field that is also a CLI flag: its default, and the metadata of :func:`_opt`."""
+    return field(default=default, metadata=_opt(help, flag, **extra))
 
 
 @dataclass
 class HeadConfig:
     """Which MTP heads to attach to the trunk (shared/DESIGN.md §The three head families)."""
 
-    family: str = field(
-        default="deepseek",
-        metadata=_opt(
-            "head family: bpd (Stern 2018 / Medusa), meta (Gloeckle 2024), "
-            "deepseek (DeepSeek-V3 sequential modules)",
-            choices=FAMILIES,
-        ),
+    family: str = _field(
+        "deepseek",
+        "head family: bpd (Stern 2018 / Medusa), meta (Gloeckle 2024), "
+        "deepseek (DeepSeek-V3 sequential modules)",
+        choices=FAMILIES,
     )
-    depth: int = field(
-        default=1, metadata=_opt("D, the number of extra future tokens predicted per position")
+    depth: int = _field(1, "D, the number of extra future tokens predicted per position")
+    branch_layer: int | None = _field(
+        None, "meta: trunk layer b whose input stream the heads read (default L-1)"
     )
-    branch_layer: int | None = field(
-        default=None,
-        metadata=_opt("meta: trunk layer b whose input stream the heads read (default L-1)"),
+    bpd_unembed: str = _field(
+        "shared",
+        "bpd: share the trunk's unembedding, or give each head its own "
+        "(Medusa), initialised from the trunk's",
+        choices=("shared", "per-head"),
     )
-    bpd_unembed: str = field(
-        default="shared",
-        metadata=_opt(
-            "bpd: share the trunk's unembedding, or give each head its own "
-            "(Medusa), initialised from the trunk's",
-            choices=("shared", "per-head"),
-        ),
+    bpd_hidden: int | None = _field(None, "bpd: hidden width of each head's FFN (default: d_model)")
+    init_from_trunk: bool | None = _field(
+        None,
+        "meta/deepseek: start each head's block as a copy of a trunk layer (meta: the branch "
+        "layer b it sits beside; deepseek: the last) (default: on for a pretrained --trunk, "
+        "off from scratch)",
     )
-    bpd_hidden: int | None = field(
-        default=None, metadata=_opt("bpd: hidden width of each head's FFN (default: d_model)")
-    )
-    init_from_trunk: bool | None = field(
-        default=None,
-        metadata=_opt(
-            "meta/deepseek: start each head's block as a copy of a trunk layer (meta: the branch "
-            "layer b it sits beside; deepseek: the last) (default: on for a pretrained --trunk, "
-            "off from scratch)"
-        ),
-    )
-    draft_vocab: int | None = field(
-        default=None,
-        metadata=_opt(
-            "FR-Spec reduced draft vocabulary: the heads unembed over the N most frequent tokens "
-            "of the training data only (counted before training); the trunk still verifies over "
-            "the full vocabulary, so output stays exact (default: the full vocabulary)"
-        ),
+    draft_vocab: int | None = _field(
+        None,
+        "FR-Spec reduced draft vocabulary: the heads unembed over the N most frequent tokens "
+        "of the training data only (counted before training); the trunk still verifies over "
+        "the full vocabulary, so output stays exact (default: the full vocabulary)",
     )
 
     def validate(self, num_layers: int | None = None, vocab_size: int | None = None) -> None:
@@ -288,15 +246,10 @@ class RuntimeConfig:
 class TrainConfig:
     """Everything ``multitoken train`` needs. Field names are the CLI flags (``_`` → ``-``)."""
 
-    out: str = field(default="runs/mtp", metadata=_opt("output folder (checkpoints, metrics)"))
-    preset: str = field(
-        default="tiny", metadata=_opt("from-scratch trunk size", choices=tuple(PRESETS))
-    )
-    trunk: str | None = field(
-        default=None,
-        metadata=_opt(
-            "local transformers causal-LM folder to use as the trunk (overrides --preset)"
-        ),
+    out: str = _field("runs/mtp", "output folder (checkpoints, metrics)")
+    preset: str = _field("tiny", "from-scratch trunk size", choices=tuple(PRESETS))
+    trunk: str | None = _field(
+        None, "local transformers causal-LM folder to use as the trunk (overrides --preset)"
     )
     data: list[str] = field(
         default_factory=list,
@@ -306,90 +259,70 @@ class TrainConfig:
             nargs="*",
         ),
     )
-    tokenizer: str | None = field(
-        default=None,
-        metadata=_opt(
-            "tokenizer.json (or a folder with one); default: the --trunk folder's tokenizer, "
-            "or bytes for a from-scratch trunk"
-        ),
+    tokenizer: str | None = _field(
+        None,
+        "tokenizer.json (or a folder with one); default: the --trunk folder's tokenizer, "
+        "or bytes for a from-scratch trunk",
     )
-    val_fraction: float = field(default=0.05, metadata=_opt("share of files held out"))
-    seq_len: int = field(default=256, metadata=_opt("tokens per training sequence"))
-    batch_size: int = field(default=16, metadata=_opt("sequences per micro-batch (per rank)"))
-    grad_accum: int = field(default=1, metadata=_opt("micro-batches per optimizer step"))
-    max_steps: int = field(default=1000, metadata=_opt("optimizer steps"))
-    lr: float | None = field(
-        default=None,
-        metadata=_opt(f"peak learning rate (default: the preset's; {PRETRAINED_LR} for --trunk)"),
+    val_fraction: float = _field(0.05, "share of files held out")
+    seq_len: int = _field(256, "tokens per training sequence")
+    batch_size: int = _field(16, "sequences per micro-batch (per rank)")
+    grad_accum: int = _field(1, "micro-batches per optimizer step")
+    max_steps: int = _field(1000, "optimizer steps")
+    lr: float | None = _field(
+        None, f"peak learning rate (default: the preset's; {PRETRAINED_LR} for --trunk)"
     )
-    min_lr_ratio: float = field(default=0.1, metadata=_opt("final lr as a fraction of peak"))
-    warmup_steps: int | None = field(
-        default=None,
-        metadata=_opt("linear warm-up steps (default: 5%% of --max-steps, at most 200)"),
+    min_lr_ratio: float = _field(0.1, "final lr as a fraction of peak")
+    warmup_steps: int | None = _field(
+        None, "linear warm-up steps (default: 5%% of --max-steps, at most 200)"
     )
-    weight_decay: float = field(default=0.1, metadata=_opt("AdamW weight decay (matrices only)"))
-    grad_clip: float = field(default=1.0, metadata=_opt("max gradient norm (0 disables)"))
-    mtp_lambda: str | None = field(
-        default=None,
-        metadata=_opt(
-            "MTP loss weight λ or schedule, e.g. 0.3 or 0.3->0.1@0.7 (default: 0.3 deepseek, "
-            "1.0 others)"
-        ),
+    weight_decay: float = _field(0.1, "AdamW weight decay (matrices only)")
+    grad_clip: float = _field(1.0, "max gradient norm (0 disables)")
+    mtp_lambda: str | None = _field(
+        None,
+        "MTP loss weight λ or schedule, e.g. 0.3 or 0.3->0.1@0.7 (default: 0.3 deepseek, "
+        "1.0 others)",
     )
-    freeze_trunk: bool = field(
-        default=False,
-        metadata=_opt(
-            "train the heads only (Medusa-1 style): the trunk's weights stay exactly as loaded; "
-            "rows are cut within files so every epoch repeats them and the trunk's states are "
-            "cached (--feature-cache-gb)"
-        ),
+    freeze_trunk: bool = _field(
+        False,
+        "train the heads only (Medusa-1 style): the trunk's weights stay exactly as loaded; "
+        "rows are cut within files so every epoch repeats them and the trunk's states are "
+        "cached (--feature-cache-gb)",
     )
-    labels: str = field(
-        default="text",
-        metadata=_opt(
-            "what head k learns at each position: text = the text's token k+1 ahead; trunk = "
-            "(with --freeze-trunk) the token the trunk's own greedy decoding writes there, "
-            "wherever the text follows its greedy path: self-distillation from plain text, "
-            "without generating any (multitoken.losses.greedy_path_labels)",
-            choices=HEAD_LABELS,
-        ),
+    labels: str = _field(
+        "text",
+        "what head k learns at each position: text = the text's token k+1 ahead; trunk = "
+        "(with --freeze-trunk) the token the trunk's own greedy decoding writes there, "
+        "wherever the text follows its greedy path: self-distillation from plain text, "
+        "without generating any (multitoken.losses.greedy_path_labels)",
+        choices=HEAD_LABELS,
     )
-    feature_cache_gb: float = field(
-        default=4.0,
-        metadata=_opt(
-            "with --freeze-trunk: disk budget (GiB) of the cache of the trunk's states, so the "
-            "trunk runs once per training row; rows past it are recomputed; 0 disables"
-        ),
+    feature_cache_gb: float = _field(
+        4.0,
+        "with --freeze-trunk: disk budget (GiB) of the cache of the trunk's states, so the "
+        "trunk runs once per training row; rows past it are recomputed; 0 disables",
     )
-    feature_cache_dir: str | None = field(
-        default=None,
-        metadata=_opt(
-            "feature cache folder (default: OUT/feature-cache); runs on the same trunk may share "
-            "one"
-        ),
+    feature_cache_dir: str | None = _field(
+        None,
+        "feature cache folder (default: OUT/feature-cache); runs on the same trunk may share one",
     )
-    feature_cache_dtype: str = field(
-        default="bf16",
-        metadata=_opt(
-            "storage of cached states: bf16 (half the disk, rounded) or fp32 (bit-exact)",
-            choices=("bf16", "fp32"),
-        ),
+    feature_cache_dtype: str = _field(
+        "bf16",
+        "storage of cached states: bf16 (half the disk, rounded) or fp32 (bit-exact)",
+        choices=("bf16", "fp32"),
     )
-    meta_memory_efficient: bool = field(
-        default=True,
-        metadata=_opt(
-            "meta: head-by-head backward (Gloeckle §2); --no-meta-memory-efficient for naive"
-        ),
+    meta_memory_efficient: bool = _field(
+        True, "meta: head-by-head backward (Gloeckle §2); --no-meta-memory-efficient for naive"
     )
     precision: str = field(default=RuntimeConfig.precision, metadata=RuntimeConfig.PRECISION_OPT)
     device: str = field(default=RuntimeConfig.device, metadata=RuntimeConfig.DEVICE_OPT)
-    eval_every: int = field(default=100, metadata=_opt("steps between validation runs"))
-    eval_batches: int = field(default=8, metadata=_opt("validation batches per evaluation"))
-    log_every: int = field(default=10, metadata=_opt("steps between metrics.jsonl lines"))
-    save_every: int = field(default=100, metadata=_opt("steps between checkpoints"))
-    keep_checkpoints: int = field(default=2, metadata=_opt("checkpoints kept on disk"))
-    seed: int = field(default=0, metadata=_opt("random seed"))
-    resume: bool = field(default=False, metadata=_opt("continue from the last checkpoint in --out"))
+    eval_every: int = _field(100, "steps between validation runs")
+    eval_batches: int = _field(8, "validation batches per evaluation")
+    log_every: int = _field(10, "steps between metrics.jsonl lines")
+    save_every: int = _field(100, "steps between checkpoints")
+    keep_checkpoints: int = _field(2, "checkpoints kept on disk")
+    seed: int = _field(0, "random seed")
+    resume: bool = _field(False, "continue from the last checkpoint in --out")
     heads: HeadConfig = field(default_factory=HeadConfig)
 
     def validate(self) -> None:
@@ -524,39 +457,32 @@ def draft_len_value(value: int | str | None) -> int | str | None:
 class GenerateConfig:
     """Options of ``multitoken generate`` and ``MTPModel.generate``."""
 
-    max_new_tokens: int = field(default=128, metadata=_opt("tokens to generate per prompt"))
-    draft_len: int | str | None = field(
-        default="auto",
-        metadata=_opt(
-            "K, drafts per step: auto (chosen before each step, 0 = a plain step, from the "
-            "measured verify cost c(q), the drafting cost and the live per-head acceptance) or "
-            "a fixed number (deepseek may exceed D)",
-            parse=draft_len_value,
-        ),
+    max_new_tokens: int = _field(128, "tokens to generate per prompt")
+    draft_len: int | str | None = _field(
+        "auto",
+        "K, drafts per step: auto (chosen before each step, 0 = a plain step, from the "
+        "measured verify cost c(q), the drafting cost and the live per-head acceptance) or "
+        "a fixed number (deepseek may exceed D)",
+        parse=draft_len_value,
     )
-    temperature: float = field(default=0.0, metadata=_opt("0 = greedy"))
-    top_k: int = field(default=0, metadata=_opt("sample from the k most likely tokens (0: off)"))
-    top_p: float = field(default=1.0, metadata=_opt("nucleus sampling mass (1: off)"))
-    seed: int | None = field(default=None, metadata=_opt("random seed for sampling"))
-    typical: float = field(
-        default=0.0,
-        metadata=_opt(
-            "LOSSY Medusa typical acceptance: accept a draft when the trunk gives it probability above "
-            "min(eps, sqrt(eps)·exp(-entropy)); 0 = exact speculative sampling. Needs --temperature > 0"
-        ),
+    temperature: float = _field(0.0, "0 = greedy")
+    top_k: int = _field(0, "sample from the k most likely tokens (0: off)")
+    top_p: float = _field(1.0, "nucleus sampling mass (1: off)")
+    seed: int | None = _field(None, "random seed for sampling")
+    typical: float = _field(
+        0.0,
+        "LOSSY Medusa typical acceptance: accept a draft when the trunk gives it probability above "
+        "min(eps, sqrt(eps)·exp(-entropy)); 0 = exact speculative sampling. Needs --temperature > 0",
     )
-    speculate: bool = field(
-        default=True,
-        metadata=_opt("self-speculative decoding with the heads; --no-speculate: the trunk alone"),
+    speculate: bool = _field(
+        True, "self-speculative decoding with the heads; --no-speculate: the trunk alone"
     )
-    linear_kernel: str = field(
-        default="auto",
-        metadata=_opt(
-            "kernel of the linear layers on a CPU: onednn (faster for one token and much faster "
-            "for a few, see multitoken.kernels), torch (its default), auto = onednn for an fp32 "
-            "model on a CPU with layers of 512x512 or more",
-            choices=LINEAR_KERNELS,
-        ),
+    linear_kernel: str = _field(
+        "auto",
+        "kernel of the linear layers on a CPU: onednn (faster for one token and much faster "
+        "for a few, see multitoken.kernels), torch (its default), auto = onednn for an fp32 "
+        "model on a CPU with layers of 512x512 or more",
+        choices=LINEAR_KERNELS,
     )
 
     def validate(self) -> None:

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,16 +29,17 @@ from multitoken.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from multitoken.config import TrainConfig
+from multitoken.config import LambdaSchedule, TrainConfig
 from multitoken.data import Corpus
 from multitoken.errors import MultitokenError
+from multitoken.evaluate import evaluate
 from multitoken.featcache import FeatureCache
 from multitoken.fileio import write_json_atomic, write_text_atomic
 from multitoken.hardware import choose_precision, resolve_device
 from multitoken.heads import head_class
 from multitoken.model import MTPModel
 from multitoken.packing import PackedStream, validation_batches
-from multitoken.tokenizer import load_tokenizer
+from multitoken.tokenizer import Tokenizer, load_tokenizer
 from multitoken.trunk import build_trunk, load_trunk
 
 # Fields that shape the model or the data: a resumed run must not change them.
@@ -208,44 +209,6 @@ def _optimizer(model: MTPModel, cfg: TrainConfig, device: torch.device) -> torch
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(
-    model: MTPModel,
-    batches: list[torch.Tensor],
-    lam: float,
-    autocast,
-    cache: FeatureCache | None = None,
-    labels: str = "text",
-) -> dict:
-    """Mean trunk loss/accuracy and per-head loss/top-1 accuracy over fixed validation batches
-    (a frozen trunk's states from ``cache``, where given), heads against ``labels``."""
-    was_training = model.training
-    model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    device = next(model.parameters()).device
-    for batch in batches:
-        with autocast():
-            batch = batch.to(device)
-            features = None if cache is None else cache.features(model, batch)
-            out = model(batch, lam=lam, features=features, labels=labels)
-        for key in ("main_loss", "main_acc", "head_losses", "head_acc"):
-            value = getattr(out, key).float().cpu()
-            sums[key] = sums.get(key, 0) + value
-    model.train(was_training)
-    n = len(batches)
-    return {
-        "main_loss": round(float(sums["main_loss"]) / n, 5),
-        "main_acc": round(float(sums["main_acc"]) / n, 5),
-        "head_losses": [round(float(v) / n, 5) for v in sums["head_losses"]],
-        "head_acc": [round(float(v) / n, 5) for v in sums["head_acc"]],
-    }
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
 
@@ -274,8 +237,66 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(ln + "\n" for ln in kept))
 
 
+@dataclass
+class Run:
+    """One training run as its steps pass it along: what was set up, and how far it has come."""
+
+    cfg: TrainConfig
+    ddp: Dist
+    device: torch.device
+    out: Path
+    tokenizer: Tokenizer
+    model: MTPModel
+    wrapped: torch.nn.Module  # the model, or its DDP wrapper under torchrun
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    schedule: LambdaSchedule
+    stream: PackedStream
+    batches: Iterator[torch.Tensor]
+    pending: torch.Tensor | None  # the first batch, read early to check the corpus; then None
+    val: list[torch.Tensor]
+    optimizer: torch.optim.AdamW
+    cache: FeatureCache | None
+    bar: tqdm
+    step: int
+    last_ckpt: Path | None  # the last good checkpoint: a diverged run names it
+    last_val: dict | None = None  # the last validation figures
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def tokens_per_step(self) -> int:
+        cfg = self.cfg
+        return cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.ddp.world
+
+
 def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train as ``cfg`` says. ``on_step(step)`` is called after each optimizer step."""
+    state = _start(cfg)
+    if state.step == 0:  # the curve starts at the initial loss
+        _evaluate(state, state.schedule(0, cfg.max_steps), report=False)
+    state.model.train()
+    while state.step < cfg.max_steps:
+        lam = _train_step(state)
+        if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+            _evaluate(state, lam, report=True)
+        if state.step % cfg.save_every == 0 or state.step == cfg.max_steps:
+            state.last_ckpt = _save_checkpoint(state)
+        if on_step is not None:
+            on_step(state.step)
+    state.bar.close()
+    stats = None
+    if state.cache is not None:
+        state.cache.close()
+        stats = state.cache.stats.to_dict()
+    return TrainResult(
+        state.out, state.last_ckpt, state.step, state.last_val, state.model.eval(), stats
+    )
+
+
+def _start(cfg: TrainConfig) -> Run:
+    """Set up everything; every input is checked before ``OUT`` is written."""
     device = resolve_device(cfg.device)
     ddp = _init_distributed(device)
     if device.type == "cuda":
@@ -283,19 +304,34 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
     torch.manual_seed(cfg.seed)
     out, corpus, tokenizer, model, resume_ckpt = _prepare(cfg, device)
     precision = choose_precision(cfg.precision, device)
-    autocast = precision.autocast(device)
-    schedule = cfg.lambda_schedule()
     said = []
     if cfg.heads.draft_vocab is not None and resume_ckpt is None:  # a resumed run has its own
-        vocab = model.heads.full_vocab
-        ids, seen, covered = draft_vocabulary(corpus, tokenizer, cfg, vocab)
-        model.heads.set_draft_vocab(ids.to(device))
-        said.append(
-            f"multitoken: draft vocabulary: the {len(ids):,} most frequent of {vocab:,} tokens "
-            f"in the first {seen:,} training tokens (they cover {covered:.1%} of them)"
-        )
+        said.append(_set_draft_vocabulary(corpus, tokenizer, cfg, model, device))
+    stream = _train_stream(corpus, tokenizer, cfg, ddp)
+    val = validation_batches(corpus, tokenizer, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+    optimizer = _optimizer(model, cfg, device)
+    step = 0 if resume_ckpt is None else _restore(resume_ckpt, optimizer, stream, ddp.rank)
+    batches = iter(stream)
+    first = next(batches)  # a corpus too small for --seq-len fails here, before OUT is written
+    if ddp.main:  # every input checked: say what the run computes in
+        for line in [f"multitoken: {precision.describe()}", *said]:
+            print(line, file=sys.stderr)
+        _open_output(out, cfg, resume_ckpt is not None, step)
+    cache = _open_cache(cfg, out, model, precision.name, ddp)
+    wrapped = DistributedDataParallel(model) if ddp.world > 1 else model
+    return Run(
+        cfg=cfg, ddp=ddp, device=device, out=out, tokenizer=tokenizer, model=model,
+        wrapped=wrapped, autocast=precision.autocast(device), schedule=cfg.lambda_schedule(),
+        stream=stream, batches=batches, pending=first, val=val, optimizer=optimizer, cache=cache,
+        bar=_progress_bar(cfg, step, ddp), step=step, last_ckpt=resume_ckpt,
+    )  # fmt: skip
 
-    stream = PackedStream(
+
+def _train_stream(
+    corpus: Corpus, tokenizer: Tokenizer, cfg: TrainConfig, ddp: Dist
+) -> PackedStream:
+    """This rank's share of the training rows, shuffled by ``--seed``."""
+    return PackedStream(
         corpus.train_files,
         tokenizer,
         cfg.seq_len,
@@ -306,43 +342,11 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
         per_file=cfg.freeze_trunk,  # the same rows every epoch: their features are cached
         **corpus.stream_kwargs("train"),
     )
-    val = validation_batches(corpus, tokenizer, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
-    optimizer = _optimizer(model, cfg, device)
-    step = 0
-    if resume_ckpt is not None:
-        optim_state, state = load_training_state(resume_ckpt)
-        optimizer.load_state_dict(optim_state)
-        step = state["step"]
-        stream.load_state_dict(state["data"][ddp.rank])
-    batches = iter(stream)
-    first = next(batches)  # a corpus too small for --seq-len fails here, before OUT is written
-    if ddp.main:  # every input checked: say what the run computes in
-        print(f"multitoken: {precision.describe()}", file=sys.stderr)
-        for line in said:
-            print(line, file=sys.stderr)
 
-    if ddp.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "train_config.json", cfg.to_dict())
-        if resume_ckpt is not None:
-            _truncate_metrics(out / "metrics.jsonl", step)
-    cache = None
-    if cfg.freeze_trunk and cfg.feature_cache_gb > 0:
-        folder = Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else out / "feature-cache"
-        cap = int(cfg.feature_cache_gb * 2**30)
-        cache = FeatureCache(
-            folder, model, cap, cfg.feature_cache_dtype, precision.name, ddp.rank, ddp.world
-        )
-        if ddp.main:
-            print(
-                f"multitoken: feature cache {cache.folder}: {cache.stats.held:,} rows held "
-                f"({cache.stats.bytes / 2**30:.2f} of {cfg.feature_cache_gb:g} GiB)",
-                file=sys.stderr,
-            )
-    wrapped = DistributedDataParallel(model) if ddp.world > 1 else model
-    metrics_path = out / "metrics.jsonl"
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ddp.world
-    bar = tqdm(
+
+def _progress_bar(cfg: TrainConfig, step: int, ddp: Dist) -> tqdm:
+    """Steps done of ``--max-steps`` (a resumed run starts part-way), on the main rank only."""
+    return tqdm(
         total=cfg.max_steps,
         initial=step,
         disable=not ddp.main,
@@ -351,130 +355,189 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
         mininterval=1.0,
         desc=f"train {cfg.heads.family}",
     )
-    last_ckpt = resume_ckpt
-    last_val = None
 
-    def checkpoint(at: int) -> Path | None:
-        if cache is not None:  # a resumed run finds every row computed before this checkpoint
-            cache.flush()
-        data_states = [stream.state_dict()]
-        if ddp.world > 1:
-            data_states = [None] * ddp.world
-            dist.all_gather_object(data_states, stream.state_dict())
-        path = None
-        if ddp.main:
-            path = save_checkpoint(
-                out,
-                at,
-                model,
-                tokenizer,
-                cfg.to_dict(),
-                optimizer,
-                {"step": at, "data": data_states},
-                keep=cfg.keep_checkpoints,
-                trunk_ref=Path(cfg.trunk) if cfg.trunk and cfg.freeze_trunk else None,
-            )
-        if ddp.world > 1:
-            dist.barrier()
-        return path
 
-    if step == 0:  # the curve starts at the initial loss
-        last_val = evaluate(model, val, schedule(0, cfg.max_steps), autocast, cache)
-        if ddp.main:
-            _append_jsonl(metrics_path, {"step": 0, "split": "val", **last_val})
-    pending = first
-    model.train()
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        lam = schedule(step, cfg.max_steps)
-        sums = torch.zeros(2 + 2 * model.depth)
-        for micro in range(cfg.grad_accum):
-            batch = pending if pending is not None else next(batches)
-            pending = None
-            sync = micro == cfg.grad_accum - 1 or ddp.world == 1
-            ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
-            with ctx:
-                with autocast():
-                    batch = batch.to(device)
-                    features = None if cache is None else cache.features(model, batch)
-                    res = wrapped(
-                        batch,
-                        lam=lam,
-                        memory_efficient=cfg.meta_memory_efficient,
-                        features=features,
-                        labels=cfg.labels,
-                    )
-                (res.loss / cfg.grad_accum).backward()
-            sums += torch.cat(
-                [
-                    res.loss.detach().float().view(1).cpu(),
-                    res.main_loss.float().view(1).cpu(),
-                    res.head_losses.float().cpu(),
-                    res.head_acc.float().cpu(),
-                ]
-            )
-        sums = _mean_across_ranks(sums / cfg.grad_accum, ddp.world)
-        loss = float(sums[0])
-        if not math.isfinite(loss):
-            bar.close()
-            where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-            raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step + 1}; stopped{where}")
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.perf_counter() - t0
-        tok_s = tokens_per_step / dt
-        d = model.depth
-        record = {
-            "step": step,
-            "split": "train",
-            "loss": round(loss, 5),
-            "main_loss": round(float(sums[1]), 5),
-            "head_losses": [round(float(v), 5) for v in sums[2 : 2 + d]],
-            "head_acc": [round(float(v), 5) for v in sums[2 + d :]],
-            "lr": lr,
-            "lambda": lam,
-            "tokens_per_s": round(tok_s, 1),
-        }
-        if ddp.main:
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss:.3f}",
-                main=f"{record['main_loss']:.3f}",
-                tok_s=f"{tok_s:,.0f}",
-                refresh=False,
-            )
-            if step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps:
-                _append_jsonl(metrics_path, record)
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            last_val = evaluate(model, val, lam, autocast, cache)
-            if ddp.main:
-                _append_jsonl(metrics_path, {"step": step, "split": "val", **last_val})
-                heads = " ".join(
-                    f"h{k + 1} {loss_k:.3f}/{acc_k:.0%}"
-                    for k, (loss_k, acc_k) in enumerate(
-                        zip(last_val["head_losses"], last_val["head_acc"])
-                    )
+def _set_draft_vocabulary(
+    corpus: Corpus, tokenizer: Tokenizer, cfg: TrainConfig, model: MTPModel, device: torch.device
+) -> str:
+    """Give the heads the ``--draft-vocab`` most frequent tokens; returns the line saying so."""
+    vocab = model.heads.full_vocab
+    ids, seen, covered = draft_vocabulary(corpus, tokenizer, cfg, vocab)
+    model.heads.set_draft_vocab(ids.to(device))
+    return (
+        f"multitoken: draft vocabulary: the {len(ids):,} most frequent of {vocab:,} tokens "
+        f"in the first {seen:,} training tokens (they cover {covered:.1%} of them)"
+    )
+
+
+def _restore(
+    checkpoint: Path, optimizer: torch.optim.Optimizer, stream: PackedStream, rank: int
+) -> int:
+    """A resumed run's optimizer and data position; returns the step it resumes at."""
+    optim_state, state = load_training_state(checkpoint)
+    optimizer.load_state_dict(optim_state)
+    stream.load_state_dict(state["data"][rank])
+    return state["step"]
+
+
+def _open_output(out: Path, cfg: TrainConfig, resumed: bool, step: int) -> None:
+    """``OUT`` with the run's options; a resumed run forgets what was logged after ``step``."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "train_config.json", cfg.to_dict())
+    if resumed:
+        _truncate_metrics(out / "metrics.jsonl", step)
+
+
+def _open_cache(
+    cfg: TrainConfig, out: Path, model: MTPModel, precision: str, ddp: Dist
+) -> FeatureCache | None:
+    """The frozen trunk's feature cache, where the run has one (``--freeze-trunk``)."""
+    if not cfg.freeze_trunk or cfg.feature_cache_gb <= 0:
+        return None
+    folder = Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else out / "feature-cache"
+    cap = int(cfg.feature_cache_gb * 2**30)
+    cache = FeatureCache(
+        folder, model, cap, cfg.feature_cache_dtype, precision, ddp.rank, ddp.world
+    )
+    if ddp.main:
+        print(
+            f"multitoken: feature cache {cache.folder}: {cache.stats.held:,} rows held "
+            f"({cache.stats.bytes / 2**30:.2f} of {cfg.feature_cache_gb:g} GiB)",
+            file=sys.stderr,
+        )
+    return cache
+
+
+def _train_step(state: Run) -> float:
+    """One optimizer step over ``--grad-accum`` micro-batches, logged; returns its λ. A
+    non-finite loss stops the run before the step is taken."""
+    cfg, optimizer = state.cfg, state.optimizer
+    t0 = time.perf_counter()
+    lr = lr_at(state.step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    lam = state.schedule(state.step, cfg.max_steps)
+    sums = _accumulate(state, lam)
+    loss = float(sums[0])
+    if not math.isfinite(loss):
+        state.bar.close()
+        where = f"; the last good checkpoint is {state.last_ckpt}" if state.last_ckpt else ""
+        raise NonFiniteLoss(f"non-finite loss ({loss}) at step {state.step + 1}; stopped{where}")
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    tok_s = state.tokens_per_step / (time.perf_counter() - t0)
+    d = state.model.depth
+    record = {
+        "step": state.step,
+        "split": "train",
+        "loss": round(loss, 5),
+        "main_loss": round(float(sums[1]), 5),
+        "head_losses": [round(float(v), 5) for v in sums[2 : 2 + d]],
+        "head_acc": [round(float(v), 5) for v in sums[2 + d :]],
+        "lr": lr,
+        "lambda": lam,
+        "tokens_per_s": round(tok_s, 1),
+    }
+    _log_step(state, record, loss, tok_s)
+    return lam
+
+
+def _accumulate(state: Run, lam: float) -> torch.Tensor:
+    """Forward and backward over the step's micro-batches (DDP syncs gradients on the last
+    only); returns [loss, main loss, head losses..., head accuracies...] averaged over them and
+    over ranks."""
+    cfg, model = state.cfg, state.model
+    sums = torch.zeros(2 + 2 * model.depth)
+    for micro in range(cfg.grad_accum):
+        batch = state.pending if state.pending is not None else next(state.batches)
+        state.pending = None
+        sync = micro == cfg.grad_accum - 1 or state.ddp.world == 1
+        with contextlib.nullcontext() if sync else state.wrapped.no_sync():
+            with state.autocast():
+                batch = batch.to(state.device)
+                features = None if state.cache is None else state.cache.features(model, batch)
+                res = state.wrapped(
+                    batch,
+                    lam=lam,
+                    memory_efficient=cfg.meta_memory_efficient,
+                    features=features,
+                    labels=cfg.labels,
                 )
-                bar.write(
-                    f"step {step}: val main {last_val['main_loss']:.3f} "
-                    f"({last_val['main_acc']:.0%})  heads loss/acc {heads}"
-                )
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            last_ckpt = checkpoint(step)
-        if on_step is not None:
-            on_step(step)
-    bar.close()
-    stats = None
-    if cache is not None:
-        cache.close()
-        stats = cache.stats.to_dict()
-    return TrainResult(out, last_ckpt, step, last_val, model.eval(), stats)
+            (res.loss / cfg.grad_accum).backward()
+        sums += torch.cat(
+            [
+                res.loss.detach().float().view(1).cpu(),
+                res.main_loss.float().view(1).cpu(),
+                res.head_losses.float().cpu(),
+                res.head_acc.float().cpu(),
+            ]
+        )
+    return _mean_across_ranks(sums / cfg.grad_accum, state.ddp.world)
+
+
+def _log_step(state: Run, record: dict, loss: float, tok_s: float) -> None:
+    """The progress bar every step; ``metrics.jsonl`` every ``--log-every`` (main rank only)."""
+    if not state.ddp.main:
+        return
+    step, cfg = record["step"], state.cfg
+    state.bar.update(1)
+    state.bar.set_postfix(
+        loss=f"{loss:.3f}",
+        main=f"{record['main_loss']:.3f}",
+        tok_s=f"{tok_s:,.0f}",
+        refresh=False,
+    )
+    if step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps:
+        _append_jsonl(state.metrics_path, record)
+
+
+def _evaluate(state: Run, lam: float, report: bool) -> None:
+    """Validation figures into ``metrics.jsonl`` and, with ``report``, a line under the bar."""
+    val = evaluate(state.model, state.val, lam, state.autocast, state.cache)
+    state.last_val = val
+    if not state.ddp.main:
+        return
+    _append_jsonl(state.metrics_path, {"step": state.step, "split": "val", **val})
+    if report:
+        heads = " ".join(
+            f"h{k + 1} {loss_k:.3f}/{acc_k:.0%}"
+            for k, (loss_k, acc_k) in enumerate(zip(val["head_losses"], val["head_acc"]))
+        )
+        state.bar.write(
+            f"step {state.step}: val main {val['main_loss']:.3f} "
+            f"({val['main_acc']:.0%})  heads loss/acc {heads}"
+        )
+
+
+def _save_checkpoint(state: Run) -> Path | None:
+    """A checkpoint at the current step, with every rank's data position; the path on the
+    main rank, None on the others."""
+    cfg, ddp = state.cfg, state.ddp
+    if state.cache is not None:  # a resumed run finds every row computed before this checkpoint
+        state.cache.flush()
+    data_states = [state.stream.state_dict()]
+    if ddp.world > 1:
+        data_states = [None] * ddp.world
+        dist.all_gather_object(data_states, state.stream.state_dict())
+    path = None
+    if ddp.main:
+        path = save_checkpoint(
+            state.out,
+            state.step,
+            state.model,
+            state.tokenizer,
+            cfg.to_dict(),
+            state.optimizer,
+            {"step": state.step, "data": data_states},
+            keep=cfg.keep_checkpoints,
+            trunk_ref=Path(cfg.trunk) if cfg.trunk and cfg.freeze_trunk else None,
+        )
+    if ddp.world > 1:
+        dist.barrier()
+    return path
 
 
 def train(**options) -> TrainResult:
