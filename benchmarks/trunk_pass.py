@@ -76,9 +76,9 @@ def measure(
 ) -> tuple[list[dict], dict]:
     from transformers import DynamicCache
 
-    from multitoken.ladder import trunk_pass
     from multitoken.kernels import linear_kernels
     from multitoken.kvcache import RaggedCache
+    from multitoken.ladder import trunk_pass
 
     trunk, device = model.trunk, model.parts.embed.weight.device
     vocab = trunk.get_output_embeddings().weight.shape[0]

@@ -301,22 +301,19 @@ def test_every_option_has_help_for_the_cli():
                 assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
 
 
-# --- known bugs, pinned until fixed -----------------------------------------------------------
+# --- bugs found by these tests (issue 9) -------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a JSON config that is not an object is returned as is")
 def test_a_config_file_that_is_not_an_object_is_refused(tmp_path: Path):
     path = tmp_path / "list.json"
     path.write_text("[1, 2]")
-    refused(lambda: read_config_file(path), "--config")  # today: `train` dies on list.update
+    refused(lambda: read_config_file(path), "--config")  # `train` died on list.update
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a non-object 'heads' table raises TypeError")
 def test_a_heads_entry_that_is_not_a_table_is_refused():
     refused(lambda: TrainConfig.from_dict({"heads": [1]}), "--config")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: float('nan') passes the v < 0 check")
 @pytest.mark.parametrize("spec", ["nan", "0.3->nan@0.5", "inf"])
 def test_a_lambda_that_is_not_a_finite_number_is_refused(spec: str):
     refused(lambda: LambdaSchedule.parse(spec), "--mtp-lambda")

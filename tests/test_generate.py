@@ -100,12 +100,12 @@ def test_speculative_greedy_equals_plain_and_transformers(family, monkeypatch):
     assert spy.ragged_steps >= 5
 
 
-def mistral(window: int):
-    """A tiny Mistral trunk attending over the last ``window`` tokens only (eager attention)."""
-    from transformers import AutoModelForCausalLM, MistralConfig
+def windowed(config_class, window: int, **extra):
+    """A tiny trunk of ``config_class`` with a sliding ``window`` (eager attention)."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = MistralConfig(
+    config = config_class(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
@@ -114,9 +114,17 @@ def mistral(window: int):
         num_key_value_heads=2,
         sliding_window=window,
         max_position_embeddings=256,
+        **extra,
     )
     config._attn_implementation = "eager"
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def mistral(window: int):
+    """A tiny Mistral trunk attending over the last ``window`` tokens only."""
+    from transformers import MistralConfig
+
+    return windowed(MistralConfig, window)
 
 
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
@@ -414,23 +422,10 @@ class RowOracleHeads(OracleHeads):
 def hybrid_qwen2(window: int):
     """A tiny Qwen2 trunk whose first layer slides a ``window`` and whose second attends fully
     (``layer_types``: the model takes prepared masks as one per layer kind)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_sliding_window=True,
-        sliding_window=window,
-        layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=256,
-    )
-    config._attn_implementation = "eager"
-    return AutoModelForCausalLM.from_config(config).eval()
+    kinds = ["sliding_attention", "full_attention"]
+    return windowed(Qwen2Config, window, use_sliding_window=True, layer_types=kinds)
 
 
 @pytest.mark.parametrize(("build", "window"), [(mistral, 8), (hybrid_qwen2, 20)])

@@ -20,7 +20,7 @@ import multitoken
 from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
 from multitoken.model import MTPModel
-from multitoken.trunk import inspect_trunk, load_trunk, quiet_transformers
+from multitoken.trunk import inspect_trunk, load_trunk
 
 V = 300
 CONFIGS = {
@@ -173,30 +173,6 @@ def test_a_half_precision_model_folder_trains_fp32_heads_that_load_back_onto_it(
     assert loaded.trunk.dtype == torch.bfloat16 and loaded.heads.w_in.dtype == torch.bfloat16
     expected = result.model.heads.w_in.to(torch.bfloat16)
     assert torch.equal(loaded.heads.w_in, expected)
-
-
-def test_quiet_transformers_restores_what_was_set_even_after_an_error():
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    try:
-        hf_logging.set_verbosity_info()
-        hf_logging.enable_progress_bar()
-        with quiet_transformers():
-            assert not hf_logging.is_progress_bar_enabled()
-            assert hf_logging.get_verbosity() == hf_logging.INFO  # warnings still shown
-        with pytest.raises(RuntimeError), quiet_transformers(warnings=False):
-            assert hf_logging.get_verbosity() == hf_logging.ERROR
-            raise RuntimeError
-        assert hf_logging.get_verbosity() == hf_logging.INFO
-        assert hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        with quiet_transformers():
-            pass
-        assert not hf_logging.is_progress_bar_enabled()  # not turned on by leaving
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
 
 
 def test_a_damaged_model_folder_is_one_line_naming_it(tmp_path):

@@ -30,10 +30,15 @@ from transformers import PreTrainedModel
 
 from multitoken.errors import MultitokenError, first_line
 from multitoken.fileio import atomic_folder, write_json_atomic, write_text_atomic
-from multitoken.gguf import is_gguf, load_gguf_tokenizer
+from multitoken.gguf import is_gguf
 from multitoken.headfile import is_heads_folder, load_heads, save_heads
 from multitoken.model import MTPModel
-from multitoken.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_saved
+from multitoken.tokenizer import (
+    Tokenizer,
+    load_gguf_tokenizer,
+    load_tokenizer,
+    tokenizer_from_saved,
+)
 from multitoken.tokenizer_export import write_hf_tokenizer
 from multitoken.trunk import load_trunk, quiet_transformers
 

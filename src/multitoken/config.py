@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -79,9 +80,10 @@ class LambdaSchedule:
                 f"cannot parse {spec!r}; use a number (0.3) or stages like 0.3->0.1@0.7",
                 flag="--mtp-lambda",
             ) from None
-        if any(v < 0 for v in values) or any(b <= 0 for b in bounds):
+        finite = all(math.isfinite(x) for x in (*values, *bounds))
+        if not finite or any(v < 0 for v in values) or any(b <= 0 for b in bounds):
             raise MultitokenError(
-                f"values and boundaries must be positive in {spec!r}", "--mtp-lambda"
+                f"values and boundaries must be finite and positive in {spec!r}", "--mtp-lambda"
             )
         return cls(tuple(values), tuple(bounds))
 
@@ -399,7 +401,10 @@ class TrainConfig:
         """Build from flat or nested keys (``family`` or ``heads.family``); unknown keys fail."""
         head_names = {f.name for f in dataclasses.fields(HeadConfig)}
         train_names = {f.name for f in dataclasses.fields(cls)} - {"heads"}
-        head_values = dict(values.get("heads") or {})
+        heads = values.get("heads") or {}
+        if not isinstance(heads, dict):
+            raise MultitokenError("'heads' must be a table of head options", "--config")
+        head_values = dict(heads)
         train_values = {}
         for key, value in values.items():
             name = key.replace("-", "_")
@@ -427,11 +432,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise MultitokenError(f"no such config file: {p}", "--config")
     try:
-        if p.suffix == ".toml":
-            return tomllib.loads(p.read_text())
-        return json.loads(p.read_text())
+        values = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise MultitokenError(f"cannot parse {p}: {exc}", "--config") from None
+    if not isinstance(values, dict):
+        raise MultitokenError(
+            f"{p} holds a {type(values).__name__}, not a table of options", "--config"
+        )
+    return values
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +26,7 @@ from multitoken.errors import MultitokenError
 from multitoken.kernels import choose_linear_kernel, linear_kernels
 from multitoken.kvcache import unrollable_layers
 from multitoken.ladder import (
+    Decodable,
     OnTokens,
     Plan,
     accept,
@@ -38,9 +38,6 @@ from multitoken.ladder import (
     verify,
 )
 from multitoken.sampling import Sampling
-
-if TYPE_CHECKING:  # type only: the model's text API calls down into this module, never the reverse
-    from multitoken.model import MTPModel
 
 log = logging.getLogger("multitoken")
 
@@ -95,7 +92,7 @@ class Generation:
 
 @torch.no_grad()
 def decode(
-    model: MTPModel,
+    model: Decodable,
     prompts: list[list[int]],
     plan: Plan,
     costs: CostModel | None,
@@ -123,7 +120,7 @@ def decode(
     return Generation(state.out, stats)
 
 
-def _draft_choice(model: MTPModel, plan: Plan, costs: CostModel | None) -> DraftLen:
+def _draft_choice(model: Decodable, plan: Plan, costs: CostModel | None) -> DraftLen:
     if not plan.speculate:
         return DraftLen(0, fixed=0)
     if plan.auto:
@@ -149,7 +146,7 @@ def _record(stats: Stats, choice: DraftLen, K: int, accepted: list[list[int]], d
 
 
 def generate(
-    model: MTPModel,
+    model: Decodable,
     prompts: list[list[int]],
     config: GenerateConfig | None = None,
     eos_id: int | Iterable[int] | None = None,
@@ -181,7 +178,7 @@ def generate(
 
 
 def make_plan(
-    model: MTPModel,
+    model: Decodable,
     prompts: list[list[int]],
     config: GenerateConfig | None = None,
     eos_id: int | Iterable[int] | None = None,
@@ -214,7 +211,7 @@ def make_plan(
     return Plan(cfg, K, auto, sampling, stop, gen)
 
 
-def check_prompts(model: MTPModel, prompts: list[list[int]], cfg: GenerateConfig, K: int) -> None:
+def check_prompts(model: Decodable, prompts: list[list[int]], cfg: GenerateConfig, K: int) -> None:
     """Refuse, in one line, prompts the trunk cannot decode: none, an empty one, one whose
     tokens plus the new ones pass the context window, or any that would need a recurrent
     state given back."""
@@ -239,7 +236,7 @@ def check_prompts(model: MTPModel, prompts: list[list[int]], cfg: GenerateConfig
         )
 
 
-def _draft_len(cfg: GenerateConfig, model: MTPModel) -> tuple[int, bool]:
+def _draft_len(cfg: GenerateConfig, model: Decodable) -> tuple[int, bool]:
     """(K, or the most auto may choose; whether K is chosen per step) from ``draft_len``
     (already validated on its own)."""
     value = draft_len_value(cfg.draft_len)

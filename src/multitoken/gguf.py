@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from multitoken.errors import MultitokenError, first_line
+from multitoken.quiet import quiet_transformers
 
 SUFFIX = ".gguf"
 MAGIC = b"GGUF"
@@ -166,9 +167,7 @@ def _float_dtype(types: list[int]) -> str:
 @contextlib.contextmanager
 def _quiet(*, warnings: bool = True):
     """No progress bars: transformers' own, and the plain tqdm its GGUF dequantiser draws
-    (``warnings``: as for :func:`multitoken.trunk.quiet_transformers`)."""
-    from multitoken.trunk import quiet_transformers
-
+    (``warnings``: as for :func:`multitoken.quiet.quiet_transformers`)."""
     try:
         from transformers import modeling_gguf_pytorch_utils as legacy
     except ImportError:
@@ -253,11 +252,11 @@ def gguf_source(trunk) -> str | None:
     return getattr(trunk, _SOURCE_ATTR, None)
 
 
-def load_gguf_tokenizer(path: str | Path, flag: str = "--tokenizer"):
-    """The tokenizer a GGUF file describes, with its special tokens and chat template."""
+def gguf_tokenizer_parts(path: str | Path, flag: str = "--tokenizer") -> tuple:
+    """What the tokenizer a GGUF file describes is built from (``multitoken.tokenizer`` builds
+    it): its fast-tokenizer backend with exactly the file's vocabulary, its special tokens
+    (``{"bos": ..., "eos": ..., "pad": ...}`` where named) and its chat template (or None)."""
     from transformers import AutoTokenizer
-
-    from multitoken.tokenizer import HFTokenizer
 
     info = read_gguf(path, flag)
     p = info.path.resolve()
@@ -277,15 +276,8 @@ def load_gguf_tokenizer(path: str | Path, flag: str = "--tokenizer"):
         if isinstance(value, str) and value:
             options[key] = value
     template = getattr(auto, "chat_template", None)
-    try:
-        return HFTokenizer(
-            _without_invented_tokens(backend, info.vocab_size, set(options.values())),
-            source=str(path),
-            chat_template=template if isinstance(template, str) and template else None,
-            **options,
-        )
-    except MultitokenError as exc:  # e.g. no end-of-text token: said of the flag given
-        raise MultitokenError(exc.message, flag) from None
+    backend = _without_invented_tokens(backend, info.vocab_size, set(options.values()))
+    return backend, options, template if isinstance(template, str) and template else None
 
 
 def _without_invented_tokens(backend, vocab_size: int | None, used: set[str]):

@@ -23,8 +23,6 @@ import torch
 from transformers import DynamicCache, cache_utils
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from multitoken.trunk import crop_cache
-
 # Compaction rewrites the whole cache, so it waits until it frees at least this many slots and
 # this share of them (attention over holes costs in proportion to their share).
 COMPACT_MIN_SLOTS = 16
@@ -200,6 +198,13 @@ def rollback_cache(config=None) -> DynamicCache:
         if isinstance(layer, DynamicSlidingWindowLayer):
             cache.layers[i] = DynamicLayer()
     return cache
+
+
+def crop_cache(cache, length: int) -> None:
+    """Roll a KV cache back to its first ``length`` positions (``crop`` takes a negative count)."""
+    n = cache.get_seq_length()
+    if n > length:
+        cache.crop(length - n)
 
 
 def prefix_mask(counts: list[int], q: int, device: torch.device) -> torch.Tensor:

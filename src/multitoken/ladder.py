@@ -21,12 +21,13 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from transformers import PreTrainedModel
 
 from multitoken.config import GenerateConfig
-from multitoken.heads.base import Committed
+from multitoken.heads.base import Committed, MTPHeads
 from multitoken.kvcache import RaggedCache, trunk_attention_mask
 from multitoken.sampling import (
     Sampling,
@@ -36,12 +37,25 @@ from multitoken.sampling import (
     choose,
     probs,
 )
-from multitoken.trunk import watch_states
-
-if TYPE_CHECKING:  # type only: the model's text API calls down into decoding, never the reverse
-    from multitoken.model import MTPModel
+from multitoken.trunk import TrunkParts, watch_states
 
 OnTokens = Callable[[int, list[int]], None]
+
+
+class Decodable(Protocol):
+    """What decoding reads of a model (:class:`multitoken.model.MTPModel` is one): the trunk as
+    the causal LM it is, the parts heads share with it, and the heads (None: the trunk alone).
+    Decoding depends on this, not on the model class, whose text API calls down into it."""
+
+    trunk: PreTrainedModel
+    parts: TrunkParts
+    heads: MTPHeads | None
+
+    @property
+    def family(self) -> str: ...
+
+    @property
+    def depth(self) -> int: ...
 
 
 @dataclass
@@ -80,7 +94,7 @@ def _takes_logits_to_keep(cls: type) -> bool:
 
 
 def trunk_pass(
-    model: MTPModel,
+    model: Decodable,
     ids: torch.Tensor,
     kv: RaggedCache,
     start: list[int],
@@ -144,7 +158,7 @@ class Plan:
         return self.cfg.speculate
 
 
-def prefill(model: MTPModel, prompts: list[list[int]], plan: Plan) -> Decoding:
+def prefill(model: Decodable, prompts: list[list[int]], plan: Plan) -> Decoding:
     """One pass over the right-padded prompts (causal attention keeps each row's tokens from
     seeing its padding), logits at each row's last position only; each row's first new token
     becomes its pending token."""
@@ -177,7 +191,7 @@ def prefill(model: MTPModel, prompts: list[list[int]], plan: Plan) -> Decoding:
     )
 
 
-def draft(model: MTPModel, state: Decoding, K: int, drafted: int, plan: Plan):
+def draft(model: Decodable, state: Decoding, K: int, drafted: int, plan: Plan):
     """The heads draft ``drafted`` tokens per row (K <= drafted are verified) from everything
     committed since they last drafted. Returns (drafts [B, K], q [B, K, V] or None)."""
     B = state.pending.size(0)
@@ -191,7 +205,7 @@ def draft(model: MTPModel, state: Decoding, K: int, drafted: int, plan: Plan):
     return drafts[:, :K], (None if q is None else q[:, :K])
 
 
-def verify(model: MTPModel, state: Decoding, drafts: torch.Tensor, plan: Plan) -> Verified:
+def verify(model: Decodable, state: Decoding, drafts: torch.Tensor, plan: Plan) -> Verified:
     """One trunk pass over each row's pending token and its drafts, logits at all K+1; the
     heads' states come along whenever the call speculates."""
     ids = torch.cat([state.pending[:, None], drafts], dim=1)  # [B, K+1]
@@ -268,7 +282,7 @@ def emit(state: Decoding, accepted: list[list[int]], plan: Plan, on_tokens) -> l
     return done
 
 
-def retire(model: MTPModel, state: Decoding, done: list[int]) -> None:
+def retire(model: Decodable, state: Decoding, done: list[int]) -> None:
     """Rows that are done leave the batch: every cache and buffer keeps the others only."""
     if not done:
         return

@@ -36,6 +36,8 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from multitoken.chat import ChatTemplateError, render_chat_template
 from multitoken.errors import MultitokenError
 from multitoken.fileio import atomic_path
+from multitoken.gguf import gguf_tokenizer_parts
+from multitoken.quiet import quiet_transformers
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -393,8 +395,6 @@ def load_tokenizer(spec: str | None) -> Tokenizer:
         return ByteTokenizer()
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf" and path.is_file():  # a GGUF's vocabulary is in its metadata
-        from multitoken.gguf import load_gguf_tokenizer
-
         return load_gguf_tokenizer(path)
     if path.is_dir():
         options = _options_from_config(path)
@@ -416,8 +416,6 @@ def _tokenizer_via_transformers(folder: Path, options: dict[str, Any]) -> HFToke
     if not any(folder.iterdir()):
         raise missing
     from transformers import AutoTokenizer
-
-    from multitoken.trunk import quiet_transformers
 
     try:
         with quiet_transformers(warnings=False):  # its advice on missing files: not our one line
@@ -522,3 +520,12 @@ def _no_template_reason(source: str) -> str:
         f"{source} has no chat template; use a tokenizer that has one (a model folder whose "
         f"{CONFIG_FILE} holds chat_template, or a {CHAT_TEMPLATE_FILE}) or give plain text"
     )
+
+
+def load_gguf_tokenizer(path: str | Path, flag: str = "--tokenizer") -> HFTokenizer:
+    """The tokenizer a GGUF file describes, with its special tokens and chat template."""
+    backend, special, template = gguf_tokenizer_parts(path, flag)
+    try:
+        return HFTokenizer(backend, source=str(path), chat_template=template, **special)
+    except MultitokenError as exc:  # e.g. no end-of-text token: said of the flag given
+        raise MultitokenError(exc.message, flag) from None

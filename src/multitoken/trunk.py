@@ -13,10 +13,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -24,12 +23,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from multitoken.config import PRESETS
 from multitoken.errors import MultitokenError, first_line
 from multitoken.gguf import is_gguf, load_gguf_trunk
-
-if TYPE_CHECKING:
-    from multitoken.kvcache import RaggedCache
+from multitoken.kvcache import FULL, SLIDING, RaggedCache, sliding_window
+from multitoken.presets import PRESETS
+from multitoken.quiet import quiet_transformers
 
 # Keyword arguments of a decoder layer that this adapter knows how to supply.
 _LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids", "cache", "use_cache")
@@ -121,7 +119,6 @@ class TrunkParts:
 
     def window(self, kind: str) -> int | None:
         """The positions a layer of ``kind`` looks back over (None: all of them)."""
-        from multitoken.kvcache import SLIDING  # kvcache imports this module
 
         return self.config.sliding_window if kind == SLIDING else None
 
@@ -197,7 +194,6 @@ def layer_kind(config, index: int) -> str:
     """The attention kind of trunk layer ``index`` as transformers' models choose its mask:
     ``layer_types[index]`` where the config lists per-layer kinds (Qwen2, Gemma), else sliding
     wherever the config sets a window for every layer (Mistral), else full attention."""
-    from multitoken.kvcache import FULL, SLIDING, sliding_window  # kvcache imports this module
 
     kinds = getattr(config, "layer_types", None)
     if kinds:
@@ -244,13 +240,6 @@ def layer_arguments(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.
     named = {k: v for k, v in bound.items() if k != "kwargs"}
     named.update(bound.get("kwargs", {}))
     return extra, named
-
-
-def crop_cache(cache, length: int) -> None:
-    """Roll a KV cache back to its first ``length`` positions (``crop`` takes a negative count)."""
-    n = cache.get_seq_length()
-    if n > length:
-        cache.crop(length - n)
 
 
 @contextlib.contextmanager
@@ -394,28 +383,6 @@ def build_trunk(preset: str, tokenizer) -> PreTrainedModel:
         tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
     )
     return AutoModelForCausalLM.from_config(config)
-
-
-@contextlib.contextmanager
-def quiet_transformers(*, warnings: bool = True) -> Iterator[None]:
-    """No transformers progress bars: it draws one per load and save, and ours is the one the
-    user watches. ``warnings=False``: no transformers log lines below an error either, where its
-    advice would break our one-line messages or it repeats itself on every call. What was set
-    before is restored on the way out, exception or not."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    if not warnings:
-        hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        if not warnings:
-            hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def load_causal_lm(

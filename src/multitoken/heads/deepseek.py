@@ -19,16 +19,19 @@ other loaders' chains differ. ``Emb`` and ``Unembed`` are the trunk's; with a dr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
 from multitoken.heads.base import Committed, HeadInputs, MTPHeads, Pick, register
 from multitoken.heads.draft_vocab import DraftVocab
 from multitoken.kvcache import RaggedCache
 from multitoken.trunk import TrunkParts, run_layer
+
+if TYPE_CHECKING:  # type only: the config validates families through this package
+    from multitoken.config import HeadConfig
 
 
 class DeepSeekModule(nn.Module):
