@@ -44,7 +44,7 @@ from multitoken.bench_peers import (
 from multitoken.config import GenerateConfig
 from multitoken.costs import remember_cost, verify_cost
 from multitoken.errors import MultitokenError
-from multitoken.generate import generate
+from multitoken.generate import check_prompts, generate
 from multitoken.hardware import cpu_kind, sync
 from multitoken.heads import head_class
 from multitoken.kernels import choose_linear_kernel, linear_kernels
@@ -115,15 +115,9 @@ def read_prompt_file(path: str | Path, tokenizer) -> list[list[int]]:
 
 
 def check_fits(model: MTPModel, prompts: list[list[int]], new: int, K: int, flag: str) -> None:
-    """Fail before any timing if a prompt plus its continuation overflows the context window."""
-    limit = getattr(model.trunk.config, "max_position_embeddings", None)
-    longest = max(map(len, prompts))
-    if limit and longest + new + K + 1 > limit:
-        raise MultitokenError(
-            f"a prompt of {longest} tokens + {new} new + {K + 1} verified exceeds the trunk's "
-            f"context window of {limit}",
-            flag,
-        )
+    """Fail before any timing if a prompt cannot be decoded: the check ``generate`` makes
+    (:func:`multitoken.generate.check_prompts`), said of the option the prompts came from."""
+    check_prompts(model, prompts, GenerateConfig(max_new_tokens=new), K, flag)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -211,21 +211,27 @@ def make_plan(
     return Plan(cfg, K, auto, sampling, stop, gen)
 
 
-def check_prompts(model: Decodable, prompts: list[list[int]], cfg: GenerateConfig, K: int) -> None:
+def check_prompts(
+    model: Decodable,
+    prompts: list[list[int]],
+    cfg: GenerateConfig,
+    K: int,
+    flag: str = "--prompt",
+) -> None:
     """Refuse, in one line, prompts the trunk cannot decode: none, an empty one, one whose
     tokens plus the new ones pass the context window, or any that would need a recurrent
-    state given back."""
+    state given back. ``flag``: where the prompts came from (bench: its prompt options)."""
     if not prompts:
-        raise MultitokenError("no prompts", "--prompt")
+        raise MultitokenError("no prompts", flag)
     limit = getattr(model.trunk.config, "max_position_embeddings", None)
     for p in prompts:
         if not p:
-            raise MultitokenError("the prompt is empty", "--prompt")
+            raise MultitokenError("the prompt is empty", flag)
         if limit and len(p) + cfg.max_new_tokens + K + 1 > limit:
             raise MultitokenError(
                 f"prompt of {len(p)} tokens + {cfg.max_new_tokens} new tokens exceeds the "
                 f"context window of {limit}",
-                "--prompt",
+                flag,
             )
     recurrent = sorted(set(unrollable_layers(model.trunk.config)))
     if recurrent and (cfg.speculate or len(set(map(len, prompts))) > 1):
