@@ -276,6 +276,8 @@ def test_anything_else_is_not_a_draft_len(value):
         ({"draft_len": "many"}, "--draft-len"),
         ({"temperature": -0.1}, "--temperature"),
         ({"top_k": -1}, "--top-k"),
+        ({"top_k": 2.5}, "--top-k"),
+        ({"max_new_tokens": True}, "--max-new-tokens"),
         ({"top_p": 0.0}, "--top-p"),
         ({"top_p": 1.01}, "--top-p"),
         ({"typical": 1.0}, "--typical"),

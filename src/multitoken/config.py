@@ -422,6 +422,11 @@ class TrainConfig:
         return cls(**train_values, heads=HeadConfig(**head_values))
 
 
+def _whole(value: Any) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, not a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -497,7 +502,7 @@ class GenerateConfig:
         """Each option on its own, in one place (generate, distill and bench call this); what
         depends on the model — K against the heads' depth, the context window — is checked
         where the model is known."""
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _whole(self.max_new_tokens) or self.max_new_tokens < 1:
             raise MultitokenError(f"must be >= 1, got {self.max_new_tokens!r}", "--max-new-tokens")
         try:
             value = draft_len_value(self.draft_len)
@@ -507,8 +512,8 @@ class GenerateConfig:
             raise MultitokenError(f"must be >= 1 or auto, got {value}", "--draft-len")
         if self.temperature < 0:
             raise MultitokenError(f"must be >= 0, got {self.temperature}", "--temperature")
-        if self.top_k < 0:
-            raise MultitokenError(f"must be >= 0, got {self.top_k}", "--top-k")
+        if not _whole(self.top_k) or self.top_k < 0:
+            raise MultitokenError(f"must be a whole number >= 0, got {self.top_k!r}", "--top-k")
         if not 0 < self.top_p <= 1:
             raise MultitokenError(f"must be in (0, 1], got {self.top_p}", "--top-p")
         if not 0 <= self.typical < 1:
