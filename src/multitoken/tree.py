@@ -205,9 +205,7 @@ def accept_greedy_tree(
     return [tree.path(node) for node in last.tolist()], bonus
 
 
-def sample_candidates(
-    q: torch.Tensor, k: int, generator: torch.Generator | None
-) -> torch.Tensor:
+def sample_candidates(q: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
     """k distinct tokens [..., k] from probabilities q [..., V], distributed as k successive
     draws without replacement, in draw order (Gumbel-top-k, Kool et al. 2019): the candidates
     :func:`accept_sampled_tree` expects when given q. Past q's support, the extra picks are
