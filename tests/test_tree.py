@@ -432,3 +432,53 @@ def test_dynamic_tree_refuses_unsorted_scores_and_negative_budgets():
         dynamic_tree(torch.tensor([[0.1, 0.9]]).log(), 2)
     with pytest.raises(MultitokenError):
         dynamic_tree(torch.tensor([[0.9, 0.1]]).log(), -1)
+
+
+# --- edge cases and a real trunk ---------------------------------------------------------------
+
+
+def test_a_tree_without_drafts_emits_the_trunks_next_token():
+    root = Tree.chain(0)
+    tokens, target = torch.tensor([[5], [6]]), torch.tensor([[1], [2]])
+    path, bonus = accept_greedy_tree(root, tokens, target)
+    assert path == [[0], [0]] and bonus.tolist() == [1, 2]
+    p = torch.zeros(2, 1, V)
+    p[0, 0, 3] = p[1, 0, 4] = 1.0
+    path, nxt = accept_sampled_tree(root, tokens, p, None, gen(0))
+    assert path == [[0], [0]] and nxt.tolist() == [3, 4]
+
+
+@torch.no_grad()
+def test_one_tree_pass_gives_every_paths_own_logits():
+    """The mask and positions in a real forward: node i's logits equal a plain forward of the
+    prompt and the tokens on i's path (rows with different prompt lengths, one with a hole)."""
+    from conftest import micro_llama
+    from transformers import DynamicCache
+
+    trunk, tree = micro_llama(), Tree.parse("2,2")
+    g = gen(7)
+    prompts = [torch.randint(3, 64, (6,), generator=g).tolist() for _ in range(2)]
+    prompts[1] = prompts[1][:4]  # row 1 is shorter: its slots 0 and 1 are left padding (holes)
+    keys = torch.tensor([[0, 1, 2, 3, 4, 5], [-1, -1, 0, 1, 2, 3]])
+    ids = torch.tensor([prompts[0], [0, 0] + prompts[1]])
+    cache = DynamicCache()
+    trunk(
+        input_ids=ids,
+        cache=cache,
+        use_cache=True,
+        position_ids=keys.clamp_min(0),
+        attention_mask=position_mask(keys, keys, None, torch.float32),
+    )
+    start = torch.tensor([6, 4])
+    nodes = torch.randint(3, 64, (2, tree.size), generator=g)
+    logits = trunk(
+        input_ids=nodes,
+        cache=cache,
+        use_cache=True,
+        position_ids=tree_positions(start, tree),
+        attention_mask=tree_attention_mask(keys, start, tree, torch.float32),
+    ).logits  # [2, N, vocab]
+    for b in range(2):
+        for i in range(tree.size):
+            plain = trunk(torch.tensor([prompts[b] + nodes[b, tree.path(i)].tolist()])).logits
+            torch.testing.assert_close(logits[b, i], plain[0, -1], atol=1e-5, rtol=1e-4)

@@ -196,8 +196,9 @@ def accept_greedy_tree(
     reach = torch.ones(B, N, dtype=torch.bool, device=device)
     depth = torch.tensor(tree.depth, device=device)
     for d in range(1, tree.max_depth + 1):  # a level's parents are settled before it
-        level = (depth == d).nonzero().squeeze(1)
-        reach[:, level] = match[:, level] & reach[:, parent[level]]
+        level = [i for i in range(N) if tree.depth[i] == d]  # from the host: no device sync
+        up = [tree.parent[i] for i in level]
+        reach[:, level] = match[:, level] & reach[:, up]
     order = torch.arange(N, device=device)
     key = torch.where(reach, depth * N + (N - 1 - order), -1)  # deepest, then lowest index
     last = key.argmax(dim=1)  # [B]
