@@ -162,7 +162,9 @@ def test_every_family_is_registered_and_implements_the_protocol():
     tokens = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     for family, cls in HEADS.items():
         assert issubclass(cls, MTPHeads) and cls.family == family and head_class(family) is cls
-        for name in ("training_logits", "new_draft_state", "draft"):  # each overrides the base
+        # each overrides the base; parent-free families draft from their logits
+        drafting = "draft_logits" if cls.parent_free else "draft"
+        for name in ("training_logits", "new_draft_state", drafting):
             assert getattr(cls, name) is not getattr(MTPHeads, name), (family, name)
         model = MTPModel(trunk, HeadConfig(family=family, depth=2))
         assert type(model.heads) is cls

@@ -121,3 +121,24 @@ def test_a_sliding_window_trunk_gets_masks_by_position(layer_types, kinds):
         assert not torch.equal(mask["sliding_attention"], mask["full_attention"])
     config.sliding_window = None
     assert trunk_attention_mask(kv, torch.tensor([3, 1]), 2, torch.float32).shape == (2, 5)
+
+
+@torch.no_grad()
+def test_reordering_the_new_slots_permutes_each_rows_entries_and_nothing_else():
+    """A tree's accepted path moves to the front of the slots its verify pass appended, row by
+    row; the slots cached before stay as they were."""
+    trunk = micro_llama().eval()
+    kv = RaggedCache(2, torch.device("cpu"), trunk.config)
+    forward(trunk, kv, torch.tensor([[5, 6], [9, 10]]), [0, 0])
+    kv.commit([2, 2])
+    forward(trunk, kv, torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), [2, 2])
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in kv.cache.layers]
+    order = torch.tensor([[0, 2, 1, 3], [3, 0, 1, 2]])
+    kv.reorder_new(order)
+    for (keys, values), layer in zip(before, kv.cache.layers):
+        for old, new in ((keys, layer.keys), (values, layer.values)):
+            assert torch.equal(new[:, :, :2], old[:, :, :2])
+            for b in range(2):
+                assert torch.equal(new[b, :, 2:], old[b, :, 2:][:, order[b]])
+    kv.commit([2, 1])
+    assert kv.slots == 4 and kv.kept == [4, 3]

@@ -93,6 +93,19 @@ class RaggedCache:
         if self.keep is not None:
             self._compact_if_worth_it()
 
+    def reorder_new(self, order: torch.Tensor) -> None:
+        """Permute the q slots the last forward appended, per row: new slot j of row b takes
+        what slot ``order[b, j]`` held ([B, q] long). A tree's accepted path is moved to the
+        front this way, so that :meth:`commit` keeps it as a prefix."""
+        q = order.size(1)
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is None or not layer.keys.numel():
+                continue
+            index = order[:, None, :, None].expand(-1, layer.keys.size(1), -1, layer.keys.size(3))
+            for name in ("keys", "values"):
+                full = getattr(layer, name)  # [B, H, S + q, Dh]
+                full[:, :, -q:] = full[:, :, -q:].gather(2, index)
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` ([n] long, in that order): finished rows leave."""
         for layer in self.cache.layers:

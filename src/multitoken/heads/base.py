@@ -73,6 +73,10 @@ class MTPHeads(nn.Module):
     keeps_draft_state: ClassVar[bool] = False
     # K may exceed D: the last module is reused recurrently (DeepSeek-V3)
     drafts_past_depth: ClassVar[bool] = False
+    # head k's candidates for the k-th token after the pending one do not depend on the drafts
+    # before it (bpd, meta: every head reads the same trunk position), so a tree's nodes at
+    # depth k are head k's top candidates (Medusa's static trees); see :meth:`draft_logits`
+    parent_free: ClassVar[bool] = False
     # has a decoder block that can start as a copy of a trunk layer (--init-from-trunk)
     copies_trunk_layers: ClassVar[bool] = True
     # λ of the MTP loss when none is given, as a LambdaSchedule string
@@ -106,7 +110,14 @@ class MTPHeads(nn.Module):
         raise NotImplementedError
 
     def draft(self, state: Any, step: Committed, K: int, pick: Pick):
-        """Drafts d_1..d_K for every row from what ``step`` commits: (drafts [B, K], q or None)."""
+        """Drafts d_1..d_K for every row from what ``step`` commits: (drafts [B, K], q or None).
+        Parent-free families pick from :meth:`draft_logits`."""
+        return pick(self.draft_logits(state, step, K))
+
+    def draft_logits(self, state: Any, step: Committed, K: int) -> torch.Tensor:
+        """Parent-free families only: heads 1..K's logits at each row's newest committed
+        position, [B, K, V], from what ``step`` commits (the draft state advances as in
+        :meth:`draft`)."""
         raise NotImplementedError
 
     def select_draft_rows(self, state: Any, rows: torch.Tensor) -> Any:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from multitoken.heads.base import Committed, HeadInputs, MTPHeads, Pick, register
+from multitoken.heads.base import Committed, HeadInputs, MTPHeads, register
 from multitoken.heads.draft_vocab import DraftVocab
 from multitoken.trunk import TrunkParts
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # type only: the config validates families through this packa
 @register
 class BPDHeads(DraftVocab, MTPHeads):
     family = "bpd"
+    parent_free = True
     copies_trunk_layers = False  # no decoder block; a fresh head already predicts the trunk's
 
     def __init__(self, parts: TrunkParts, config: HeadConfig) -> None:
@@ -102,13 +103,13 @@ class BPDHeads(DraftVocab, MTPHeads):
     def new_draft_state(self, batch: int) -> None:
         return None  # no attention, nothing to cache
 
-    def draft(self, state: None, step: Committed, K: int, pick: Pick):
+    def draft_logits(self, state: None, step: Committed, K: int) -> torch.Tensor:
         """Parallel drafting: heads 1..K all read h^0 at each row's newest trunk position p.
 
         There the trunk gives its own next token (the pending one, t_{p+1}) and head k gives
-        t_{p+1+k}, i.e. draft d_k. Returns (drafts [B, K], q [B, K, V] or None)."""
+        t_{p+1+k}, i.e. draft d_k. Returns logits [B, K, V]."""
         B = step.hidden.size(0)
         newest = (torch.tensor(step.new, device=step.hidden.device) - 1).clamp(min=0)
         h = step.hidden[torch.arange(B, device=newest.device), newest]  # [B, d]
         logits = self.full_logits(self.logits(self.residual(h))[:K])  # [K, B, V]
-        return pick(logits.transpose(0, 1))
+        return logits.transpose(0, 1)

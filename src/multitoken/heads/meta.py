@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from multitoken.heads.base import Committed, HeadInputs, MTPHeads, Pick, register
+from multitoken.heads.base import Committed, HeadInputs, MTPHeads, register
 from multitoken.heads.draft_vocab import DraftVocab
 from multitoken.kvcache import RaggedCache
 from multitoken.losses import LossOutput, cross_entropy
@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # type only: the config validates families through this packa
 @register
 class MetaHeads(DraftVocab, MTPHeads):
     family = "meta"
+    parent_free = True
     reads_branch = True
     keeps_draft_state = True
     headwise = True
@@ -82,11 +83,11 @@ class MetaHeads(DraftVocab, MTPHeads):
             kv.select(rows)
         return caches
 
-    def draft(self, caches: list[RaggedCache], step: Committed, K: int, pick: Pick):
+    def draft_logits(self, caches: list[RaggedCache], step: Committed, K: int) -> torch.Tensor:
         """Heads 1..K extend their KV caches over each row's newly committed positions of the
         branch stream (committed positions only, so the caches never need rolling back); the
         drafts are the heads' outputs at each row's newest position.
-        Returns (drafts [B, K], q [B, K, V] or None)."""
+        Returns logits [B, K, V]."""
         stream = step.branch  # [B, n, d]; row r's first new[r] slots are its new positions
         B, n = stream.shape[:2]
         device = stream.device
@@ -106,7 +107,7 @@ class MetaHeads(DraftVocab, MTPHeads):
         for kv in caches[:K]:
             kv.commit(step.new)  # counts as a list: no device sync
         logits = self.unembed_draft(self.parts.final_norm(torch.stack(last, dim=1)))
-        return pick(self.full_logits(logits))  # [B, K, V]
+        return self.full_logits(logits)  # [B, K, V]
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Trunk parameters every head also uses (final norm, unembedding)."""
