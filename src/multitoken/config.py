@@ -490,6 +490,12 @@ class GenerateConfig:
     speculate: bool = _field(
         True, "self-speculative decoding with the heads; --no-speculate: the trunk alone"
     )
+    tree: str | None = _field(
+        None,
+        "verify a tree of drafts in one trunk pass instead of one chain: '3,2,1' = the heads' "
+        "top-3 for the next draft, each with top-2 children, each with one (bpd, meta heads); "
+        "'chain:K' = a chain",
+    )
     linear_kernel: str = _field(
         "auto",
         "kernel of the linear layers on a CPU: onednn (faster for one token and much faster "
@@ -525,3 +531,9 @@ class GenerateConfig:
                 f"unknown kernel {self.linear_kernel!r} (choose from {', '.join(LINEAR_KERNELS)})",
                 "--linear-kernel",
             )
+        if self.tree is not None:
+            from multitoken.tree import Tree  # torch: only when a tree is asked for
+
+            Tree.parse(self.tree)
+            if self.typical > 0:
+                raise MultitokenError("typical acceptance verifies chains only", "--tree")

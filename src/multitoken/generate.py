@@ -29,15 +29,14 @@ from multitoken.ladder import (
     Decodable,
     OnTokens,
     Plan,
-    accept,
-    commit,
-    draft,
+    chain_step,
     emit,
     prefill,
     retire,
-    verify,
 )
 from multitoken.sampling import Sampling
+from multitoken.tree import Tree
+from multitoken.tree_ladder import tree_step
 
 log = logging.getLogger("multitoken")
 
@@ -98,7 +97,8 @@ def decode(
     costs: CostModel | None,
     on_tokens: OnTokens | None = None,
 ) -> Generation:
-    """prefill, then draft → verify → accept → commit → emit until every row is done."""
+    """prefill, then draft → verify → accept → commit (a chain's or a tree's) → emit until
+    every row is done."""
     choice = _draft_choice(model, plan, costs)
     state = prefill(model, prompts, plan)
     stats = Stats(
@@ -106,13 +106,10 @@ def decode(
     )
     retire(model, state, emit(state, [[t] for t in state.pending.tolist()], plan, on_tokens))
     watch = Stopwatch(state.tokens.device)
+    step = tree_step if plan.tree is not None else chain_step
     while state.rows:
         K = choice.choose()
-        with watch.section():
-            drafts, q_draft = draft(model, state, K, choice.drafted(K), plan)
-        verified = verify(model, state, drafts, plan)
-        new, accepted = accept(drafts, q_draft, verified.logits, plan)
-        commit(state, new, [len(a) for a in accepted], verified)
+        accepted = step(model, state, plan, K, choice.drafted(K), watch)
         done = emit(state, accepted, plan, on_tokens)
         _record(stats, choice, K, accepted, watch.take())
         retire(model, state, done)
@@ -197,6 +194,9 @@ def make_plan(
             "distribution exactly"
         )
     K, auto = _draft_len(cfg, model)
+    tree = _tree(cfg, model)
+    if tree is not None:
+        K, auto = tree.max_depth, False
     check_prompts(model, prompts, cfg, K)
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     gen = None
@@ -208,7 +208,7 @@ def make_plan(
         if eos_id is None
         else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
     )
-    return Plan(cfg, K, auto, sampling, stop, gen)
+    return Plan(cfg, K, auto, sampling, stop, gen, tree)
 
 
 def check_prompts(
@@ -240,6 +240,26 @@ def check_prompts(
             "rejected drafts or padding: speculative decoding needs a KV cache it can crop; "
             "decode with --no-speculate, prompts of one length at a time"
         )
+
+
+def _tree(cfg: GenerateConfig, model: Decodable) -> Tree | None:
+    """The tree ``--tree`` asks for, checked against the heads (None: chains)."""
+    if cfg.tree is None or not cfg.speculate:
+        return None
+    tree = Tree.parse(cfg.tree)
+    if not model.heads.parent_free:
+        raise MultitokenError(
+            f"{model.family} heads draft each token from the one before, so their trees grow "
+            "per node; trees are built for bpd and meta heads so far",
+            "--tree",
+        )
+    if tree.max_depth > model.depth:
+        raise MultitokenError(
+            f"the tree is {tree.max_depth} deep; {model.family} heads draft at most D = "
+            f"{model.depth} tokens",
+            "--tree",
+        )
+    return tree
 
 
 def _draft_len(cfg: GenerateConfig, model: Decodable) -> tuple[int, bool]:

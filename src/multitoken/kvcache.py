@@ -16,7 +16,7 @@ positions too: a sliding window counts positions, while ``transformers`` would c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -175,18 +175,22 @@ def trunk_attention_mask(
 ) -> torch.Tensor | dict | None:
     """The ``attention_mask`` a trunk forward of q new slots over ``kv`` takes: None without
     holes (the model's own causal mask is exact); with holes, the padding mask, or where some
-    layer slides a window, masks by position — one [B, 1, q, S + q] mask where every layer is
-    of one kind, else one per layer kind as a dict (how models with mixed ``layer_types`` take
-    prepared masks)."""
+    layer slides a window, masks by position (:func:`masks_per_kind`)."""
     if not kv.ragged:
         return None
-    window = sliding_window(kv.config)
-    if window is None:
+    if sliding_window(kv.config) is None:
         return kv.padding_mask(q)
-    kinds = set(getattr(kv.config.get_text_config(), "layer_types", None) or [SLIDING])
-    masks = {
-        kind: kv.window_mask(start, q, window if kind == SLIDING else None, dtype) for kind in kinds
-    }
+    return masks_per_kind(kv.config, lambda window: kv.window_mask(start, q, window, dtype))
+
+
+def masks_per_kind(config, build: Callable[[int | None], torch.Tensor]) -> torch.Tensor | dict:
+    """Prepared attention masks for a trunk of ``config``: ``build(window)`` for each kind of
+    layer it has (the sliding window for sliding layers, None for full ones) — one
+    [B, 1, q, S + q] mask where every layer is of one kind, else a dict by kind, as models with
+    mixed ``layer_types`` take prepared masks."""
+    window = sliding_window(config)
+    kinds = getattr(config.get_text_config(), "layer_types", None) or [SLIDING if window else FULL]
+    masks = {kind: build(window if kind == SLIDING else None) for kind in set(kinds)}
     return masks.popitem()[1] if len(masks) == 1 else masks
 
 

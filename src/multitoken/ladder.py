@@ -37,6 +37,7 @@ from multitoken.sampling import (
     choose,
     probs,
 )
+from multitoken.tree import Tree
 from multitoken.trunk import TrunkParts, watch_states
 
 OnTokens = Callable[[int, list[int]], None]
@@ -101,17 +102,20 @@ def trunk_pass(
     keep: int | list[int],
     states: bool = False,
     branch_layer: int | None = None,
+    layout: tuple[torch.Tensor, torch.Tensor | dict] | None = None,
 ) -> Verified:
     """Run ``ids`` [B, q] on top of ``kv``, row r's first token at position ``start[r]``.
 
     ``keep``: logits of the last ``keep`` positions [B, keep, V], or of one position per row
     (a list) [B, 1, V]. ``states``: also return h^0 and, with ``branch_layer``, the stream
     entering that layer, watched for this pass only. While no row of ``kv`` has a hole the
-    forward is the plain ``transformers`` one: no mask, no position ids. ``kv.commit`` must
-    follow."""
+    forward is the plain ``transformers`` one: no mask, no position ids. ``layout``: the
+    position ids and attention mask to use instead (a tree's). ``kv.commit`` must follow."""
     q = ids.size(1)
     options: dict = {}
-    if kv.ragged:
+    if layout is not None:
+        options["position_ids"], options["attention_mask"] = layout
+    elif kv.ragged:
         begin = torch.tensor(start, device=ids.device)
         options["position_ids"] = begin[:, None] + torch.arange(q, device=ids.device)
         dtype = model.parts.embed.weight.dtype
@@ -152,6 +156,7 @@ class Plan:
     sampling: Sampling
     stop: frozenset
     gen: torch.Generator | None = None
+    tree: Tree | None = None  # --tree: steps verify this tree instead of a chain
 
     @property
     def speculate(self) -> bool:
@@ -247,11 +252,11 @@ def commit(state: Decoding, new: torch.Tensor, counts: list[int], verified: Veri
     start = [n - 1 for n in state.length]
     state.kv.commit(counts)
     device = new.device
-    # every verified slot is written; those past a row's count are overwritten later
-    slots = torch.tensor(state.length, device=device)[:, None] + torch.arange(
-        new.size(1), device=device
-    )
-    state.tokens.scatter_(1, slots, new)
+    # the widest row's count is written for every row; past a row's count, later steps
+    # overwrite it
+    width = max(counts)
+    slots = torch.tensor(state.length, device=device)[:, None] + torch.arange(width, device=device)
+    state.tokens.scatter_(1, slots, new[:, :width])
     last = [c - 1 for c in counts]
     if len(set(last)) == 1:  # the same for every row (always at batch 1): no index tensor
         state.pending = new[:, last[0]]
@@ -316,3 +321,13 @@ def _joined(parts: list[Committed], tokens: list[torch.Tensor]) -> Committed:
         return torch.stack([torch.nn.functional.pad(x, (0, 0, 0, width - x.size(0))) for x in rows])
 
     return Committed(tokens, join("hidden"), join("branch"), parts[0].start, new)
+
+
+def chain_step(model: Decodable, state: Decoding, plan: Plan, K: int, drafted: int, watch):
+    """draft → verify → accept → commit with a chain of K drafts; each row's new tokens."""
+    with watch.section():
+        drafts, q_draft = draft(model, state, K, drafted, plan)
+    verified = verify(model, state, drafts, plan)
+    new, accepted = accept(drafts, q_draft, verified.logits, plan)
+    commit(state, new, [len(a) for a in accepted], verified)
+    return accepted

@@ -1,0 +1,130 @@
+"""The rungs of a tree step (``--tree``): the chain's draft → verify → accept → commit, over a
+tree of candidates (:mod:`multitoken.tree`).
+
+    draft    the heads' top candidates for each depth fill the tree's nodes (parent-free heads:
+             bpd, meta; Medusa's static trees, Cai et al. 2024); sampling draws them from the
+             draft distribution without replacement instead
+    verify   one trunk pass over every node, each at its own position and seeing the cache, its
+             ancestors and itself (SpecInfer's tree mask, Miao et al. 2024)
+    accept   each row keeps its longest correct root-to-node path and the trunk's next token
+             (greedy), or samples it by multi-candidate speculative sampling (lossless)
+    commit   the path's cache entries and states move to the front of the new slots, so the
+             chain's :func:`multitoken.ladder.commit` keeps them as a prefix
+
+A row's kept path plays the role of the chain's accepted prefix: everything after it (stats,
+stop tokens, rows leaving the batch) is the chain's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from multitoken.kvcache import masks_per_kind
+from multitoken.ladder import Decodable, Decoding, Plan, Verified, _joined, commit, trunk_pass
+from multitoken.sampling import probs
+from multitoken.tree import (
+    Tree,
+    accept_greedy_tree,
+    accept_sampled_tree,
+    sample_candidates,
+    tree_attention_mask,
+    tree_positions,
+)
+
+
+@functools.cache
+def _widths(tree: Tree) -> tuple[int, ...]:
+    """How many candidates each depth 1..D needs: one more than its largest rank."""
+    widths = [0] * tree.max_depth
+    for depth, rank in zip(tree.depth[1:], tree.rank[1:]):
+        widths[depth - 1] = max(widths[depth - 1], rank + 1)
+    return tuple(widths)
+
+
+def draft_tree(model: Decodable, state: Decoding, plan: Plan):
+    """Every node's token [B, N] (node 0: the pending token) and, when sampling, the draft
+    distribution each node's children were drawn from [B, N, V] (None: top-k candidates)."""
+    tree = plan.tree
+    B = state.pending.size(0)
+    tokens = [state.tokens[b, : state.length[b]] for b in range(B)]
+    step = _joined(state.unseen, tokens)
+    state.unseen = []
+    logits = model.heads.draft_logits(state.heads, step, tree.max_depth)  # [B, D, V]
+    widths = _widths(tree)
+    q = None
+    if plan.sampling.greedy:
+        candidates = logits.topk(max(widths), dim=-1).indices  # [B, D, k]
+    else:
+        q = probs(logits, plan.sampling)  # [B, D, V]
+        candidates = sample_candidates(q, max(widths), plan.gen)  # [B, D, k] without replacement
+    depth = torch.tensor(tree.depth[1:], device=logits.device) - 1
+    rank = torch.tensor(tree.rank[1:], device=logits.device)
+    nodes = candidates[:, depth, rank]  # [B, N-1]
+    node_tokens = torch.cat([state.pending[:, None], nodes], dim=1)  # [B, N]
+    if q is None:
+        return node_tokens, None
+    # node i's children are drafts for depth[i] + 1: head depth[i] + 1's distribution (leaves:
+    # unused, any row will do)
+    below = torch.tensor(tree.depth, device=q.device).clamp(max=tree.max_depth - 1)
+    return node_tokens, q[:, below]
+
+
+def verify_tree(model: Decodable, state: Decoding, tokens: torch.Tensor, plan: Plan) -> Verified:
+    """One trunk pass over all N nodes of every row, logits at each."""
+    tree, kv = plan.tree, state.kv
+    start = torch.tensor([n - 1 for n in state.length], device=tokens.device)
+    dtype = model.parts.embed.weight.dtype
+    keys = kv.key_positions()
+    mask = masks_per_kind(
+        kv.config, lambda window: tree_attention_mask(keys, start, tree, dtype, window)
+    )
+    layout = (tree_positions(start, tree), mask)
+    branch = model.heads.branch_layer
+    begin = [n - 1 for n in state.length]
+    return trunk_pass(model, tokens, kv, begin, tree.size, True, branch, layout)
+
+
+def accept_tree(tokens: torch.Tensor, q_draft, logits: torch.Tensor, plan: Plan):
+    """Each row's kept path (node indices from the root) and its new tokens: the path's drafts
+    and the trunk's next token, as lists and as the rows of a [B, N] tensor on the device."""
+    tree = plan.tree
+    if plan.sampling.greedy:
+        path, bonus = accept_greedy_tree(tree, tokens, logits.argmax(-1))
+    else:
+        p = probs(logits, plan.sampling)  # [B, N, V]
+        path, bonus = accept_sampled_tree(tree, tokens, p, q_draft, plan.gen)
+    rows = tokens.tolist()
+    accepted = [
+        [row[i] for i in nodes[1:]] + [b] for row, nodes, b in zip(rows, path, bonus.tolist())
+    ]
+    padded = [a + [0] * (tree.size - len(a)) for a in accepted]
+    return path, torch.tensor(padded, device=tokens.device), accepted
+
+
+def move_paths_forward(state: Decoding, path: list[list[int]], verified: Verified) -> Verified:
+    """Put each row's kept nodes first among the N new cache slots and the states the heads
+    read, so that the chain's commit keeps them as a prefix."""
+    N = verified.logits.size(1)
+    order = torch.tensor(
+        [nodes + [i for i in range(N) if i not in set(nodes)] for nodes in path],
+        device=verified.logits.device,
+    )  # [B, N]
+    state.kv.reorder_new(order)
+
+    def reorder(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.gather(1, order[..., None].expand(-1, -1, x.size(-1)))
+
+    return Verified(verified.logits, reorder(verified.hidden), reorder(verified.branch))
+
+
+def tree_step(model: Decodable, state: Decoding, plan: Plan, K: int, drafted: int, watch):
+    """draft → verify → accept → commit over ``plan.tree``; each row's new tokens (K and
+    ``drafted``: the tree's depth, as for a chain)."""
+    with watch.section():
+        tokens, q_draft = draft_tree(model, state, plan)
+    verified = verify_tree(model, state, tokens, plan)
+    path, new, accepted = accept_tree(tokens, q_draft, verified.logits, plan)
+    commit(state, new, [len(a) for a in accepted], move_paths_forward(state, path, verified))
+    return accepted

@@ -1,0 +1,99 @@
+"""Tree steps (``--tree``) in the decoder: greedy output is the trunk's own, sampled output
+follows the trunk's law over the first three tokens, a tree accepts what a chain cannot, and the
+tree is checked against the heads before decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_chi_square_fits, three_token_counts, three_token_law
+from test_generate import PROMPTS, hf_greedy, model_of, trained
+
+from multitoken.errors import MultitokenError
+from multitoken.generate import generate
+from multitoken.heads import MTPHeads
+from multitoken.model import MTPModel
+
+
+@pytest.mark.parametrize("family", ["bpd", "meta"])
+def test_greedy_trees_decode_exactly_the_trunks_output(family):
+    model = trained(family)
+    plain = generate(model, PROMPTS, max_new_tokens=24, speculate=False)
+    chain = generate(model, PROMPTS, max_new_tokens=24, draft_len=3)
+    for tree in ("2,2,1", "3,2,2"):
+        out = generate(model, PROMPTS, max_new_tokens=24, tree=tree)  # one batch of 3
+        assert out.tokens == plain.tokens, tree
+        assert out.stats.tau >= chain.stats.tau  # the chain is one of the tree's paths
+        for prompt, tokens in zip(PROMPTS, out.tokens):  # each row equals that row alone
+            assert generate(model, [prompt], max_new_tokens=24, tree=tree).tokens == [tokens]
+    as_chain = generate(model, PROMPTS, max_new_tokens=24, tree="chain:3")
+    assert as_chain.tokens == plain.tokens
+    assert as_chain.stats.trunk_passes == chain.stats.trunk_passes
+
+
+class RunnerUpHeads(MTPHeads):
+    """Parent-free stub heads whose second-ranked candidate at every depth is the trunk's own
+    greedy continuation and whose first is always wrong."""
+
+    parent_free = True
+
+    def __init__(self, model: MTPModel) -> None:
+        super().__init__()
+        self.model, self.depth = model, model.depth
+
+    def new_draft_state(self, batch):
+        return None
+
+    def draft_logits(self, _state, step, K):
+        vocab = self.model.trunk.config.vocab_size
+        logits = torch.zeros(len(step.tokens), K, vocab)
+        for r, ids in enumerate(step.tokens):
+            with torch.no_grad():
+                out = self.model.trunk.generate(
+                    ids[None], max_new_tokens=K, do_sample=False, pad_token_id=0
+                )
+            for k, token in enumerate(out[0, ids.numel() :].tolist()):
+                logits[r, k, token] = 1.0
+                logits[r, k, (token + 1) % vocab] = 2.0
+        return logits
+
+
+def test_a_tree_accepts_the_runner_up_a_chain_never_sees():
+    model = model_of("bpd", depth=2)
+    model.heads = RunnerUpHeads(model)
+    chain = generate(model, PROMPTS, max_new_tokens=12, draft_len=2)
+    tree = generate(model, PROMPTS, max_new_tokens=12, tree="2,2")
+    assert chain.stats.acceptance == [0.0, 0.0]
+    assert tree.stats.acceptance == [1.0, 1.0]
+    for prompt, tokens in zip(PROMPTS, tree.tokens):
+        assert tokens == hf_greedy(model, prompt, 12) == chain.tokens[PROMPTS.index(prompt)]
+
+
+@pytest.mark.parametrize("family", ["bpd", "meta"])
+def test_sampling_through_a_tree_follows_the_trunks_law(family):
+    """Width 2 at both depths (candidates drawn from the heads' distribution without
+    replacement, multi-candidate rejection): the first three tokens keep the trunk's law."""
+    from multitoken.sampling import Sampling
+
+    torch.manual_seed(0)
+    model = model_of(family, depth=2, vocab=4)
+    with torch.no_grad():  # heads far from the trunk: rejections and residuals are exercised
+        for p in model.heads.parameters():
+            p.add_(torch.randn_like(p))
+        model.trunk.lm_head.weight.mul_(4.0)
+    prompt = [1, 2, 3]
+    expected = three_token_law(model.trunk, prompt, 4, Sampling(temperature=1.0))
+    out = generate(model, [prompt] * 2500, max_new_tokens=3, tree="2,2", temperature=1.0, seed=5)
+    assert 0 < out.stats.acceptance[0] < 1
+    assert_chi_square_fits(three_token_counts(out.tokens, 4), expected)
+
+
+def test_a_tree_is_checked_against_the_heads_before_decoding():
+    with pytest.raises(MultitokenError, match="deepseek heads draft each token") as err:
+        generate(model_of("deepseek", depth=2), PROMPTS, max_new_tokens=4, tree="2,2")
+    assert err.value.flag == "--tree"
+    with pytest.raises(MultitokenError, match="3 deep") as err:
+        generate(model_of("bpd", depth=2), PROMPTS, max_new_tokens=4, tree="2,2,2")
+    with pytest.raises(MultitokenError) as err:
+        generate(model_of("bpd", depth=2), PROMPTS, max_new_tokens=4, tree="2,x")
+    assert err.value.flag == "--tree"
