@@ -75,6 +75,8 @@ def report(checkpoint, tmp_path_factory) -> tuple[dict, Path]:
         "2",
         "--draft-model",
         str(checkpoint),  # the trunk as its own assistant: exercises assisted generation
+        "--tree",
+        "2,1",
         "--json",
         str(out / "bench.json"),
         "--plot",
@@ -98,6 +100,7 @@ def test_json_has_the_documented_keys(report):
         ("speculative", 1),
         ("speculative", 2),
         ("auto", None),
+        ("tree", 2),
         ("hf_greedy", None),
         ("prompt_lookup", 2),
         ("assisted", None),
@@ -147,11 +150,14 @@ def test_tau_acceptance_and_verify_cost(report):
             counts = {int(k): n for k, n in run["draft_len_counts"].items()}
             assert set(counts) <= {0, 1, 2} and sum(counts.values()) == run["trunk_passes"] - 2
             assert 0 <= run["mean_draft_len"] <= 2 and run["verify_bound"] > 0
+        if run["method"] == "tree":  # 2 candidates for the first draft, 1 child each
+            assert run["tree"] == "2,1" and run["nodes"] == 5 and len(run["acceptance"]) == 2
+            assert 1.0 <= run["tau"] <= 3 and run["verify_bound"] > 0
         if run["method"] in ("plain", "hf_greedy"):
             assert run["tau"] == 1.0 and run["trunk_passes"] == PROMPTS * NEW
     cost = result["verify_cost"]
-    assert cost["q"] == [1, 2, 3]  # up to max(K) + 1
-    assert cost["t1_s"] > 0 and len(cost["c"]) == 3 and all(c > 0 for c in cost["c"])
+    assert cost["q"] == [1, 2, 3, 4, 5]  # up to max(K) + 1 and the tree's 5 nodes
+    assert cost["t1_s"] > 0 and len(cost["c"]) == 5 and all(c > 0 for c in cost["c"])
 
 
 def test_the_printed_report_names_the_machine_and_what_auto_chose(report):

@@ -50,6 +50,7 @@ from multitoken.heads import head_class
 from multitoken.kernels import choose_linear_kernel, linear_kernels
 from multitoken.model import MTPModel
 from multitoken.prompts import read_prompt_records
+from multitoken.tree import Tree
 
 # transformers' methods and the draft model's loader are bench_peers'; named here as well, so
 # that every method name and everything ``multitoken bench`` runs is one import away
@@ -74,8 +75,8 @@ __all__ = [
     "transformers_method",
 ]
 
-PLAIN, SPECULATIVE, AUTO = "plain", "speculative", "auto"
-OURS_SPECULATIVE = (SPECULATIVE, AUTO)
+PLAIN, SPECULATIVE, AUTO, TREE = "plain", "speculative", "auto", "tree"
+OURS_SPECULATIVE = (SPECULATIVE, AUTO, TREE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,13 +133,16 @@ def outputs_identical(outputs: list[list[int]], reference: list[list[int]]) -> b
     )
 
 
-def ours(model: MTPModel, new: int, K: int | str | None, kernel: str = "torch") -> Decode:
+def ours(
+    model: MTPModel, new: int, K: int | str | None, kernel: str = "torch", tree: str | None = None
+) -> Decode:
     """Our decoder for one prompt; ``K`` None is plain decoding (the trunk alone), ``"auto"``
-    chooses K before each step; ``kernel``: of the linear layers."""
+    chooses K before each step; ``kernel``: of the linear layers; ``tree``: verify that tree
+    (``--tree``) instead of a chain."""
 
     def decode(prompt: list[int]):
         spec = dict(draft_len=K or 1, speculate=K is not None, temperature=0.0)
-        spec.update(linear_kernel=kernel)
+        spec.update(linear_kernel=kernel, tree=tree)
         out = generate(model, [prompt], max_new_tokens=new, eos_id=None, **spec)
         return out.tokens[0], out.stats.trunk_passes, out.stats
 
@@ -228,6 +232,7 @@ class Method(NamedTuple):
     K: int | None
     decode: Decode
     label: str | None  # the heads' label for ours; None for plain decoding and the baselines
+    tree: str | None = None  # a tree row's shape, as --tree gives it
 
 
 def bench(
@@ -241,6 +246,7 @@ def bench(
     progress: bool = True,
     also: dict[str, MTPModel] | None = None,
     linear_kernel: str = GenerateConfig.linear_kernel,
+    trees: list[str] = (),
 ) -> dict:
     """Run every method on ``prompts``; return ``{"runs": [...], "verify_cost": {...},
     "repeated_8gram_share": x, "device", "cpu", "threads", "dtype"}`` (see
@@ -255,6 +261,10 @@ def bench(
 
     ``linear_kernel``: what our decoders run the linear layers on (:mod:`multitoken.kernels`;
     c(q) is measured on it too); transformers' methods always run on torch's own.
+
+    ``trees``: shapes (``--tree`` specs) to verify as trees, one row each (``tree``, its spec
+    and ``nodes`` per step, with verify_bound = τ / c(nodes)) for heads whose candidates do not
+    depend on the drafts before them (bpd, meta).
 
     ``also``: more heads on the same trunk object (``multitoken.headfile.load_heads``), by label.
     The baselines run once; each set of heads gets its speculative and auto rows, and every
@@ -272,11 +282,12 @@ def bench(
     check_fits(model, prompts, max_new_tokens, longest, "prompts")
     kernel = choose_linear_kernel(linear_kernel, model)
     passes = [0]  # trunk calls, counted by a hook for transformers' methods
-    methods = _ours(model, heads, draft_lens, max_new_tokens, kernel)
+    shapes = {spec: Tree.parse(spec) for spec in trees}
+    methods = _ours(model, heads, draft_lens, max_new_tokens, kernel, shapes)
     peers = baselines(model, max_new_tokens, passes, prompt_lookup, draft_model)
     methods += [Method(name, K, decode, None) for name, K, decode in peers]
     # c(q) first, on a machine not yet warmed by decoding; auto K then uses this same curve
-    q_max = max(draft_lens + [depth]) + 1
+    q_max = max(draft_lens + [depth] + [t.size - 1 for t in shapes.values()]) + 1
     with torch.no_grad(), linear_kernels(model, kernel):
         cost = verify_cost(model.trunk, prompts[0], q_max)
         remember_cost(model.trunk, cost)  # keyed by the kernel: auto K finds it
@@ -292,16 +303,25 @@ def bench(
 
 
 def _ours(
-    model: MTPModel, heads: dict[str, MTPModel], draft_lens: list[int], new: int, kernel: str
+    model: MTPModel,
+    heads: dict[str, MTPModel],
+    draft_lens: list[int],
+    new: int,
+    kernel: str,
+    trees: dict[str, Tree] | None = None,
 ) -> list[Method]:
-    """Plain decoding (the reference, so first), then each set of heads' fixed-K and auto rows;
-    a K past what the heads can draft is left out for them."""
+    """Plain decoding (the reference, so first), then each set of heads' fixed-K, auto and tree
+    rows; a K or a tree past what the heads can draft is left out for them."""
     methods = [Method(PLAIN, None, ours(model, new, None, kernel), None)]
     for label, m in heads.items():
         longest = m.heads.max_draft_len()
         lens = [K for K in draft_lens if longest is None or K <= longest]
         methods += [Method(SPECULATIVE, K, ours(m, new, K, kernel), label) for K in lens]
         methods.append(Method(AUTO, None, ours(m, new, "auto", kernel), label))
+        for spec, tree in (trees or {}).items():
+            if m.heads.parent_free and tree.max_depth <= m.depth:
+                decode = ours(m, new, 1, kernel, spec)
+                methods.append(Method(TREE, tree.max_depth, decode, label, spec))
     return methods
 
 
@@ -326,12 +346,15 @@ def _measure_all(
     runs, reference = [], None
     try:
         with torch.no_grad():
-            for name, K, decode, label in methods:
+            for name, K, decode, label, tree in methods:
                 what = name if K is None else f"{name} K={K}"
+                what = what if tree is None else f"{name} {tree}"
                 bar.set_description(what if label is None else f"{label} {what}")
                 run, outputs = measure(
                     name, K, decode, prompts, reference, device, repeats, bar.update
                 )
+                if tree is not None:
+                    run.update(tree=tree, nodes=Tree.parse(tree).size)
                 if label is not None:  # which heads, and how many tokens they draft from
                     run["heads"] = label
                     run["draft_vocab"] = heads[label].head_config.draft_vocab or vocab
@@ -383,6 +406,8 @@ def _add_speedups(runs: list[dict], cost: dict) -> None:
             r["draft_cost"] = r["draft_ms_per_step"] / 1e3 / cost["t1_s"]
         if r["method"] == SPECULATIVE and r["tau"] is not None:
             r["verify_bound"] = r["tau"] / c[r["draft_len"] + 1]
+        if r["method"] == TREE and r["tau"] is not None:
+            r["verify_bound"] = r["tau"] / c[r["nodes"]]
         if r["method"] == AUTO and r["tau"] is not None:
             counts = {int(k): n for k, n in r["draft_len_counts"].items()}
             mean_c = sum(c[k + 1] * n for k, n in counts.items()) / max(1, sum(counts.values()))

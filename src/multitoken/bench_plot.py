@@ -76,7 +76,9 @@ def format_report(result: dict) -> str:
     lines = [_machine(result)]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     cost = result["verify_cost"]
-    curve = "  ".join(f"c({q})={c:.2f}" for q, c in zip(cost["q"], cost["c"]))
+    # chains read c(2..K+1), trees c(nodes): a long curve is shown where it is read
+    shown = {r["nodes"] for r in result["runs"] if "nodes" in r} | set(range(1, 9))
+    curve = "  ".join(f"c({q})={c:.2f}" for q, c in zip(cost["q"], cost["c"]) if q in shown)
     lines.append(f"verify cost: {curve}  (t1 = {cost['t1_s'] * 1e3:.2f} ms)")
     for r in result["runs"]:
         if r["method"] == "auto":
@@ -103,11 +105,13 @@ def _several_heads(result: dict) -> bool:
 
 
 def _method_cell(r: dict, result: dict) -> str:
-    """``speculative``, or ``speculative (meta, N=8192)`` when several sets of heads were
-    measured: their family or folder, and the draft vocabulary N (acceptance depends on it)."""
+    """``speculative``, ``tree 3,2,1 (16 nodes)``, or ``speculative (meta, N=8192)`` when
+    several sets of heads were measured: their family or folder, and the draft vocabulary N
+    (acceptance depends on it)."""
+    name = r["method"] if "tree" not in r else f"tree {r['tree']} ({r['nodes']} nodes)"
     if "heads" not in r or not _several_heads(result):
-        return r["method"]
-    return f"{r['method']} ({r['heads']}, N={r['draft_vocab']})"
+        return name
+    return f"{name} ({r['heads']}, N={r['draft_vocab']})"
 
 
 def _machine(result: dict) -> str:
@@ -183,6 +187,9 @@ def _plot_speedup(speed, spec: list[dict], result: dict) -> None:
     ks = sorted({r["draft_len"] for r in spec})
     speed.axhline(1.0, color="grey", lw=0.8, label="plain (ours)")
     for r in result["runs"]:
+        if r["method"] == "tree" and r["speedup_vs_plain"] is not None:
+            label = f"tree {r['tree']}" + (f" {r['heads']}" if several else "")
+            speed.axhline(r["speedup_vs_plain"], ls="--", lw=1, label=label)
         if r["method"] in _FLAT_LINES and r["speedup_vs_plain"] is not None:
             label, color = _FLAT_LINES[r["method"]]
             if several and "heads" in r:

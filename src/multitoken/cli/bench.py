@@ -50,6 +50,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add("--draft-lens", metavar="K,...", help="e.g. 1,2,4 (default: 1..D; deepseek adds D+2)")
     add(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="also verify this tree of drafts, one row per --tree (e.g. --tree 3,2,1 --tree "
+        "4,2,2,1; bpd and meta heads)",
+    )
+    add(
         "--prompts",
         metavar="FILE",
         help='one prompt per line, or .jsonl with a "text" or a "messages" chat (rendered with '
@@ -92,6 +100,14 @@ def _check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < least:
             raise MultitokenError(f"must be >= {least}, got {value}", "--" + name.replace("_", "-"))
+
+
+def _check_trees(specs: list[str]) -> None:
+    """Each --tree parses (its depth is checked against each set of heads when rows are made)."""
+    from multitoken.tree import Tree
+
+    for spec in specs:
+        Tree.parse(spec)
 
 
 def _output_path(value: str | None, flag: str) -> Path | None:
@@ -252,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
     from multitoken.kernels import choose_linear_kernel
 
     _check_numbers(args)
+    _check_trees(args.tree)
     json_path, plot_path = _output_path(args.json, "--json"), _output_path(args.plot, "--plot")
     inputs = _check_inputs(args)
     model = inputs.model
@@ -268,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
         args.repeats,
         also=inputs.also,
         linear_kernel=kernel,
+        trees=args.tree,
     )
     result.update(measured)
     print(format_report(result))
