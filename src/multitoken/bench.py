@@ -50,7 +50,9 @@ from multitoken.heads import head_class
 from multitoken.kernels import choose_linear_kernel, linear_kernels
 from multitoken.model import MTPModel
 from multitoken.prompts import read_prompt_records
+from multitoken.tree import AUTO as AUTO_TREE
 from multitoken.tree import Tree
+from multitoken.tree_auto import MAX_NODES as TREE_NODES
 
 # transformers' methods and the draft model's loader are bench_peers'; named here as well, so
 # that every method name and everything ``multitoken bench`` runs is one import away
@@ -270,24 +272,18 @@ def bench(
     The baselines run once; each set of heads gets its speculative and auto rows, and every
     row of ours names its heads (``"heads"``: the label, or ``model``'s family).
     """
-    if not prompts or not draft_lens or max_new_tokens < 1 or repeats < 1 or prompt_lookup < 0:
-        raise MultitokenError(
-            "need prompts, draft lengths, max_new_tokens >= 1, repeats >= 1, prompt_lookup >= 0"
-        )
-    heads = {model.family: model, **(also or {})}
-    if any(m.trunk is not model.trunk for m in heads.values()):
-        raise MultitokenError("every set of heads must sit on the same trunk object")
+    heads = _check_request(model, prompts, draft_lens, max_new_tokens, repeats, prompt_lookup, also)
     depth = max(m.depth for m in heads.values())
     longest = max(draft_lens + [prompt_lookup, depth])  # auto drafts up to D
     check_fits(model, prompts, max_new_tokens, longest, "prompts")
     kernel = choose_linear_kernel(linear_kernel, model)
     passes = [0]  # trunk calls, counted by a hook for transformers' methods
-    shapes = {spec: Tree.parse(spec) for spec in trees}
+    shapes = {spec: _tree_depth_and_nodes(spec, depth) for spec in trees}
     methods = _ours(model, heads, draft_lens, max_new_tokens, kernel, shapes)
     peers = baselines(model, max_new_tokens, passes, prompt_lookup, draft_model)
     methods += [Method(name, K, decode, None) for name, K, decode in peers]
     # c(q) first, on a machine not yet warmed by decoding; auto K then uses this same curve
-    q_max = max(draft_lens + [depth] + [t.size - 1 for t in shapes.values()]) + 1
+    q_max = max(draft_lens + [depth] + [nodes for _, nodes in shapes.values()]) + 1
     with torch.no_grad(), linear_kernels(model, kernel):
         cost = verify_cost(model.trunk, prompts[0], q_max)
         remember_cost(model.trunk, cost)  # keyed by the kernel: auto K finds it
@@ -302,13 +298,34 @@ def bench(
     }
 
 
+def _check_request(model, prompts, draft_lens, new, repeats, prompt_lookup, also) -> dict:
+    """Every set of heads by label, once the numbers make sense and they share one trunk."""
+    if not prompts or not draft_lens or new < 1 or repeats < 1 or prompt_lookup < 0:
+        raise MultitokenError(
+            "need prompts, draft lengths, max_new_tokens >= 1, repeats >= 1, prompt_lookup >= 0"
+        )
+    heads = {model.family: model, **(also or {})}
+    if any(m.trunk is not model.trunk for m in heads.values()):
+        raise MultitokenError("every set of heads must sit on the same trunk object")
+    return heads
+
+
+def _tree_depth_and_nodes(spec: str, depth: int) -> tuple[int, int]:
+    """How deep a --tree spec drafts and the most drafts a step verifies (auto: up to
+    :data:`multitoken.tree_auto.MAX_NODES` over all ``depth`` heads)."""
+    if spec == AUTO_TREE:
+        return depth, TREE_NODES
+    tree = Tree.parse(spec)
+    return tree.max_depth, tree.size - 1
+
+
 def _ours(
     model: MTPModel,
     heads: dict[str, MTPModel],
     draft_lens: list[int],
     new: int,
     kernel: str,
-    trees: dict[str, Tree] | None = None,
+    trees: dict[str, tuple[int, int]] | None = None,
 ) -> list[Method]:
     """Plain decoding (the reference, so first), then each set of heads' fixed-K, auto and tree
     rows; a K or a tree past what the heads can draft is left out for them."""
@@ -318,10 +335,10 @@ def _ours(
         lens = [K for K in draft_lens if longest is None or K <= longest]
         methods += [Method(SPECULATIVE, K, ours(m, new, K, kernel), label) for K in lens]
         methods.append(Method(AUTO, None, ours(m, new, "auto", kernel), label))
-        for spec, tree in (trees or {}).items():
-            if m.heads.parent_free and tree.max_depth <= m.depth:
+        for spec, (tree_depth, _) in (trees or {}).items():
+            if m.heads.parent_free and tree_depth <= m.depth:
                 decode = ours(m, new, 1, kernel, spec)
-                methods.append(Method(TREE, tree.max_depth, decode, label, spec))
+                methods.append(Method(TREE, tree_depth, decode, label, spec))
     return methods
 
 
@@ -353,8 +370,10 @@ def _measure_all(
                 run, outputs = measure(
                     name, K, decode, prompts, reference, device, repeats, bar.update
                 )
-                if tree is not None:
-                    run.update(tree=tree, nodes=Tree.parse(tree).size)
+                if tree is not None:  # auto: as many nodes as its steps chose
+                    run.update(
+                        tree=tree, nodes=None if tree == AUTO_TREE else Tree.parse(tree).size
+                    )
                 if label is not None:  # which heads, and how many tokens they draft from
                     run["heads"] = label
                     run["draft_vocab"] = heads[label].head_config.draft_vocab or vocab
@@ -406,7 +425,7 @@ def _add_speedups(runs: list[dict], cost: dict) -> None:
             r["draft_cost"] = r["draft_ms_per_step"] / 1e3 / cost["t1_s"]
         if r["method"] == SPECULATIVE and r["tau"] is not None:
             r["verify_bound"] = r["tau"] / c[r["draft_len"] + 1]
-        if r["method"] == TREE and r["tau"] is not None:
+        if r["method"] == TREE and r["tau"] is not None and r["nodes"]:
             r["verify_bound"] = r["tau"] / c[r["nodes"]]
         if r["method"] == AUTO and r["tau"] is not None:
             counts = {int(k): n for k, n in r["draft_len_counts"].items()}

@@ -77,7 +77,7 @@ def format_report(result: dict) -> str:
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     cost = result["verify_cost"]
     # chains read c(2..K+1), trees c(nodes): a long curve is shown where it is read
-    shown = {r["nodes"] for r in result["runs"] if "nodes" in r} | set(range(1, 9))
+    shown = {r.get("nodes") for r in result["runs"]} | set(range(1, 9))
     curve = "  ".join(f"c({q})={c:.2f}" for q, c in zip(cost["q"], cost["c"]) if q in shown)
     lines.append(f"verify cost: {curve}  (t1 = {cost['t1_s'] * 1e3:.2f} ms)")
     for r in result["runs"]:
@@ -108,7 +108,9 @@ def _method_cell(r: dict, result: dict) -> str:
     """``speculative``, ``tree 3,2,1 (16 nodes)``, or ``speculative (meta, N=8192)`` when
     several sets of heads were measured: their family or folder, and the draft vocabulary N
     (acceptance depends on it)."""
-    name = r["method"] if "tree" not in r else f"tree {r['tree']} ({r['nodes']} nodes)"
+    name = r["method"]
+    if "tree" in r:
+        name = f"tree {r['tree']}" + (f" ({r['nodes']} nodes)" if r["nodes"] else "")
     if "heads" not in r or not _several_heads(result):
         return name
     return f"{name} ({r['heads']}, N={r['draft_vocab']})"

@@ -494,7 +494,8 @@ class GenerateConfig:
         None,
         "verify a tree of drafts in one trunk pass instead of one chain: '3,2,1' = the heads' "
         "top-3 for the next draft, each with top-2 children, each with one (bpd, meta heads); "
-        "'chain:K' = a chain",
+        "'chain:K' = a chain; auto = each step the tree with the most expected tokens per "
+        "second, from the measured verify cost and the acceptance by depth and rank",
     )
     linear_kernel: str = _field(
         "auto",
@@ -531,7 +532,7 @@ class GenerateConfig:
                 f"unknown kernel {self.linear_kernel!r} (choose from {', '.join(LINEAR_KERNELS)})",
                 "--linear-kernel",
             )
-        if self.tree is not None:
+        if self.tree is not None and self.tree != "auto":
             from multitoken.tree import Tree  # torch: only when a tree is asked for
 
             Tree.parse(self.tree)

@@ -27,6 +27,7 @@ from multitoken.kernels import choose_linear_kernel, linear_kernels
 from multitoken.kvcache import unrollable_layers
 from multitoken.ladder import (
     Decodable,
+    Decoding,
     OnTokens,
     Plan,
     chain_step,
@@ -35,7 +36,10 @@ from multitoken.ladder import (
     retire,
 )
 from multitoken.sampling import Sampling
+from multitoken.tree import AUTO as AUTO_TREE
 from multitoken.tree import Tree
+from multitoken.tree_auto import MAX_NODES as TREE_NODES
+from multitoken.tree_auto import TreeChoice
 from multitoken.tree_ladder import tree_step
 
 log = logging.getLogger("multitoken")
@@ -99,34 +103,74 @@ def decode(
 ) -> Generation:
     """prefill, then draft → verify → accept → commit (a chain's or a tree's) → emit until
     every row is done."""
-    choice = _draft_choice(model, plan, costs)
+    steps = _steps(model, plan, costs)
     state = prefill(model, prompts, plan)
     stats = Stats(
-        trunk_passes=len(prompts), head_tries=[0] * choice.k_max, head_hits=[0] * choice.k_max
+        trunk_passes=len(prompts), head_tries=[0] * steps.k_max, head_hits=[0] * steps.k_max
     )
     retire(model, state, emit(state, [[t] for t in state.pending.tolist()], plan, on_tokens))
     watch = Stopwatch(state.tokens.device)
-    step = tree_step if plan.tree is not None else chain_step
     while state.rows:
-        K = choice.choose()
-        accepted = step(model, state, plan, K, choice.drafted(K), watch)
+        K, accepted = steps.step(model, state, plan, watch)
         done = emit(state, accepted, plan, on_tokens)
-        _record(stats, choice, K, accepted, watch.take())
+        _record(stats, steps, K, accepted, watch.take())
         retire(model, state, done)
     stats.tokens = sum(map(len, state.out))
     return Generation(state.out, stats)
 
 
-def _draft_choice(model: Decodable, plan: Plan, costs: CostModel | None) -> DraftLen:
+class ChainSteps:
+    """Steps that verify a chain of K drafts, K fixed or chosen per step (:class:`DraftLen`)."""
+
+    def __init__(self, choice: DraftLen) -> None:
+        self.choice, self.k_max = choice, choice.k_max
+
+    def step(self, model: Decodable, state: Decoding, plan: Plan, watch) -> tuple[int, list]:
+        K = self.choice.choose()
+        accepted = chain_step(model, state, plan, K, self.choice.drafted(K), watch)
+        self.choice.observe(K, [len(a) - 1 for a in accepted])
+        return K, accepted
+
+    def observe_draft(self, seconds: float, K: int) -> None:
+        self.choice.observe_draft(seconds, self.choice.drafted(K))
+
+
+class TreeSteps:
+    """Steps that verify a tree: ``tree`` every step, or (``choice``) the best tree for the
+    costs and the acceptance seen so far (:mod:`multitoken.tree_auto`)."""
+
+    def __init__(self, k_max: int, tree: Tree | None, choice: TreeChoice | None) -> None:
+        self.k_max, self.tree, self.choice = k_max, tree, choice
+
+    def step(self, model: Decodable, state: Decoding, plan: Plan, watch) -> tuple[int, list]:
+        tree = self.tree or self.choice.choose()
+        if tree.size == 1:  # no draft pays for itself now: a plain step
+            accepted, paths = chain_step(model, state, plan, 0, 0, watch), []
+        else:
+            accepted, paths = tree_step(model, state, plan, tree, watch)
+        if self.choice is not None:  # a plain step too: estimates decay towards their prior
+            self.choice.observe(tree, paths)
+        return tree.max_depth, accepted
+
+    def observe_draft(self, seconds: float, K: int) -> None:
+        if self.choice is not None and self.choice.costs.learn_draft:
+            self.choice.costs.observe_draft(seconds, self.k_max)
+
+
+def _steps(model: Decodable, plan: Plan, costs: CostModel | None) -> ChainSteps | TreeSteps:
+    if plan.tree is not None or plan.tree_auto:
+        choice = TreeChoice(plan.k_max, costs) if plan.tree_auto else None
+        return TreeSteps(plan.k_max, plan.tree, choice)
     if not plan.speculate:
-        return DraftLen(0, fixed=0)
+        return ChainSteps(DraftLen(0, fixed=0))
     if plan.auto:
-        return DraftLen(plan.k_max, costs=costs, stateless=not model.heads.keeps_draft_state)
-    return DraftLen(plan.k_max, fixed=plan.k_max)
+        stateless = not model.heads.keeps_draft_state
+        return ChainSteps(DraftLen(plan.k_max, costs=costs, stateless=stateless))
+    return ChainSteps(DraftLen(plan.k_max, fixed=plan.k_max))
 
 
-def _record(stats: Stats, choice: DraftLen, K: int, accepted: list[list[int]], draft_s) -> None:
-    """Count the step in ``stats`` and tell ``choice`` what it cost and what was accepted."""
+def _record(stats: Stats, steps, K: int, accepted: list[list[int]], draft_s) -> None:
+    """Count the step in ``stats`` and tell ``steps`` what drafting cost."""
     m = [len(a) - 1 for a in accepted]  # each row's accepted prefix
     stats.trunk_passes += len(m)
     stats.draft_lens.append(K)
@@ -134,12 +178,11 @@ def _record(stats: Stats, choice: DraftLen, K: int, accepted: list[list[int]], d
         for j in range(min(mr + 1, K)):  # d_{j+1} was tried when d_1..d_j were accepted
             stats.head_tries[j] += 1
             stats.head_hits[j] += int(j < mr)
-    choice.observe(K, m)
     if K:
         seconds = sum(draft_s)
         stats.draft_s += seconds
         stats.draft_steps += 1
-        choice.observe_draft(seconds, choice.drafted(K))
+        steps.observe_draft(seconds, K)
 
 
 def generate(
@@ -166,9 +209,10 @@ def generate(
     plan = make_plan(model, prompts, config, eos_id, **options)
     kernel = choose_linear_kernel(plan.cfg.linear_kernel, model)
     with linear_kernels(model, kernel):  # one kernel for the whole call: exact against plain
-        if plan.auto and plan.speculate and costs is None:
+        if (plan.auto or plan.tree_auto) and plan.speculate and costs is None:
+            q_max = (TREE_NODES if plan.tree_auto else plan.k_max) + 1
             with torch.no_grad():
-                costs = cost_model(model.trunk, plan.k_max + 1, prompts[0])
+                costs = cost_model(model.trunk, q_max, prompts[0])
         result = decode(model, prompts, plan, costs, on_tokens)
     result.stats.wall_s = time.perf_counter() - t0
     return result
@@ -195,8 +239,11 @@ def make_plan(
         )
     K, auto = _draft_len(cfg, model)
     tree = _tree(cfg, model)
+    tree_auto = cfg.tree == AUTO_TREE and cfg.speculate
     if tree is not None:
         K, auto = tree.max_depth, False
+    if tree_auto:
+        K, auto = model.depth, False
     check_prompts(model, prompts, cfg, K)
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     gen = None
@@ -208,7 +255,7 @@ def make_plan(
         if eos_id is None
         else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
     )
-    return Plan(cfg, K, auto, sampling, stop, gen, tree)
+    return Plan(cfg, K, auto, sampling, stop, gen, tree, tree_auto)
 
 
 def check_prompts(
@@ -243,16 +290,18 @@ def check_prompts(
 
 
 def _tree(cfg: GenerateConfig, model: Decodable) -> Tree | None:
-    """The tree ``--tree`` asks for, checked against the heads (None: chains)."""
+    """The tree ``--tree`` asks for, checked against the heads (None: chains, or auto)."""
     if cfg.tree is None or not cfg.speculate:
         return None
-    tree = Tree.parse(cfg.tree)
     if not model.heads.parent_free:
         raise MultitokenError(
             f"{model.family} heads draft each token from the one before, so their trees grow "
             "per node; trees are built for bpd and meta heads so far",
             "--tree",
         )
+    if cfg.tree == AUTO_TREE:
+        return None
+    tree = Tree.parse(cfg.tree)
     if tree.max_depth > model.depth:
         raise MultitokenError(
             f"the tree is {tree.max_depth} deep; {model.family} heads draft at most D = "

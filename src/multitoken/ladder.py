@@ -157,6 +157,7 @@ class Plan:
     stop: frozenset
     gen: torch.Generator | None = None
     tree: Tree | None = None  # --tree: steps verify this tree instead of a chain
+    tree_auto: bool = False  # --tree auto: each step's tree is chosen by the costs
 
     @property
     def speculate(self) -> bool:

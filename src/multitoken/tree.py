@@ -30,6 +30,7 @@ import torch
 from multitoken.errors import MultitokenError
 from multitoken.kvcache import position_mask
 
+AUTO = "auto"  # --tree auto: each step's tree chosen by the costs (multitoken.tree_auto)
 MAX_NODES = 256  # one trunk pass verifies them all; wider trees cost more than they gain
 SPEC_HELP = "e.g. '3,2,1' (top-3, each with top-2 children, each with one) or 'chain:4'"
 

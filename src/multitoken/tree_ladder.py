@@ -43,15 +43,16 @@ def _widths(tree: Tree) -> tuple[int, ...]:
     return tuple(widths)
 
 
-def draft_tree(model: Decodable, state: Decoding, plan: Plan):
+def draft_tree(model: Decodable, state: Decoding, plan: Plan, tree: Tree):
     """Every node's token [B, N] (node 0: the pending token) and, when sampling, the draft
-    distribution each node's children were drawn from [B, N, V] (None: top-k candidates)."""
-    tree = plan.tree
+    distribution each node's children were drawn from [B, N, V] (None: top-k candidates).
+    The heads draft ``plan.k_max`` tokens whatever the tree's depth: heads that keep a cache
+    must see every step."""
     B = state.pending.size(0)
     tokens = [state.tokens[b, : state.length[b]] for b in range(B)]
     step = _joined(state.unseen, tokens)
     state.unseen = []
-    logits = model.heads.draft_logits(state.heads, step, tree.max_depth)  # [B, D, V]
+    logits = model.heads.draft_logits(state.heads, step, plan.k_max)[:, : tree.max_depth]
     widths = _widths(tree)
     q = None
     if plan.sampling.greedy:
@@ -71,9 +72,9 @@ def draft_tree(model: Decodable, state: Decoding, plan: Plan):
     return node_tokens, q[:, below]
 
 
-def verify_tree(model: Decodable, state: Decoding, tokens: torch.Tensor, plan: Plan) -> Verified:
+def verify_tree(model: Decodable, state: Decoding, tokens: torch.Tensor, tree: Tree) -> Verified:
     """One trunk pass over all N nodes of every row, logits at each."""
-    tree, kv = plan.tree, state.kv
+    kv = state.kv
     start = torch.tensor([n - 1 for n in state.length], device=tokens.device)
     dtype = model.parts.embed.weight.dtype
     keys = kv.key_positions()
@@ -86,10 +87,9 @@ def verify_tree(model: Decodable, state: Decoding, tokens: torch.Tensor, plan: P
     return trunk_pass(model, tokens, kv, begin, tree.size, True, branch, layout)
 
 
-def accept_tree(tokens: torch.Tensor, q_draft, logits: torch.Tensor, plan: Plan):
+def accept_tree(tokens: torch.Tensor, q_draft, logits: torch.Tensor, plan: Plan, tree: Tree):
     """Each row's kept path (node indices from the root) and its new tokens: the path's drafts
     and the trunk's next token, as lists and as the rows of a [B, N] tensor on the device."""
-    tree = plan.tree
     if plan.sampling.greedy:
         path, bonus = accept_greedy_tree(tree, tokens, logits.argmax(-1))
     else:
@@ -119,12 +119,11 @@ def move_paths_forward(state: Decoding, path: list[list[int]], verified: Verifie
     return Verified(verified.logits, reorder(verified.hidden), reorder(verified.branch))
 
 
-def tree_step(model: Decodable, state: Decoding, plan: Plan, K: int, drafted: int, watch):
-    """draft → verify → accept → commit over ``plan.tree``; each row's new tokens (K and
-    ``drafted``: the tree's depth, as for a chain)."""
+def tree_step(model: Decodable, state: Decoding, plan: Plan, tree: Tree, watch):
+    """draft → verify → accept → commit over ``tree``: each row's new tokens and kept path."""
     with watch.section():
-        tokens, q_draft = draft_tree(model, state, plan)
-    verified = verify_tree(model, state, tokens, plan)
-    path, new, accepted = accept_tree(tokens, q_draft, verified.logits, plan)
+        tokens, q_draft = draft_tree(model, state, plan, tree)
+    verified = verify_tree(model, state, tokens, tree)
+    path, new, accepted = accept_tree(tokens, q_draft, verified.logits, plan, tree)
     commit(state, new, [len(a) for a in accepted], move_paths_forward(state, path, verified))
-    return accepted
+    return accepted, path

@@ -48,15 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="heads folder(s) or runs to attach to that trunk; several are measured side by side "
         "against one set of baselines",
     )
-    add("--draft-lens", metavar="K,...", help="e.g. 1,2,4 (default: 1..D; deepseek adds D+2)")
-    add(
-        "--tree",
-        action="append",
-        default=[],
-        metavar="SPEC",
-        help="also verify this tree of drafts, one row per --tree (e.g. --tree 3,2,1 --tree "
-        "4,2,2,1; bpd and meta heads)",
-    )
+    _add_drafting_flags(add)
     add(
         "--prompts",
         metavar="FILE",
@@ -90,6 +82,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _add_drafting_flags(add) -> None:
+    """What our rows draft: chains of each K, and trees."""
+    add("--draft-lens", metavar="K,...", help="e.g. 1,2,4 (default: 1..D; deepseek adds D+2)")
+    add(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="also verify this tree of drafts, one row per --tree (e.g. --tree 3,2,1 --tree "
+        "4,2,2,1 --tree auto; bpd and meta heads)",
+    )
+
+
 _LEAST = {"num_prompts": 1, "prompt_tokens": 1, "repeats": 1, "prompt_lookup": 0}
 
 
@@ -107,7 +112,8 @@ def _check_trees(specs: list[str]) -> None:
     from multitoken.tree import Tree
 
     for spec in specs:
-        Tree.parse(spec)
+        if spec != "auto":
+            Tree.parse(spec)
 
 
 def _output_path(value: str | None, flag: str) -> Path | None:
