@@ -107,10 +107,11 @@ def move_paths_forward(state: Decoding, path: list[list[int]], verified: Verifie
     """Put each row's kept nodes first among the N new cache slots and the states the heads
     read, so that the chain's commit keeps them as a prefix."""
     N = verified.logits.size(1)
-    order = torch.tensor(
-        [nodes + [i for i in range(N) if i not in set(nodes)] for nodes in path],
-        device=verified.logits.device,
-    )  # [B, N]
+    rows = []
+    for nodes in path:
+        kept = set(nodes)
+        rows.append(nodes + [i for i in range(N) if i not in kept])
+    order = torch.tensor(rows, device=verified.logits.device)  # [B, N]
     state.kv.reorder_new(order)
 
     def reorder(x: torch.Tensor | None) -> torch.Tensor | None:
