@@ -16,6 +16,7 @@ from multitoken.config import HeadConfig
 from multitoken.heads import Committed, HeadInputs
 from multitoken.kvcache import RaggedCache
 from multitoken.model import MTPModel
+from multitoken.tree import Tree
 
 K = 3
 TRUNKS = {"llama": micro_llama, "mistral": mistral}
@@ -46,13 +47,20 @@ def committed(model: MTPModel, tokens: list[torch.Tensor], start: list[int]) -> 
 def teacher_forced(model: MTPModel, ids: torch.Tensor, drafts: list[int]) -> list[int]:
     """Draft k as training defines it: the argmax of head k's teacher-forced logits at the
     newest trunk position N-2, over x_0..x_{N-1}, d_1..d_{k-1}."""
-    N, out = ids.numel(), []
-    for k in range(1, len(drafts) + 1):
-        seq = torch.cat([ids, torch.tensor(drafts[: k - 1], dtype=ids.dtype)])[None]
-        t = model.trunk_forward(seq[:, : N - 1], model.heads.branch_layer)
-        inputs = HeadInputs(seq, t.hidden, t.branch_hidden, t.block_kwargs)
-        out.append(int(model.heads.training_logits(inputs)[k - 1][0, N - 2].argmax()))
-    return out
+    return [
+        int(teacher_forced_logits(model, ids, drafts[: k - 1]).argmax())
+        for k in range(1, len(drafts) + 1)
+    ]
+
+
+def teacher_forced_logits(model: MTPModel, ids: torch.Tensor, path: list[int]) -> torch.Tensor:
+    """Head k = len(path) + 1's teacher-forced logits [V] at the newest trunk position N-2 over
+    x_0..x_{N-1} followed by the drafts ``path``."""
+    N, k = ids.numel(), len(path) + 1
+    seq = torch.cat([ids, torch.tensor(path, dtype=ids.dtype)])[None]
+    t = model.trunk_forward(seq[:, : N - 1], model.heads.branch_layer)
+    inputs = HeadInputs(seq, t.hidden, t.branch_hidden, t.block_kwargs)
+    return model.heads.training_logits(inputs)[k - 1][0, N - 2]
 
 
 def head_caches(state) -> list[RaggedCache]:
@@ -110,3 +118,49 @@ def test_the_chain_drafts_the_same_count_every_step():
         tokens = [torch.cat([tokens[0], torch.tensor([9])])]
         with pytest.raises(ValueError, match="drafted 2 tokens before, not 3"):
             model.heads.draft(state, committed(model, tokens, [3]), 3, argmax)
+
+
+@pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
+@pytest.mark.parametrize("trunk", ["llama", "mistral"])
+def test_tree_nodes_are_the_teacher_forced_candidates_under_their_path(family, trunk):
+    """Every node's draft logits are head depth + 1's teacher-forced logits after the node's
+    path (for DeepSeek's causal chain the path matters; for parallel heads it must not), and
+    its children are their top candidates in rank order: ragged rows, one of them too short
+    for the whole chain at first, rows accepting different paths, a row leaving midway."""
+    model = perturb_heads(MTPModel(TRUNKS[trunk](), HeadConfig(family=family, depth=K)), 0, 0.3)
+    tree = Tree.parse("2,2,1")
+    g = torch.Generator().manual_seed(1)
+    tokens = [torch.randint(3, 64, (n,), generator=g) for n in (7, 2, 4)]  # prompt + pending
+    start, state = [0, 0, 0], model.heads.new_draft_state(3)
+
+    def top(logits: torch.Tensor, width: int) -> torch.Tensor:
+        return logits.topk(width, dim=-1).indices
+
+    checked = 0
+    with torch.no_grad():
+        for step in range(6):
+            if step == 3:
+                state = model.heads.select_draft_rows(state, torch.tensor([2, 0]))
+                tokens, start = [tokens[r] for r in (2, 0)], [start[r] for r in (2, 0)]
+            c = committed(model, tokens, start)
+            nodes, logits = model.heads.draft_tree(state, c, K, tree, top)
+            assert nodes.shape == (len(tokens), tree.size - 1)
+            node_tokens = [[0, *row] for row in nodes.tolist()]
+            for b, ids in enumerate(tokens):
+                for v in range(tree.size):
+                    if not tree.children[v]:
+                        continue
+                    path = [node_tokens[b][u] for u in tree.path(v)[1:]]
+                    expected = teacher_forced_logits(model, ids, path)
+                    torch.testing.assert_close(logits[b, v], expected, rtol=1e-4, atol=1e-4)
+                    kids = [node_tokens[b][u] for u in tree.children[v]]
+                    assert kids == expected.topk(len(kids)).indices.tolist(), (step, b, v)
+                    checked += 1
+            # each row keeps a different root-to-node path, then the trunk's (random) token
+            start = [ids.numel() - 1 for ids in tokens]
+            ends = torch.randint(0, tree.size, (len(tokens),), generator=g).tolist()
+            tokens = [
+                torch.cat([ids, torch.tensor([row[u] for u in tree.path(end)[1:]] + [b])])
+                for ids, row, end, b in zip(tokens, node_tokens, ends, [5, 6, 7])
+            ]
+    assert checked == 7 * (3 * 3 + 3 * 2)  # 7 nodes with children, over 15 row-steps

@@ -55,7 +55,7 @@ def test_drafting_is_tried_again_after_plain_steps():
     assert 0 < steps < 500
 
 
-@pytest.mark.parametrize("family", ["bpd", "meta"])
+@pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
 def test_greedy_with_auto_trees_is_the_trunks_output(family):
     model = trained(family)
     plain = generate(model, PROMPTS, max_new_tokens=24, speculate=False)

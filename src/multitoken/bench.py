@@ -336,7 +336,7 @@ def _ours(
         methods += [Method(SPECULATIVE, K, ours(m, new, K, kernel), label) for K in lens]
         methods.append(Method(AUTO, None, ours(m, new, "auto", kernel), label))
         for spec, (tree_depth, _) in (trees or {}).items():
-            if m.heads.parent_free and tree_depth <= m.depth:
+            if longest is None or tree_depth <= longest:
                 decode = ours(m, new, 1, kernel, spec)
                 methods.append(Method(TREE, tree_depth, decode, label, spec))
     return methods

@@ -242,8 +242,8 @@ def make_plan(
     tree_auto = cfg.tree == AUTO_TREE and cfg.speculate
     if tree is not None:
         K, auto = tree.max_depth, False
-    if tree_auto:
-        K, auto = model.depth, False
+    if tree_auto:  # trees as deep as --draft-len (default: D)
+        auto = False
     check_prompts(model, prompts, cfg, K)
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     gen = None
@@ -291,18 +291,11 @@ def check_prompts(
 
 def _tree(cfg: GenerateConfig, model: Decodable) -> Tree | None:
     """The tree ``--tree`` asks for, checked against the heads (None: chains, or auto)."""
-    if cfg.tree is None or not cfg.speculate:
-        return None
-    if not model.heads.parent_free:
-        raise MultitokenError(
-            f"{model.family} heads draft each token from the one before, so their trees grow "
-            "per node; trees are built for bpd and meta heads so far",
-            "--tree",
-        )
-    if cfg.tree == AUTO_TREE:
+    if cfg.tree is None or not cfg.speculate or cfg.tree == AUTO_TREE:
         return None
     tree = Tree.parse(cfg.tree)
-    if tree.max_depth > model.depth:
+    longest = model.heads.max_draft_len()
+    if longest is not None and tree.max_depth > longest:
         raise MultitokenError(
             f"the tree is {tree.max_depth} deep; {model.family} heads draft at most D = "
             f"{model.depth} tokens",

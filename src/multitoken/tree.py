@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -123,6 +124,22 @@ class Tree:
         order = sorted(paths, key=lambda path: (len(path), path))
         index = {(): 0} | {path: i + 1 for i, path in enumerate(order)}
         return cls((-1, *(index[path[:-1]] for path in order)))
+
+    @cached_property
+    def levels(self) -> tuple[range, ...]:
+        """The nodes of each depth 0..D, as index ranges (breadth-first order keeps them
+        contiguous)."""
+        bounds = [self.depth.index(d) for d in range(self.max_depth + 1)] + [self.size]
+        return tuple(range(a, b) for a, b in zip(bounds, bounds[1:]))
+
+    @cached_property
+    def widths(self) -> tuple[int, ...]:
+        """How many candidates each depth 1..D takes from under one parent: its largest rank
+        plus one."""
+        widths = [0] * self.max_depth
+        for depth, rank in zip(self.depth[1:], self.rank[1:]):
+            widths[depth - 1] = max(widths[depth - 1], rank + 1)
+        return tuple(widths)
 
     def path(self, node: int) -> list[int]:
         """The nodes from the root down to ``node``, both included."""

@@ -1,9 +1,11 @@
 """The rungs of a tree step (``--tree``): the chain's draft → verify → accept → commit, over a
 tree of candidates (:mod:`multitoken.tree`).
 
-    draft    the heads' top candidates for each depth fill the tree's nodes (parent-free heads:
-             bpd, meta; Medusa's static trees, Cai et al. 2024); sampling draws them from the
-             draft distribution without replacement instead
+    draft    each node's children are the heads' top candidates after it (parent-free heads,
+             bpd and meta: head d's, the same under every node, as in Medusa's static trees,
+             Cai et al. 2024; DeepSeek's module d runs at each node of depth d - 1, so the tree
+             follows the causal chain); sampling draws them from the draft distribution
+             without replacement instead
     verify   one trunk pass over every node, each at its own position and seeing the cache, its
              ancestors and itself (SpecInfer's tree mask, Miao et al. 2024)
     accept   each row keeps its longest correct root-to-node path and the trunk's next token
@@ -16,8 +18,6 @@ stop tokens, rows leaving the batch) is the chain's.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -34,42 +34,26 @@ from multitoken.tree import (
 )
 
 
-@functools.cache
-def _widths(tree: Tree) -> tuple[int, ...]:
-    """How many candidates each depth 1..D needs: one more than its largest rank."""
-    widths = [0] * tree.max_depth
-    for depth, rank in zip(tree.depth[1:], tree.rank[1:]):
-        widths[depth - 1] = max(widths[depth - 1], rank + 1)
-    return tuple(widths)
-
-
 def draft_tree(model: Decodable, state: Decoding, plan: Plan, tree: Tree):
     """Every node's token [B, N] (node 0: the pending token) and, when sampling, the draft
-    distribution each node's children were drawn from [B, N, V] (None: top-k candidates).
-    The heads draft ``plan.k_max`` tokens whatever the tree's depth: heads that keep a cache
-    must see every step."""
+    distribution each node's children were drawn from [B, N, V] (None: top-k candidates)."""
     B = state.pending.size(0)
     tokens = [state.tokens[b, : state.length[b]] for b in range(B)]
     step = _joined(state.unseen, tokens)
     state.unseen = []
-    logits = model.heads.draft_logits(state.heads, step, plan.k_max)[:, : tree.max_depth]
-    widths = _widths(tree)
-    q = None
     if plan.sampling.greedy:
-        candidates = logits.topk(max(widths), dim=-1).indices  # [B, D, k]
+
+        def choose(logits: torch.Tensor, width: int) -> torch.Tensor:
+            return logits.topk(width, dim=-1).indices
+
     else:
-        q = probs(logits, plan.sampling)  # [B, D, V]
-        candidates = sample_candidates(q, max(widths), plan.gen)  # [B, D, k] without replacement
-    depth = torch.tensor(tree.depth[1:], device=logits.device) - 1
-    rank = torch.tensor(tree.rank[1:], device=logits.device)
-    nodes = candidates[:, depth, rank]  # [B, N-1]
+
+        def choose(logits: torch.Tensor, width: int) -> torch.Tensor:
+            return sample_candidates(probs(logits, plan.sampling), width, plan.gen)
+
+    nodes, logits = model.heads.draft_tree(state.heads, step, plan.k_max, tree, choose)
     node_tokens = torch.cat([state.pending[:, None], nodes], dim=1)  # [B, N]
-    if q is None:
-        return node_tokens, None
-    # node i's children are drafts for depth[i] + 1: head depth[i] + 1's distribution (leaves:
-    # unused, any row will do)
-    below = torch.tensor(tree.depth, device=q.device).clamp(max=tree.max_depth - 1)
-    return node_tokens, q[:, below]
+    return node_tokens, None if plan.sampling.greedy else probs(logits, plan.sampling)
 
 
 def verify_tree(model: Decodable, state: Decoding, tokens: torch.Tensor, tree: Tree) -> Verified:

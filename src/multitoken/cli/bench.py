@@ -91,7 +91,7 @@ def _add_drafting_flags(add) -> None:
         default=[],
         metavar="SPEC",
         help="also verify this tree of drafts, one row per --tree (e.g. --tree 3,2,1 --tree "
-        "4,2,2,1 --tree auto; bpd and meta heads)",
+        "4,2,2,1 --tree auto)",
     )
 
 

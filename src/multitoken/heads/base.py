@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from multitoken.errors import MultitokenError
+
+if TYPE_CHECKING:  # type only: trees are built by the decoder
+    from multitoken.tree import Tree
 
 
 @dataclass
@@ -60,6 +63,10 @@ class HeadInputs:
 # Turns draft logits [B, K, V] into (drafts [B, K], q [B, K, V] or None): argmax or a sample.
 Pick = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
+# Chooses w children under each of M tree nodes from the draft logits there, [B, M, V] ->
+# [B, M, w] tokens in rank order: the top w, or w draws without replacement.
+Choose = Callable[[torch.Tensor, int], torch.Tensor]
+
 
 class MTPHeads(nn.Module):
     """The protocol of a head family. Subclasses set the class attributes and implement
@@ -76,6 +83,7 @@ class MTPHeads(nn.Module):
     # head k's candidates for the k-th token after the pending one do not depend on the drafts
     # before it (bpd, meta: every head reads the same trunk position), so a tree's nodes at
     # depth k are head k's top candidates (Medusa's static trees); see :meth:`draft_logits`
+    # and :meth:`draft_tree`
     parent_free: ClassVar[bool] = False
     # has a decoder block that can start as a copy of a trunk layer (--init-from-trunk)
     copies_trunk_layers: ClassVar[bool] = True
@@ -119,6 +127,25 @@ class MTPHeads(nn.Module):
         position, [B, K, V], from what ``step`` commits (the draft state advances as in
         :meth:`draft`)."""
         raise NotImplementedError
+
+    def draft_tree(
+        self, state: Any, step: Committed, K: int, tree: Tree, choose: Choose
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fills ``tree`` (root: each row's pending token) from what ``step`` commits: the
+        tokens of nodes 1..N-1 [B, N-1] and the draft logits each node's children were chosen
+        from, [B, N, V] (a leaf's: filler). K heads draft, whatever the tree's depth, so that
+        heads that keep a cache see every step.
+
+        Parent-free families (this default): head d's candidates are the same under every node
+        of depth d - 1, so node i is head depth[i]'s rank[i]-th candidate (Medusa's trees)."""
+        logits = self.draft_logits(state, step, K)[:, : tree.max_depth]  # [B, D, V]
+        candidates = choose(logits, max(tree.widths))  # [B, D, w]
+        device = logits.device
+        depth = torch.tensor(tree.depth[1:], device=device) - 1
+        rank = torch.tensor(tree.rank[1:], device=device)
+        # a node's children are drafts for depth[i] + 1 (leaves at depth D: any row will do)
+        below = torch.tensor(tree.depth, device=device).clamp(max=tree.max_depth - 1)
+        return candidates[:, depth, rank], logits[:, below]
 
     def select_draft_rows(self, state: Any, rows: torch.Tensor) -> Any:
         """The draft state of the batch rows ``rows`` ([n] long, in that order) only: rows that

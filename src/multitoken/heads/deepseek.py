@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from multitoken.errors import MultitokenError
-from multitoken.heads.base import Committed, HeadInputs, MTPHeads, Pick, register
+from multitoken.heads.base import Choose, Committed, HeadInputs, MTPHeads, Pick, register
 from multitoken.heads.draft_vocab import DraftVocab
-from multitoken.kvcache import RaggedCache
+from multitoken.kvcache import RaggedCache, position_mask
 from multitoken.trunk import TrunkParts, run_layer
 
 if TYPE_CHECKING:  # type only: the config validates families through this package
     from multitoken.config import HeadConfig
+    from multitoken.tree import Tree
 
 
 class DeepSeekModule(nn.Module):
@@ -208,6 +209,123 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
         state.held[i], state.held_len[i] = _take_rows(h_in, committed, keep), keep
         state.done[i] = done + committed
         return h_out, count
+
+    def draft_tree(
+        self, state: DeepSeekDraftState, step: Committed, K: int, tree: Tree, choose: Choose
+    ):
+        """Tree drafting along the causal chain: node v's children are module depth(v) + 1's
+        candidates at v, so every path of the tree is a chain :meth:`draft` could have drafted.
+
+        In :meth:`draft`'s terms (N tokens committed, the pending one at N-1), module k at a
+        node v of depth j sits at position N-1+j-k and reads Emb(v's token) and h^{k-1} of
+        module k-1 at v's parent (at the root: module k-1's last committed position, N-k).
+        Module k runs once a step over the positions that read committed tokens only (kept in
+        its cache, as in :meth:`draft`) followed by the nodes of depth 1..k-1 (this step only),
+        each node seeing the cache, those positions, its ancestors and itself. Nodes whose
+        position would be negative (prompts shorter than the chain) exist for no one.
+        Returns (tokens of nodes 1..N-1 [B, N-1], draft logits at every node [B, N, V])."""
+        hidden = step.hidden  # [B, n, d]
+        state.ensure(K, hidden)
+        B = hidden.size(0)
+        N = torch.tensor([t.numel() for t in step.tokens])  # [B] on the CPU
+        ext = nn.utils.rnn.pad_sequence(list(step.tokens), batch_first=True)  # [B, max N]
+        tokens = ext.new_zeros(B, tree.size)
+        tokens[:, 0] = ext[torch.arange(B, device=ext.device), (N - 1).to(ext.device)]
+        fresh, fresh_len = hidden, torch.tensor(step.new)  # h^{k-1} committed this step
+        below = hidden.new_zeros(B, tree.size, hidden.size(-1))  # h^{k-1} at every node
+        logits_by_level = []
+        for k in range(1, K + 1):
+            M = tree.levels[k - 1].stop if k <= tree.max_depth else 1  # root + nodes 1..M-1
+            here, fresh, fresh_len = self._tree_module_step(
+                state, k, ext, N, (fresh, fresh_len), below, tokens, tree, M
+            )  # here: h^k at the root and nodes 1..M-1, [B, M, d]
+            if k <= tree.max_depth:
+                level = tree.levels[k - 1]
+                logits = self.full_logits(self.out_head(min(k, self.depth) - 1, here[:, level]))
+                logits_by_level.append(logits)  # [B, |level|, V]
+                children = choose(logits, tree.widths[k - 1])  # [B, |level|, w]
+                for v in tree.levels[k]:
+                    tokens[:, v] = children[:, tree.parent[v] - level.start, tree.rank[v]]
+            below = torch.cat([here, below[:, M:]], dim=1)
+        leaves = logits_by_level[-1][:, :1].expand(-1, len(tree.levels[-1]), -1)  # filler
+        return tokens[:, 1:], torch.cat([*logits_by_level, leaves], dim=1)
+
+    def _tree_module_step(
+        self,
+        state: DeepSeekDraftState,
+        k: int,
+        ext: torch.Tensor,
+        N: torch.Tensor,
+        fresh: tuple[torch.Tensor, torch.Tensor],
+        below: torch.Tensor,
+        tokens: torch.Tensor,
+        tree: Tree,
+        M: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Module k over each row's c committed positions ``done .. N-1-k`` (padded to q_c)
+        and over tree nodes 1..M-1, whose h^{k-1} is ``below`` at their parents. Commits the
+        former as :meth:`_chain_step` does. Returns h^k at the root (N-1-k) and at the nodes
+        [B, M, d], and h^k over the committed positions [B, q_c, d] with c [B] (CPU)."""
+        i = k - 1
+        module = self.mtp[min(k, self.depth) - 1]
+        kv, done, held, held_len = state.caches[i], state.done[i], state.held[i], state.held_len[i]
+        device = ext.device
+        c = (N - k - done).clamp(min=0)  # [B]
+        # h^{k-1} committed up to N-2 (the trunk's, k = 1) or N-k (module k-1's root)
+        assert bool((held_len + fresh[1] == (N - max(k, 2) + 1 - done).clamp(min=0)).all())
+        q_c = max(int(c.max()), 1)
+        chain = _join_rows(held, held_len, fresh[0], max(q_c, int((c + 1).max())))
+        nodes = list(range(1, M))
+        h_in = torch.cat([chain[:, :q_c], below[:, [tree.parent[v] for v in nodes]]], dim=1)
+        pos_c = done.to(device)[:, None] + torch.arange(q_c, device=device)  # [B, q_c]
+        depth = torch.tensor([tree.depth[v] for v in nodes], device=device, dtype=torch.long)
+        pos_n = (N - 1 - k).to(device)[:, None] + depth  # [B, M-1]: may be < 0 (no such node)
+        ahead = ext.gather(1, (pos_c + k).clamp(max=ext.size(1) - 1))  # x_{p+k}
+        ahead = torch.cat([ahead, tokens[:, 1:M]], dim=1)  # [B, q_c + M-1]
+        window = self.parts.window(module.kind)
+        mask = _tree_module_mask(kv, pos_c, c, pos_n, tree, M, window, h_in.dtype)
+        positions = torch.cat([pos_c, pos_n], dim=1).clamp(min=0)
+        kwargs = self.parts.block_kwargs(h_in, positions, kv.cache, mask, module.kind)
+        h_out = module(h_in, self.parts.embed(ahead), kwargs)  # [B, q_c + M-1, d]
+        kv.commit(c.tolist())
+        keep = (N - max(k, 2) - done - c + 1).clamp(min=0)  # h^{k-1} not yet taken: at N-k
+        state.held[i], state.held_len[i] = _take_rows(chain, c, keep), keep
+        state.done[i] = done + c
+        rows = torch.arange(h_out.size(0), device=device)
+        root = h_out[rows, (c - 1).clamp(min=0).to(device)]  # filler where c = 0
+        here = torch.cat([root[:, None], h_out[:, q_c:]], dim=1)
+        return here, h_out[:, :q_c], c
+
+
+def _tree_module_mask(
+    kv: RaggedCache,
+    pos_c: torch.Tensor,
+    c: torch.Tensor,
+    pos_n: torch.Tensor,
+    tree: Tree,
+    M: int,
+    window: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Additive mask [B, 1, q_c + M-1, S + q_c + M-1] for a module forward over the
+    committed positions ``pos_c`` [B, q_c] (the first c [B] of each row real) and tree nodes
+    1..M-1 at ``pos_n`` [B, M-1] (negative: no such node): every query sees the cache and the
+    committed positions up to its own position, a node also its ancestors and itself."""
+    device = pos_c.device
+    real_c = torch.arange(pos_c.size(1), device=device)[None, :] < c.to(device)[:, None]
+    keys = torch.cat([kv.key_positions(), pos_c.masked_fill(~real_c, -1)], dim=1)
+    queries = torch.cat([pos_c, pos_n], dim=1)
+    seen_before = position_mask(keys, queries, window, dtype)  # [B, 1, q, S + q_c]
+    family = tree.ancestors()[1:M, 1:M].to(device)  # [M-1, M-1]: ancestors-or-self
+    depth = torch.tensor(tree.depth[1:M], device=device)
+    if window is not None:
+        family &= depth[:, None] - depth[None, :] < window
+    seen = family[None] & (pos_n >= 0)[:, None, :]  # [B, M-1, M-1]
+    from_c = torch.zeros(pos_c.size(0), pos_c.size(1), M - 1, dtype=torch.bool, device=device)
+    seen = torch.cat([from_c, seen], dim=1)[:, None]  # [B, 1, q, M-1]
+    nodes = torch.zeros(seen.shape, dtype=dtype, device=device)
+    nodes.masked_fill_(~seen, torch.finfo(dtype).min)
+    return torch.cat([seen_before, nodes], dim=-1)
 
 
 def _join_rows(a: torch.Tensor, a_len: torch.Tensor, b: torch.Tensor, q: int) -> torch.Tensor:
