@@ -143,7 +143,7 @@ def test_tree_nodes_are_the_teacher_forced_candidates_under_their_path(family, t
                 state = model.heads.select_draft_rows(state, torch.tensor([2, 0]))
                 tokens, start = [tokens[r] for r in (2, 0)], [start[r] for r in (2, 0)]
             c = committed(model, tokens, start)
-            nodes, logits = model.heads.draft_tree(state, c, K, tree, top)
+            nodes, logits, which = model.heads.draft_tree(state, c, K, tree, top)
             assert nodes.shape == (len(tokens), tree.size - 1)
             node_tokens = [[0, *row] for row in nodes.tolist()]
             for b, ids in enumerate(tokens):
@@ -152,7 +152,8 @@ def test_tree_nodes_are_the_teacher_forced_candidates_under_their_path(family, t
                         continue
                     path = [node_tokens[b][u] for u in tree.path(v)[1:]]
                     expected = teacher_forced_logits(model, ids, path)
-                    torch.testing.assert_close(logits[b, v], expected, rtol=1e-4, atol=1e-4)
+                    got = logits[b, which[v]]
+                    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
                     kids = [node_tokens[b][u] for u in tree.children[v]]
                     assert kids == expected.topk(len(kids)).indices.tolist(), (step, b, v)
                     checked += 1

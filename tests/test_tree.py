@@ -23,7 +23,6 @@ from multitoken.tree import (
     Tree,
     accept_greedy_tree,
     accept_sampled_tree,
-    dynamic_tree,
     sample_candidates,
     tree_attention_mask,
     tree_positions,
@@ -379,59 +378,6 @@ def test_sample_candidates_draws_without_replacement_in_order():
     assert_chi_square_fits(
         torch.bincount(picks[:, 0] * V + picks[:, 1], minlength=V * V).float(), law.flatten()
     )
-
-
-# --- dynamic trees -----------------------------------------------------------------------------
-
-
-def brute_force_values(table: list[list[float]]) -> list[float]:
-    D, k = len(table), len(table[0])
-    return sorted(
-        (
-            sum(table[j][r] for j, r in enumerate(path))
-            for d in range(1, D + 1)
-            for path in itertools.product(range(k), repeat=d)
-        ),
-        reverse=True,
-    )
-
-
-def rank_paths(tree: Tree) -> list[tuple[int, ...]]:
-    return [tuple(tree.rank[i] for i in tree.path(n)[1:]) for n in range(1, tree.size)]
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_dynamic_tree_is_the_best_budget_nodes(seed):
-    D, k = 3, 3
-    probs = torch.rand(D, k, generator=gen(seed)).sort(dim=1, descending=True).values
-    scores = (probs / probs.sum(1, keepdim=True)).log()
-    table = scores.tolist()
-    best = brute_force_values(table)
-    for budget in range(len(best) + 2):
-        tree = dynamic_tree(scores, budget)
-        assert tree.size - 1 == min(budget, len(best))
-        assert all(tree.parent[i] < i for i in range(1, tree.size))
-        values = sorted(
-            (sum(table[j][r] for j, r in enumerate(path)) for path in rank_paths(tree)),
-            reverse=True,
-        )
-        assert values == pytest.approx(best[: tree.size - 1], abs=1e-9)
-
-
-def test_dynamic_tree_of_a_peaked_draft_is_the_chain():
-    scores = torch.tensor([[0.9, 0.06, 0.04]] * 4).log()
-    assert dynamic_tree(scores, 4) == Tree.chain(4)
-    assert dynamic_tree(scores, 0) == Tree.chain(0)
-    # a flat second depth spends the budget on width there instead
-    flat = torch.tensor([[0.9, 0.06, 0.04], [0.34, 0.33, 0.33]]).log()
-    assert rank_paths(dynamic_tree(flat, 4)) == [(0,), (0, 0), (0, 1), (0, 2)]
-
-
-def test_dynamic_tree_refuses_unsorted_scores_and_negative_budgets():
-    with pytest.raises(ValueError, match="best first"):
-        dynamic_tree(torch.tensor([[0.1, 0.9]]).log(), 2)
-    with pytest.raises(MultitokenError):
-        dynamic_tree(torch.tensor([[0.9, 0.1]]).log(), -1)
 
 
 # --- edge cases and a real trunk ---------------------------------------------------------------

@@ -22,7 +22,7 @@ def costs(c: list[float], draft: float = 0.0) -> CostModel:
 def test_offers_and_hits_are_counted_where_the_path_went():
     tree = Tree.parse("2,1")  # nodes: 0; 1, 2 (depth 1, ranks 0, 1); 3, 4 (under 1, under 2)
     seen = RankAcceptance(depth=2, width=2, decay=1.0)
-    seen.observe(tree, [[0, 2, 4], [0], [0, 1]])
+    seen.observe([tree] * 3, [[0, 2, 4], [0], [0, 1]])
     assert seen.offers == [[3.0, 3.0], [2.0, 0.0]]  # depth 2 offered under each kept node
     assert seen.hits == [[1.0, 1.0], [1.0, 0.0]]
 
@@ -45,12 +45,12 @@ def test_drafting_is_tried_again_after_plain_steps():
     a call into plain decoding."""
     choice = TreeChoice(depth=2, costs=costs([1.0, 1.6, 2.2, 2.8, 3.4, 4.0, 4.6]), max_nodes=6)
     for _ in range(30):  # every candidate offered and missed
-        choice.observe(Tree.parse("2,1"), [[0]])
+        choice.observe([Tree.parse("2,1")], [[0]])
     assert choice.choose().size == 1
     plain = Tree.chain(0)
     steps = 0
     while choice.choose().size == 1 and steps < 500:
-        choice.observe(plain, [[0]])
+        choice.observe([plain], [[0]])
         steps += 1
     assert 0 < steps < 500
 

@@ -88,6 +88,50 @@ def test_sampling_through_a_tree_follows_the_trunks_law(family):
     assert_chi_square_fits(three_token_counts(out.tokens, 4), expected)
 
 
+@pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
+def test_dynamic_trees_are_each_rows_own_and_decode_the_trunks_output(family, monkeypatch):
+    """``--tree dynamic:N``: every step each row verifies its own N best nodes by the product of
+    draft probabilities (EAGLE-2); rows of one batch get different shapes."""
+    import multitoken.generate as gen_module
+
+    model = trained(family)
+    shapes = []
+    step = gen_module.tree_step
+
+    def spy(*args, **kwargs):
+        out = step(*args, **kwargs)
+        shapes.append({tree.parent for tree in out[1]})
+        assert all(tree.size == 7 for tree in out[1])  # the pending token and 6 drafts
+        return out
+
+    monkeypatch.setattr(gen_module, "tree_step", spy)
+    plain = generate(model, PROMPTS, max_new_tokens=24, speculate=False)
+    out = generate(model, PROMPTS, max_new_tokens=24, tree="dynamic:6")
+    assert out.tokens == plain.tokens
+    assert any(len(s) > 1 for s in shapes)  # some step had rows of different shapes
+    for prompt, tokens in zip(PROMPTS, out.tokens):
+        assert generate(model, [prompt], max_new_tokens=24, tree="dynamic:6").tokens == [tokens]
+
+
+@pytest.mark.parametrize("family", ["bpd", "deepseek"])
+def test_sampling_through_dynamic_trees_follows_the_trunks_law(family):
+    from multitoken.sampling import Sampling
+
+    torch.manual_seed(0)
+    model = model_of(family, depth=2, vocab=4)
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.add_(torch.randn_like(p))
+        model.trunk.lm_head.weight.mul_(4.0)
+    prompt = [1, 2, 3]
+    expected = three_token_law(model.trunk, prompt, 4, Sampling(temperature=1.0))
+    out = generate(
+        model, [prompt] * 2500, max_new_tokens=3, tree="dynamic:4", temperature=1.0, seed=3
+    )
+    assert 0 < out.stats.acceptance[0] < 1
+    assert_chi_square_fits(three_token_counts(out.tokens, 4), expected)
+
+
 def test_deepseek_trees_run_past_the_last_module_and_over_one_token_prompts():
     """K > D reuses the last module (as the chain does); a one-token prompt puts module k's
     first nodes at negative positions, which exist for no one."""
@@ -101,6 +145,7 @@ def test_deepseek_trees_run_past_the_last_module_and_over_one_token_prompts():
 def test_a_tree_is_checked_against_the_heads_before_decoding():
     with pytest.raises(MultitokenError, match="3 deep") as err:
         generate(model_of("bpd", depth=2), PROMPTS, max_new_tokens=4, tree="2,2,2")
-    with pytest.raises(MultitokenError) as err:
-        generate(model_of("bpd", depth=2), PROMPTS, max_new_tokens=4, tree="2,x")
-    assert err.value.flag == "--tree"
+    for bad in ("2,x", "dynamic:0", "dynamic:", "dynamic:999"):
+        with pytest.raises(MultitokenError) as err:
+            generate(model_of("bpd", depth=2), PROMPTS, max_new_tokens=4, tree=bad)
+        assert err.value.flag == "--tree"

@@ -493,8 +493,9 @@ class GenerateConfig:
     tree: str | None = _field(
         None,
         "verify a tree of drafts in one trunk pass instead of one chain: '3,2,1' = the heads' "
-        "top-3 for the next draft, each with top-2 children, each with one (bpd, meta heads); "
-        "'chain:K' = a chain; auto = each step the tree with the most expected tokens per "
+        "top-3 for the next draft, each with top-2 children, each with one; 'chain:K' = a "
+        "chain; 'dynamic:N' = each row its own N drafts with the largest product of draft "
+        "probabilities (EAGLE-2); auto = each step the tree with the most expected tokens per "
         "second, from the measured verify cost and the acceptance by depth and rank",
     )
     linear_kernel: str = _field(
@@ -532,9 +533,9 @@ class GenerateConfig:
                 f"unknown kernel {self.linear_kernel!r} (choose from {', '.join(LINEAR_KERNELS)})",
                 "--linear-kernel",
             )
-        if self.tree is not None and self.tree != "auto":
-            from multitoken.tree import Tree  # torch: only when a tree is asked for
+        if self.tree is not None:
+            from multitoken.tree import parse_spec  # torch: only when a tree is asked for
 
-            Tree.parse(self.tree)
+            parse_spec(self.tree)
             if self.typical > 0:
                 raise MultitokenError("typical acceptance verifies chains only", "--tree")

@@ -37,9 +37,10 @@ from multitoken.ladder import (
 )
 from multitoken.sampling import Sampling
 from multitoken.tree import AUTO as AUTO_TREE
-from multitoken.tree import Tree
+from multitoken.tree import Dynamic, Tree, parse_spec
 from multitoken.tree_auto import MAX_NODES as TREE_NODES
 from multitoken.tree_auto import TreeChoice
+from multitoken.tree_dynamic import skeleton
 from multitoken.tree_ladder import tree_step
 
 log = logging.getLogger("multitoken")
@@ -136,21 +137,27 @@ class ChainSteps:
 
 
 class TreeSteps:
-    """Steps that verify a tree: ``tree`` every step, or (``choice``) the best tree for the
-    costs and the acceptance seen so far (:mod:`multitoken.tree_auto`)."""
+    """Steps that verify a tree: ``tree`` every step; with a ``budget``, each row's own best
+    ``budget`` nodes of it (``--tree dynamic:N``, ``tree`` the skeleton they are cut from); or
+    (``choice``) the best tree for the costs and the acceptance seen so far
+    (:mod:`multitoken.tree_auto`)."""
 
-    def __init__(self, k_max: int, tree: Tree | None, choice: TreeChoice | None) -> None:
-        self.k_max, self.tree, self.choice = k_max, tree, choice
+    def __init__(
+        self, k_max: int, tree: Tree | None, choice: TreeChoice | None, budget: int | None = None
+    ) -> None:
+        self.k_max, self.tree, self.choice, self.budget = k_max, tree, choice, budget
 
     def step(self, model: Decodable, state: Decoding, plan: Plan, watch) -> tuple[int, list]:
         tree = self.tree or self.choice.choose()
         if tree.size == 1:  # no draft pays for itself now: a plain step
-            accepted, paths = chain_step(model, state, plan, 0, 0, watch), []
+            accepted = chain_step(model, state, plan, 0, 0, watch)
+            trees, paths = [tree] * len(accepted), []
         else:
-            accepted, paths = tree_step(model, state, plan, tree, watch)
+            accepted, trees, paths = tree_step(model, state, plan, tree, watch, self.budget)
+            trees = [trees] * len(accepted) if isinstance(trees, Tree) else trees
         if self.choice is not None:  # a plain step too: estimates decay towards their prior
-            self.choice.observe(tree, paths)
-        return tree.max_depth, accepted
+            self.choice.observe(trees, paths)
+        return max(t.max_depth for t in trees), accepted
 
     def observe_draft(self, seconds: float, K: int) -> None:
         if self.choice is not None and self.choice.costs.learn_draft:
@@ -158,6 +165,8 @@ class TreeSteps:
 
 
 def _steps(model: Decodable, plan: Plan, costs: CostModel | None) -> ChainSteps | TreeSteps:
+    if isinstance(plan.tree, Dynamic):
+        return TreeSteps(plan.k_max, skeleton(plan.k_max), None, plan.tree.nodes)
     if plan.tree is not None or plan.tree_auto:
         choice = TreeChoice(plan.k_max, costs) if plan.tree_auto else None
         return TreeSteps(plan.k_max, plan.tree, choice)
@@ -240,8 +249,10 @@ def make_plan(
     K, auto = _draft_len(cfg, model)
     tree = _tree(cfg, model)
     tree_auto = cfg.tree == AUTO_TREE and cfg.speculate
-    if tree is not None:
+    if isinstance(tree, Tree):
         K, auto = tree.max_depth, False
+    if isinstance(tree, Dynamic):  # trees as deep as --draft-len (default: D)
+        auto = False
     if tree_auto:  # trees as deep as --draft-len (default: D)
         auto = False
     check_prompts(model, prompts, cfg, K)
@@ -289,11 +300,13 @@ def check_prompts(
         )
 
 
-def _tree(cfg: GenerateConfig, model: Decodable) -> Tree | None:
+def _tree(cfg: GenerateConfig, model: Decodable) -> Tree | Dynamic | None:
     """The tree ``--tree`` asks for, checked against the heads (None: chains, or auto)."""
-    if cfg.tree is None or not cfg.speculate or cfg.tree == AUTO_TREE:
+    if cfg.tree is None or not cfg.speculate:
         return None
-    tree = Tree.parse(cfg.tree)
+    tree = parse_spec(cfg.tree)
+    if not isinstance(tree, Tree):
+        return None if tree == AUTO_TREE else tree
     longest = model.heads.max_draft_len()
     if longest is not None and tree.max_depth > longest:
         raise MultitokenError(

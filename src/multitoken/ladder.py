@@ -37,7 +37,7 @@ from multitoken.sampling import (
     choose,
     probs,
 )
-from multitoken.tree import Tree
+from multitoken.tree import Dynamic, Tree
 from multitoken.trunk import TrunkParts, watch_states
 
 OnTokens = Callable[[int, list[int]], None]
@@ -156,7 +156,7 @@ class Plan:
     sampling: Sampling
     stop: frozenset
     gen: torch.Generator | None = None
-    tree: Tree | None = None  # --tree: steps verify this tree instead of a chain
+    tree: Tree | Dynamic | None = None  # --tree: steps verify trees instead of a chain
     tree_auto: bool = False  # --tree auto: each step's tree is chosen by the costs
 
     @property

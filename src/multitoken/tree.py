@@ -13,7 +13,7 @@ rules then keep one root-to-node path:
   Speculative Decoding (Jeon et al. 2024), exactly lossless.
 
 Shapes are static (Medusa, Cai et al. 2024: :meth:`Tree.parse`, :meth:`Tree.from_paths`) or grown
-per step from the draft's confidence (EAGLE-2: :func:`dynamic_tree`). A chain is the tree with one
+per step from the draft's confidence (EAGLE-2: :mod:`multitoken.tree_dynamic`). A chain is the tree with one
 child per node, so these rules reduce to multitoken.sampling's on ``Tree.chain(K)``.
 
 Conventions: nodes in breadth-first order, node 0 the root, ``parent[i] < i``; siblings are
@@ -22,7 +22,7 @@ numbered in rank order (rank 0 = the parent's most likely candidate).
 
 from __future__ import annotations
 
-import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -33,7 +33,11 @@ from multitoken.kvcache import position_mask
 
 AUTO = "auto"  # --tree auto: each step's tree chosen by the costs (multitoken.tree_auto)
 MAX_NODES = 256  # one trunk pass verifies them all; wider trees cost more than they gain
-SPEC_HELP = "e.g. '3,2,1' (top-3, each with top-2 children, each with one) or 'chain:4'"
+DYNAMIC = "dynamic:"  # --tree dynamic:N: each row's own tree of N drafts a step
+SPEC_HELP = (
+    "e.g. '3,2,1' (top-3, each with top-2 children, each with one), 'chain:4', 'dynamic:16' or "
+    "'auto'"
+)
 
 
 def _bad(message: str) -> MultitokenError:
@@ -149,17 +153,83 @@ class Tree:
         return out[::-1]
 
     def ancestors(self) -> torch.Tensor:
-        """[N, N] bool: (i, j) is True iff j is i or one of its ancestors (root included)."""
+        """[N, N] bool: (i, j) is True iff j is i or one of its ancestors (root included).
+        Built once per tree: callers must not write into it."""
+        return self._ancestors
+
+    @cached_property
+    def _ancestors(self) -> torch.Tensor:
         seen = torch.eye(self.size, dtype=torch.bool)
         for i in range(1, self.size):
             seen[i] |= seen[self.parent[i]]  # the parent's row is final: parent < i
         return seen
 
-    def child_table(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """[N, W] long: node i's children in rank order, padded with -1 (W: the widest node)."""
-        width = max(1, *(len(c) for c in self.children))
+    def child_table(
+        self, device: torch.device | str | None = None, width: int | None = None
+    ) -> torch.Tensor:
+        """[N, W] long: node i's children in rank order, padded with -1 (W: ``width``, or the
+        widest node's)."""
+        width = width or max(1, *(len(c) for c in self.children))
         table = [list(c) + [-1] * (width - len(c)) for c in self.children]
         return torch.tensor(table, dtype=torch.long, device=device)
+
+
+@dataclass(frozen=True)
+class Dynamic:
+    """``--tree dynamic:N``: every step, each row verifies its own N drafts, those with the
+    largest product of draft probabilities along their path (EAGLE-2's rule, Li et al. 2024;
+    :func:`multitoken.tree_dynamic.prune_tree`)."""
+
+    nodes: int
+
+
+def parse_spec(spec: str) -> Tree | Dynamic | str:
+    """A ``--tree`` value: a static :class:`Tree`, a :class:`Dynamic` budget, or :data:`AUTO`."""
+    text = spec.replace(" ", "")
+    if text == AUTO:
+        return AUTO
+    if text.startswith(DYNAMIC):
+        nodes = _positive(text[len(DYNAMIC) :], spec)
+        if nodes >= MAX_NODES:
+            raise _bad(f"a tree of {nodes} drafts is over the limit of {MAX_NODES - 1}")
+        return Dynamic(nodes)
+    return Tree.parse(spec)
+
+
+# The trees of a batch: one for every row (a static tree), or one per row, all of N nodes
+# (per-row dynamic trees, :func:`prune_tree`).
+Trees = Tree | Sequence[Tree]
+
+
+def _per_row(trees: Trees, batch: int, build, device) -> torch.Tensor:
+    """``build(tree)`` for every row's tree, stacked into [B, ...] on ``device``."""
+    if isinstance(trees, Tree):
+        one = build(trees).to(device)
+        return one.expand(batch, *one.shape)
+    return torch.stack([build(tree) for tree in trees]).to(device)
+
+
+def _depths(tree: Tree) -> torch.Tensor:
+    return torch.tensor(tree.depth)
+
+
+def _parents(tree: Tree) -> torch.Tensor:
+    return torch.tensor(tree.parent).clamp_min(0)  # the root: its own, unused
+
+
+def _max_depth(trees: Trees) -> int:
+    return trees.max_depth if isinstance(trees, Tree) else max(t.max_depth for t in trees)
+
+
+def _size(trees: Trees) -> int:
+    size = trees.size if isinstance(trees, Tree) else trees[0].size
+    if not isinstance(trees, Tree) and any(t.size != size for t in trees):
+        raise ValueError("the trees of one batch need one node count")
+    return size
+
+
+def _row_tree(trees: Trees, b: int) -> Tree:
+    return trees if isinstance(trees, Tree) else trees[b]
 
 
 def _positive(text: str, spec: str) -> int:
@@ -168,16 +238,16 @@ def _positive(text: str, spec: str) -> int:
     return int(text)
 
 
-def tree_positions(start: torch.Tensor, tree: Tree) -> torch.Tensor:
+def tree_positions(start: torch.Tensor, trees: Trees) -> torch.Tensor:
     """[B, N] position of every node: start[b] (the pending token's position) + its depth."""
-    depth = torch.tensor(tree.depth, dtype=start.dtype, device=start.device)
-    return start[:, None] + depth[None, :]
+    depth = _per_row(trees, start.size(0), _depths, start.device)
+    return start[:, None] + depth.to(start.dtype)
 
 
 def tree_attention_mask(
     key_positions: torch.Tensor,
     start: torch.Tensor,
-    tree: Tree,
+    trees: Trees,
     dtype: torch.dtype,
     window: int | None = None,
 ) -> torch.Tensor:
@@ -185,20 +255,21 @@ def tree_attention_mask(
     s holds position ``key_positions[b, s]`` (-1: a hole): node i, at ``start[b] + depth[i]``,
     sees the cache as :func:`multitoken.kvcache.position_mask` has it and, among the new slots,
     exactly itself and its ancestors (SpecInfer's topology-aware causal mask, Miao et al. 2024
-    §4.1). ``window``: transformers' sliding window, q_pos - k_pos < window, on both parts."""
-    B, N = start.size(0), tree.size
-    cached = position_mask(key_positions, tree_positions(start, tree), window, dtype)
-    seen = tree.ancestors().to(start.device)  # [N, N]
+    §4.1). ``window``: transformers' sliding window, q_pos - k_pos < window, on both parts.
+    ``trees``: one tree for every row, or each row's own."""
+    B = start.size(0)
+    cached = position_mask(key_positions, tree_positions(start, trees), window, dtype)
+    seen = _per_row(trees, B, Tree.ancestors, start.device)  # [B, N, N]
     if window is not None:
-        depth = torch.tensor(tree.depth, device=start.device)
-        seen &= depth[:, None] - depth[None, :] < window  # positions differ by depths here
-    new = torch.zeros(N, N, dtype=dtype, device=start.device)
+        depth = _per_row(trees, B, _depths, start.device)
+        seen = seen & (depth[:, :, None] - depth[:, None, :] < window)  # positions: by depths
+    new = torch.zeros(seen.shape, dtype=dtype, device=start.device)
     new.masked_fill_(~seen, torch.finfo(dtype).min)
-    return torch.cat([cached, new.expand(B, 1, N, N)], dim=-1)
+    return torch.cat([cached, new[:, None]], dim=-1)
 
 
 def accept_greedy_tree(
-    tree: Tree, tokens: torch.Tensor, target: torch.Tensor
+    trees: Trees, tokens: torch.Tensor, target: torch.Tensor
 ) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy tree verification (Medusa; SpecInfer): tokens [B, N] the node tokens (the root's
     is the pending token), target [B, N] the trunk's argmax after each node -> (path, bonus).
@@ -206,22 +277,22 @@ def accept_greedy_tree(
     Row b keeps the deepest node whose every ancestor's token (and its own) equals its parent's
     target; equal depths go to the lowest node index (so of two siblings with one token, the
     first). path[b]: the kept nodes from the root; bonus [B]: the trunk's token after the last.
-    One host sync, for the paths."""
+    ``trees``: one tree for every row, or each row's own. One host sync, for the paths."""
     B, N = tokens.shape
     device = tokens.device
-    parent = torch.tensor(tree.parent, device=device).clamp_min(0)  # root: its own, unused
-    match = tokens == target[:, parent]  # [B, N]: node i is its parent's argmax
-    reach = torch.ones(B, N, dtype=torch.bool, device=device)
-    depth = torch.tensor(tree.depth, device=device)
-    for d in range(1, tree.max_depth + 1):  # a level's parents are settled before it
-        level = [i for i in range(N) if tree.depth[i] == d]  # from the host: no device sync
-        up = [tree.parent[i] for i in level]
-        reach[:, level] = match[:, level] & reach[:, up]
+    parent = _per_row(trees, B, _parents, device)  # [B, N]
+    match = tokens == target.gather(1, parent)  # [B, N]: node i is its parent's argmax
+    reach = match.clone()
+    reach[:, 0] = True
+    for _ in range(_max_depth(trees) - 1):  # after d rounds, depths up to d + 1 are settled
+        reach = match & reach.gather(1, parent)
+        reach[:, 0] = True
+    depth = _per_row(trees, B, _depths, device)
     order = torch.arange(N, device=device)
     key = torch.where(reach, depth * N + (N - 1 - order), -1)  # deepest, then lowest index
     last = key.argmax(dim=1)  # [B]
     bonus = target.gather(1, last[:, None]).squeeze(1)
-    return [tree.path(node) for node in last.tolist()], bonus
+    return [_row_tree(trees, b).path(node) for b, node in enumerate(last.tolist())], bonus
 
 
 def sample_candidates(q: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -250,7 +321,7 @@ def _without(draft: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
 
 
 def accept_sampled_tree(
-    tree: Tree,
+    trees: Trees,
     tokens: torch.Tensor,
     p: torch.Tensor,
     q: torch.Tensor | None,
@@ -268,18 +339,21 @@ def accept_sampled_tree(
     and q' <- q' without c, then the next sibling. With no child accepted (or at a leaf) the
     next token is drawn from p'. By induction over the candidates, what is emitted is
     distributed exactly as the trunk's own samples. Children q' cannot draw are skipped.
+    ``trees``: one tree for every row, or each row's own.
     -> (path [B] lists of nodes from the root, next [B]); vectorised over rows, one host sync."""
     B, _, V = p.shape
     rows = torch.arange(B, device=p.device)
-    kids = tree.child_table(p.device)  # [N, W]
+    one = [trees] if isinstance(trees, Tree) else trees
+    width = max(max(1, *(len(c) for c in t.children)) for t in one)
+    kids = _per_row(trees, B, lambda t: t.child_table(width=width), p.device)  # [B, N, W]
     node = torch.zeros(B, dtype=torch.long, device=p.device)
     walking = torch.ones(B, dtype=torch.bool, device=p.device)
     target, draft = p[:, 0], None if q is None else q[:, 0]  # p', q' [B, V]
-    taken = torch.full((B, tree.max_depth), -1, dtype=torch.long, device=p.device)
-    for d in range(tree.max_depth):
+    taken = torch.full((B, _max_depth(trees)), -1, dtype=torch.long, device=p.device)
+    for d in range(_max_depth(trees)):
         searching = walking.clone()  # rows at a node whose children are still being tried
-        for r in range(kids.size(1)):
-            child = kids[node, r]  # [B], -1 past the node's last child
+        for r in range(width):
+            child = kids[rows, node, r]  # [B], -1 past the node's last child
             token = tokens[rows, child.clamp_min(0)]
             offer = torch.nn.functional.one_hot(token, V).to(p.dtype) if draft is None else draft
             pt = target.gather(1, token[:, None]).squeeze(1)
@@ -300,35 +374,3 @@ def accept_sampled_tree(
             draft = torch.where(walking[:, None], q[rows, node], draft)
     nxt = torch.multinomial(target, 1, generator=generator).squeeze(1)
     return [[0] + [i for i in row if i >= 0] for row in taken.tolist()], nxt
-
-
-def dynamic_tree(scores: torch.Tensor, budget: int) -> Tree:
-    """EAGLE-2's dynamic draft tree (Li et al. 2024, §4) for heads whose depth-d candidates do not
-    depend on the parent (BPD/Medusa, Meta's parallel heads): scores [D, k] the log-probabilities
-    of each depth's top-k candidates, best first. A node is a tuple of ranks (r_1, .., r_d) with
-    value sum_j scores[j - 1, r_j] (the log of the product of its path's draft probabilities, an
-    estimate of its acceptance); the tree is the ``budget`` best non-root nodes.
-
-    Best-first search: a node is offered once its parent (rank 0) or its next-better sibling is
-    taken, both worth at least as much, so nodes leave the heap best first and every prefix of
-    the order is a tree with its lower-ranked siblings present. Ties: shallower, then by ranks."""
-    if budget < 0:
-        raise _bad(f"a tree budget of {budget} nodes: need 0 or more")
-    table = scores.tolist()  # [D][k], the one host sync
-    if any(row != sorted(row, reverse=True) for row in table):
-        raise ValueError("dynamic_tree needs each depth's scores best first (top-k order)")
-
-    def value(path: tuple[int, ...]) -> float:
-        return sum(table[j][r] for j, r in enumerate(path))  # summed afresh: no drift
-
-    heap = [(-value((0,)), 1, (0,))] if table and table[0] else []
-    chosen: list[tuple[int, ...]] = []
-    while heap and len(chosen) < min(budget, MAX_NODES - 1):
-        _, _, path = heapq.heappop(heap)
-        chosen.append(path)
-        offers = [(*path, 0)] if len(path) < len(table) else []
-        if path[-1] + 1 < len(table[0]):
-            offers.append((*path[:-1], path[-1] + 1))
-        for offer in offers:
-            heapq.heappush(heap, (-value(offer), len(offer), offer))
-    return Tree.from_paths(chosen)

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from multitoken.costs import CostModel
-from multitoken.tree import Tree, dynamic_tree
+from multitoken.tree import Tree
+from multitoken.tree_dynamic import dynamic_tree
 
 WIDTH = 4  # candidates per depth a tree may take
 MAX_NODES = 32  # the most drafts one step verifies
@@ -48,13 +49,13 @@ class RankAcceptance:
         self.hits = self.hits or [[0.0] * self.width for _ in range(self.depth)]
         self.offers = self.offers or [[0.0] * self.width for _ in range(self.depth)]
 
-    def observe(self, tree: Tree, paths: list[list[int]]) -> None:
-        """One step over ``tree``: each row's kept path (node indices from the root). Under the
+    def observe(self, trees: list[Tree], paths: list[list[int]]) -> None:
+        """One step: each row's tree and kept path (node indices from the root). Under the
         path's last node (and every node before it) the candidates it had were offered."""
         for table in (self.hits, self.offers):
             for row in table:
                 row[:] = [x * self.decay for x in row]
-        for path in paths:
+        for tree, path in zip(trees, paths):
             for node in path:
                 for child in tree.children[node]:  # offered where the path went through
                     d, r = tree.depth[child] - 1, tree.rank[child]
@@ -116,5 +117,5 @@ class TreeChoice:
     def choose(self) -> Tree:
         return best_tree(self.acceptance.optimistic, self.costs, self.depth, self.max_nodes)
 
-    def observe(self, tree: Tree, paths: list[list[int]]) -> None:
-        self.acceptance.observe(tree, paths)
+    def observe(self, trees: list[Tree], paths: list[list[int]]) -> None:
+        self.acceptance.observe(trees, paths)

@@ -26,22 +26,31 @@ from multitoken.ladder import Decodable, Decoding, Plan, Verified, _joined, comm
 from multitoken.sampling import probs
 from multitoken.tree import (
     Tree,
+    Trees,
     accept_greedy_tree,
     accept_sampled_tree,
     sample_candidates,
     tree_attention_mask,
     tree_positions,
 )
+from multitoken.tree_dynamic import prune_tree
 
 
-def draft_tree(model: Decodable, state: Decoding, plan: Plan, tree: Tree):
-    """Every node's token [B, N] (node 0: the pending token) and, when sampling, the draft
-    distribution each node's children were drawn from [B, N, V] (None: top-k candidates)."""
+def draft_tree(model: Decodable, state: Decoding, plan: Plan, tree: Tree, budget: int | None):
+    """Each row's tree (``tree`` itself, or with a ``budget``, each row's best ``budget`` nodes
+    of ``tree`` by their draft probabilities: :func:`multitoken.tree_dynamic.prune_tree`), every
+    node's token [B, N] (node 0: the pending token) and, when sampling, the draft distribution
+    each node's children were drawn from [B, N, V] (None: top-k candidates).
+
+    Per-row trees take each node's top candidates even when sampling: which nodes a row keeps
+    depends on the candidates' probabilities, and multi-candidate rejection stays exact for
+    candidates chosen from the draft alone (as point masses), not for random draws kept or
+    dropped by their value."""
     B = state.pending.size(0)
     tokens = [state.tokens[b, : state.length[b]] for b in range(B)]
     step = _joined(state.unseen, tokens)
     state.unseen = []
-    if plan.sampling.greedy:
+    if plan.sampling.greedy or budget is not None:
 
         def choose(logits: torch.Tensor, width: int) -> torch.Tensor:
             return logits.topk(width, dim=-1).indices
@@ -51,39 +60,49 @@ def draft_tree(model: Decodable, state: Decoding, plan: Plan, tree: Tree):
         def choose(logits: torch.Tensor, width: int) -> torch.Tensor:
             return sample_candidates(probs(logits, plan.sampling), width, plan.gen)
 
-    nodes, logits = model.heads.draft_tree(state.heads, step, plan.k_max, tree, choose)
+    nodes, logits, which = model.heads.draft_tree(state.heads, step, plan.k_max, tree, choose)
     node_tokens = torch.cat([state.pending[:, None], nodes], dim=1)  # [B, N]
-    return node_tokens, None if plan.sampling.greedy else probs(logits, plan.sampling)
+    q = None if plan.sampling.greedy else probs(logits, plan.sampling)  # [B, L, V]
+    if budget is not None:  # EAGLE-2: each row's nodes of most probable paths
+        law = logits.log_softmax(-1) if q is None else q.log()  # [B, L, V]
+        up = [which[max(i, 0)] for i in tree.parent]  # the row of each node's parent
+        up = torch.tensor(up, device=law.device)[None] * law.size(-1)
+        scores = law.flatten(1).gather(1, up + node_tokens)  # [B, N] log q of each node
+        trees, kept = prune_tree(tree, scores, budget)
+        return trees, node_tokens.gather(1, kept), None
+    if q is None:
+        return tree, node_tokens, None
+    return tree, node_tokens, q[:, which]
 
 
-def verify_tree(model: Decodable, state: Decoding, tokens: torch.Tensor, tree: Tree) -> Verified:
+def verify_tree(model: Decodable, state: Decoding, tokens: torch.Tensor, trees: Trees) -> Verified:
     """One trunk pass over all N nodes of every row, logits at each."""
     kv = state.kv
     start = torch.tensor([n - 1 for n in state.length], device=tokens.device)
     dtype = model.parts.embed.weight.dtype
     keys = kv.key_positions()
     mask = masks_per_kind(
-        kv.config, lambda window: tree_attention_mask(keys, start, tree, dtype, window)
+        kv.config, lambda window: tree_attention_mask(keys, start, trees, dtype, window)
     )
-    layout = (tree_positions(start, tree), mask)
+    layout = (tree_positions(start, trees), mask)
     branch = model.heads.branch_layer
     begin = [n - 1 for n in state.length]
-    return trunk_pass(model, tokens, kv, begin, tree.size, True, branch, layout)
+    return trunk_pass(model, tokens, kv, begin, tokens.size(1), True, branch, layout)
 
 
-def accept_tree(tokens: torch.Tensor, q_draft, logits: torch.Tensor, plan: Plan, tree: Tree):
+def accept_tree(tokens: torch.Tensor, q_draft, logits: torch.Tensor, plan: Plan, trees: Trees):
     """Each row's kept path (node indices from the root) and its new tokens: the path's drafts
     and the trunk's next token, as lists and as the rows of a [B, N] tensor on the device."""
     if plan.sampling.greedy:
-        path, bonus = accept_greedy_tree(tree, tokens, logits.argmax(-1))
+        path, bonus = accept_greedy_tree(trees, tokens, logits.argmax(-1))
     else:
         p = probs(logits, plan.sampling)  # [B, N, V]
-        path, bonus = accept_sampled_tree(tree, tokens, p, q_draft, plan.gen)
+        path, bonus = accept_sampled_tree(trees, tokens, p, q_draft, plan.gen)
     rows = tokens.tolist()
     accepted = [
         [row[i] for i in nodes[1:]] + [b] for row, nodes, b in zip(rows, path, bonus.tolist())
     ]
-    padded = [a + [0] * (tree.size - len(a)) for a in accepted]
+    padded = [a + [0] * (tokens.size(1) - len(a)) for a in accepted]
     return path, torch.tensor(padded, device=tokens.device), accepted
 
 
@@ -104,11 +123,14 @@ def move_paths_forward(state: Decoding, path: list[list[int]], verified: Verifie
     return Verified(verified.logits, reorder(verified.hidden), reorder(verified.branch))
 
 
-def tree_step(model: Decodable, state: Decoding, plan: Plan, tree: Tree, watch):
-    """draft → verify → accept → commit over ``tree``: each row's new tokens and kept path."""
+def tree_step(
+    model: Decodable, state: Decoding, plan: Plan, tree: Tree, watch, budget: int | None = None
+):
+    """draft → verify → accept → commit over ``tree`` (with a ``budget``: each row's best
+    ``budget`` nodes of it). Returns each row's new tokens, tree and kept path."""
     with watch.section():
-        tokens, q_draft = draft_tree(model, state, plan, tree)
-    verified = verify_tree(model, state, tokens, tree)
-    path, new, accepted = accept_tree(tokens, q_draft, verified.logits, plan, tree)
+        trees, tokens, q_draft = draft_tree(model, state, plan, tree, budget)
+    verified = verify_tree(model, state, tokens, trees)
+    path, new, accepted = accept_tree(tokens, q_draft, verified.logits, plan, trees)
     commit(state, new, [len(a) for a in accepted], move_paths_forward(state, path, verified))
-    return accepted, path
+    return accepted, trees, path

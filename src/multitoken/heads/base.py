@@ -130,22 +130,23 @@ class MTPHeads(nn.Module):
 
     def draft_tree(
         self, state: Any, step: Committed, K: int, tree: Tree, choose: Choose
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fills ``tree`` (root: each row's pending token) from what ``step`` commits: the
-        tokens of nodes 1..N-1 [B, N-1] and the draft logits each node's children were chosen
-        from, [B, N, V] (a leaf's: filler). K heads draft, whatever the tree's depth, so that
-        heads that keep a cache see every step.
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Fills ``tree`` (root: each row's pending token) from what ``step`` commits. Returns
+        the tokens of nodes 1..N-1 [B, N-1], draft logits [B, L, V] and, for each node, the
+        row of them its children were chosen from (a leaf's: any). K heads draft, whatever the
+        tree's depth, so that heads that keep a cache see every step.
 
         Parent-free families (this default): head d's candidates are the same under every node
-        of depth d - 1, so node i is head depth[i]'s rank[i]-th candidate (Medusa's trees)."""
+        of depth d - 1, so node i is head depth[i]'s rank[i]-th candidate (Medusa's trees),
+        and the logits are the D heads' (L = D)."""
         logits = self.draft_logits(state, step, K)[:, : tree.max_depth]  # [B, D, V]
         candidates = choose(logits, max(tree.widths))  # [B, D, w]
         device = logits.device
         depth = torch.tensor(tree.depth[1:], device=device) - 1
         rank = torch.tensor(tree.rank[1:], device=device)
         # a node's children are drafts for depth[i] + 1 (leaves at depth D: any row will do)
-        below = torch.tensor(tree.depth, device=device).clamp(max=tree.max_depth - 1)
-        return candidates[:, depth, rank], logits[:, below]
+        below = [min(d, tree.max_depth - 1) for d in tree.depth]
+        return candidates[:, depth, rank], logits, below
 
     def select_draft_rows(self, state: Any, rows: torch.Tensor) -> Any:
         """The draft state of the batch rows ``rows`` ([n] long, in that order) only: rows that

@@ -223,7 +223,8 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
         its cache, as in :meth:`draft`) followed by the nodes of depth 1..k-1 (this step only),
         each node seeing the cache, those positions, its ancestors and itself. Nodes whose
         position would be negative (prompts shorter than the chain) exist for no one.
-        Returns (tokens of nodes 1..N-1 [B, N-1], draft logits at every node [B, N, V])."""
+        Returns (tokens of nodes 1..N-1 [B, N-1], draft logits at every node but the deepest
+        [B, L, V], node i's row of them: i, or filler for the deepest)."""
         hidden = step.hidden  # [B, n, d]
         state.ensure(K, hidden)
         B = hidden.size(0)
@@ -247,8 +248,9 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
                 for v in tree.levels[k]:
                     tokens[:, v] = children[:, tree.parent[v] - level.start, tree.rank[v]]
             below = torch.cat([here, below[:, M:]], dim=1)
-        leaves = logits_by_level[-1][:, :1].expand(-1, len(tree.levels[-1]), -1)  # filler
-        return tokens[:, 1:], torch.cat([*logits_by_level, leaves], dim=1)
+        deepest = tree.levels[-1]
+        which = [min(i, deepest.start - 1) for i in range(tree.size)]
+        return tokens[:, 1:], torch.cat(logits_by_level, dim=1), which
 
     def _tree_module_step(
         self,
@@ -319,7 +321,7 @@ def _tree_module_mask(
     family = tree.ancestors()[1:M, 1:M].to(device)  # [M-1, M-1]: ancestors-or-self
     depth = torch.tensor(tree.depth[1:M], device=device)
     if window is not None:
-        family &= depth[:, None] - depth[None, :] < window
+        family = family & (depth[:, None] - depth[None, :] < window)
     seen = family[None] & (pos_n >= 0)[:, None, :]  # [B, M-1, M-1]
     from_c = torch.zeros(pos_c.size(0), pos_c.size(1), M - 1, dtype=torch.bool, device=device)
     seen = torch.cat([from_c, seen], dim=1)[:, None]  # [B, 1, q, M-1]
