@@ -77,6 +77,8 @@ def report(checkpoint, tmp_path_factory) -> tuple[dict, Path]:
         str(checkpoint),  # the trunk as its own assistant: exercises assisted generation
         "--tree",
         "2,1",
+        "--tree",
+        "dynamic:3",
         "--json",
         str(out / "bench.json"),
         "--plot",
@@ -100,6 +102,7 @@ def test_json_has_the_documented_keys(report):
         ("speculative", 1),
         ("speculative", 2),
         ("auto", None),
+        ("tree", 2),
         ("tree", 2),
         ("hf_greedy", None),
         ("prompt_lookup", 2),
@@ -150,13 +153,16 @@ def test_tau_acceptance_and_verify_cost(report):
             counts = {int(k): n for k, n in run["draft_len_counts"].items()}
             assert set(counts) <= {0, 1, 2} and sum(counts.values()) == run["trunk_passes"] - 2
             assert 0 <= run["mean_draft_len"] <= 2 and run["verify_bound"] > 0
-        if run["method"] == "tree":  # 2 candidates for the first draft, 1 child each
-            assert run["tree"] == "2,1" and run["nodes"] == 5 and len(run["acceptance"]) == 2
+        if run.get("tree") == "2,1":  # 2 candidates for the first draft, 1 child each
+            assert run["nodes"] == 5 and run["mean_nodes"] == 5 and len(run["acceptance"]) == 2
+            assert 1.0 <= run["tau"] <= 3 and run["verify_bound"] > 0
+        if run.get("tree") == "dynamic:3":  # each row's 3 best drafts, 2 heads deep at most
+            assert run["nodes"] == 4 and run["mean_nodes"] == 4 and len(run["acceptance"]) == 2
             assert 1.0 <= run["tau"] <= 3 and run["verify_bound"] > 0
         if run["method"] in ("plain", "hf_greedy"):
             assert run["tau"] == 1.0 and run["trunk_passes"] == PROMPTS * NEW
     cost = result["verify_cost"]
-    assert cost["q"] == [1, 2, 3, 4, 5]  # up to max(K) + 1 and the tree's 5 nodes
+    assert cost["q"] == [1, 2, 3, 4, 5]  # up to max(K) + 1 and the trees' 5 and 4 nodes
     assert cost["t1_s"] > 0 and len(cost["c"]) == 5 and all(c > 0 for c in cost["c"])
 
 
@@ -174,7 +180,10 @@ def test_the_printed_report_names_the_machine_and_what_auto_chose(report):
 
 def test_plot_is_a_png_and_no_temp_file_is_left(report):
     _, out = report
-    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # tree rows add a third panel, speedup against the tokens a step verifies: a wider figure
+    assert int.from_bytes(png[16:20], "big") == 15 * 110
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.png"]
 
 

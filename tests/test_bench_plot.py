@@ -96,3 +96,12 @@ def test_the_figure_is_a_png_and_a_failed_draw_keeps_the_old_one(tmp_path: Path,
     with pytest.raises(OSError, match="disk full"):
         plot(result(), path)
     assert path.read_bytes() == png and [p.name for p in tmp_path.iterdir()] == ["bench.png"]
+
+
+def test_the_node_panel_places_each_row_at_the_tokens_it_verifies():
+    from multitoken.bench_plot import _nodes_of
+
+    assert _nodes_of({"method": "speculative", "draft_len": 3}) == 4
+    assert _nodes_of({"method": "tree", "tree": "3,2", "nodes": 10, "mean_nodes": 10.0}) == 10
+    assert _nodes_of({"method": "tree", "tree": "auto", "nodes": None, "mean_nodes": 7.5}) == 7.5
+    assert _nodes_of({"method": "auto", "draft_len": None, "mean_nodes": 2.25}) == 2.25

@@ -51,7 +51,7 @@ from multitoken.kernels import choose_linear_kernel, linear_kernels
 from multitoken.model import MTPModel
 from multitoken.prompts import read_prompt_records
 from multitoken.tree import AUTO as AUTO_TREE
-from multitoken.tree import Tree
+from multitoken.tree import Dynamic, Tree, parse_spec
 from multitoken.tree_auto import MAX_NODES as TREE_NODES
 
 # transformers' methods and the draft model's loader are bench_peers'; named here as well, so
@@ -212,12 +212,15 @@ def measure(
 
 
 def _drafting(stats: list) -> dict:
-    """The K each step drafted (pooled over prompts) and the heads' time per drafting step."""
+    """The K each step drafted and the tokens it verified (pooled over prompts), and the
+    heads' time per drafting step."""
     ks = [k for s in stats for k in s.draft_lens]
+    nodes = [n for s in stats for n in s.nodes]
     steps = sum(s.draft_steps for s in stats)
     return {
         "draft_len_counts": {str(k): ks.count(k) for k in sorted(set(ks))},
         "mean_draft_len": statistics.fmean(ks) if ks else 0.0,
+        "mean_nodes": statistics.fmean(nodes) if nodes else 0.0,
         "draft_ms_per_step": 1e3 * sum(s.draft_s for s in stats) / steps if steps else 0.0,
     }
 
@@ -312,10 +315,12 @@ def _check_request(model, prompts, draft_lens, new, repeats, prompt_lookup, also
 
 def _tree_depth_and_nodes(spec: str, depth: int) -> tuple[int, int]:
     """How deep a --tree spec drafts and the most drafts a step verifies (auto: up to
-    :data:`multitoken.tree_auto.MAX_NODES` over all ``depth`` heads)."""
-    if spec == AUTO_TREE:
+    :data:`multitoken.tree_auto.MAX_NODES` over all ``depth`` heads; dynamic:N, N over them)."""
+    tree = parse_spec(spec)
+    if tree == AUTO_TREE:
         return depth, TREE_NODES
-    tree = Tree.parse(spec)
+    if isinstance(tree, Dynamic):
+        return depth, tree.nodes
     return tree.max_depth, tree.size - 1
 
 
@@ -336,8 +341,10 @@ def _ours(
         methods += [Method(SPECULATIVE, K, ours(m, new, K, kernel), label) for K in lens]
         methods.append(Method(AUTO, None, ours(m, new, "auto", kernel), label))
         for spec, (tree_depth, _) in (trees or {}).items():
+            if not isinstance(parse_spec(spec), Tree):  # auto, dynamic: as deep as the heads
+                tree_depth = m.depth
             if longest is None or tree_depth <= longest:
-                decode = ours(m, new, 1, kernel, spec)
+                decode = ours(m, new, tree_depth, kernel, spec)
                 methods.append(Method(TREE, tree_depth, decode, label, spec))
     return methods
 
@@ -371,9 +378,8 @@ def _measure_all(
                     name, K, decode, prompts, reference, device, repeats, bar.update
                 )
                 if tree is not None:  # auto: as many nodes as its steps chose
-                    run.update(
-                        tree=tree, nodes=None if tree == AUTO_TREE else Tree.parse(tree).size
-                    )
+                    nodes = None if tree == AUTO_TREE else _tree_depth_and_nodes(tree, K)[1] + 1
+                    run.update(tree=tree, nodes=nodes)
                 if label is not None:  # which heads, and how many tokens they draft from
                     run["heads"] = label
                     run["draft_vocab"] = heads[label].head_config.draft_vocab or vocab

@@ -133,14 +133,17 @@ def plot(result: dict, path: str | Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # only when a plot is asked for
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    trees = any(r["method"] == "tree" for r in result["runs"])
+    fig = Figure(figsize=(15 if trees else 10, 4), layout="constrained")
     FigureCanvasAgg(fig)
-    accept, speed = fig.subplots(1, 2)
+    panels = fig.subplots(1, 3 if trees else 2)
     spec = sorted(
         (r for r in result["runs"] if r["method"] == "speculative"), key=lambda r: r["draft_len"]
     )
-    _plot_acceptance(accept, spec, result)
-    _plot_speedup(speed, spec, result)
+    _plot_acceptance(panels[0], spec, result)
+    _plot_speedup(panels[1], spec, result)
+    if trees:
+        _plot_nodes(panels[2], result)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
 
@@ -189,9 +192,6 @@ def _plot_speedup(speed, spec: list[dict], result: dict) -> None:
     ks = sorted({r["draft_len"] for r in spec})
     speed.axhline(1.0, color="grey", lw=0.8, label="plain (ours)")
     for r in result["runs"]:
-        if r["method"] == "tree" and r["speedup_vs_plain"] is not None:
-            label = f"tree {r['tree']}" + (f" {r['heads']}" if several else "")
-            speed.axhline(r["speedup_vs_plain"], ls="--", lw=1, label=label)
         if r["method"] in _FLAT_LINES and r["speedup_vs_plain"] is not None:
             label, color = _FLAT_LINES[r["method"]]
             if several and "heads" in r:
@@ -204,3 +204,46 @@ def _plot_speedup(speed, spec: list[dict], result: dict) -> None:
     if ks:
         speed.set_xticks(ks)
     speed.legend(fontsize="small")
+
+
+def _nodes_of(r: dict) -> float | None:
+    """Tokens a step of this row verified: K + 1 for a chain, the tree's nodes, or the mean
+    over its steps for auto rows."""
+    if r["method"] == "speculative":
+        return r["draft_len"] + 1
+    return r.get("nodes") or r.get("mean_nodes")
+
+
+def _plot_nodes(ax, result: dict) -> None:
+    """Third panel (with tree rows): speedup over plain decoding against the tokens each step
+    verifies, per set of heads: chains (K + 1), static trees, dynamic:N budgets, and the auto
+    rows at their mean — where the verify cost c(q) overtakes what more nodes accept."""
+    several = _several_heads(result)
+    kinds = {
+        "chains": lambda r: r["method"] == "speculative",
+        "static trees": lambda r: (
+            r["method"] == "tree" and ":" not in r["tree"] and r["tree"] != "auto"
+        ),
+        "dynamic:N": lambda r: r["method"] == "tree" and r["tree"].startswith("dynamic:"),
+        "auto": lambda r: r["method"] == "auto" or r.get("tree") == "auto",
+    }
+    markers = {"chains": "o", "static trees": "s", "dynamic:N": "^", "auto": "*"}
+    for label in sorted({r["heads"] for r in result["runs"] if "heads" in r}):
+        color = None
+        for kind, match in kinds.items():
+            rows = [
+                (_nodes_of(r), r["speedup_vs_plain"])
+                for r in result["runs"]
+                if r.get("heads") == label and match(r) and r["speedup_vs_plain"] is not None
+            ]
+            rows = sorted((x, y) for x, y in rows if x)
+            if not rows:
+                continue
+            name = f"{kind} {label}" if several else kind
+            line = ax.plot(*zip(*rows), marker=markers[kind], color=color, label=name)[0]
+            color = line.get_color() if several else None
+    ax.axhline(1.0, color="grey", lw=0.8, label="plain (ours)")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="tokens verified per step (nodes, root included)", ylabel="speedup vs plain")
+    ax.set_title("speedup against node budget")
+    ax.legend(fontsize="small")

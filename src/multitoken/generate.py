@@ -60,6 +60,7 @@ class Stats:
     head_tries: list[int] = field(default_factory=list)
     head_hits: list[int] = field(default_factory=list)
     draft_lens: list[int] = field(default_factory=list)
+    nodes: list[int] = field(default_factory=list)  # tokens each step verified (chain: K + 1)
     draft_s: float = 0.0  # seconds in the heads' draft calls
     draft_steps: int = 0  # steps that drafted (K > 0)
 
@@ -82,6 +83,7 @@ class Stats:
             "tau": self.tau,
             "acceptance": self.acceptance,
             "draft_lens": self.draft_lens,
+            "nodes": self.nodes,
             "draft_s": self.draft_s,
             "wall_s": self.wall_s,
             "tokens_per_s": self.tokens_per_s,
@@ -112,8 +114,9 @@ def decode(
     retire(model, state, emit(state, [[t] for t in state.pending.tolist()], plan, on_tokens))
     watch = Stopwatch(state.tokens.device)
     while state.rows:
-        K, accepted = steps.step(model, state, plan, watch)
+        K, nodes, accepted = steps.step(model, state, plan, watch)
         done = emit(state, accepted, plan, on_tokens)
+        stats.nodes.append(nodes)
         _record(stats, steps, K, accepted, watch.take())
         retire(model, state, done)
     stats.tokens = sum(map(len, state.out))
@@ -126,11 +129,12 @@ class ChainSteps:
     def __init__(self, choice: DraftLen) -> None:
         self.choice, self.k_max = choice, choice.k_max
 
-    def step(self, model: Decodable, state: Decoding, plan: Plan, watch) -> tuple[int, list]:
+    def step(self, model: Decodable, state: Decoding, plan: Plan, watch) -> tuple[int, int, list]:
+        """One step: (K, tokens verified, each row's new tokens)."""
         K = self.choice.choose()
         accepted = chain_step(model, state, plan, K, self.choice.drafted(K), watch)
         self.choice.observe(K, [len(a) - 1 for a in accepted])
-        return K, accepted
+        return K, K + 1, accepted
 
     def observe_draft(self, seconds: float, K: int) -> None:
         self.choice.observe_draft(seconds, self.choice.drafted(K))
@@ -147,7 +151,8 @@ class TreeSteps:
     ) -> None:
         self.k_max, self.tree, self.choice, self.budget = k_max, tree, choice, budget
 
-    def step(self, model: Decodable, state: Decoding, plan: Plan, watch) -> tuple[int, list]:
+    def step(self, model: Decodable, state: Decoding, plan: Plan, watch) -> tuple[int, int, list]:
+        """One step: (the deepest tree's depth, tokens verified, each row's new tokens)."""
         tree = self.tree or self.choice.choose()
         if tree.size == 1:  # no draft pays for itself now: a plain step
             accepted = chain_step(model, state, plan, 0, 0, watch)
@@ -157,7 +162,7 @@ class TreeSteps:
             trees = [trees] * len(accepted) if isinstance(trees, Tree) else trees
         if self.choice is not None:  # a plain step too: estimates decay towards their prior
             self.choice.observe(trees, paths)
-        return max(t.max_depth for t in trees), accepted
+        return max(t.max_depth for t in trees), trees[0].size, accepted
 
     def observe_draft(self, seconds: float, K: int) -> None:
         if self.choice is not None and self.choice.costs.learn_draft:

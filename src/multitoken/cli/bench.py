@@ -91,7 +91,7 @@ def _add_drafting_flags(add) -> None:
         default=[],
         metavar="SPEC",
         help="also verify this tree of drafts, one row per --tree (e.g. --tree 3,2,1 --tree "
-        "4,2,2,1 --tree auto)",
+        "dynamic:16 --tree auto)",
     )
 
 
@@ -109,11 +109,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _check_trees(specs: list[str]) -> None:
     """Each --tree parses (its depth is checked against each set of heads when rows are made)."""
-    from multitoken.tree import Tree
+    from multitoken.tree import parse_spec
 
     for spec in specs:
-        if spec != "auto":
-            Tree.parse(spec)
+        parse_spec(spec)
 
 
 def _output_path(value: str | None, flag: str) -> Path | None:
