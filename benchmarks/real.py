@@ -14,7 +14,8 @@ skipped when its output exists, so an interrupted run resumes where it stopped:
                  costs one trunk pass per token instead of a decoding step), with the feature
                  cache and a reduced draft vocabulary
     4. bench     every family against plain decoding, transformers greedy and prompt lookup,
-                 in one run per prompt set: held-out validation-split code prompts, and the
+                 in one run per prompt set: held-out validation-split code prompts (with tree
+                 rows, and OUT/bench_code.png: speedup against the node budget), and the
                  held-out "test" chat prompts
     5. report    one table (printed, and OUT/real.md) and one figure (OUT/real.png)
 
@@ -55,6 +56,8 @@ HEAD_STEPS = scaled(300, 4)  # of 8 rows × 256 tokens; epochs after the first r
 BENCH_PROMPTS = scaled(16, 2)  # held-out code prompts
 BENCH_CHAT_PROMPTS = scaled(8, 2)  # held-out chat prompts
 BENCH_NEW = scaled(128, 32)
+# trees verified beside the chains on the code prompts: static, EAGLE-2 per row, cost-sized
+TREES = ("2,2,1", "dynamic:8", "auto")
 
 
 def model_file() -> Path:
@@ -172,8 +175,10 @@ def main(out: Path) -> None:
     heads = [str(out / f) for f in FAMILIES]
     bench = [MT, "bench", "--checkpoint", gguf, "--heads", *heads, "--draft-lens", str(DEPTH)]
     bench += ["--max-new-tokens", str(BENCH_NEW)]
+    trees = [arg for spec in TREES for arg in ("--tree", spec)]
+    plot = ["--plot", str(out / "bench_code.png")]  # with speedup against the node budget
     sets = {
-        "code": ["--data", "stdlib", "--num-prompts", str(BENCH_PROMPTS)],
+        "code": ["--data", "stdlib", "--num-prompts", str(BENCH_PROMPTS), *trees, *plot],
         "chat": ["--prompts", str(chat_test), "--num-prompts", str(BENCH_CHAT_PROMPTS)],
     }
     for name, source in sets.items():

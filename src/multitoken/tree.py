@@ -22,6 +22,7 @@ numbered in rank order (rank 0 = the parent's most likely candidate).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -209,10 +210,12 @@ def _per_row(trees: Trees, batch: int, build, device) -> torch.Tensor:
     return torch.stack([build(tree) for tree in trees]).to(device)
 
 
+@functools.cache  # trees recur step after step; the tensors are only read
 def _depths(tree: Tree) -> torch.Tensor:
     return torch.tensor(tree.depth)
 
 
+@functools.cache
 def _parents(tree: Tree) -> torch.Tensor:
     return torch.tensor(tree.parent).clamp_min(0)  # the root: its own, unused
 

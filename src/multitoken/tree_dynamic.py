@@ -15,6 +15,7 @@ value (EAGLE-2 §4.2, "reranking"). Two forms:
 
 from __future__ import annotations
 
+import functools
 import heapq
 
 import torch
@@ -59,21 +60,34 @@ def prune_tree(
     budget = min(budget, N - 1)
     s = scores.float().clone()
     s[:, 0] = 0.0
-    for r in range(1, max(len(c) for c in skeleton.children)):
-        nodes = [i for i in range(1, N) if skeleton.rank[i] == r]
-        elder = [skeleton.children[skeleton.parent[i]][r - 1] for i in nodes]
+    by_rank, by_level = _index_lists(skeleton)
+    for nodes, elder in by_rank:
         s[:, nodes] = torch.minimum(s[:, nodes], s[:, elder])
     value = s
-    for level in skeleton.levels[1:]:
-        up = [skeleton.parent[i] for i in level]
+    for level, up in by_level:
         value[:, level] = value[:, level] + value[:, up]
     best = torch.sort(-value[:, 1:], dim=1, stable=True).indices[:, :budget] + 1  # [B, budget]
     kept = torch.sort(torch.cat([best.new_zeros(B, 1), best], dim=1), dim=1).values
-    return [_subtree(skeleton, row) for row in kept.tolist()], kept
+    return [_subtree(skeleton, tuple(row)) for row in kept.tolist()], kept
 
 
-def _subtree(skeleton: Tree, kept: list[int]) -> Tree:
-    """The tree of the skeleton nodes ``kept`` (sorted, closed under parents)."""
+@functools.cache
+def _index_lists(skeleton: Tree) -> tuple[list, list]:
+    """For each rank r >= 1: its nodes and their next-elder siblings; for each depth >= 1: its
+    nodes and their parents."""
+    N = skeleton.size
+    by_rank = []
+    for r in range(1, max(len(c) for c in skeleton.children)):
+        nodes = [i for i in range(1, N) if skeleton.rank[i] == r]
+        by_rank.append((nodes, [skeleton.children[skeleton.parent[i]][r - 1] for i in nodes]))
+    by_level = [(list(lv), [skeleton.parent[i] for i in lv]) for lv in skeleton.levels[1:]]
+    return by_rank, by_level
+
+
+@functools.lru_cache(maxsize=4096)
+def _subtree(skeleton: Tree, kept: tuple[int, ...]) -> Tree:
+    """The tree of the skeleton nodes ``kept`` (sorted, closed under parents); shapes recur
+    from step to step, and a cached tree keeps its masks' index tensors."""
     where = {node: i for i, node in enumerate(kept)}
     return Tree((-1, *(where[skeleton.parent[node]] for node in kept[1:])))
 
