@@ -11,12 +11,19 @@ import sys
 from pathlib import Path
 
 SETS = (("code", "held-out stdlib code (validation split)"), ("chat", "held-out chat prompts"))
-OURS = ("speculative", "auto")
+OURS = ("speculative", "auto", "tree")
+CHAINS = ("speculative", "auto")
 
 
 def _rows(result: dict) -> list[dict]:
+    """Each run with its display name, its speed over prompt lookup and, for tree rows, over
+    the best chain (fixed K or auto) of the same heads."""
     by = {r["method"]: r for r in result["runs"] if "heads" not in r}
     lookup = by.get("prompt_lookup")
+    best_chain: dict[str, float] = {}
+    for r in result["runs"]:
+        if r["method"] in CHAINS:
+            best_chain[r["heads"]] = max(best_chain.get(r["heads"], 0.0), r["tokens_per_s"])
     rows = []
     for r in result["runs"]:
         name = r["method"]
@@ -24,8 +31,12 @@ def _rows(result: dict) -> list[dict]:
             name = f"{r['heads']} {r['method']}"
         if r["method"] == "speculative":
             name += f" K={r['draft_len']}"
+        if r["method"] == "tree":
+            name += f" {r['tree']}"
         vs_lookup = r["tokens_per_s"] / lookup["tokens_per_s"] if lookup else None
-        rows.append({**r, "name": name, "speedup_vs_lookup": vs_lookup})
+        chain = best_chain.get(r.get("heads")) if r["method"] == "tree" else None
+        vs_chain = r["tokens_per_s"] / chain if chain else None
+        rows.append({**r, "name": name, "speedup_vs_lookup": vs_lookup, "vs_chain": vs_chain})
     return rows
 
 
@@ -42,9 +53,9 @@ def table(results: dict[str, dict]) -> str:
         f"{first['precision']} ({first.get('precision_reason', '')})",
         f"verify cost: {curve} (t1 = {cost['t1_s'] * 1e3:.1f} ms)",
         "",
-        "| prompts | method | τ | a_1 … a_K | mean K | draft ms/step | tokens/s | "
-        "× transformers greedy | × prompt lookup | identical |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| prompts | method | τ | a_1 … a_K | mean K | nodes/step | draft ms/step | tokens/s | "
+        "× transformers greedy | × prompt lookup | × own best chain | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, label in SETS:
         if key not in results:
@@ -56,15 +67,16 @@ def table(results: dict[str, dict]) -> str:
             mean_k = r.get("mean_draft_len", r["draft_len"] if r["method"] in OURS else None)
             lines.append(
                 f"| {where} | {r['name']} | {_cell(r['tau'])} | {acc} | {_cell(mean_k, '.1f')} | "
+                f"{_cell(r.get('mean_nodes'), '.1f')} | "
                 f"{_cell(r.get('draft_ms_per_step'), '.1f')} | {r['tokens_per_s']:.1f} | "
                 f"{_cell(r['speedup_vs_hf_greedy'])} | {_cell(r['speedup_vs_lookup'])} | "
-                f"{'yes' if r['identical'] else 'NO'} |"
+                f"{_cell(r['vs_chain'])} | {'yes' if r['identical'] else 'NO'} |"
             )
         share = result.get("repeated_8gram_share")
         if share is not None:
             lines.append(
                 f"| {where} | (greedy tokens completing an earlier 8-gram: {share:.0%}) "
-                "| | | | | | | | |"
+                "| | | | | | | | | | |"
             )
     return "\n".join(lines)
 

@@ -5,9 +5,8 @@ with it stays exact."""
 from __future__ import annotations
 
 import pytest
-import torch
-from conftest import assert_chi_square_fits, three_token_counts, three_token_law
-from test_generate import PROMPTS, model_of, trained
+from test_generate import PROMPTS, trained
+from test_tree_ladder import far_heads, sample_the_trunks_law
 
 from multitoken.costs import CostModel
 from multitoken.generate import generate
@@ -66,19 +65,6 @@ def test_greedy_with_auto_trees_is_the_trunks_output(family):
 
 
 def test_sampling_with_auto_trees_follows_the_trunks_law():
-    from multitoken.sampling import Sampling
-
-    torch.manual_seed(0)
-    model = model_of("bpd", depth=2, vocab=4)
-    with torch.no_grad():
-        for p in model.heads.parameters():
-            p.add_(torch.randn_like(p))
-        model.trunk.lm_head.weight.mul_(4.0)
-    prompt = [1, 2, 3]
-    expected = three_token_law(model.trunk, prompt, 4, Sampling(temperature=1.0))
     cheap = costs([1.0] * 40)  # every tree is free: the widest the estimates allow
-    out = generate(
-        model, [prompt] * 2500, max_new_tokens=3, tree="auto", temperature=1.0, seed=7, costs=cheap
-    )
+    out = sample_the_trunks_law(far_heads("bpd"), tree="auto", seed=7, costs=cheap)
     assert max(out.stats.draft_lens) == 2
-    assert_chi_square_fits(three_token_counts(out.tokens, 4), expected)

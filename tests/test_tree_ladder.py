@@ -69,23 +69,35 @@ def test_a_tree_accepts_the_runner_up_a_chain_never_sees():
         assert tokens == hf_greedy(model, prompt, 12) == chain.tokens[PROMPTS.index(prompt)]
 
 
+def far_heads(family: str) -> MTPModel:
+    """D = 2 heads far from a sharp 4-token trunk: rejections and residuals are exercised."""
+    torch.manual_seed(0)
+    model = model_of(family, depth=2, vocab=4)
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.add_(torch.randn_like(p))
+        model.trunk.lm_head.weight.mul_(4.0)
+    return model
+
+
+def sample_the_trunks_law(model: MTPModel, **options):
+    """2,500 samples of the first three tokens after one prompt, checked against the trunk's
+    own law by a chi-square test; returns the generation."""
+    from multitoken.sampling import Sampling
+
+    prompt = [1, 2, 3]
+    expected = three_token_law(model.trunk, prompt, 4, Sampling(temperature=1.0))
+    out = generate(model, [prompt] * 2500, max_new_tokens=3, temperature=1.0, **options)
+    assert_chi_square_fits(three_token_counts(out.tokens, 4), expected)
+    return out
+
+
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
 def test_sampling_through_a_tree_follows_the_trunks_law(family):
     """Width 2 at both depths (candidates drawn from the heads' distribution without
     replacement, multi-candidate rejection): the first three tokens keep the trunk's law."""
-    from multitoken.sampling import Sampling
-
-    torch.manual_seed(0)
-    model = model_of(family, depth=2, vocab=4)
-    with torch.no_grad():  # heads far from the trunk: rejections and residuals are exercised
-        for p in model.heads.parameters():
-            p.add_(torch.randn_like(p))
-        model.trunk.lm_head.weight.mul_(4.0)
-    prompt = [1, 2, 3]
-    expected = three_token_law(model.trunk, prompt, 4, Sampling(temperature=1.0))
-    out = generate(model, [prompt] * 2500, max_new_tokens=3, tree="2,2", temperature=1.0, seed=5)
+    out = sample_the_trunks_law(far_heads(family), tree="2,2", seed=5)
     assert 0 < out.stats.acceptance[0] < 1
-    assert_chi_square_fits(three_token_counts(out.tokens, 4), expected)
 
 
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
@@ -115,21 +127,8 @@ def test_dynamic_trees_are_each_rows_own_and_decode_the_trunks_output(family, mo
 
 @pytest.mark.parametrize("family", ["bpd", "deepseek"])
 def test_sampling_through_dynamic_trees_follows_the_trunks_law(family):
-    from multitoken.sampling import Sampling
-
-    torch.manual_seed(0)
-    model = model_of(family, depth=2, vocab=4)
-    with torch.no_grad():
-        for p in model.heads.parameters():
-            p.add_(torch.randn_like(p))
-        model.trunk.lm_head.weight.mul_(4.0)
-    prompt = [1, 2, 3]
-    expected = three_token_law(model.trunk, prompt, 4, Sampling(temperature=1.0))
-    out = generate(
-        model, [prompt] * 2500, max_new_tokens=3, tree="dynamic:4", temperature=1.0, seed=3
-    )
+    out = sample_the_trunks_law(far_heads(family), tree="dynamic:4", seed=3)
     assert 0 < out.stats.acceptance[0] < 1
-    assert_chi_square_fits(three_token_counts(out.tokens, 4), expected)
 
 
 def test_deepseek_trees_run_past_the_last_module_and_over_one_token_prompts():

@@ -225,9 +225,16 @@ def _plot_nodes(ax, result: dict) -> None:
             r["method"] == "tree" and ":" not in r["tree"] and r["tree"] != "auto"
         ),
         "dynamic:N": lambda r: r["method"] == "tree" and r["tree"].startswith("dynamic:"),
-        "auto": lambda r: r["method"] == "auto" or r.get("tree") == "auto",
+        "auto K": lambda r: r["method"] == "auto",
+        "tree auto": lambda r: r.get("tree") == "auto",
     }
-    markers = {"chains": "o", "static trees": "s", "dynamic:N": "^", "auto": "*"}
+    markers = {
+        "chains": "o",
+        "static trees": "s",
+        "dynamic:N": "^",
+        "auto K": "x",
+        "tree auto": "*",
+    }
     for label in sorted({r["heads"] for r in result["runs"] if "heads" in r}):
         color = None
         for kind, match in kinds.items():
@@ -246,4 +253,4 @@ def _plot_nodes(ax, result: dict) -> None:
     ax.set_xscale("log", base=2)
     ax.set(xlabel="tokens verified per step (nodes, root included)", ylabel="speedup vs plain")
     ax.set_title("speedup against node budget")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="x-small", ncol=2 if several else 1)
