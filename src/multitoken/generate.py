@@ -256,9 +256,7 @@ def make_plan(
     tree_auto = cfg.tree == AUTO_TREE and cfg.speculate
     if isinstance(tree, Tree):
         K, auto = tree.max_depth, False
-    if isinstance(tree, Dynamic):  # trees as deep as --draft-len (default: D)
-        auto = False
-    if tree_auto:  # trees as deep as --draft-len (default: D)
+    if isinstance(tree, Dynamic) or tree_auto:  # trees as deep as --draft-len (default: D)
         auto = False
     check_prompts(model, prompts, cfg, K)
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
