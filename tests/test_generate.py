@@ -38,15 +38,18 @@ def hf_greedy(model: MTPModel, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-_TRAINED: dict[str, MTPModel] = {}
+_TRAINED: dict[tuple[str, int | None], MTPModel] = {}
 
 
-def trained(family: str) -> MTPModel:
+def trained(family: str, window: int | None = None) -> MTPModel:
     """A micro trunk (D = 3) whose heads learnt its own greedy continuations for a few dozen
     steps: drafts are accepted often, and rows of a batch accept different counts — what
-    lossless decoding must survive (fresh heads are almost never accepted)."""
-    if family not in _TRAINED:
+    lossless decoding must survive (fresh heads are almost never accepted). ``window``: a
+    Mistral trunk attending over that many positions instead of the Llama one."""
+    if (family, window) not in _TRAINED:
         model = model_of(family, depth=3)
+        if window is not None:
+            model = MTPModel(mistral(window), HeadConfig(family=family, depth=3)).eval()
         model.trunk.requires_grad_(False)
         prompts = torch.randint(3, 64, (24, 4), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
@@ -57,8 +60,8 @@ def trained(family: str) -> MTPModel:
             opt.zero_grad()
             model(text, lam=1.0).loss.backward()
             opt.step()
-        _TRAINED[family] = model.eval()
-    return _TRAINED[family]
+        _TRAINED[family, window] = model.eval()
+    return _TRAINED[family, window]
 
 
 class CommitSpy:

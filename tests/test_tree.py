@@ -185,6 +185,31 @@ def test_chain_mask_is_the_position_mask(window, dtype):
     assert got.dtype == dtype and torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("window", [None, 2])
+def test_one_tree_per_row_gives_each_row_its_own_mask_positions_and_paths(window):
+    """Per-row trees (dynamic trees) of one node count: every row's mask, positions, greedy
+    path and sampled path are what that row gets with its tree given for the whole batch."""
+    trees = [Tree.parse("4"), Tree.chain(4), Tree.from_paths([(0,), (1,), (0, 0), (1, 0)])]
+    keys = torch.tensor([[0, 1, 2], [-1, 0, 1], [0, 1, -1]])
+    start = torch.tensor([3, 2, 2])
+    mask = tree_attention_mask(keys, start, trees, torch.float32, window)
+    positions = tree_positions(start, trees)
+    g = gen(4)
+    tokens = torch.randint(0, 3, (3, 5), generator=g)
+    target = torch.randint(0, 3, (3, 5), generator=g)
+    path, bonus = accept_greedy_tree(trees, tokens, target)
+    p = torch.softmax(torch.randn(3, 5, V, generator=g), -1)
+    sampled, nxt = accept_sampled_tree(trees, tokens, p, None, gen(5))
+    for b, tree in enumerate(trees):
+        alone = tree_attention_mask(keys, start, tree, torch.float32, window)
+        assert torch.equal(mask[b], alone[b])
+        assert torch.equal(positions[b], tree_positions(start, tree)[b])
+        row_path, row_bonus = accept_greedy_tree(tree, tokens, target)
+        assert path[b] == row_path[b] and bonus[b] == row_bonus[b]
+        assert all(tree.parent[i] == sampled[b][j] for j, i in enumerate(sampled[b][1:]))
+    assert len({tuple(p) for p in path}) > 1  # the rows went different ways
+
+
 # --- greedy acceptance -------------------------------------------------------------------------
 
 

@@ -131,6 +131,17 @@ def test_sampling_through_dynamic_trees_follows_the_trunks_law(family):
     assert 0 < out.stats.acceptance[0] < 1
 
 
+@pytest.mark.parametrize("family", ["meta", "deepseek"])
+def test_trees_on_a_sliding_window_trunk_decode_past_its_window(family):
+    """Mistral-style attention over the last 6 tokens: the trunk's tree masks and DeepSeek's
+    module masks slide by position, per row, static and per-row dynamic trees alike."""
+    model = trained(family, window=6)
+    plain = generate(model, PROMPTS, max_new_tokens=20, speculate=False)
+    for tree in ("2,2", "dynamic:5"):
+        out = generate(model, PROMPTS, max_new_tokens=20, tree=tree)
+        assert out.tokens == plain.tokens and out.stats.tau > 1.3, tree
+
+
 def test_deepseek_trees_run_past_the_last_module_and_over_one_token_prompts():
     """K > D reuses the last module (as the chain does); a one-token prompt puts module k's
     first nodes at negative positions, which exist for no one."""
