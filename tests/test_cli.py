@@ -271,6 +271,8 @@ def test_generate_prints_text_and_json_statistics(checkpoint):
         (["--prompt", "x", "--temperature", "-1"], "--temperature"),
         (["--prompt", "x" * 3000], "--prompt"),  # longer than the context window
         (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file"),
+        (["--prompt", "x", "--tree", "dynamic:x"], "--tree"),
+        (["--prompt", "x", "--tree", "2,2,2"], "--tree"),  # deeper than D = 2
     ],
 )
 def test_generate_bad_input(checkpoint, args, flag):
@@ -278,6 +280,7 @@ def test_generate_bad_input(checkpoint, args, flag):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and "Traceback" not in proc.stderr
+    assert proc.stdout == ""  # not even the prompt: nothing half-written
 
 
 def test_errors_read_plainly_from_python_and_name_their_flag_on_the_command_line(tmp_path, capsys):

@@ -53,23 +53,28 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 class TextStream:
-    """Prints text as tokens are accepted. A byte-level token can end inside a UTF-8 character:
-    the undecodable tail is held back until the next tokens complete it."""
+    """Prints the prompt, then text as tokens are accepted. A byte-level token can end inside a
+    UTF-8 character: the undecodable tail is held back until the next tokens complete it. The
+    prompt waits for the first tokens, so an option refused before decoding prints nothing."""
 
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer, self.ids, self.shown = tokenizer, [], 0
+    def __init__(self, tokenizer, prompt: str = "") -> None:
+        self.tokenizer, self.ids, self.shown, self.prompt = tokenizer, [], 0, prompt
 
     def __call__(self, _row: int, tokens: list[int]) -> None:
         self.ids.extend(tokens)
         text = self.tokenizer.decode(self.ids)
         safe = len(text.rstrip("\ufffd"))
-        sys.stdout.write(text[self.shown : safe])
+        sys.stdout.write(self._take_prompt() + text[self.shown : safe])
         sys.stdout.flush()
         self.shown = max(self.shown, safe)
 
     def finish(self) -> None:
         text = self.tokenizer.decode(self.ids)
-        sys.stdout.write(text[self.shown :] + "\n")
+        sys.stdout.write(self._take_prompt() + text[self.shown :] + "\n")
+
+    def _take_prompt(self) -> str:
+        prompt, self.prompt = self.prompt, ""
+        return prompt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
     options = given_fields(GenerateConfig, args)
     stream = None
     if not args.json:
-        stream = TextStream(model.tokenizer)
-        sys.stdout.write(prompt)
+        stream = TextStream(model.tokenizer, prompt)
     (text,), stats = model.generate(prompt, on_tokens=stream, **options)
     if args.json:
         stats["precision"] = precision.name
