@@ -1,57 +1,123 @@
-"""``--tree auto``: acceptance by depth and rank is counted where candidates were offered, the
-tree a step verifies is the one with the most expected tokens per unit of time, and decoding
-with it stays exact."""
+"""``--tree auto``: the node budget of each step maximises expected tokens per unit of time under
+the measured costs and the calibrated draft probabilities, resting from drafting when a plain
+step does better, and decoding with it stays exact."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from test_generate import PROMPTS, trained
 from test_tree_ladder import far_heads, sample_the_trunks_law
 
 from multitoken.costs import CostModel
 from multitoken.generate import generate
 from multitoken.tree import Tree
-from multitoken.tree_auto import RankAcceptance, TreeChoice, best_tree
+from multitoken.tree_auto import LONGEST_REST, Calibration, StepCosts, TreeBudget
+from multitoken.tree_dynamic import keep_best, path_values, skeleton
 
 
 def costs(c: list[float], draft: float = 0.0) -> CostModel:
     return CostModel(c, t1_s=1.0, prior_draft=draft, learn_draft=False)
 
 
-def test_offers_and_hits_are_counted_where_the_path_went():
-    tree = Tree.parse("2,1")  # nodes: 0; 1, 2 (depth 1, ranks 0, 1); 3, 4 (under 1, under 2)
-    seen = RankAcceptance(depth=2, width=2, decay=1.0)
-    seen.observe([tree] * 3, [[0, 2, 4], [0], [0, 1]])
-    assert seen.offers == [[3.0, 3.0], [2.0, 0.0]]  # depth 2 offered under each kept node
-    assert seen.hits == [[1.0, 1.0], [1.0, 0.0]]
+def values_of(tree: Tree, probs: list[list[float]]) -> torch.Tensor:
+    """Path values [B, N] of rows of per-node acceptance chances."""
+    return path_values(tree, torch.tensor(probs).log())
 
 
-def test_a_flat_cost_curve_buys_the_widest_tree_and_a_steep_one_a_plain_step():
-    sure = [[0.9, 0.5, 0.3, 0.2]] * 3
-    assert best_tree(sure, costs([1.0] * 40), 3, 20).size == 21
-    doubtful = [[0.05, 0.02, 0.01, 0.01]] * 3
-    assert best_tree(doubtful, costs([float(q) for q in range(1, 41)]), 3, 20).size == 1
+def test_calibration_learns_how_often_candidates_of_a_probability_are_accepted():
+    cal = Calibration(decay=1.0)
+    fresh = cal(torch.tensor([0.85, 0.03])).tolist()
+    assert fresh[0] > 0.85 and fresh[1] > 0.3  # the heads at their word, or hopeful
+    for _ in range(300):  # over-confident at 0.85: right 4 times in 10
+        cal.observe(torch.full((10,), 0.85), torch.arange(10) < 4)
+    assert cal(torch.tensor([0.85])).item() == pytest.approx(0.4, abs=0.01)
+    assert cal(torch.tensor([0.03])).tolist() == pytest.approx(fresh[1:])  # another bucket
+    for _ in range(300):  # under-confident at 0.03: right half the time
+        cal.observe(torch.full((2,), 0.03), torch.tensor([True, False]))
+    assert cal(torch.tensor([0.03])).item() == pytest.approx(0.5, abs=0.02)
 
 
-def test_a_sure_first_candidate_and_hopeless_others_give_a_chain():
-    a = [[0.95, 0.01, 0.01, 0.01]] * 3
+def test_a_flat_cost_curve_buys_every_node_and_a_steep_one_a_plain_step():
+    S = skeleton(3)
+    v = values_of(S, [[1.0] + [0.5] * (S.size - 1)])
+    assert TreeBudget(costs([1.0] * 40), 3).budget(v) == 32
+    doubtful = values_of(S, [[1.0] + [0.02] * (S.size - 1)])
+    steep = TreeBudget(costs([float(q) for q in range(1, 41)], draft=0.1), 3)
+    assert steep.budget(doubtful) == 0
+    assert steep.rest == 1
+
+
+def test_a_peaked_draft_is_verified_as_a_chain():
+    S = Tree.parse("3,2,2")
+    probs = [1.0] + [0.0] * (S.size - 1)
+    for i in range(1, S.size):  # rank 0 is sure, the others hopeless
+        probs[i] = 0.95 if S.rank[i] == 0 else 0.01
+    v = values_of(S, [probs])
     curve = [1.0 + 0.1 * (q - 1) for q in range(1, 41)]
-    assert best_tree(a, costs(curve), 3, 20) == Tree.chain(3)
+    n = TreeBudget(costs(curve), 3).budget(v)
+    trees, _ = keep_best(S, v, n)
+    assert trees[0] == Tree.chain(3)
 
 
-def test_drafting_is_tried_again_after_plain_steps():
-    """Estimates decay towards the prior on plain steps too, so a run of misses does not lock
-    a call into plain decoding."""
-    choice = TreeChoice(depth=2, costs=costs([1.0, 1.6, 2.2, 2.8, 3.4, 4.0, 4.6]), max_nodes=6)
-    for _ in range(30):  # every candidate offered and missed
-        choice.observe([Tree.parse("2,1")], [[0]])
-    assert choice.choose().size == 1
-    plain = Tree.chain(0)
-    steps = 0
-    while choice.choose().size == 1 and steps < 500:
-        choice.observe([plain], [[0]])
-        steps += 1
-    assert 0 < steps < 500
+def step(sizer: TreeBudget, S: Tree, q: list[float], right: bool) -> int:
+    """One step of a sizer over one row whose every candidate has draft probability ``q`` and
+    whose first-ranked candidates are all right (or none is); the budget it chose."""
+    scores = torch.tensor([q]).log()
+    values = path_values(S, sizer.calibrate(scores))
+    n = sizer.budget(values)
+    trees, kept = keep_best(S, values, n)
+    tree = trees[0]
+    path = [0]
+    while right and tree.children[path[-1]]:
+        path.append(tree.children[path[-1]][0])
+    sizer.observe(scores, kept, trees, [path])
+    return n
+
+
+def test_over_confident_heads_get_smaller_trees_and_under_confident_ones_larger():
+    S = skeleton(2)
+    curve = [1.0 + 0.25 * (q - 1) for q in range(1, 41)]
+    sure = TreeBudget(costs(curve), 2)
+    budgets = [step(sure, S, [1.0] + [0.9] * (S.size - 1), right=False) for _ in range(40)]
+    assert budgets[0] > 4 and budgets[-1] == 0  # claims 0.9, never right
+    cheap = [1.0 + 0.05 * (q - 1) for q in range(1, 41)]
+    shy = TreeBudget(costs(cheap), 2)
+    claims = [1.0] + [0.03 if S.rank[i] == 0 else 0.005 for i in range(1, S.size)]
+    budgets = [step(shy, S, claims, right=True) for _ in range(40)]
+    assert budgets[-1] == 2  # the first-ranked claim 0.03, always right: a chain of 2
+
+
+def test_drafting_rests_longer_after_each_plain_step_in_a_row():
+    S = skeleton(2)
+    hopeless = values_of(S, [[1.0] + [0.01] * (S.size - 1)])
+    sizer = TreeBudget(costs([float(q) for q in range(1, 41)], draft=0.1), 2)
+    rests = []
+    for _ in range(120):
+        if sizer.drafts():
+            assert sizer.budget(hopeless) == 0
+            rests.append(sizer.rest)
+    assert rests[:6] == [1, 2, 4, 8, 16, LONGEST_REST]
+
+
+def test_one_doubtful_step_among_good_ones_verifies_no_draft_but_keeps_drafting():
+    S = skeleton(2)
+    sure = values_of(S, [[1.0] + [0.9 if S.rank[i] == 0 else 0.05 for i in range(1, S.size)]])
+    doubtful = values_of(S, [[1.0] + [0.01] * (S.size - 1)])
+    sizer = TreeBudget(costs([1.0 + 0.1 * (q - 1) for q in range(1, 41)], draft=0.1), 2)
+    assert sizer.budget(sure) >= 2 and sizer.budget(sure) >= 2
+    assert sizer.budget(doubtful) == 0  # this step's drafts are not worth their places
+    assert sizer.drafts()  # but drafting still pays on the whole
+
+
+def test_rows_of_a_batch_share_one_budget_from_their_summed_gains():
+    S = skeleton(2)
+    sure = [1.0] + [0.9 if S.rank[i] == 0 else 0.05 for i in range(1, S.size)]
+    hopeless = [1.0] + [0.01] * (S.size - 1)
+    curve = [1.0 + 0.1 * (q - 1) for q in range(1, 41)]
+    alone = TreeBudget(costs(curve), 2).budget(values_of(S, [sure]))
+    both = TreeBudget(costs(curve), 2).budget(values_of(S, [sure, hopeless]))
+    assert alone >= both >= 1
 
 
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
@@ -62,9 +128,37 @@ def test_greedy_with_auto_trees_is_the_trunks_output(family):
     out = generate(model, PROMPTS, max_new_tokens=24, tree="auto", costs=cheap)
     assert out.tokens == plain.tokens
     assert out.stats.tau > 1.5 and max(out.stats.draft_lens) == 3
+    assert len(set(out.stats.nodes)) > 1  # the budget follows the draft's confidence
+
+
+def test_auto_trees_rest_from_hopeless_heads_and_stay_exact():
+    model = far_heads("bpd")
+    prompts = [[1, 2, 3], [3, 2]]
+    plain = generate(model, prompts, max_new_tokens=40, speculate=False)
+    steep = costs([float(q) for q in range(1, 41)], draft=0.2)
+    out = generate(model, prompts, max_new_tokens=40, tree="auto", costs=steep)
+    assert out.tokens == plain.tokens
+    assert out.stats.draft_steps < len(out.stats.nodes) / 2  # mostly plain steps
 
 
 def test_sampling_with_auto_trees_follows_the_trunks_law():
-    cheap = costs([1.0] * 40)  # every tree is free: the widest the estimates allow
+    cheap = costs([1.0] * 40)  # every node is free: the widest tree the skeleton has
     out = sample_the_trunks_law(far_heads("bpd"), tree="auto", seed=7, costs=cheap)
-    assert max(out.stats.draft_lens) == 2
+    assert max(out.stats.draft_lens) == 2 and max(out.stats.nodes) > 4
+
+
+def test_step_costs_fit_a_line_through_the_steps_timed():
+    model = costs([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6], draft=0.0)
+    model.learn_draft, model.t1_s = True, 0.01
+    steps = StepCosts(model, draft_tokens=2, n_max=6)
+    assert steps().tolist() == pytest.approx([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6])
+    for _ in range(200):  # steps take 0.3 t1 more than the bare passes, and grow twice as fast
+        for n in (1, 4):
+            steps.observe(n, 0.01 * (0.3 + 1.0 + 2 * 0.1 * n))
+    fitted = steps().tolist()
+    for n, (fit, bare) in enumerate(zip(fitted, [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6])):
+        truth = 1.3 + 0.2 * n  # the prior (y = x) still pulls a little, so: much nearer truth
+        assert abs(fit - truth) < 0.15 * abs(bare - truth)
+    fixed = StepCosts(costs([1.0, 1.1, 1.2]), draft_tokens=2, n_max=2)
+    fixed.observe(1, 5.0)  # a cost model given whole is kept as it is
+    assert fixed().tolist() == pytest.approx([1.0, 1.1, 1.2])

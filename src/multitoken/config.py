@@ -495,8 +495,8 @@ class GenerateConfig:
         "verify a tree of drafts in one trunk pass instead of one chain: '3,2,1' = the heads' "
         "top-3 for the next draft, each with top-2 children, each with one; 'chain:K' = a "
         "chain; 'dynamic:N' = each row its own N drafts with the largest product of draft "
-        "probabilities (EAGLE-2); auto = each step the tree with the most expected tokens per "
-        "second, from the measured verify cost and the acceptance by depth and rank",
+        "probabilities (EAGLE-2); auto = such trees, each step as many drafts as pay for "
+        "themselves under the measured verify cost and the acceptance seen so far",
     )
     linear_kernel: str = _field(
         "auto",

@@ -39,8 +39,8 @@ from multitoken.sampling import Sampling
 from multitoken.tree import AUTO as AUTO_TREE
 from multitoken.tree import Dynamic, Tree, parse_spec
 from multitoken.tree_auto import MAX_NODES as TREE_NODES
-from multitoken.tree_auto import TreeChoice
-from multitoken.tree_dynamic import skeleton
+from multitoken.tree_auto import TreeBudget
+from multitoken.tree_dynamic import Sizer, skeleton
 from multitoken.tree_ladder import tree_step
 
 log = logging.getLogger("multitoken")
@@ -141,40 +141,37 @@ class ChainSteps:
 
 
 class TreeSteps:
-    """Steps that verify a tree: ``tree`` every step; with a ``budget``, each row's own best
-    ``budget`` nodes of it (``--tree dynamic:N``, ``tree`` the skeleton they are cut from); or
-    (``choice``) the best tree for the costs and the acceptance seen so far
-    (:mod:`multitoken.tree_auto`)."""
+    """Steps that verify a tree: ``tree`` every step, or with a ``sizer``, each row's own best
+    nodes of it (``tree`` the skeleton they are cut from): N of them (``--tree dynamic:N``) or
+    as many as ``costs`` and the acceptance seen so far say pay (``--tree auto``,
+    :mod:`multitoken.tree_auto`)."""
 
     def __init__(
-        self, k_max: int, tree: Tree | None, choice: TreeChoice | None, budget: int | None = None
+        self, k_max: int, tree: Tree, sizer: Sizer | None = None, costs: CostModel | None = None
     ) -> None:
-        self.k_max, self.tree, self.choice, self.budget = k_max, tree, choice, budget
+        self.k_max, self.tree, self.sizer, self.costs = k_max, tree, sizer, costs
 
     def step(self, model: Decodable, state: Decoding, plan: Plan, watch) -> tuple[int, int, list]:
         """One step: (the deepest tree's depth, tokens verified, each row's new tokens)."""
-        tree = self.tree or self.choice.choose()
-        if tree.size == 1:  # no draft pays for itself now: a plain step
-            accepted = chain_step(model, state, plan, 0, 0, watch)
-            trees, paths = [tree] * len(accepted), []
-        else:
-            accepted, trees, paths = tree_step(model, state, plan, tree, watch, self.budget)
-            trees = [trees] * len(accepted) if isinstance(trees, Tree) else trees
-        if self.choice is not None:  # a plain step too: estimates decay towards their prior
-            self.choice.observe(trees, paths)
+        if self.sizer is not None and not self.sizer.drafts():
+            return 0, 1, chain_step(model, state, plan, 0, 0, watch)  # drafting rests
+        accepted, trees, _ = tree_step(model, state, plan, self.tree, watch, self.sizer)
+        trees = [trees] * len(accepted) if isinstance(trees, Tree) else trees
         return max(t.max_depth for t in trees), trees[0].size, accepted
 
     def observe_draft(self, seconds: float, K: int) -> None:
-        if self.choice is not None and self.choice.costs.learn_draft:
-            self.choice.costs.observe_draft(seconds, self.k_max)
+        if self.costs is not None and self.costs.learn_draft:
+            self.costs.observe_draft(seconds, self.k_max)
 
 
 def _steps(model: Decodable, plan: Plan, costs: CostModel | None) -> ChainSteps | TreeSteps:
     if isinstance(plan.tree, Dynamic):
-        return TreeSteps(plan.k_max, skeleton(plan.k_max), None, plan.tree.nodes)
-    if plan.tree is not None or plan.tree_auto:
-        choice = TreeChoice(plan.k_max, costs) if plan.tree_auto else None
-        return TreeSteps(plan.k_max, plan.tree, choice)
+        return TreeSteps(plan.k_max, skeleton(plan.k_max), plan.tree)
+    if plan.tree_auto:
+        sizer = TreeBudget(costs, draft_tokens=plan.k_max)
+        return TreeSteps(plan.k_max, skeleton(plan.k_max), sizer, costs)
+    if plan.tree is not None:
+        return TreeSteps(plan.k_max, plan.tree)
     if not plan.speculate:
         return ChainSteps(DraftLen(0, fixed=0))
     if plan.auto:
@@ -192,8 +189,8 @@ def _record(stats: Stats, steps, K: int, accepted: list[list[int]], draft_s) -> 
         for j in range(min(mr + 1, K)):  # d_{j+1} was tried when d_1..d_j were accepted
             stats.head_tries[j] += 1
             stats.head_hits[j] += int(j < mr)
-    if K:
-        seconds = sum(draft_s)
+    seconds = sum(draft_s)
+    if seconds:  # a tree step may draft and then verify no draft (K = 0)
         stats.draft_s += seconds
         stats.draft_steps += 1
         steps.observe_draft(seconds, K)

@@ -326,7 +326,7 @@ def _joined(parts: list[Committed], tokens: list[torch.Tensor]) -> Committed:
 
 def chain_step(model: Decodable, state: Decoding, plan: Plan, K: int, drafted: int, watch):
     """draft → verify → accept → commit with a chain of K drafts; each row's new tokens."""
-    with watch.section():
+    with watch.section() if K else contextlib.nullcontext():  # a plain step drafts nothing
         drafts, q_draft = draft(model, state, K, drafted, plan)
     verified = verify(model, state, drafts, plan)
     new, accepted = accept(drafts, q_draft, verified.logits, plan)

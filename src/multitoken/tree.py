@@ -179,9 +179,21 @@ class Tree:
 class Dynamic:
     """``--tree dynamic:N``: every step, each row verifies its own N drafts, those with the
     largest product of draft probabilities along their path (EAGLE-2's rule, Li et al. 2024;
-    :func:`multitoken.tree_dynamic.prune_tree`)."""
+    :func:`multitoken.tree_dynamic.prune_tree`); a :class:`multitoken.tree_dynamic.Sizer`."""
 
     nodes: int
+
+    def drafts(self) -> bool:
+        return True
+
+    def calibrate(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores  # the draft probabilities at their word
+
+    def budget(self, values: torch.Tensor) -> int:
+        return self.nodes
+
+    def observe(self, scores, kept, trees, paths) -> None:
+        pass  # a fixed budget learns nothing
 
 
 def parse_spec(spec: str) -> Tree | Dynamic | str:

@@ -1,121 +1,208 @@
-"""``--tree auto``: the tree each step verifies, sized by the measured cost curve.
+"""``--tree auto``: each row verifies its own EAGLE-2 tree, as many nodes as the costs say pay.
 
-Parent-free heads (bpd, meta) propose, for the d-th token after the pending one, candidates in
-rank order, the same under every parent. Let a(d, r) = P(the rank-r candidate at depth d is the
-trunk's token | the kept path reached depth d - 1), estimated live like
-:class:`multitoken.costs.Acceptance` (a prior, decay, one standard error of optimism). Siblings
-are distinct tokens, so at most one of them matches, and a node whose path has ranks
-r_1..r_d is kept with probability Π_i a(i, r_i). Hence
+Every step the heads draft a skeleton (:func:`multitoken.tree_dynamic.skeleton`): under every
+node its top candidates, each with its draft probability q. EAGLE-2 (Li et al. 2024) ranks
+nodes by the product of q along the path; small heads are not calibrated (the tiny test heads
+claim q ≈ 0.05 and are right a third of the time; others claim 0.9 and are right half of it),
+so here each q is first mapped to a(q), the rate at which candidates of a similar q were
+accepted where they were offered (their parent kept) so far in this call
+(:class:`Calibration`). A node is kept with chance v = Π a(q) along its path, each row ranks
+its nodes by v, and a row keeping its n best nodes expects
 
-    E[tokens | T] = 1 + Σ_{nodes of T} Π_{i ≤ depth} a(i, r_i)
+    E_b[tokens | n] = 1 + Σ_{its n best nodes} v
 
-and, since these products only shrink along a path, the best tree of n nodes holds the n
-largest products: EAGLE-2's growth rule (Li et al. 2024; :func:`multitoken.tree.dynamic_tree`)
-over the estimates. Each step takes the n that maximises E[tokens | T_n] / (c(n + 1) + d(D))
-with c(q) the measured verify cost and d(D) the heads' drafting cost (:mod:`multitoken.costs`):
-n = 0 is a plain step, and a chain is the tree with one candidate per depth.
+The step takes the n that maximises Σ_b E_b[tokens | n] / (c(n + 1) + d) — the rows of a
+batch verify equally many nodes in one pass — with c(q) the measured verify cost and d the
+heads' drafting cost (:mod:`multitoken.costs`), corrected by what steps of n drafts have taken
+in this call (:class:`StepCosts`). A peaked draft makes the best nodes a chain,
+and n = 0 (verify the pending token alone) wins when no draft pays for its place. Drafting
+itself is judged before it happens: when the recent steps' best rates, their drafting paid for,
+average below a plain step's (:data:`PAYOFF_DECAY`), drafting rests 1, 2, 4, …
+:data:`LONGEST_REST` steps before it is tried again (the chain's K = 0).
 """
 
 from __future__ import annotations
 
-import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from multitoken.costs import CostModel
 from multitoken.tree import Tree
-from multitoken.tree_dynamic import dynamic_tree
 
-WIDTH = 4  # candidates per depth a tree may take
 MAX_NODES = 32  # the most drafts one step verifies
+LONGEST_REST = 16  # plain steps in a row, at most, before drafting is tried again
+PAYOFF_DECAY = 0.8  # weight of the past in the running payoff of drafting (5 steps or so)
+# Bucket boundaries of draft probabilities q; candidates in one bucket share one a(q)
+EDGES = (0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+_EDGES = torch.tensor(EDGES)
+# a(q) before anything is seen: the bucket's middle q, but at least PRIOR_FLOOR (optimistic, as
+# the chain's prior of 0.6 in multitoken.costs.Acceptance: the first steps verify candidates)
+PRIOR_FLOOR = 0.3
+_PRIORS = ((torch.tensor((0.0, *EDGES)) + torch.tensor((*EDGES, 1.0))) / 2).clamp(min=PRIOR_FLOOR)
 
 
 @dataclass
-class RankAcceptance:
-    """Running estimates of a(d, r), d = 1..depth, r = 0..width-1: hits over offers, with a
-    prior of ``prior`` / (r + 1) worth ``weight`` offers, every count decaying by ``decay`` a
-    step (recent steps count most; what is no longer offered drifts back to its prior)."""
+class Calibration:
+    """a(q) per bucket of :data:`EDGES`: (accepted + ``weight`` × prior) / (offered + ``weight``)
+    with the prior the bucket's middle q, at least :data:`PRIOR_FLOOR`, every count decaying by
+    ``decay`` a step (recent steps count most), plus one standard error (optimism, as
+    :attr:`multitoken.costs.Acceptance.optimistic`: a bucket seen little gets verified, so heads
+    better than they claim are found out)."""
 
-    depth: int
-    width: int = WIDTH
-    prior: float = 0.6
     weight: float = 2.0
-    decay: float = 0.98
-    hits: list[list[float]] = field(default_factory=list)
-    offers: list[list[float]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.hits = self.hits or [[0.0] * self.width for _ in range(self.depth)]
-        self.offers = self.offers or [[0.0] * self.width for _ in range(self.depth)]
-
-    def observe(self, trees: list[Tree], paths: list[list[int]]) -> None:
-        """One step: each row's tree and kept path (node indices from the root). Under the
-        path's last node (and every node before it) the candidates it had were offered."""
-        for table in (self.hits, self.offers):
-            for row in table:
-                row[:] = [x * self.decay for x in row]
-        for tree, path in zip(trees, paths):
-            for node in path:
-                for child in tree.children[node]:  # offered where the path went through
-                    d, r = tree.depth[child] - 1, tree.rank[child]
-                    self.offers[d][r] += 1.0
-                    self.hits[d][r] += float(child in path)
+    decay: float = 0.99
+    hits: torch.Tensor = field(default_factory=lambda: torch.zeros(len(EDGES) + 1))
+    offers: torch.Tensor = field(default_factory=lambda: torch.zeros(len(EDGES) + 1))
+    _rates: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     @property
-    def optimistic(self) -> list[list[float]]:
-        """Each estimate plus one standard error (UCB, as ``Acceptance.optimistic``), made
-        non-increasing in rank: the heads rank their candidates."""
-        out = []
-        for hits, offers in zip(self.hits, self.offers):
-            row, ceiling = [], 1.0
-            for r, (h, n) in enumerate(zip(hits, offers)):
-                a = (h + self.prior / (r + 1) * self.weight) / (n + self.weight)
-                a = min(1.0, a + math.sqrt(a * (1 - a) / (n + self.weight)))
-                ceiling = min(ceiling, a)
-                row.append(ceiling)
-            out.append(row)
-        return out
+    def rates(self) -> torch.Tensor:
+        """a of every bucket, one standard error above its estimate."""
+        if self._rates is None:
+            self._rates = self._estimate()
+        return self._rates
 
+    def _estimate(self) -> torch.Tensor:
+        seen = self.offers + self.weight
+        a = (self.hits + self.weight * _PRIORS) / seen
+        return (a + (a * (1 - a) / seen).sqrt()).clamp(max=1.0)
 
-def best_tree(a: list[list[float]], costs: CostModel, draft_tokens: int, max_nodes: int) -> Tree:
-    """The tree of at most ``max_nodes`` drafts with the most expected tokens per unit of time
-    under acceptances ``a`` [depth][width] (see the module docstring)."""
-    scores = torch.tensor(a).clamp_min(1e-9).log()  # [D, k], best first in every row
-    grown = dynamic_tree(scores, max_nodes)
-    products = sorted((_product(grown, node, a) for node in range(1, grown.size)), reverse=True)
-    best_n, best_rate, expected = 0, 1.0 / costs.verify(1), 1.0
-    for n, p in enumerate(products, start=1):
-        expected += p
-        rate = expected / (costs.verify(n + 1) + costs.draft(draft_tokens))
-        if rate > best_rate:
-            best_n, best_rate = n, rate
-    return dynamic_tree(scores, best_n)
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        """a(q) for draft probabilities ``q`` (any shape)."""
+        rates, edges = self.rates.to(q.device), _EDGES.to(q.device)
+        return rates[torch.bucketize(q.contiguous(), edges)]
 
+    def observe(self, q: torch.Tensor, accepted: torch.Tensor) -> None:
+        """One step: the draft probabilities of the candidates offered and whether each was
+        accepted."""
+        buckets = torch.bucketize(q.contiguous(), _EDGES)
+        self.forget()
+        self.hits.index_add_(0, buckets, accepted.float())
+        self.offers.index_add_(0, buckets, torch.ones_like(q, dtype=torch.float))
+        self._rates = None
 
-def _product(tree: Tree, node: int, a: list[list[float]]) -> float:
-    """Π a(depth, rank) along the path to ``node``: the chance it is kept."""
-    p = 1.0
-    for i in tree.path(node)[1:]:
-        p *= a[tree.depth[i] - 1][tree.rank[i]]
-    return p
+    def forget(self) -> None:
+        """One step's decay (a step that verified nothing too)."""
+        self.hits.mul_(self.decay)
+        self.offers.mul_(self.decay)
+        self._rates = None
 
 
 @dataclass
-class TreeChoice:
-    """Chooses each step's tree for ``--tree auto`` from ``costs`` and the acceptance seen so
-    far in this call; D = ``depth`` heads draft every step that drafts at all."""
+class StepCosts:
+    """What a step verifying n drafts costs, in units of t1, for n = 0..``n_max``: the model's
+    m(n) = c(n + 1) + d (a bare trunk pass, measured apart) mapped through the line
+    α + β m that best fits what this call's steps took (least squares, recent steps weighing
+    most) — the tree mask, the cache moves and the bookkeeping cost too. The line starts as
+    α = 0, β = 1: two points on it, at the ends of the range, weigh ``prior`` steps each."""
 
-    depth: int
     costs: CostModel
+    draft_tokens: int
+    n_max: int
+    decay: float = 0.95
+    prior: float = 0.5
+    sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # Σw, Σx, Σy, Σxx, Σxy
+    _model: tuple | None = field(default=None, init=False, repr=False)
+
+    def model(self) -> torch.Tensor:
+        """[n_max + 1] m(n), kept while the drafting cost stays as it is."""
+        d = self.costs.draft(self.draft_tokens)
+        if self._model is None or self._model[0] != d:
+            curve = [self.costs.verify(n + 1) + d for n in range(self.n_max + 1)]
+            self._model = d, torch.tensor(curve)
+        return self._model[1]
+
+    def __call__(self) -> torch.Tensor:
+        """[n_max + 1] the cost of a step verifying n = 0..n_max drafts."""
+        model = self.model()
+        w, sx, sy, sxx, sxy = self.sums
+        for x in (float(model[0]), float(model[-1])):  # the prior's points, on y = x
+            w, sx, sy = w + self.prior, sx + self.prior * x, sy + self.prior * x
+            sxx, sxy = sxx + self.prior * x * x, sxy + self.prior * x * x
+        spread = sxx - sx * sx / w
+        beta = max(0.0, (sxy - sx * sy / w) / spread) if spread > 1e-12 else 1.0
+        alpha = (sy - beta * sx) / w
+        return alpha + beta * model  # non-decreasing in n as the model is, for β >= 0
+
+    def observe(self, n: int, seconds: float) -> None:
+        if not self.costs.learn_draft or self.costs.t1_s <= 0 or n > self.n_max:
+            return  # a cost model given whole (a test) is kept as it is
+        x, y = float(self.model()[n]), seconds / self.costs.t1_s
+        self.sums = [s * self.decay for s in self.sums]
+        for i, value in enumerate((1.0, x, y, x * x, x * y)):
+            self.sums[i] += value
+
+
+@dataclass
+class TreeBudget:
+    """The node budget of each ``--tree auto`` step (a :class:`multitoken.tree_dynamic.Sizer`):
+    ``costs`` the verify and drafting costs, the heads drafting ``draft_tokens`` a step."""
+
+    costs: CostModel
+    draft_tokens: int
     max_nodes: int = MAX_NODES
-    acceptance: RankAcceptance = field(init=False)
+    calibration: Calibration = field(default_factory=Calibration)
+    payoff: float = 1.0  # running mean of a drafting step's best rate over a plain step's
+    rest: int = 0  # plain steps still to take before drafting again
+    last_rest: int = 0  # the length of the rest before, doubled each time in a row
+    step_costs: StepCosts = field(init=False)
+    started: float | None = field(default=None, init=False)  # this step's start (perf_counter)
 
     def __post_init__(self) -> None:
-        self.acceptance = RankAcceptance(self.depth)
+        self.step_costs = StepCosts(self.costs, self.draft_tokens, self.max_nodes)
 
-    def choose(self) -> Tree:
-        return best_tree(self.acceptance.optimistic, self.costs, self.depth, self.max_nodes)
+    def drafts(self) -> bool:
+        """Whether this step drafts (called once a step)."""
+        if self.rest:
+            self.rest -= 1
+            self.calibration.forget()
+            return False
+        self.started = time.perf_counter()
+        return True
 
-    def observe(self, trees: list[Tree], paths: list[list[int]]) -> None:
-        self.acceptance.observe(trees, paths)
+    def calibrate(self, scores: torch.Tensor) -> torch.Tensor:
+        """log a(q) of every node, from ``scores`` [B, N] its log draft probability."""
+        return self.calibration(scores.float().exp()).log()
+
+    def budget(self, values: torch.Tensor) -> int:
+        """The n that maximises expected tokens per unit of time, given every row's skeleton
+        node values ``values`` [B, N] (log v, the root's 0)."""
+        B, N = values.shape
+        n_max = min(self.max_nodes, N - 1)
+        v = values[:, 1:].float().cpu().exp().sort(dim=1, descending=True).values
+        gain = v[:, :n_max].cumsum(1).sum(0)  # [n_max]: the tokens n = 1..n_max nodes add
+        expected = B + torch.cat([gain.new_zeros(1), gain])  # [n_max + 1]: n = 0..n_max
+        rates = expected / self.step_costs()[: n_max + 1]  # drafting is spent, whatever n is
+        best = int(rates.argmax())
+        payoff = float(rates[best]) * self.costs.verify(1) / B  # over a plain step's rate
+        self.payoff = PAYOFF_DECAY * self.payoff + (1 - PAYOFF_DECAY) * payoff
+        if self.payoff < 1.0:  # drafting has stopped paying: rest from it
+            self.last_rest = min(2 * self.last_rest or 1, LONGEST_REST)
+            self.rest = self.last_rest
+        else:
+            self.last_rest = 0
+        return best
+
+    def observe(
+        self, scores: torch.Tensor, kept: torch.Tensor, trees: list[Tree], paths: list[list[int]]
+    ) -> None:
+        """Calibrate on the candidates offered this step: the children of every node of each
+        row's kept path. ``scores`` [B, N] log q of every skeleton node, ``kept`` [B, n + 1]
+        the skeleton nodes each row verified (its ``trees``), ``paths`` into them."""
+        if self.started is not None:  # the step's tokens are on the host: it has finished
+            self.step_costs.observe(kept.size(1) - 1, time.perf_counter() - self.started)
+            self.started = None
+        q = scores.gather(1, kept).float().exp().tolist()  # [B][n + 1]
+        offered, hit = [], []
+        for row, tree, path in zip(q, trees, paths):
+            on_path = set(path)
+            for node in path:
+                for child in tree.children[node]:
+                    offered.append(row[child])
+                    hit.append(child in on_path)
+        if offered:
+            self.calibration.observe(torch.tensor(offered), torch.tensor(hit))
+        else:
+            self.calibration.forget()

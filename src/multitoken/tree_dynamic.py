@@ -3,28 +3,26 @@
 The value of a node is the product of the draft probabilities along its path from the root, an
 estimate of the chance that the trunk accepts the whole path; since each factor is at most one,
 values only shrink going down, so the best tree of n nodes is simply the n nodes of largest
-value (EAGLE-2 §4.2, "reranking"). Two forms:
-
-- :func:`dynamic_tree`: over a table of each depth's top-k log-probabilities, for heads whose
-  candidates at depth d are the same under every parent (bpd, meta) — used by ``--tree auto``
-  over estimated acceptances (:mod:`multitoken.tree_auto`);
-- :func:`prune_tree`: per row, over the nodes of a drafted :func:`skeleton` with each node's
-  own draft log-probability — ``--tree dynamic:N``, for every family (DeepSeek's candidates
-  depend on their parent; the skeleton is drafted along its causal chain).
+value (EAGLE-2 §4.2, "reranking"). Every family drafts a :func:`skeleton` (the top candidates
+under every node; DeepSeek's depend on their parent, so its skeleton is drafted along the
+causal chain) and each row keeps its own best nodes of it (:func:`prune_tree`): N of them for
+``--tree dynamic:N``, or as many as the cost curve says pay for ``--tree auto``
+(:mod:`multitoken.tree_auto`).
 """
 
 from __future__ import annotations
 
 import functools
-import heapq
+from typing import Protocol
 
 import torch
 
-from multitoken.tree import MAX_NODES, Tree, _bad
+from multitoken.tree import MAX_NODES, Tree
 
 # Candidates per node at depths 1, 2, 3, ... of the skeleton a per-row dynamic tree is cut from
 # (EAGLE-2 expands the top 8-10; at the budgets a CPU affords, 4 at the first depth suffice)
 SKELETON_WIDTHS = (4, 3, 2)
+LEAST_SCORE = -1e30  # log of a zero draft probability, kept finite so that paths sum
 
 
 def skeleton(depth: int) -> Tree:
@@ -50,38 +48,71 @@ def prune_tree(
 ) -> tuple[list[Tree], torch.Tensor]:
     """Each row's ``budget`` best nodes of ``skeleton`` (plus the root): scores [B, N] the log
     draft probability of every node's token under its parent (the root's is ignored). Returns
-    each row's tree and the skeleton nodes it keeps, [B, budget + 1] in breadth-first order.
+    each row's tree and the skeleton nodes it keeps, [B, budget + 1] in breadth-first order."""
+    return keep_best(skeleton, path_values(skeleton, scores), budget)
+
+
+def path_values(skeleton: Tree, scores: torch.Tensor) -> torch.Tensor:
+    """[B, N] each node's value: the log of the product of the draft probabilities along its
+    path, ``scores`` [B, N] as in :func:`prune_tree` (the root's value is 0).
 
     A kept node brings its parent, and its lower-ranked siblings (for sampled candidates the
     siblings are successive draws, and multi-candidate rejection must try a prefix of them):
-    a node's score is taken as the least over its elder siblings and itself, so that values
-    never grow with rank, and equal values go to the lower index (parents and elders first)."""
-    B, N = scores.shape
-    budget = min(budget, N - 1)
-    s = scores.float().clone()
+    a node's own score is taken as the least over its elder siblings and itself, so that values
+    never grow with rank or depth."""
+    elders, below = _path_tables(skeleton, str(scores.device))
+    s = scores.float().clamp_min(LEAST_SCORE)  # a zero probability: finite, for the sums
+    s = s[:, elders].amin(-1)  # [B, N, W] -> [B, N]: each node's least over its elders
     s[:, 0] = 0.0
-    by_rank, by_level = _index_lists(skeleton)
-    for nodes, elder in by_rank:
-        s[:, nodes] = torch.minimum(s[:, nodes], s[:, elder])
-    value = s
-    for level, up in by_level:
-        value[:, level] = value[:, level] + value[:, up]
-    best = torch.sort(-value[:, 1:], dim=1, stable=True).indices[:, :budget] + 1  # [B, budget]
+    return s @ below  # [B, N] @ [N, N]: the sum over each node's path
+
+
+def keep_best(skeleton: Tree, values: torch.Tensor, budget: int) -> tuple[list[Tree], torch.Tensor]:
+    """Each row's ``budget`` nodes of largest ``values`` [B, N] (:func:`path_values`), equal
+    values going to the lower index (parents and elders first), as in :func:`prune_tree`."""
+    B, N = values.shape
+    budget = min(budget, N - 1)
+    best = torch.sort(-values[:, 1:], dim=1, stable=True).indices[:, :budget] + 1  # [B, budget]
     kept = torch.sort(torch.cat([best.new_zeros(B, 1), best], dim=1), dim=1).values
     return [_subtree(skeleton, tuple(row)) for row in kept.tolist()], kept
 
 
+class Sizer(Protocol):
+    """Which nodes each row keeps of a drafted skeleton: :class:`multitoken.tree.Dynamic` (its
+    N best by draft probability) or :class:`multitoken.tree_auto.TreeBudget` (by calibrated
+    probability, as many as the costs say pay)."""
+
+    def drafts(self) -> bool:
+        """Whether this step drafts at all (False: a plain step); called once a step."""
+        ...
+
+    def calibrate(self, scores: torch.Tensor) -> torch.Tensor:
+        """Each node's log chance of acceptance [B, N], from its log draft probability."""
+        ...
+
+    def budget(self, values: torch.Tensor) -> int:
+        """The nodes each row keeps this step, given every node's :func:`path_values`."""
+        ...
+
+    def observe(
+        self, scores: torch.Tensor, kept: torch.Tensor, trees: list[Tree], paths: list[list[int]]
+    ) -> None:
+        """What the step drafted (``scores``), kept (``kept`` [B, n + 1] skeleton nodes, as
+        ``trees``) and accepted (``paths``, node indices into each row's tree)."""
+        ...
+
+
 @functools.cache
-def _index_lists(skeleton: Tree) -> tuple[list, list]:
-    """For each rank r >= 1: its nodes and their next-elder siblings; for each depth >= 1: its
-    nodes and their parents."""
-    N = skeleton.size
-    by_rank = []
-    for r in range(1, max(len(c) for c in skeleton.children)):
-        nodes = [i for i in range(1, N) if skeleton.rank[i] == r]
-        by_rank.append((nodes, [skeleton.children[skeleton.parent[i]][r - 1] for i in nodes]))
-    by_level = [(list(lv), [skeleton.parent[i] for i in lv]) for lv in skeleton.levels[1:]]
-    return by_rank, by_level
+def _path_tables(skeleton: Tree, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, W] each node's elder siblings and itself (padded with itself), and [N, N] float,
+    (j, i) = 1 where j is i or one of its ancestors: ``scores @ it`` sums along paths."""
+    width = max(len(c) for c in skeleton.children)
+    elders = [
+        [*skeleton.children[skeleton.parent[i]][: skeleton.rank[i]], i] if i else [0]
+        for i in range(skeleton.size)
+    ]
+    table = torch.tensor([row + [row[-1]] * (width - len(row)) for row in elders])
+    return table.to(device), skeleton.ancestors().T.float().to(device)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -90,35 +121,3 @@ def _subtree(skeleton: Tree, kept: tuple[int, ...]) -> Tree:
     from step to step, and a cached tree keeps its masks' index tensors."""
     where = {node: i for i, node in enumerate(kept)}
     return Tree((-1, *(where[skeleton.parent[node]] for node in kept[1:])))
-
-
-def dynamic_tree(scores: torch.Tensor, budget: int) -> Tree:
-    """EAGLE-2's dynamic draft tree (Li et al. 2024, §4) for heads whose depth-d candidates do not
-    depend on the parent (BPD/Medusa, Meta's parallel heads): scores [D, k] the log-probabilities
-    of each depth's top-k candidates, best first. A node is a tuple of ranks (r_1, .., r_d) with
-    value sum_j scores[j - 1, r_j] (the log of the product of its path's draft probabilities, an
-    estimate of its acceptance); the tree is the ``budget`` best non-root nodes.
-
-    Best-first search: a node is offered once its parent (rank 0) or its next-better sibling is
-    taken, both worth at least as much, so nodes leave the heap best first and every prefix of
-    the order is a tree with its lower-ranked siblings present. Ties: shallower, then by ranks."""
-    if budget < 0:
-        raise _bad(f"a tree budget of {budget} nodes: need 0 or more")
-    table = scores.tolist()  # [D][k], the one host sync
-    if any(row != sorted(row, reverse=True) for row in table):
-        raise ValueError("dynamic_tree needs each depth's scores best first (top-k order)")
-
-    def value(path: tuple[int, ...]) -> float:
-        return sum(table[j][r] for j, r in enumerate(path))  # summed afresh: no drift
-
-    heap = [(-value((0,)), 1, (0,))] if table and table[0] else []
-    chosen: list[tuple[int, ...]] = []
-    while heap and len(chosen) < min(budget, MAX_NODES - 1):
-        _, _, path = heapq.heappop(heap)
-        chosen.append(path)
-        offers = [(*path, 0)] if len(path) < len(table) else []
-        if path[-1] + 1 < len(table[0]):
-            offers.append((*path[:-1], path[-1] + 1))
-        for offer in offers:
-            heapq.heappush(heap, (-value(offer), len(offer), offer))
-    return Tree.from_paths(chosen)

@@ -33,14 +33,16 @@ from multitoken.tree import (
     tree_attention_mask,
     tree_positions,
 )
-from multitoken.tree_dynamic import prune_tree
+from multitoken.tree_dynamic import Sizer, keep_best, path_values
 
 
-def draft_tree(model: Decodable, state: Decoding, plan: Plan, tree: Tree, budget: int | None):
-    """Each row's tree (``tree`` itself, or with a ``budget``, each row's best ``budget`` nodes
-    of ``tree`` by their draft probabilities: :func:`multitoken.tree_dynamic.prune_tree`), every
-    node's token [B, N] (node 0: the pending token) and, when sampling, the draft distribution
-    each node's children were drawn from [B, N, V] (None: top-k candidates).
+def draft_tree(model: Decodable, state: Decoding, plan: Plan, tree: Tree, sizer: Sizer | None):
+    """Each row's tree (``tree`` itself, or with a ``sizer``, each row's best nodes of ``tree``
+    by their draft probabilities, as many as the sizer says: :mod:`multitoken.tree_dynamic`),
+    every node's token [B, N] (node 0: the pending token), when sampling the draft distribution
+    each node's children were drawn from [B, N, V] (None: top-k candidates), and with a sizer
+    what it cut from (every skeleton node's log draft probability [B, S], the nodes kept
+    [B, N], each row's tree).
 
     Per-row trees take each node's top candidates even when sampling: which nodes a row keeps
     depends on the candidates' probabilities, and multi-candidate rejection stays exact for
@@ -50,7 +52,7 @@ def draft_tree(model: Decodable, state: Decoding, plan: Plan, tree: Tree, budget
     tokens = [state.tokens[b, : state.length[b]] for b in range(B)]
     step = _joined(state.unseen, tokens)
     state.unseen = []
-    if plan.sampling.greedy or budget is not None:
+    if plan.sampling.greedy or sizer is not None:
 
         def choose(logits: torch.Tensor, width: int) -> torch.Tensor:
             return logits.topk(width, dim=-1).indices
@@ -63,16 +65,17 @@ def draft_tree(model: Decodable, state: Decoding, plan: Plan, tree: Tree, budget
     nodes, logits, which = model.heads.draft_tree(state.heads, step, plan.k_max, tree, choose)
     node_tokens = torch.cat([state.pending[:, None], nodes], dim=1)  # [B, N]
     q = None if plan.sampling.greedy else probs(logits, plan.sampling)  # [B, L, V]
-    if budget is not None:  # EAGLE-2: each row's nodes of most probable paths
+    if sizer is not None:  # EAGLE-2: each row's nodes of most probable paths
         law = logits.log_softmax(-1) if q is None else q.log()  # [B, L, V]
         up = [which[max(i, 0)] for i in tree.parent]  # the row of each node's parent
         up = torch.tensor(up, device=law.device)[None] * law.size(-1)
         scores = law.flatten(1).gather(1, up + node_tokens)  # [B, N] log q of each node
-        trees, kept = prune_tree(tree, scores, budget)
-        return trees, node_tokens.gather(1, kept), None
+        values = path_values(tree, sizer.calibrate(scores))
+        trees, kept = keep_best(tree, values, sizer.budget(values))
+        return trees, node_tokens.gather(1, kept), None, (scores, kept, trees)
     if q is None:
-        return tree, node_tokens, None
-    return tree, node_tokens, q[:, which]
+        return tree, node_tokens, None, None
+    return tree, node_tokens, q[:, which], None
 
 
 def verify_tree(model: Decodable, state: Decoding, tokens: torch.Tensor, trees: Trees) -> Verified:
@@ -124,13 +127,15 @@ def move_paths_forward(state: Decoding, path: list[list[int]], verified: Verifie
 
 
 def tree_step(
-    model: Decodable, state: Decoding, plan: Plan, tree: Tree, watch, budget: int | None = None
+    model: Decodable, state: Decoding, plan: Plan, tree: Tree, watch, sizer: Sizer | None = None
 ):
-    """draft → verify → accept → commit over ``tree`` (with a ``budget``: each row's best
-    ``budget`` nodes of it). Returns each row's new tokens, tree and kept path."""
+    """draft → verify → accept → commit over ``tree`` (with a ``sizer``: each row's best nodes
+    of it). Returns each row's new tokens, tree and kept path."""
     with watch.section():
-        trees, tokens, q_draft = draft_tree(model, state, plan, tree, budget)
+        trees, tokens, q_draft, cut = draft_tree(model, state, plan, tree, sizer)
     verified = verify_tree(model, state, tokens, trees)
     path, new, accepted = accept_tree(tokens, q_draft, verified.logits, plan, trees)
     commit(state, new, [len(a) for a in accepted], move_paths_forward(state, path, verified))
+    if cut is not None:
+        sizer.observe(*cut, path)
     return accepted, trees, path
