@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import micro_llama
+from test_v3layout import micro_deepseek
 
 from multitoken import kvcache
 from multitoken.kvcache import RaggedCache, position_mask, trunk_attention_mask
@@ -123,11 +124,13 @@ def test_a_sliding_window_trunk_gets_masks_by_position(layer_types, kinds):
     assert trunk_attention_mask(kv, torch.tensor([3, 1]), 2, torch.float32).shape == (2, 5)
 
 
+@pytest.mark.parametrize("make", [micro_llama, micro_deepseek])
 @torch.no_grad()
-def test_reordering_the_new_slots_permutes_each_rows_entries_and_nothing_else():
+def test_reordering_the_new_slots_permutes_each_rows_entries_and_nothing_else(make):
     """A tree's accepted path moves to the front of the slots its verify pass appended, row by
-    row; the slots cached before stay as they were."""
-    trunk = micro_llama().eval()
+    row; the slots cached before stay as they were. DeepSeek-V3's MLA caches keys and values
+    of different widths."""
+    trunk = make().eval()
     kv = RaggedCache(2, torch.device("cpu"), trunk.config)
     forward(trunk, kv, torch.tensor([[5, 6], [9, 10]]), [0, 0])
     kv.commit([2, 2])

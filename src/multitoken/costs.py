@@ -49,17 +49,23 @@ PRIOR_DRAFT_COST = 0.1  # d(1) in units of t1 until a draft has been timed (DESI
 
 @torch.no_grad()
 def verify_cost(
-    trunk: nn.Module, prompt: list[int], q_max: int, repeats: int = VERIFY_REPEATS
+    trunk: nn.Module,
+    prompt: list[int],
+    q_max: int,
+    repeats: int = VERIFY_REPEATS,
+    qs: list[int] | None = None,
 ) -> dict:
-    """c(q) for q = 1..q_max: one bare ``transformers`` pass over q new tokens on a
-    ``DynamicCache`` holding ``prompt``, relative to q = 1 (median of ``repeats``). The q's take
-    turns within each repeat so that drift (other load, clock changes) hits all alike; the cache
-    is cropped back after each. Returns ``{"q": [...], "c": [...], "t1_s": seconds}``."""
+    """c(q) for q = 1..q_max (or for the ``qs`` given, 1 among them): one bare ``transformers``
+    pass over q new tokens on a ``DynamicCache`` holding ``prompt``, relative to q = 1 (median
+    of ``repeats``). The q's take turns within each repeat so that drift (other load, clock
+    changes) hits all alike; the cache is cropped back after each. Returns
+    ``{"q": [...], "c": [...], "t1_s": seconds}``."""
     device = next(trunk.parameters()).device
     cache = rollback_cache(trunk.config)  # a bare DynamicCache, but one that crops past a window
     trunk(input_ids=torch.tensor([prompt], device=device), cache=cache, use_cache=True)
     tiled = (prompt * (q_max // len(prompt) + 1))[:q_max]
-    inputs = {q: torch.tensor([tiled[:q]], device=device) for q in range(1, q_max + 1)}
+    qs = sorted({1, *(qs or range(1, q_max + 1))})
+    inputs = {q: torch.tensor([tiled[:q]], device=device) for q in qs}
     samples: dict[int, list[float]] = {q: [] for q in inputs}
     for repeat in range(repeats + 1):  # repeat 0 warms up
         for q, ids in inputs.items():
@@ -140,11 +146,23 @@ def cost_model(trunk: nn.Module, q_max: int, context: list[int]) -> CostModel:
     old = known.get(key)
     if old is not None and old.q_max >= q_max:
         return old
-    curve = verify_cost(trunk, list(context[:CONTEXT_TOKENS]), q_max, AUTO_REPEATS)
-    known[key] = CostModel.from_curve(curve)
+    # q = 1..8 each, then every other doubling (a tree auto needs up to 33): the rest between
+    qs = [q for q in (*range(1, 9), 12, 16, 24, 32) if q < q_max] + [q_max]
+    curve = verify_cost(trunk, list(context[:CONTEXT_TOKENS]), q_max, AUTO_REPEATS, qs)
+    known[key] = CostModel.from_curve(_interpolated(curve))
     if old is not None:  # keep what was learnt about drafting
         known[key].draft_samples = old.draft_samples
     return known[key]
+
+
+def _interpolated(curve: dict) -> dict:
+    """``curve`` with every q from 1 to its last, linear between the q's measured."""
+    points = list(zip(curve["q"], curve["c"]))
+    c = []
+    for (q0, c0), (q1, c1) in zip(points, points[1:]):
+        c += [c0 + (c1 - c0) * (q - q0) / (q1 - q0) for q in range(q0, q1)]
+    c.append(points[-1][1])
+    return {"q": list(range(1, len(c) + 1)), "c": c, "t1_s": curve["t1_s"]}
 
 
 def remember_cost(trunk: nn.Module, curve: dict) -> CostModel:

@@ -101,9 +101,9 @@ class RaggedCache:
         for layer in self.cache.layers:
             if getattr(layer, "keys", None) is None or not layer.keys.numel():
                 continue
-            index = order[:, None, :, None].expand(-1, layer.keys.size(1), -1, layer.keys.size(3))
             for name in ("keys", "values"):
-                full = getattr(layer, name)  # [B, H, S + q, Dh]
+                full = getattr(layer, name)  # [B, H, S + q, Dh]; MLA's keys and values differ in Dh
+                index = order[:, None, :, None].expand(-1, full.size(1), -1, full.size(3))
                 full[:, :, -q:] = full[:, :, -q:].gather(2, index)
 
     def select(self, rows: torch.Tensor) -> None:
