@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # 300 training steps (about 5 minutes on 2 AVX2 cores in fp32, less with native bf16), then the
-# decoding benchmark (table + runs/demo/bench.png).
+# decoding benchmark (table + runs/demo/bench.png): chains of each K and auto, and per-row trees
+# of 8 drafts and sized by the costs.
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/multitoken train --preset tiny --family bpd --depth 3 --max-steps 300 --eval-every 150 --out runs/demo
-	$(BIN)/multitoken bench --checkpoint runs/demo --json runs/demo/bench.json --plot runs/demo/bench.png
+	$(BIN)/multitoken bench --checkpoint runs/demo --tree dynamic:8 --tree auto --json runs/demo/bench.json --plot runs/demo/bench.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

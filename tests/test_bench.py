@@ -200,7 +200,6 @@ def test_bad_input_names_the_flag(checkpoint, tmp_path):
         (["--prompts", str(empty)], "--prompts"),
         (["--draft-model", str(micro)], "--draft-model"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
-        (["--tree", "chain"], "--tree"),  # chains have their rows already
         (["--json", str(tmp_path / "no" / "such" / "dir.json")], "--json"),
     ]
     for extra, flag in cases:

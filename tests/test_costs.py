@@ -13,7 +13,7 @@ from multitoken import costs
 from multitoken.cli import build_parser
 from multitoken.config import GenerateConfig, draft_len_value
 from multitoken.costs import Acceptance, CostModel, DraftLen, best_draft_len, expected_tokens
-from multitoken.generate import generate, tree_spec
+from multitoken.generate import generate
 
 
 def fixed_costs(c: list[float], draft: float) -> CostModel:
@@ -29,34 +29,26 @@ REALISTIC = fixed_costs([1.0, 1.44, 1.92, 1.73, 1.8], 0.1)  # SmolLM2 on 2 AVX2 
 def test_auto_greedy_equals_plain_for_every_family_and_batch_row(family):
     model = perturb_heads(model_of(family, depth=3))
     plain = generate(model, PROMPTS, max_new_tokens=30, speculate=False)
-    auto = generate(
-        model, PROMPTS, max_new_tokens=30, draft_len="auto", tree="chain", costs=REALISTIC
-    )
+    auto = generate(model, PROMPTS, max_new_tokens=30, draft_len="auto", costs=REALISTIC)
     assert auto.tokens == plain.tokens
     ks = auto.stats.draft_lens
     assert 0 in ks and max(ks) >= 2, ks  # K really changed from step to step
     assert len(auto.stats.acceptance) == 3
     for prompt, tokens in zip(PROMPTS, plain.tokens):
         assert tokens == hf_greedy(model, prompt, 30)
-        alone = generate(
-            model, [prompt], max_new_tokens=30, draft_len="auto", tree="chain", costs=CHEAP
-        )
+        alone = generate(model, [prompt], max_new_tokens=30, draft_len="auto", costs=CHEAP)
         assert alone.tokens == [tokens]
 
 
 def test_auto_is_the_default_and_measures_its_costs_once_per_trunk():
-    """The default: per-row trees sized by the costs (``tree_spec`` resolves it), whose curve
-    is measured at 13 q's up to 33 the first time; a number K asks for a chain."""
     model = perturb_heads(model_of("bpd", depth=2), scale=0.3)
-    assert GenerateConfig().draft_len == "auto" and tree_spec(GenerateConfig()) == "auto"
-    assert tree_spec(GenerateConfig(draft_len=2)) == "chain"
-    assert tree_spec(GenerateConfig(typical=0.1, temperature=1.0)) == "chain"  # chains only
+    assert GenerateConfig().draft_len == "auto"
     calls = []
     hook = model.trunk.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
-        first = generate(model, PROMPTS[:1], max_new_tokens=8)  # measures c(q), then decodes
+        first = generate(model, PROMPTS[:1], max_new_tokens=8)  # measures c(1..3), then decodes
         measuring = len(calls) - first.stats.trunk_passes
-        assert measuring == 13 * (costs.AUTO_REPEATS + 1) + 1  # +1: the cached context
+        assert measuring == 3 * (costs.AUTO_REPEATS + 1) + 1  # +1: the cached context
         calls.clear()
         again = generate(model, PROMPTS[:1], max_new_tokens=8)
         assert len(calls) == again.stats.trunk_passes  # the curve was kept
@@ -72,7 +64,7 @@ def auto_with_oracle_heads(wrong: bool, costs: CostModel):
     model = model_of("bpd")
     plain = generate(model, PROMPTS, max_new_tokens=40, speculate=False)
     model.heads = OracleHeads(model, wrong=wrong)
-    out = generate(model, PROMPTS, max_new_tokens=40, draft_len="auto", tree="chain", costs=costs)
+    out = generate(model, PROMPTS, max_new_tokens=40, draft_len="auto", costs=costs)
     assert out.tokens == plain.tokens
     return out
 
@@ -101,9 +93,7 @@ def test_heads_that_skip_steps_still_draft_what_full_recomputation_gives(family)
     model = perturb_heads(model_of(family, depth=3))
     checked = CheckedHeads(model)
     model.heads = checked
-    out = generate(
-        model, PROMPTS, max_new_tokens=30, draft_len="auto", tree="chain", costs=REALISTIC
-    )
+    out = generate(model, PROMPTS, max_new_tokens=30, draft_len="auto", costs=REALISTIC)
     assert 0 in out.stats.draft_lens and checked.checked >= 3
     model.heads = checked.inner
     assert out.tokens == generate(model, PROMPTS, max_new_tokens=30, speculate=False).tokens
@@ -112,14 +102,7 @@ def test_heads_that_skip_steps_still_draft_what_full_recomputation_gives(family)
 def test_auto_sampling_runs_and_keeps_to_the_trunk_vocabulary():
     model = perturb_heads(model_of("deepseek", depth=2), scale=0.3)
     out = generate(
-        model,
-        PROMPTS,
-        max_new_tokens=20,
-        draft_len="auto",
-        tree="chain",
-        costs=CHEAP,
-        temperature=1.0,
-        seed=1,
+        model, PROMPTS, max_new_tokens=20, draft_len="auto", costs=CHEAP, temperature=1.0, seed=1
     )
     assert [len(t) for t in out.tokens] == [20] * 3
     assert all(0 <= t < 64 for row in out.tokens for t in row)

@@ -282,7 +282,7 @@ def test_sampled_speculative_decoding_follows_the_trunk_distribution(draft_len):
     expected = two_token_law(model.trunk, prompt, 8)  # [64] joint law of (x1, x2)
     n = 3000
     costs = CostModel([1.0, 1.05, 4.0], t1_s=1e-3, prior_draft=0.05, learn_draft=False)
-    options = dict(draft_len=draft_len, tree="chain", temperature=1.0, seed=7, costs=costs)
+    options = dict(draft_len=draft_len, temperature=1.0, seed=7, costs=costs)
     out = generate(model, [prompt] * n, max_new_tokens=3, **options)
     assert out.stats.draft_lens[0] == (2 if draft_len == 2 else 1)
     assert out.stats.acceptance[0] < 0.8  # drafts do get rejected

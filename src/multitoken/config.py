@@ -492,13 +492,11 @@ class GenerateConfig:
     )
     tree: str | None = _field(
         None,
-        "verify a tree of drafts in one trunk pass instead of one chain (default: auto, or a "
-        "chain when --draft-len is a number or --typical is on): '3,2,1' = the heads' "
+        "verify a tree of drafts in one trunk pass instead of one chain: '3,2,1' = the heads' "
         "top-3 for the next draft, each with top-2 children, each with one; 'chain:K' = a "
         "chain; 'dynamic:N' = each row its own N drafts with the largest product of draft "
         "probabilities (EAGLE-2); auto = such trees, each step as many drafts as pay for "
-        "themselves under the measured verify cost and the acceptance seen so far; chain = one "
-        "chain of --draft-len drafts a step",
+        "themselves under the measured verify cost and the acceptance seen so far",
     )
     linear_kernel: str = _field(
         "auto",
@@ -536,7 +534,8 @@ class GenerateConfig:
                 "--linear-kernel",
             )
         if self.tree is not None:
-            from multitoken.tree import CHAIN, parse_spec  # torch: only when a tree is asked for
+            from multitoken.tree import parse_spec  # torch: only when a tree is asked for
 
-            if parse_spec(self.tree) != CHAIN and self.typical > 0:
+            parse_spec(self.tree)
+            if self.typical > 0:
                 raise MultitokenError("typical acceptance verifies chains only", "--tree")

@@ -3,12 +3,9 @@
 A call climbs the ladder of :mod:`multitoken.ladder` — prefill, then draft → verify → accept →
 commit → emit (→ retire) until every row is done — over one explicit state.
 
-A step verifies, by default, each row's own tree of drafts, as many as the costs say pay
-(``--tree auto``, :mod:`multitoken.tree_auto`; chains and plain steps are special cases);
-or a chain of K drafts (``--draft-len 3``, or ``--tree chain`` with K chosen before each step,
-:mod:`multitoken.costs`, from the measured verify cost c(q), the drafting cost and the live
-per-position acceptance); or a tree given (``--tree 3,2,1``, ``--tree dynamic:16``,
-:mod:`multitoken.tree_ladder`). Whatever each step verifies, a step is a correct speculative
+K is fixed (``--draft-len 3``) or chosen before each step (``--draft-len auto``,
+:mod:`multitoken.costs`) from the measured verify cost c(q), the measured drafting cost and
+the live per-position acceptance. Whatever K each step uses, a step is a correct speculative
 step, so greedy output is token-for-token the trunk's own greedy output and sampled output
 follows the trunk's distribution exactly (speculative sampling, ``multitoken.sampling``).
 """
@@ -40,7 +37,7 @@ from multitoken.ladder import (
 )
 from multitoken.sampling import Sampling
 from multitoken.tree import AUTO as AUTO_TREE
-from multitoken.tree import CHAIN, Dynamic, Tree, parse_spec
+from multitoken.tree import Dynamic, Tree, parse_spec
 from multitoken.tree_auto import MAX_NODES as TREE_NODES
 from multitoken.tree_auto import TreeBudget
 from multitoken.tree_dynamic import Sizer, skeleton
@@ -213,11 +210,9 @@ def generate(
     with a token of their own), which is kept as the row's last token.
 
     Options are the fields of :class:`GenerateConfig` (``max_new_tokens``, ``draft_len``,
-    ``tree``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``speculate``). By default each
-    step verifies each row's own tree, sized by the costs (``tree="auto"``); ``draft_len`` a
-    number verifies a chain of K drafts instead (K > D for the DeepSeek family only: its last
-    module is reused recurrently; None is D), and ``tree="chain"`` a chain of K chosen in 0..D
-    before each step (:mod:`multitoken.costs`).
+    ``temperature``, ``top_k``, ``top_p``, ``seed``, ``speculate``). ``draft_len``: ``"auto"``
+    (the default) chooses K in 0..D before each step (:mod:`multitoken.costs`); a number fixes
+    K (K > D for the DeepSeek family only: its last module is reused recurrently); None is D.
     ``costs``: the :class:`~multitoken.costs.CostModel` auto uses (default: measured once per
     trunk, device and dtype). ``on_tokens(row, tokens)`` is called as tokens are accepted
     (streaming)."""
@@ -255,7 +250,7 @@ def make_plan(
         )
     K, auto = _draft_len(cfg, model)
     tree = _tree(cfg, model)
-    tree_auto = parse_spec(tree_spec(cfg)) == AUTO_TREE and cfg.speculate
+    tree_auto = cfg.tree == AUTO_TREE and cfg.speculate
     if isinstance(tree, Tree):
         K, auto = tree.max_depth, False
     if isinstance(tree, Dynamic) or tree_auto:  # trees as deep as --draft-len (default: D)
@@ -305,22 +300,13 @@ def check_prompts(
         )
 
 
-def tree_spec(cfg: GenerateConfig) -> str:
-    """What ``--tree`` asks for, its default resolved: trees sized by the costs
-    (:data:`multitoken.tree.AUTO`) when K is too, else (a number K, or typical acceptance,
-    which verifies chains only) a chain."""
-    if cfg.tree is not None:
-        return cfg.tree
-    return AUTO_TREE if draft_len_value(cfg.draft_len) == "auto" and not cfg.typical else CHAIN
-
-
 def _tree(cfg: GenerateConfig, model: Decodable) -> Tree | Dynamic | None:
     """The tree ``--tree`` asks for, checked against the heads (None: chains, or auto)."""
-    if not cfg.speculate:
+    if cfg.tree is None or not cfg.speculate:
         return None
-    tree = parse_spec(tree_spec(cfg))
+    tree = parse_spec(cfg.tree)
     if not isinstance(tree, Tree):
-        return None if tree in (AUTO_TREE, CHAIN) else tree
+        return None if tree == AUTO_TREE else tree
     longest = model.heads.max_draft_len()
     if longest is not None and tree.max_depth > longest:
         raise MultitokenError(

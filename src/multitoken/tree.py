@@ -33,12 +33,11 @@ from multitoken.errors import MultitokenError
 from multitoken.kvcache import position_mask
 
 AUTO = "auto"  # --tree auto: each step's tree chosen by the costs (multitoken.tree_auto)
-CHAIN = "chain"  # --tree chain: one chain a step, K from --draft-len (auto: chosen per step)
 MAX_NODES = 256  # one trunk pass verifies them all; wider trees cost more than they gain
 DYNAMIC = "dynamic:"  # --tree dynamic:N: each row's own tree of N drafts a step
 SPEC_HELP = (
-    "e.g. '3,2,1' (top-3, each with top-2 children, each with one), 'chain:4', 'dynamic:16', "
-    "'auto' or 'chain'"
+    "e.g. '3,2,1' (top-3, each with top-2 children, each with one), 'chain:4', 'dynamic:16' or "
+    "'auto'"
 )
 
 
@@ -198,11 +197,10 @@ class Dynamic:
 
 
 def parse_spec(spec: str) -> Tree | Dynamic | str:
-    """A ``--tree`` value: a static :class:`Tree`, a :class:`Dynamic` budget, :data:`AUTO` or
-    :data:`CHAIN`."""
+    """A ``--tree`` value: a static :class:`Tree`, a :class:`Dynamic` budget, or :data:`AUTO`."""
     text = spec.replace(" ", "")
-    if text in (AUTO, CHAIN):
-        return text
+    if text == AUTO:
+        return AUTO
     if text.startswith(DYNAMIC):
         nodes = _positive(text[len(DYNAMIC) :], spec)
         if nodes >= MAX_NODES:
