@@ -192,7 +192,9 @@ class Dynamic:
     def budget(self, values: torch.Tensor) -> int:
         return self.nodes
 
-    def observe(self, scores, kept, trees, paths) -> None:
+    def observe(
+        self, scores: torch.Tensor, kept: torch.Tensor, trees: list[Tree], paths: list[list[int]]
+    ) -> None:
         pass  # a fixed budget learns nothing
 
 
