@@ -77,3 +77,16 @@ def test_prune_of_peaked_rows_gives_each_its_own_shape():
     trees, kept = prune_tree(S, torch.tensor([sure, torn]).log(), 2)
     assert kept.tolist() == [[0, 1, 3], [0, 1, 2]]
     assert trees[0] == Tree.chain(2) and trees[1] == Tree.parse("2")
+
+
+def test_sure_and_impossible_drafts_keep_every_row_closed_under_parents_and_elders():
+    """Ties everywhere (probability 1 and 0): a child never outranks its parent nor a younger
+    sibling its elder, whatever the budget."""
+    S = skeleton(3)
+    gen_ = gen(4)
+    probs = (torch.rand(3, S.size, generator=gen_) < 0.5).float()  # 1 or 0 each
+    for budget in range(S.size):
+        trees, kept = prune_tree(S, probs.log(), budget)
+        for row in kept.tolist():
+            assert all(S.parent[i] in row for i in row[1:])
+            assert all(S.children[S.parent[i]][S.rank[i] - 1] in row for i in row[1:] if S.rank[i])

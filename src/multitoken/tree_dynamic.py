@@ -60,11 +60,14 @@ def path_values(skeleton: Tree, scores: torch.Tensor) -> torch.Tensor:
     siblings are successive draws, and multi-candidate rejection must try a prefix of them):
     a node's own score is taken as the least over its elder siblings and itself, so that values
     never grow with rank or depth."""
-    elders, below = _path_tables(skeleton, str(scores.device))
+    elders, levels = _path_tables(skeleton, str(scores.device))
     s = scores.float().clamp_min(LEAST_SCORE)  # a zero probability: finite, for the sums
     s = s[:, elders].amin(-1)  # [B, N, W] -> [B, N]: each node's least over its elders
     s[:, 0] = 0.0
-    return s @ below  # [B, N] @ [N, N]: the sum over each node's path
+    # level by level, parent + own: a node never rounds above its parent or an elder sibling
+    for nodes, up in levels:
+        s[:, nodes] += s[:, up]
+    return s
 
 
 def keep_best(skeleton: Tree, values: torch.Tensor, budget: int) -> tuple[list[Tree], torch.Tensor]:
@@ -103,16 +106,20 @@ class Sizer(Protocol):
 
 
 @functools.cache
-def _path_tables(skeleton: Tree, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, W] each node's elder siblings and itself (padded with itself), and [N, N] float,
-    (j, i) = 1 where j is i or one of its ancestors: ``scores @ it`` sums along paths."""
+def _path_tables(skeleton: Tree, device: str) -> tuple[torch.Tensor, list]:
+    """[N, W] each node's elder siblings and itself (padded with itself), and for each depth
+    >= 1 its nodes (a slice: breadth-first order) and their parents."""
     width = max(len(c) for c in skeleton.children)
     elders = [
         [*skeleton.children[skeleton.parent[i]][: skeleton.rank[i]], i] if i else [0]
         for i in range(skeleton.size)
     ]
     table = torch.tensor([row + [row[-1]] * (width - len(row)) for row in elders])
-    return table.to(device), skeleton.ancestors().T.float().to(device)
+    levels = [
+        (slice(lv.start, lv.stop), torch.tensor([skeleton.parent[i] for i in lv], device=device))
+        for lv in skeleton.levels[1:]
+    ]
+    return table.to(device), levels
 
 
 @functools.lru_cache(maxsize=4096)
