@@ -56,8 +56,9 @@ HEAD_STEPS = scaled(300, 4)  # of 8 rows × 256 tokens; epochs after the first r
 BENCH_PROMPTS = scaled(16, 2)  # held-out code prompts
 BENCH_CHAT_PROMPTS = scaled(8, 2)  # held-out chat prompts
 BENCH_NEW = scaled(128, 32)
-# trees verified beside the chains on the code prompts: static, EAGLE-2 per row, cost-sized
-TREES = ("2,2,1", "dynamic:8", "auto")
+# trees verified beside the chains on the code prompts: EAGLE-2 per row and cost-sized, each
+# also with prompt lookup grafted in
+TREES = ("dynamic:8", "auto", "dynamic:8+lookup", "auto+lookup")
 
 
 def model_file() -> Path:

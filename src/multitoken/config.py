@@ -496,7 +496,9 @@ class GenerateConfig:
         "top-3 for the next draft, each with top-2 children, each with one; 'chain:K' = a "
         "chain; 'dynamic:N' = each row its own N drafts with the largest product of draft "
         "probabilities (EAGLE-2); auto = such trees, each step as many drafts as pay for "
-        "themselves under the measured verify cost and the acceptance seen so far",
+        "themselves under the measured verify cost and the acceptance seen so far; "
+        "'dynamic:N+lookup[:L]', 'auto+lookup[:L]' = with prompt lookup's continuation (up to "
+        "L tokens, default 8, found in the row's own text) grafted into each row's tree",
     )
     linear_kernel: str = _field(
         "auto",

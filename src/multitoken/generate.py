@@ -37,11 +37,12 @@ from multitoken.ladder import (
 )
 from multitoken.sampling import Sampling
 from multitoken.tree import AUTO as AUTO_TREE
-from multitoken.tree import Dynamic, Tree, parse_spec
+from multitoken.tree import Dynamic, Tree, lookup_len, parse_spec
 from multitoken.tree_auto import MAX_NODES as TREE_NODES
 from multitoken.tree_auto import TreeBudget
 from multitoken.tree_dynamic import Sizer, skeleton
 from multitoken.tree_ladder import tree_step
+from multitoken.tree_lookup import Lookup
 
 log = logging.getLogger("multitoken")
 
@@ -109,7 +110,7 @@ def decode(
     steps = _steps(model, plan, costs)
     state = prefill(model, prompts, plan)
     stats = Stats(
-        trunk_passes=len(prompts), head_tries=[0] * steps.k_max, head_hits=[0] * steps.k_max
+        trunk_passes=len(prompts), head_tries=[0] * plan.deepest, head_hits=[0] * plan.deepest
     )
     retire(model, state, emit(state, [[t] for t in state.pending.tolist()], plan, on_tokens))
     watch = Stopwatch(state.tokens.device)
@@ -147,15 +148,23 @@ class TreeSteps:
     :mod:`multitoken.tree_auto`)."""
 
     def __init__(
-        self, k_max: int, tree: Tree, sizer: Sizer | None = None, costs: CostModel | None = None
+        self,
+        k_max: int,
+        tree: Tree,
+        sizer: Sizer | None = None,
+        costs: CostModel | None = None,
+        lookup: Lookup | None = None,
     ) -> None:
         self.k_max, self.tree, self.sizer, self.costs = k_max, tree, sizer, costs
+        self.lookup = lookup
 
     def step(self, model: Decodable, state: Decoding, plan: Plan, watch) -> tuple[int, int, list]:
         """One step: (the deepest tree's depth, tokens verified, each row's new tokens)."""
         if self.sizer is not None and not self.sizer.drafts():
             return 0, 1, chain_step(model, state, plan, 0, 0, watch)  # drafting rests
-        accepted, trees, _ = tree_step(model, state, plan, self.tree, watch, self.sizer)
+        accepted, trees, _ = tree_step(
+            model, state, plan, self.tree, watch, self.sizer, self.lookup
+        )
         trees = [trees] * len(accepted) if isinstance(trees, Tree) else trees
         return max(t.max_depth for t in trees), trees[0].size, accepted
 
@@ -165,11 +174,12 @@ class TreeSteps:
 
 
 def _steps(model: Decodable, plan: Plan, costs: CostModel | None) -> ChainSteps | TreeSteps:
+    lookup = Lookup(plan.lookup) if plan.lookup else None
     if isinstance(plan.tree, Dynamic):
-        return TreeSteps(plan.k_max, skeleton(plan.k_max), plan.tree)
+        return TreeSteps(plan.k_max, skeleton(plan.k_max), plan.tree, lookup=lookup)
     if plan.tree_auto:
         sizer = TreeBudget(costs, draft_tokens=plan.k_max)
-        return TreeSteps(plan.k_max, skeleton(plan.k_max), sizer, costs)
+        return TreeSteps(plan.k_max, skeleton(plan.k_max), sizer, costs, lookup)
     if plan.tree is not None:
         return TreeSteps(plan.k_max, plan.tree)
     if not plan.speculate:
@@ -250,12 +260,13 @@ def make_plan(
         )
     K, auto = _draft_len(cfg, model)
     tree = _tree(cfg, model)
-    tree_auto = cfg.tree == AUTO_TREE and cfg.speculate
+    tree_auto = cfg.speculate and cfg.tree is not None and parse_spec(cfg.tree) == AUTO_TREE
+    lookup = lookup_len(cfg.tree) if cfg.speculate and cfg.tree is not None else 0
     if isinstance(tree, Tree):
         K, auto = tree.max_depth, False
     if isinstance(tree, Dynamic) or tree_auto:  # trees as deep as --draft-len (default: D)
         auto = False
-    check_prompts(model, prompts, cfg, K)
+    check_prompts(model, prompts, cfg, max(K, lookup))
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     gen = None
     if not sampling.greedy:
@@ -266,7 +277,7 @@ def make_plan(
         if eos_id is None
         else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
     )
-    return Plan(cfg, K, auto, sampling, stop, gen, tree, tree_auto)
+    return Plan(cfg, K, auto, sampling, stop, gen, tree, tree_auto, lookup)
 
 
 def check_prompts(

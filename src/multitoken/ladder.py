@@ -158,6 +158,12 @@ class Plan:
     gen: torch.Generator | None = None
     tree: Tree | Dynamic | None = None  # --tree: steps verify trees instead of a chain
     tree_auto: bool = False  # --tree auto: each step's tree is chosen by the costs
+    lookup: int = 0  # --tree ...+lookup:L: prompt lookup's L tokens join each row's tree
+
+    @property
+    def deepest(self) -> int:
+        """The most tokens past the pending one that a step can accept."""
+        return max(self.k_max, self.lookup)
 
     @property
     def speculate(self) -> bool:
@@ -171,7 +177,7 @@ def prefill(model: Decodable, prompts: list[list[int]], plan: Plan) -> Decoding:
     device = model.parts.embed.weight.device
     B, P = len(prompts), max(map(len, prompts))
     lengths = [len(p) for p in prompts]
-    capacity = P + plan.cfg.max_new_tokens + 2 * (plan.k_max + 1)
+    capacity = P + plan.cfg.max_new_tokens + 2 * (plan.deepest + 1)
     tokens = torch.zeros(B, capacity, dtype=torch.long, device=device)
     tokens[:, :P] = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=device)
     kv = RaggedCache(B, device, model.trunk.config)

@@ -35,9 +35,13 @@ from multitoken.kvcache import position_mask
 AUTO = "auto"  # --tree auto: each step's tree chosen by the costs (multitoken.tree_auto)
 MAX_NODES = 256  # one trunk pass verifies them all; wider trees cost more than they gain
 DYNAMIC = "dynamic:"  # --tree dynamic:N: each row's own tree of N drafts a step
+# --tree dynamic:N+lookup[:L], auto+lookup[:L]: prompt lookup's continuation, up to L tokens,
+# grafted into each row's tree (multitoken.tree_lookup)
+LOOKUP = "+lookup"
+DEFAULT_LOOKUP = 8
 SPEC_HELP = (
-    "e.g. '3,2,1' (top-3, each with top-2 children, each with one), 'chain:4', 'dynamic:16' or "
-    "'auto'"
+    "e.g. '3,2,1' (top-3, each with top-2 children, each with one), 'chain:4', 'dynamic:16', "
+    "'auto' or 'auto+lookup'"
 )
 
 
@@ -199,8 +203,14 @@ class Dynamic:
 
 
 def parse_spec(spec: str) -> Tree | Dynamic | str:
-    """A ``--tree`` value: a static :class:`Tree`, a :class:`Dynamic` budget, or :data:`AUTO`."""
-    text = spec.replace(" ", "")
+    """A ``--tree`` value's shape: a static :class:`Tree`, a :class:`Dynamic` budget, or
+    :data:`AUTO` (its lookup part: :func:`lookup_len`)."""
+    text, lookup = _split_lookup(spec)
+    if lookup and text != AUTO and not text.startswith(DYNAMIC):
+        raise _bad(
+            f"tree {spec!r}: prompt lookup joins per-row trees only, as in "
+            f"'dynamic:8{LOOKUP}' or '{AUTO}{LOOKUP}'"
+        )
     if text == AUTO:
         return AUTO
     if text.startswith(DYNAMIC):
@@ -209,6 +219,27 @@ def parse_spec(spec: str) -> Tree | Dynamic | str:
             raise _bad(f"a tree of {nodes} drafts is over the limit of {MAX_NODES - 1}")
         return Dynamic(nodes)
     return Tree.parse(spec)
+
+
+def lookup_len(spec: str) -> int:
+    """The most prompt-lookup tokens a ``--tree`` value grafts into each row's tree (0: none)."""
+    return _split_lookup(spec)[1]
+
+
+def _split_lookup(spec: str) -> tuple[str, int]:
+    """``"auto+lookup:6"`` -> ("auto", 6); ``"auto+lookup"`` -> ("auto", DEFAULT_LOOKUP)."""
+    text = spec.replace(" ", "")
+    base, plus, tail = text.partition(LOOKUP)
+    if not plus:
+        return text, 0
+    if not tail:
+        return base, DEFAULT_LOOKUP
+    if not tail.startswith(":"):
+        raise _bad(f"tree {spec!r}: expected {LOOKUP} or {LOOKUP}:L; {SPEC_HELP}")
+    length = _positive(tail[1:], spec)
+    if length >= MAX_NODES:
+        raise _bad(f"a lookup of {length} tokens is over the limit of {MAX_NODES - 1}")
+    return base, length
 
 
 # The trees of a batch: one for every row (a static tree), or one per row, all of N nodes

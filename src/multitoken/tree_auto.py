@@ -23,6 +23,8 @@ average below a plain step's (:data:`PAYOFF_DECAY`), drafting rests 1, 2, 4, …
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -90,6 +92,41 @@ class Calibration:
         self._rates = None
 
 
+# A row's nodes ranked by value share one correction per group of ranks: 1, 2, 3-4, 5-8, ...
+RANK_GROUPS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_GROUP_OF = torch.tensor([bisect.bisect_left(RANK_GROUPS, r) for r in range(1, 257)])
+
+
+@dataclass
+class RankScale:
+    """How the r-th best node of a row turns out against its value v: ρ = (accepted + w) /
+    (Σ v + w) over the nodes of that rank group verified so far (decaying by ``decay`` a step,
+    starting at 1 with ``weight`` w tokens' worth). a(q) is fitted on candidates one by one;
+    summed over a tree, the values still come out high where the best of many estimates is
+    picked (the winner's curse) and where candidates' chances are not independent (prompt
+    lookup and the heads proposing one position). ρ is fitted on what the budget is decided
+    on: the nodes in value order."""
+
+    weight: float = 2.0
+    decay: float = 0.98
+    hits: torch.Tensor = field(default_factory=lambda: torch.zeros(len(RANK_GROUPS)))
+    expected: torch.Tensor = field(default_factory=lambda: torch.zeros(len(RANK_GROUPS)))
+
+    def __call__(self, n: int) -> torch.Tensor:
+        """[n] ρ of ranks 1..n."""
+        rho = (self.hits + self.weight) / (self.expected + self.weight)
+        return rho[_GROUP_OF[:n]]
+
+    def observe(self, values: torch.Tensor, hits: torch.Tensor) -> None:
+        """One step: ``values`` [B, n] each row's n verified nodes' v in rank order, ``hits``
+        [B, n] whether each was accepted."""
+        self.hits.mul_(self.decay)
+        self.expected.mul_(self.decay)
+        groups = _GROUP_OF[: values.size(1)].expand_as(values).flatten()
+        self.hits.index_add_(0, groups, hits.flatten().float())
+        self.expected.index_add_(0, groups, values.flatten().float())
+
+
 @dataclass
 class StepCosts:
     """What a step verifying n drafts costs, in units of t1, for n = 0..``n_max``: the model's
@@ -144,11 +181,14 @@ class TreeBudget:
     draft_tokens: int
     max_nodes: int = MAX_NODES
     calibration: Calibration = field(default_factory=Calibration)
+    rank_scale: RankScale = field(default_factory=RankScale)
     payoff: float = 1.0  # running mean of a drafting step's best rate over a plain step's
     rest: int = 0  # plain steps still to take before drafting again
     last_rest: int = 0  # the length of the rest before, doubled each time in a row
     step_costs: StepCosts = field(init=False)
     started: float | None = field(default=None, init=False)  # this step's start (perf_counter)
+    # this step's nodes in value order [B, n_max] and their values v, for rank_scale
+    ranked: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.step_costs = StepCosts(self.costs, self.draft_tokens, self.max_nodes)
@@ -171,8 +211,11 @@ class TreeBudget:
         node values ``values`` [B, N] (log v, the root's 0)."""
         B, N = values.shape
         n_max = min(self.max_nodes, N - 1)
-        v = values[:, 1:].float().cpu().exp().sort(dim=1, descending=True).values
-        gain = v[:, :n_max].cumsum(1).sum(0)  # [n_max]: the tokens n = 1..n_max nodes add
+        # value order as multitoken.tree_dynamic.best_nodes keeps them: equal values by index
+        order = torch.sort(-values[:, 1:].float().cpu(), dim=1, stable=True).indices[:, :n_max]
+        v = values[:, 1:].float().cpu().gather(1, order).exp()  # [B, n_max]
+        self.ranked = order + 1, v
+        gain = (v * self.rank_scale(n_max)).cumsum(1).sum(0)  # [n_max]: n = 1..n_max nodes add
         expected = B + torch.cat([gain.new_zeros(1), gain])  # [n_max + 1]: n = 0..n_max
         rates = expected / self.step_costs()[: n_max + 1]  # drafting is spent, whatever n is
         best = int(rates.argmax())
@@ -189,19 +232,28 @@ class TreeBudget:
         self, scores: torch.Tensor, kept: torch.Tensor, trees: list[Tree], paths: list[list[int]]
     ) -> None:
         """Calibrate on the candidates offered this step: the children of every node of each
-        row's kept path. ``scores`` [B, N] log q of every skeleton node, ``kept`` [B, n + 1]
+        row's kept path. ``scores`` [B, N] log q of every skeleton node (NaN: none, a node
+        of prompt lookup's), ``kept`` [B, n + 1]
         the skeleton nodes each row verified (its ``trees``), ``paths`` into them."""
+        n = kept.size(1) - 1
         if self.started is not None:  # the step's tokens are on the host: it has finished
-            self.step_costs.observe(kept.size(1) - 1, time.perf_counter() - self.started)
+            self.step_costs.observe(n, time.perf_counter() - self.started)
             self.started = None
+        if self.ranked is not None and n:
+            nodes, v = self.ranked
+            accepted = [set(row[i] for i in path) for row, path in zip(kept.tolist(), paths)]
+            hits = [[node in acc for node in row[:n]] for row, acc in zip(nodes.tolist(), accepted)]
+            self.rank_scale.observe(v[:, :n], torch.tensor(hits))
+        self.ranked = None
         q = scores.gather(1, kept).float().exp().tolist()  # [B][n + 1]
         offered, hit = [], []
         for row, tree, path in zip(q, trees, paths):
             on_path = set(path)
             for node in path:
                 for child in tree.children[node]:
-                    offered.append(row[child])
-                    hit.append(child in on_path)
+                    if not math.isnan(row[child]):  # NaN: a lookup node, not the heads'
+                        offered.append(row[child])
+                        hit.append(child in on_path)
         if offered:
             self.calibration.observe(torch.tensor(offered), torch.tensor(hit))
         else:

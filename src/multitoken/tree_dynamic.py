@@ -54,30 +54,48 @@ def prune_tree(
 
 def path_values(skeleton: Tree, scores: torch.Tensor) -> torch.Tensor:
     """[B, N] each node's value: the log of the product of the draft probabilities along its
-    path, ``scores`` [B, N] as in :func:`prune_tree` (the root's value is 0).
+    path, ``scores`` [B, N] as in :func:`prune_tree` (the root's value is 0)."""
+    return path_sums(skeleton, own_scores(skeleton, scores))
+
+
+def own_scores(skeleton: Tree, scores: torch.Tensor) -> torch.Tensor:
+    """[B, N] each node's own term of its value, from ``scores`` [B, N] (log probabilities).
 
     A kept node brings its parent, and its lower-ranked siblings (for sampled candidates the
     siblings are successive draws, and multi-candidate rejection must try a prefix of them):
     a node's own score is taken as the least over its elder siblings and itself, so that values
     never grow with rank or depth."""
-    elders, levels = _path_tables(skeleton, str(scores.device))
+    elders, _ = _path_tables(skeleton, str(scores.device))
     s = scores.float().clamp_min(LEAST_SCORE)  # a zero probability: finite, for the sums
     s = s[:, elders].amin(-1)  # [B, N, W] -> [B, N]: each node's least over its elders
     s[:, 0] = 0.0
+    return s
+
+
+def path_sums(skeleton: Tree, own: torch.Tensor) -> torch.Tensor:
+    """[B, N] the sum of ``own`` [B, N] along each node's path (in place)."""
+    _, levels = _path_tables(skeleton, str(own.device))
     # level by level, parent + own: a node never rounds above its parent or an elder sibling
     for nodes, up in levels:
-        s[:, nodes] += s[:, up]
-    return s
+        own[:, nodes] += own[:, up]
+    return own
 
 
 def keep_best(skeleton: Tree, values: torch.Tensor, budget: int) -> tuple[list[Tree], torch.Tensor]:
     """Each row's ``budget`` nodes of largest ``values`` [B, N] (:func:`path_values`), equal
     values going to the lower index (parents and elders first), as in :func:`prune_tree`."""
+    kept = best_nodes(values, budget)
+    return [_subtree(skeleton, tuple(row)) for row in kept.tolist()], kept
+
+
+def best_nodes(values: torch.Tensor, budget: int) -> torch.Tensor:
+    """[B, budget + 1] the root and each row's ``budget`` nodes of largest ``values`` [B, N],
+    equal values going to the lower index, in index order. Values that never grow from a node
+    to its children make the kept nodes closed under parents, when parents come first."""
     B, N = values.shape
     budget = min(budget, N - 1)
     best = torch.sort(-values[:, 1:], dim=1, stable=True).indices[:, :budget] + 1  # [B, budget]
-    kept = torch.sort(torch.cat([best.new_zeros(B, 1), best], dim=1), dim=1).values
-    return [_subtree(skeleton, tuple(row)) for row in kept.tolist()], kept
+    return torch.sort(torch.cat([best.new_zeros(B, 1), best], dim=1), dim=1).values
 
 
 class Sizer(Protocol):

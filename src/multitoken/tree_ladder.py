@@ -19,6 +19,8 @@ stop tokens, rows leaving the batch) is the chain's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from multitoken.kvcache import masks_per_kind
@@ -33,16 +35,36 @@ from multitoken.tree import (
     tree_attention_mask,
     tree_positions,
 )
-from multitoken.tree_dynamic import Sizer, keep_best, path_values
+from multitoken.tree_dynamic import Sizer, keep_best, own_scores, path_sums
+from multitoken.tree_lookup import Graft, Lookup
 
 
-def draft_tree(model: Decodable, state: Decoding, plan: Plan, tree: Tree, sizer: Sizer | None):
+@dataclass
+class Cut:
+    """What a sized step cut its trees from: every skeleton node's log draft probability
+    [B, S + L] (NaN: a lookup node), the nodes each row kept [B, N] (in its tree's order), each
+    row's tree, and the lookup graft (None: the heads' skeleton alone)."""
+
+    scores: torch.Tensor
+    kept: torch.Tensor
+    trees: list[Tree]
+    graft: Graft | None
+
+
+def draft_tree(
+    model: Decodable,
+    state: Decoding,
+    plan: Plan,
+    tree: Tree,
+    sizer: Sizer | None,
+    lookup: Lookup | None = None,
+):
     """Each row's tree (``tree`` itself, or with a ``sizer``, each row's best nodes of ``tree``
-    by their draft probabilities, as many as the sizer says: :mod:`multitoken.tree_dynamic`),
-    every node's token [B, N] (node 0: the pending token), when sampling the draft distribution
-    each node's children were drawn from [B, N, V] (None: top-k candidates), and with a sizer
-    what it cut from (every skeleton node's log draft probability [B, S], the nodes kept
-    [B, N], each row's tree).
+    by their draft probabilities, as many as the sizer says: :mod:`multitoken.tree_dynamic`;
+    with a ``lookup`` too, of ``tree`` with prompt lookup's continuation grafted in:
+    :mod:`multitoken.tree_lookup`), every node's token [B, N] (node 0: the pending token), when
+    sampling the draft distribution each node's children were drawn from [B, N, V] (None:
+    top-k candidates), and with a sizer the :class:`Cut`.
 
     Per-row trees take each node's top candidates even when sampling: which nodes a row keeps
     depends on the candidates' probabilities, and multi-candidate rejection stays exact for
@@ -70,9 +92,18 @@ def draft_tree(model: Decodable, state: Decoding, plan: Plan, tree: Tree, sizer:
         up = [which[max(i, 0)] for i in tree.parent]  # the row of each node's parent
         up = torch.tensor(up, device=law.device)[None] * law.size(-1)
         scores = law.flatten(1).gather(1, up + node_tokens)  # [B, N] log q of each node
-        values = path_values(tree, sizer.calibrate(scores))
-        trees, kept = keep_best(tree, values, sizer.budget(values))
-        return trees, node_tokens.gather(1, kept), None, (scores, kept, trees)
+        own = own_scores(tree, sizer.calibrate(scores))
+        if lookup is None:
+            values = path_sums(tree, own)
+            trees, kept = keep_best(tree, values, sizer.budget(values))
+            return trees, node_tokens.gather(1, kept), None, Cut(scores, kept, trees, None)
+        end = max(state.length)
+        contexts = [row[:n] for row, n in zip(state.tokens[:, :end].tolist(), state.length)]
+        graft = lookup.graft(tree, contexts, node_tokens, own)
+        values = graft.values()
+        trees, kept = graft.keep_best(values, sizer.budget(values))
+        scores = torch.cat([scores, scores.new_full((B, lookup.length), float("nan"))], dim=1)
+        return trees, graft.tokens.gather(1, kept), None, Cut(scores, kept, trees, graft)
     if q is None:
         return tree, node_tokens, None, None
     return tree, node_tokens, q[:, which], None
@@ -127,15 +158,24 @@ def move_paths_forward(state: Decoding, path: list[list[int]], verified: Verifie
 
 
 def tree_step(
-    model: Decodable, state: Decoding, plan: Plan, tree: Tree, watch, sizer: Sizer | None = None
+    model: Decodable,
+    state: Decoding,
+    plan: Plan,
+    tree: Tree,
+    watch,
+    sizer: Sizer | None = None,
+    lookup: Lookup | None = None,
 ):
     """draft → verify → accept → commit over ``tree`` (with a ``sizer``: each row's best nodes
-    of it). Returns each row's new tokens, tree and kept path."""
+    of it, and of a ``lookup``'s continuation). Returns each row's new tokens, tree and kept
+    path."""
     with watch.section():
-        trees, tokens, q_draft, cut = draft_tree(model, state, plan, tree, sizer)
+        trees, tokens, q_draft, cut = draft_tree(model, state, plan, tree, sizer, lookup)
     verified = verify_tree(model, state, tokens, trees)
     path, new, accepted = accept_tree(tokens, q_draft, verified.logits, plan, trees)
     commit(state, new, [len(a) for a in accepted], move_paths_forward(state, path, verified))
     if cut is not None:
-        sizer.observe(*cut, path)
+        sizer.observe(cut.scores, cut.kept, cut.trees, path)
+        if cut.graft is not None:
+            lookup.observe(cut.graft, cut.kept, path)
     return accepted, trees, path

@@ -91,7 +91,7 @@ def _add_drafting_flags(add) -> None:
         default=[],
         metavar="SPEC",
         help="also verify this tree of drafts, one row per --tree (e.g. --tree 3,2,1 --tree "
-        "dynamic:16 --tree auto)",
+        "dynamic:16 --tree auto --tree auto+lookup)",
     )
 
 
@@ -226,6 +226,7 @@ def _corpus(args: argparse.Namespace, config: dict) -> tuple[Corpus | None, str 
 def _check_inputs(args: argparse.Namespace) -> _Inputs:
     """Every input, in the order a person would fix them; nothing is timed yet."""
     from multitoken.bench import check_fits, load_draft_model, parse_draft_lens
+    from multitoken.tree import lookup_len
 
     model, also, precision = _load_model(args)
     depth = max(m.depth for m in [model, *also.values()])
@@ -235,7 +236,8 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
     draft = None if args.draft_model is None else load_draft_model(args.draft_model, vocab)
     corpus, corpus_error = _corpus(args, config)
     prompts, source, flag = _prompts(args, model.tokenizer, corpus, corpus_error)
-    longest = max(draft_lens + [args.prompt_lookup, model.depth])  # auto drafts up to D
+    lookups = [lookup_len(spec) for spec in args.tree or []]  # trees' lookup paths go deeper
+    longest = max(draft_lens + lookups + [args.prompt_lookup, model.depth])  # auto: up to D
     check_fits(model, prompts, args.max_new_tokens, longest, flag)
     return _Inputs(model, also, precision, draft_lens, ckpt, config, draft, corpus, prompts, source)
 
