@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/multitoken train --preset tiny --family bpd --depth 3 --max-steps 300 --eval-every 150 --out runs/demo
-	$(BIN)/multitoken bench --checkpoint runs/demo --tree dynamic:8 --tree auto --json runs/demo/bench.json --plot runs/demo/bench.png
+	$(BIN)/multitoken bench --checkpoint runs/demo --tree dynamic:8 --tree auto --tree auto+lookup --json runs/demo/bench.json --plot runs/demo/bench.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -180,7 +180,7 @@ def main(out: Path) -> None:
     plot = ["--plot", str(out / "bench_code.png")]  # with speedup against the node budget
     sets = {
         "code": ["--data", "stdlib", "--num-prompts", str(BENCH_PROMPTS), *trees, *plot],
-        "chat": ["--prompts", str(chat_test), "--num-prompts", str(BENCH_CHAT_PROMPTS)],
+        "chat": ["--prompts", str(chat_test), "--num-prompts", str(BENCH_CHAT_PROMPTS), *trees],
     }
     for name, source in sets.items():
         result = out / f"bench_{name}.json"

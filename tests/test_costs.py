@@ -29,28 +29,35 @@ REALISTIC = fixed_costs([1.0, 1.44, 1.92, 1.73, 1.8], 0.1)  # SmolLM2 on 2 AVX2 
 def test_auto_greedy_equals_plain_for_every_family_and_batch_row(family):
     model = perturb_heads(model_of(family, depth=3))
     plain = generate(model, PROMPTS, max_new_tokens=30, speculate=False)
-    auto = generate(model, PROMPTS, max_new_tokens=30, draft_len="auto", costs=REALISTIC)
+    auto = generate(
+        model, PROMPTS, max_new_tokens=30, tree="chain", draft_len="auto", costs=REALISTIC
+    )
     assert auto.tokens == plain.tokens
     ks = auto.stats.draft_lens
     assert 0 in ks and max(ks) >= 2, ks  # K really changed from step to step
     assert len(auto.stats.acceptance) == 3
     for prompt, tokens in zip(PROMPTS, plain.tokens):
         assert tokens == hf_greedy(model, prompt, 30)
-        alone = generate(model, [prompt], max_new_tokens=30, draft_len="auto", costs=CHEAP)
+        alone = generate(
+            model, [prompt], max_new_tokens=30, tree="chain", draft_len="auto", costs=CHEAP
+        )
         assert alone.tokens == [tokens]
 
 
-def test_auto_is_the_default_and_measures_its_costs_once_per_trunk():
+@pytest.mark.parametrize("tree, points", [("chain", 3), (None, 13)])
+def test_auto_is_the_default_and_measures_its_costs_once_per_trunk(tree, points):
+    """Chains measure c(1..3) for K up to D = 2; the default, trees sized by the costs, c(q)
+    for q = 1..8, 12, 16, 24, 32 and 33 (the interpolated rest: tests/test_costs.py)."""
     model = perturb_heads(model_of("bpd", depth=2), scale=0.3)
     assert GenerateConfig().draft_len == "auto"
     calls = []
     hook = model.trunk.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
-        first = generate(model, PROMPTS[:1], max_new_tokens=8)  # measures c(1..3), then decodes
+        first = generate(model, PROMPTS[:1], max_new_tokens=8, tree=tree)  # measures, decodes
         measuring = len(calls) - first.stats.trunk_passes
-        assert measuring == 3 * (costs.AUTO_REPEATS + 1) + 1  # +1: the cached context
+        assert measuring == points * (costs.AUTO_REPEATS + 1) + 1  # +1: the cached context
         calls.clear()
-        again = generate(model, PROMPTS[:1], max_new_tokens=8)
+        again = generate(model, PROMPTS[:1], max_new_tokens=8, tree=tree)
         assert len(calls) == again.stats.trunk_passes  # the curve was kept
     finally:
         hook.remove()
@@ -64,7 +71,7 @@ def auto_with_oracle_heads(wrong: bool, costs: CostModel):
     model = model_of("bpd")
     plain = generate(model, PROMPTS, max_new_tokens=40, speculate=False)
     model.heads = OracleHeads(model, wrong=wrong)
-    out = generate(model, PROMPTS, max_new_tokens=40, draft_len="auto", costs=costs)
+    out = generate(model, PROMPTS, max_new_tokens=40, tree="chain", draft_len="auto", costs=costs)
     assert out.tokens == plain.tokens
     return out
 
@@ -93,7 +100,9 @@ def test_heads_that_skip_steps_still_draft_what_full_recomputation_gives(family)
     model = perturb_heads(model_of(family, depth=3))
     checked = CheckedHeads(model)
     model.heads = checked
-    out = generate(model, PROMPTS, max_new_tokens=30, draft_len="auto", costs=REALISTIC)
+    out = generate(
+        model, PROMPTS, max_new_tokens=30, tree="chain", draft_len="auto", costs=REALISTIC
+    )
     assert 0 in out.stats.draft_lens and checked.checked >= 3
     model.heads = checked.inner
     assert out.tokens == generate(model, PROMPTS, max_new_tokens=30, speculate=False).tokens

@@ -110,7 +110,7 @@ def test_greedy_with_a_draft_vocabulary_equals_plain_greedy(family):
     model = with_subset(family)
     plain = generate(model, PROMPTS, max_new_tokens=20, speculate=False)
     for K in (1, 3):
-        spec = generate(model, PROMPTS, max_new_tokens=20, draft_len=K)
+        spec = generate(model, PROMPTS, max_new_tokens=20, tree="chain", draft_len=K)
         assert spec.tokens == plain.tokens, K
     # the drafts lie in the subset: the heads never propose anything else
     seen = []
@@ -122,7 +122,7 @@ def test_greedy_with_a_draft_vocabulary_equals_plain_greedy(family):
         return drafts, q
 
     model.heads.draft = spy
-    generate(model, PROMPTS, max_new_tokens=20, draft_len=3)
+    generate(model, PROMPTS, max_new_tokens=20, tree="chain", draft_len=3)
     drafted = torch.cat([d.flatten() for d in seen])
     assert torch.isin(drafted, SUBSET).all()
 
@@ -139,7 +139,9 @@ def test_sampling_with_a_draft_vocabulary_follows_the_trunk_distribution():
     prompt = [1, 2, 3]
     expected = two_token_law(model.trunk, prompt, 8)  # [64] joint law of (x1, x2)
     n = 2000
-    out = generate(model, [prompt] * n, max_new_tokens=2, draft_len=1, temperature=1.0, seed=7)
+    out = generate(
+        model, [prompt] * n, max_new_tokens=2, tree="chain", draft_len=1, temperature=1.0, seed=7
+    )
     assert 0.05 < out.stats.acceptance[0] < 0.95  # drafts are accepted and rejected
     counts = two_token_counts(out.tokens, 8)
     outside = torch.tensor([t not in (1, 4, 6) for t in range(8)]).repeat(8)
@@ -172,7 +174,7 @@ def test_heads_files_keep_the_subset(tmp_path, family, extra):
     loaded = load_heads(micro_llama(0), tmp_path)
     assert torch.equal(loaded.heads.draft_ids, SUBSET)
     for temperature in (0.0, 1.0):
-        kwargs = dict(max_new_tokens=12, draft_len=3, temperature=temperature, seed=3)
+        kwargs = dict(max_new_tokens=12, tree="chain", draft_len=3, temperature=temperature, seed=3)
         ours, theirs = generate(model, PROMPTS, **kwargs), generate(loaded, PROMPTS, **kwargs)
         assert ours.tokens == theirs.tokens
         assert ours.stats.acceptance == theirs.stats.acceptance

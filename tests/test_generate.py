@@ -94,12 +94,16 @@ def test_speculative_greedy_equals_plain_and_transformers(family, monkeypatch):
         assert tokens == hf_greedy(model, prompt, 24)
     spy = CommitSpy(monkeypatch)
     for K in (1, 2, 3) + ((6,) if family == "deepseek" else ()):
-        spec = generate(model, PROMPTS, max_new_tokens=24, draft_len=K)  # one batch of 3
+        spec = generate(
+            model, PROMPTS, max_new_tokens=24, tree="chain", draft_len=K
+        )  # one batch of 3
         assert spec.tokens == plain.tokens, K
         assert spec.stats.acceptance[0] > 0.3, spec.stats.acceptance  # the heads do draft
         assert spec.stats.trunk_passes < plain.stats.trunk_passes
         for prompt, tokens in zip(PROMPTS, spec.tokens):  # each row equals that row alone
-            assert generate(model, [prompt], max_new_tokens=24, draft_len=K).tokens == [tokens]
+            assert generate(
+                model, [prompt], max_new_tokens=24, tree="chain", draft_len=K
+            ).tokens == [tokens]
     assert spy.ragged_steps >= 5
 
 
@@ -172,7 +176,7 @@ def test_stub_heads_always_or_never_accepted(wrong):
     plain = generate(model, PROMPTS, max_new_tokens=21, speculate=False)
     model.heads = OracleHeads(model, wrong)
     K = 4
-    spec = generate(model, PROMPTS, max_new_tokens=21, draft_len=K)
+    spec = generate(model, PROMPTS, max_new_tokens=21, tree="chain", draft_len=K)
     assert spec.tokens == plain.tokens
     if wrong:
         assert spec.stats.acceptance[0] == 0.0 and spec.stats.tau == pytest.approx(1.0)
@@ -191,7 +195,7 @@ def test_a_stop_token_inside_an_accepted_draft_ends_the_row_there():
     stop = row[6]  # lands inside the second step's accepted draft (K = 4: steps of 5 tokens)
     end = row.index(stop) + 1
     model.heads = OracleHeads(model, wrong=False)
-    spec = generate(model, PROMPTS, max_new_tokens=21, draft_len=4, eos_id=stop)
+    spec = generate(model, PROMPTS, max_new_tokens=21, tree="chain", draft_len=4, eos_id=stop)
     assert spec.tokens[0] == row[:end]
     for tokens, full in zip(spec.tokens[1:], plain.tokens[1:]):
         assert tokens == (full[: full.index(stop) + 1] if stop in full else full)
@@ -261,7 +265,7 @@ def test_cached_drafts_equal_full_recomputation_after_many_steps(family, K, monk
     model.heads = checked
     spy = CommitSpy(monkeypatch)
     try:
-        out = generate(model, PROMPTS, max_new_tokens=30, draft_len=K)
+        out = generate(model, PROMPTS, max_new_tokens=30, tree="chain", draft_len=K)
     finally:
         model.heads = checked.inner
     assert checked.checked >= 10
@@ -282,7 +286,7 @@ def test_sampled_speculative_decoding_follows_the_trunk_distribution(draft_len):
     expected = two_token_law(model.trunk, prompt, 8)  # [64] joint law of (x1, x2)
     n = 3000
     costs = CostModel([1.0, 1.05, 4.0], t1_s=1e-3, prior_draft=0.05, learn_draft=False)
-    options = dict(draft_len=draft_len, temperature=1.0, seed=7, costs=costs)
+    options = dict(tree="chain", draft_len=draft_len, temperature=1.0, seed=7, costs=costs)
     out = generate(model, [prompt] * n, max_new_tokens=3, **options)
     assert out.stats.draft_lens[0] == (2 if draft_len == 2 else 1)
     assert out.stats.acceptance[0] < 0.8  # drafts do get rejected
@@ -307,7 +311,7 @@ def test_sampling_is_exact_at_both_draft_positions_for_every_family(family, top_
     prompt = [1, 2, 3]
     sampling = Sampling(temperature=1.0, top_k=top_k, top_p=top_p)
     expected = three_token_law(model.trunk, prompt, 4, sampling)  # [64]
-    options = dict(draft_len=2, temperature=1.0, top_k=top_k, top_p=top_p, seed=11)
+    options = dict(tree="chain", draft_len=2, temperature=1.0, top_k=top_k, top_p=top_p, seed=11)
     out = generate(model, [prompt] * 2500, max_new_tokens=3, **options)
     assert out.stats.draft_lens[0] == 2
     assert 0 < out.stats.acceptance[0] < 0.9  # drafts are both accepted and rejected
@@ -363,8 +367,8 @@ def test_prefill_computes_logits_at_each_rows_last_position_only(family):
     model = model_of(family, depth=2)
     spy = TrunkSpy(model)
     try:
-        alone = generate(model, [PROMPTS[2]], max_new_tokens=6, draft_len=2)
-        batch = generate(model, PROMPTS, max_new_tokens=6, draft_len=2)
+        alone = generate(model, [PROMPTS[2]], max_new_tokens=6, tree="chain", draft_len=2)
+        batch = generate(model, PROMPTS, max_new_tokens=6, tree="chain", draft_len=2)
     finally:
         spy.remove()
     calls = spy.calls
@@ -380,7 +384,7 @@ def test_verify_asks_for_the_k_plus_1_positions_it_checks():
     model = model_of("bpd")
     spy = TrunkSpy(model)
     try:
-        generate(model, PROMPTS, max_new_tokens=12, draft_len=3)
+        generate(model, PROMPTS, max_new_tokens=12, tree="chain", draft_len=3)
         passes_spec = len(spy.calls)
         generate(model, PROMPTS, max_new_tokens=12, speculate=False)
     finally:
@@ -396,11 +400,13 @@ def test_a_trunk_without_logits_to_keep_decodes_the_same(monkeypatch):
     import multitoken.ladder as decoding
 
     model = model_of("deepseek", depth=2)
-    expected = generate(model, PROMPTS, max_new_tokens=8, draft_len=2).tokens
+    expected = generate(model, PROMPTS, max_new_tokens=8, tree="chain", draft_len=2).tokens
     monkeypatch.setattr(decoding, "_takes_logits_to_keep", lambda cls: False)
     spy = TrunkSpy(model)
     try:
-        assert generate(model, PROMPTS, max_new_tokens=8, draft_len=2).tokens == expected
+        assert (
+            generate(model, PROMPTS, max_new_tokens=8, tree="chain", draft_len=2).tokens == expected
+        )
     finally:
         spy.remove()
     assert spy.calls[0] == (11, 0, 11)  # nothing asked: all 11 positions came back
@@ -450,7 +456,7 @@ def test_a_batch_past_the_window_stays_batched_and_exact(monkeypatch, build, win
 
     monkeypatch.setattr(RaggedCache, "commit", spy)
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
-    out = generate(model, prompts, max_new_tokens=30, draft_len=4)
+    out = generate(model, prompts, max_new_tokens=30, tree="chain", draft_len=4)
     for prompt, tokens in zip(prompts, out.tokens):
         assert tokens == hf_greedy(model, prompt, 30)
     hits, tries = out.stats.head_hits, out.stats.head_tries

@@ -23,8 +23,8 @@ def test_text_in_text_out_decodes_what_token_ids_decode():
 
     model = byte_model()
     model.tokenizer = ByteTokenizer()
-    texts, stats = model.generate(["ab", "xyz"], max_new_tokens=5, draft_len=2)
-    ids = generate(model, [list(b"ab"), list(b"xyz")], max_new_tokens=5, draft_len=2)
+    texts, stats = model.generate(["ab", "xyz"], max_new_tokens=5, tree="chain", draft_len=2)
+    ids = generate(model, [list(b"ab"), list(b"xyz")], max_new_tokens=5, tree="chain", draft_len=2)
     assert texts == [model.tokenizer.decode(t) for t in ids.tokens]
     assert stats["tokens"] == sum(map(len, ids.tokens)) and stats["tau"] >= 1
 

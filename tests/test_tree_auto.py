@@ -4,6 +4,8 @@ step does better, and decoding with it stays exact."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 from test_generate import PROMPTS, trained
@@ -12,7 +14,7 @@ from test_tree_ladder import far_heads, sample_the_trunks_law
 from multitoken.costs import CostModel
 from multitoken.generate import generate
 from multitoken.tree import Tree
-from multitoken.tree_auto import LONGEST_REST, Calibration, StepCosts, TreeBudget
+from multitoken.tree_auto import LONGEST_REST, Calibration, RankScale, StepCosts, TreeBudget
 from multitoken.tree_dynamic import keep_best, path_values, skeleton
 
 
@@ -162,3 +164,36 @@ def test_step_costs_fit_a_line_through_the_steps_timed():
     fixed = StepCosts(costs([1.0, 1.1, 1.2]), draft_tokens=2, n_max=2)
     fixed.observe(1, 5.0)  # a cost model given whole is kept as it is
     assert fixed().tolist() == pytest.approx([1.0, 1.1, 1.2])
+
+
+def test_rank_scale_learns_how_each_rank_of_value_turns_out():
+    scale = RankScale(decay=1.0)
+    assert scale(6).tolist() == [1.0] * 6  # at their word before anything is seen
+    v = torch.tensor([[0.9, 0.8, 0.5, 0.5, 0.4, 0.4]])
+    for step in range(400):  # rank 1 right as claimed, ranks 3-4 a fifth as often
+        hit = [step % 10 < 9, step % 10 < 8, step % 10 < 1, False, step % 10 < 2, False]
+        scale.observe(v, torch.tensor([hit]))
+    rho = scale(6).tolist()
+    assert rho[0] == pytest.approx(1.0, abs=0.02) and rho[1] == pytest.approx(1.0, abs=0.02)
+    assert rho[2] == rho[3] == pytest.approx(0.1, abs=0.02)  # one group: 0.1 / 1.0
+    assert rho[4] == rho[5] == pytest.approx(0.25, abs=0.02)  # ranks 5-8: 0.2 / 0.8
+
+
+def test_a_tail_of_nodes_that_is_never_accepted_stops_being_bought():
+    """Every node claims 0.5 and only each step's best one is ever right: the budget, at first
+    the whole skeleton, falls to that one node."""
+    S = skeleton(2)
+    sizer = TreeBudget(costs([1.0 + 0.05 * (q - 1) for q in range(1, 41)]), 2)
+    scores = torch.full((1, S.size), 0.5).log()
+    values = path_values(S, scores)
+    budgets = []
+    for _ in range(40):
+        n = sizer.budget(values)
+        trees, kept = keep_best(S, values, n)
+        best = int(sizer.ranked[0][0, 0])  # the node of largest value
+        path = [0] + ([kept[0].tolist().index(best)] if n else [])
+        sizer.observe(scores, kept, trees, [path])
+        budgets.append(n)
+    assert budgets[0] == S.size - 1 and statistics.median(budgets[:10]) >= 4
+    # the tail's record fades (decay), so now and then it is bought again, and dropped again
+    assert statistics.median(budgets[-20:]) == 1

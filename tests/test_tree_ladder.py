@@ -19,7 +19,7 @@ from multitoken.model import MTPModel
 def test_greedy_trees_decode_exactly_the_trunks_output(family):
     model = trained(family)
     plain = generate(model, PROMPTS, max_new_tokens=24, speculate=False)
-    chain = generate(model, PROMPTS, max_new_tokens=24, draft_len=3)
+    chain = generate(model, PROMPTS, max_new_tokens=24, tree="chain", draft_len=3)
     for tree in ("2,2,1", "3,2,2"):
         out = generate(model, PROMPTS, max_new_tokens=24, tree=tree)  # one batch of 3
         assert out.tokens == plain.tokens, tree
@@ -61,7 +61,7 @@ class RunnerUpHeads(MTPHeads):
 def test_a_tree_accepts_the_runner_up_a_chain_never_sees():
     model = model_of("bpd", depth=2)
     model.heads = RunnerUpHeads(model)
-    chain = generate(model, PROMPTS, max_new_tokens=12, draft_len=2)
+    chain = generate(model, PROMPTS, max_new_tokens=12, tree="chain", draft_len=2)
     tree = generate(model, PROMPTS, max_new_tokens=12, tree="2,2")
     assert chain.stats.acceptance == [0.0, 0.0]
     assert tree.stats.acceptance == [1.0, 1.0]

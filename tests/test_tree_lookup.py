@@ -12,7 +12,7 @@ from test_tree_auto import costs
 from test_tree_ladder import far_heads, sample_the_trunks_law
 
 from multitoken.errors import MultitokenError
-from multitoken.generate import generate
+from multitoken.generate import generate, make_plan
 from multitoken.tree import DEFAULT_LOOKUP, Dynamic, Tree, lookup_len, parse_spec
 from multitoken.tree_dynamic import own_scores
 from multitoken.tree_lookup import Lookup, LookupRates, continuation
@@ -137,3 +137,19 @@ def test_sampling_with_lookup_in_the_trees_follows_the_trunks_law(family, monkey
     sample_the_trunks_law(far_heads(family), tree="dynamic:3+lookup:3", seed=11)
     hits = [hit for _, _, hit in outcomes]
     assert any(hits) and not all(hits)  # lookup's candidates were accepted and rejected
+
+
+def test_decoding_verifies_auto_trees_with_lookup_unless_chains_are_asked_for():
+    model = trained("bpd")
+    plan = make_plan(model, PROMPTS, max_new_tokens=16)  # --tree not given
+    assert plan.tree_auto and plan.lookup == DEFAULT_LOOKUP and plan.tree is None
+    chain = make_plan(model, PROMPTS, max_new_tokens=16, tree="chain", draft_len=2)
+    assert not chain.tree_auto and chain.lookup == 0 and chain.tree is None
+    assert chain.k_max == 2 and not chain.auto
+    # typical acceptance verifies chains only
+    typical = make_plan(model, PROMPTS, max_new_tokens=16, temperature=1.0, typical=0.2)
+    assert not typical.tree_auto and typical.lookup == 0 and typical.tree is None
+    plain = make_plan(model, PROMPTS, max_new_tokens=16, speculate=False)
+    assert not plain.tree_auto and plain.lookup == 0
+    with pytest.raises(MultitokenError, match="typical"):
+        make_plan(model, PROMPTS, tree="auto", temperature=1.0, typical=0.2)

@@ -218,7 +218,7 @@ def test_hand_written_folder_imports_to_the_design_equations(arch, tmp_path):
     # free-running greedy drafts during decoding: d_k from module k on committed + d_1..d_{k-1}
     recorded = RecordedHeads(model.heads)
     model.heads = recorded
-    generate(model, [PROMPT], max_new_tokens=12, draft_len=D)
+    generate(model, [PROMPT], max_new_tokens=12, tree="chain", draft_len=D)
     assert len(recorded.calls) >= 3
     for committed, drafts in recorded.calls:
         n, seq = committed.numel() - 1, committed[None]  # h^0 is known at positions 0..n-1
@@ -273,8 +273,8 @@ def test_write_then_load_is_bit_identical(arch, tmp_path, caplog):
     assert all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])]
     loaded.trunk.save_pretrained(tmp_path / "trunk")  # the trunk alone announces no modules
     assert mtp_depth(tmp_path / "trunk") == 0
-    ours = generate(model, [PROMPT, PROMPT[:2]], max_new_tokens=16, draft_len=3)
-    theirs = generate(loaded, [PROMPT, PROMPT[:2]], max_new_tokens=16, draft_len=3)
+    ours = generate(model, [PROMPT, PROMPT[:2]], max_new_tokens=16, tree="chain", draft_len=3)
+    theirs = generate(loaded, [PROMPT, PROMPT[:2]], max_new_tokens=16, tree="chain", draft_len=3)
     assert ours.tokens == theirs.tokens
     assert ours.stats.acceptance == theirs.stats.acceptance
 

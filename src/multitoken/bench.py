@@ -51,7 +51,7 @@ from multitoken.kernels import choose_linear_kernel, linear_kernels
 from multitoken.model import MTPModel
 from multitoken.prompts import read_prompt_records
 from multitoken.tree import AUTO as AUTO_TREE
-from multitoken.tree import Dynamic, Tree, parse_spec
+from multitoken.tree import CHAIN, Dynamic, Tree, parse_spec
 from multitoken.tree_auto import MAX_NODES as TREE_NODES
 
 # transformers' methods and the draft model's loader are bench_peers'; named here as well, so
@@ -140,11 +140,11 @@ def ours(
 ) -> Decode:
     """Our decoder for one prompt; ``K`` None is plain decoding (the trunk alone), ``"auto"``
     chooses K before each step; ``kernel``: of the linear layers; ``tree``: verify that tree
-    (``--tree``) instead of a chain."""
+    (``--tree``) instead of a chain (None: a chain)."""
 
     def decode(prompt: list[int]):
         spec = dict(draft_len=K or 1, speculate=K is not None, temperature=0.0)
-        spec.update(linear_kernel=kernel, tree=tree)
+        spec.update(linear_kernel=kernel, tree=CHAIN if tree is None else tree)
         out = generate(model, [prompt], max_new_tokens=new, eos_id=None, **spec)
         return out.tokens[0], out.stats.trunk_passes, out.stats
 

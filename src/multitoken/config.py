@@ -47,6 +47,8 @@ FAMILIES = ("bpd", "meta", "deepseek")
 PRECISIONS = ("auto", "bf16", "fp32")
 LINEAR_KERNELS = ("auto", "onednn", "torch")  # multitoken.kernels
 HEAD_LABELS = ("text", "trunk")  # multitoken.losses
+# what decoding verifies when --tree is not given (multitoken.tree; --typical verifies chains)
+DEFAULT_TREE = "auto+lookup"
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,7 +494,8 @@ class GenerateConfig:
     )
     tree: str | None = _field(
         None,
-        "verify a tree of drafts in one trunk pass instead of one chain: '3,2,1' = the heads' "
+        f"what each step verifies in one trunk pass (default: {DEFAULT_TREE}; chains with "
+        "--typical): 'chain' = one chain of --draft-len drafts; '3,2,1' = a tree, the heads' "
         "top-3 for the next draft, each with top-2 children, each with one; 'chain:K' = a "
         "chain; 'dynamic:N' = each row its own N drafts with the largest product of draft "
         "probabilities (EAGLE-2); auto = such trees, each step as many drafts as pay for "
@@ -536,8 +539,7 @@ class GenerateConfig:
                 "--linear-kernel",
             )
         if self.tree is not None:
-            from multitoken.tree import parse_spec  # torch: only when a tree is asked for
+            from multitoken.tree import CHAIN, parse_spec  # torch: only when a tree is asked for
 
-            parse_spec(self.tree)
-            if self.typical > 0:
+            if parse_spec(self.tree) != CHAIN and self.typical > 0:
                 raise MultitokenError("typical acceptance verifies chains only", "--tree")

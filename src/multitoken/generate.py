@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from multitoken.config import GenerateConfig, draft_len_value
+from multitoken.config import DEFAULT_TREE, GenerateConfig, draft_len_value
 from multitoken.costs import CostModel, DraftLen, Stopwatch, cost_model
 from multitoken.errors import MultitokenError
 from multitoken.kernels import choose_linear_kernel, linear_kernels
@@ -37,7 +37,7 @@ from multitoken.ladder import (
 )
 from multitoken.sampling import Sampling
 from multitoken.tree import AUTO as AUTO_TREE
-from multitoken.tree import Dynamic, Tree, lookup_len, parse_spec
+from multitoken.tree import CHAIN, Dynamic, Tree, lookup_len, parse_spec
 from multitoken.tree_auto import MAX_NODES as TREE_NODES
 from multitoken.tree_auto import TreeBudget
 from multitoken.tree_dynamic import Sizer, skeleton
@@ -219,12 +219,16 @@ def generate(
     ``max_new_tokens`` or at a stop token ``eos_id`` (one id, or several: chat models end a turn
     with a token of their own), which is kept as the row's last token.
 
-    Options are the fields of :class:`GenerateConfig` (``max_new_tokens``, ``draft_len``,
-    ``temperature``, ``top_k``, ``top_p``, ``seed``, ``speculate``). ``draft_len``: ``"auto"``
-    (the default) chooses K in 0..D before each step (:mod:`multitoken.costs`); a number fixes
-    K (K > D for the DeepSeek family only: its last module is reused recurrently); None is D.
-    ``costs``: the :class:`~multitoken.costs.CostModel` auto uses (default: measured once per
-    trunk, device and dtype). ``on_tokens(row, tokens)`` is called as tokens are accepted
+    Options are the fields of :class:`GenerateConfig` (``max_new_tokens``, ``tree``,
+    ``draft_len``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``speculate``). ``tree``: what
+    a step verifies, by default each row's tree of drafts and prompt lookup sized by the costs
+    (:data:`multitoken.config.DEFAULT_TREE`, :mod:`multitoken.tree_auto`,
+    :mod:`multitoken.tree_lookup`); ``"chain"`` verifies one chain, whose length ``draft_len``
+    ``"auto"`` (the default) chooses in 0..D before each step (:mod:`multitoken.costs`) and a
+    number fixes (K > D for the DeepSeek family only: its last module is reused recurrently;
+    None is D); for trees, ``draft_len`` is how deep the heads draft. ``costs``: the
+    :class:`~multitoken.costs.CostModel` auto uses (default: measured once per trunk, device
+    and dtype). ``on_tokens(row, tokens)`` is called as tokens are accepted
     (streaming)."""
     t0 = time.perf_counter()
     plan = make_plan(model, prompts, config, eos_id, **options)
@@ -259,9 +263,10 @@ def make_plan(
             "distribution exactly"
         )
     K, auto = _draft_len(cfg, model)
-    tree = _tree(cfg, model)
-    tree_auto = cfg.speculate and cfg.tree is not None and parse_spec(cfg.tree) == AUTO_TREE
-    lookup = lookup_len(cfg.tree) if cfg.speculate and cfg.tree is not None else 0
+    spec = tree_spec(cfg)
+    tree = _tree(spec, model)
+    tree_auto = spec is not None and parse_spec(spec) == AUTO_TREE
+    lookup = 0 if spec is None else lookup_len(spec)
     if isinstance(tree, Tree):
         K, auto = tree.max_depth, False
     if isinstance(tree, Dynamic) or tree_auto:  # trees as deep as --draft-len (default: D)
@@ -311,11 +316,20 @@ def check_prompts(
         )
 
 
-def _tree(cfg: GenerateConfig, model: Decodable) -> Tree | Dynamic | None:
-    """The tree ``--tree`` asks for, checked against the heads (None: chains, or auto)."""
-    if cfg.tree is None or not cfg.speculate:
+def tree_spec(cfg: GenerateConfig) -> str | None:
+    """The ``--tree`` in force: the one given, else :data:`multitoken.config.DEFAULT_TREE`
+    (chains under ``--typical``, which verifies chains only); None: chains, or no drafts."""
+    if not cfg.speculate:
         return None
-    tree = parse_spec(cfg.tree)
+    spec = cfg.tree if cfg.tree is not None else (CHAIN if cfg.typical > 0 else DEFAULT_TREE)
+    return None if parse_spec(spec) == CHAIN else spec
+
+
+def _tree(spec: str | None, model: Decodable) -> Tree | Dynamic | None:
+    """The tree of ``spec``, checked against the heads (None: chains, or auto)."""
+    if spec is None:
+        return None
+    tree = parse_spec(spec)
     if not isinstance(tree, Tree):
         return None if tree == AUTO_TREE else tree
     longest = model.heads.max_draft_len()

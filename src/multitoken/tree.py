@@ -33,6 +33,7 @@ from multitoken.errors import MultitokenError
 from multitoken.kvcache import position_mask
 
 AUTO = "auto"  # --tree auto: each step's tree chosen by the costs (multitoken.tree_auto)
+CHAIN = "chain"  # --tree chain: one chain of drafts a step, K from --draft-len
 MAX_NODES = 256  # one trunk pass verifies them all; wider trees cost more than they gain
 DYNAMIC = "dynamic:"  # --tree dynamic:N: each row's own tree of N drafts a step
 # --tree dynamic:N+lookup[:L], auto+lookup[:L]: prompt lookup's continuation, up to L tokens,
@@ -41,7 +42,7 @@ LOOKUP = "+lookup"
 DEFAULT_LOOKUP = 8
 SPEC_HELP = (
     "e.g. '3,2,1' (top-3, each with top-2 children, each with one), 'chain:4', 'dynamic:16', "
-    "'auto' or 'auto+lookup'"
+    "'auto', 'auto+lookup' or 'chain'"
 )
 
 
@@ -203,9 +204,11 @@ class Dynamic:
 
 
 def parse_spec(spec: str) -> Tree | Dynamic | str:
-    """A ``--tree`` value's shape: a static :class:`Tree`, a :class:`Dynamic` budget, or
-    :data:`AUTO` (its lookup part: :func:`lookup_len`)."""
+    """A ``--tree`` value's shape: a static :class:`Tree`, a :class:`Dynamic` budget,
+    :data:`AUTO` (its lookup part: :func:`lookup_len`) or :data:`CHAIN` (no tree)."""
     text, lookup = _split_lookup(spec)
+    if text == CHAIN and not lookup:
+        return CHAIN
     if lookup and text != AUTO and not text.startswith(DYNAMIC):
         raise _bad(
             f"tree {spec!r}: prompt lookup joins per-row trees only, as in "

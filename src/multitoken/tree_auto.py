@@ -120,8 +120,8 @@ class RankScale:
     def observe(self, values: torch.Tensor, hits: torch.Tensor) -> None:
         """One step: ``values`` [B, n] each row's n verified nodes' v in rank order, ``hits``
         [B, n] whether each was accepted."""
-        self.hits.mul_(self.decay)
-        self.expected.mul_(self.decay)
+        self.hits.mul_(self.decay)  # every group's record fades, so ranks not bought for a
+        self.expected.mul_(self.decay)  # while are tried again: the tail is probed, not dropped
         groups = _GROUP_OF[: values.size(1)].expand_as(values).flatten()
         self.hits.index_add_(0, groups, hits.flatten().float())
         self.expected.index_add_(0, groups, values.flatten().float())

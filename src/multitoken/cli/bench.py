@@ -109,10 +109,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _check_trees(specs: list[str]) -> None:
     """Each --tree parses (its depth is checked against each set of heads when rows are made)."""
-    from multitoken.tree import parse_spec
+    from multitoken.tree import CHAIN, parse_spec
 
     for spec in specs:
-        parse_spec(spec)
+        if parse_spec(spec) == CHAIN:
+            raise MultitokenError("chains are the speculative and auto rows already", "--tree")
 
 
 def _output_path(value: str | None, flag: str) -> Path | None:
