@@ -14,7 +14,8 @@ its nodes by v, and a row keeping its n best nodes expects
 The step takes the n that maximises Σ_b E_b[tokens | n] / (c(n + 1) + d) — the rows of a
 batch verify equally many nodes in one pass — with c(q) the measured verify cost and d the
 heads' drafting cost (:mod:`multitoken.costs`), mapped through the line that best fits the
-steps timed in this call (:class:`StepCosts`). A peaked draft makes the best nodes a chain,
+steps timed in this call (:class:`StepCosts`), and each row's r-th best v scaled by how nodes of
+that rank turned out so far (:class:`RankScale`). A peaked draft makes the best nodes a chain,
 and n = 0 (verify the pending token alone) wins when no draft pays for its place. Drafting
 itself is judged before it happens: when the recent steps' best rates, their drafting paid for,
 average below a plain step's (:data:`PAYOFF_DECAY`), drafting rests 1, 2, 4, …
