@@ -213,8 +213,9 @@ class TreeBudget:
         B, N = values.shape
         n_max = min(self.max_nodes, N - 1)
         # value order as multitoken.tree_dynamic.best_nodes keeps them: equal values by index
-        order = torch.sort(-values[:, 1:].float().cpu(), dim=1, stable=True).indices[:, :n_max]
-        v = values[:, 1:].float().cpu().gather(1, order).exp()  # [B, n_max]
+        nodes = values[:, 1:].float().cpu()
+        order = torch.sort(-nodes, dim=1, stable=True).indices[:, :n_max]
+        v = nodes.gather(1, order).exp()  # [B, n_max]
         self.ranked = order + 1, v
         gain = (v * self.rank_scale(n_max)).cumsum(1).sum(0)  # [n_max]: n = 1..n_max nodes add
         expected = B + torch.cat([gain.new_zeros(1), gain])  # [n_max + 1]: n = 0..n_max
@@ -234,8 +235,8 @@ class TreeBudget:
     ) -> None:
         """Calibrate on the candidates offered this step: the children of every node of each
         row's kept path. ``scores`` [B, N] log q of every skeleton node (NaN: none, a node
-        of prompt lookup's), ``kept`` [B, n + 1]
-        the skeleton nodes each row verified (its ``trees``), ``paths`` into them."""
+        of prompt lookup's), ``kept`` [B, n + 1] the skeleton nodes each row verified (its
+        ``trees``), ``paths`` into them; the step's time, and how each rank turned out."""
         n = kept.size(1) - 1
         if self.started is not None:  # the step's tokens are on the host: it has finished
             self.step_costs.observe(n, time.perf_counter() - self.started)
