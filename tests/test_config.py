@@ -131,7 +131,7 @@ def test_runtime_options_come_from_any_object_with_some_of_the_fields():
 # the counts that must be integers >= 1, by field name
 POSITIVE = (
     "seq_len batch_size grad_accum max_steps eval_every eval_batches log_every save_every "
-    "keep_checkpoints"
+    "keep_checkpoints soft_top_k"
 ).split()
 
 
@@ -156,6 +156,7 @@ def test_counts_must_be_positive_integers_and_the_error_names_the_flag(name: str
         ({"feature_cache_dtype": "fp16"}, "--feature-cache-dtype"),
         ({"labels": "teacher", "freeze_trunk": True}, "--labels"),
         ({"labels": "trunk"}, "--labels"),  # fixed labels need a frozen trunk
+        ({"labels": "soft"}, "--labels"),  # ...and so do fixed soft targets
         ({"preset": "huge"}, "--preset"),
         ({"device": "tpu"}, "--device"),
         ({"precision": "fp8"}, "--precision"),
@@ -169,6 +170,7 @@ def test_bad_training_options_name_their_flag(fields: dict, flag: str):
 def test_range_ends_that_are_allowed_pass():
     TrainConfig(min_lr_ratio=0.0, grad_clip=0.0, warmup_steps=0, feature_cache_gb=0).validate()
     TrainConfig(min_lr_ratio=1.0, labels="trunk", freeze_trunk=True).validate()
+    TrainConfig(labels="soft", freeze_trunk=True, soft_top_k=1).validate()
     TrainConfig(preset="huge", trunk="some/folder").validate()  # a --trunk overrides --preset
 
 

@@ -1,8 +1,12 @@
 """``--draft-len auto``: K chosen before each step from c(q), the drafting cost and the live
-acceptance. Output stays plain greedy whatever K each step takes; good heads make it draft long,
-useless heads make it stop drafting; the choice itself follows E[tokens | K] / cost."""
+acceptance, and K = 0 wherever the whole steps timed say drafting does not pay. Output stays
+plain greedy whatever K each step takes; good heads make it draft long, useless heads make it
+stop drafting; the choice itself follows E[tokens | K] / cost, the measured steps decide whether
+to draft at all (:mod:`multitoken.pace`)."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from multitoken.cli import build_parser
 from multitoken.config import GenerateConfig, draft_len_value
 from multitoken.costs import Acceptance, CostModel, DraftLen, best_draft_len, expected_tokens
 from multitoken.generate import generate
+from multitoken.pace import FIRST_REST, LONGEST_REST, PLAIN_EVERY, PLAIN_TIMED, Pace
 
 
 def fixed_costs(c: list[float], draft: float) -> CostModel:
@@ -240,3 +245,153 @@ def test_cost_model_measures_a_long_curve_sparsely_and_fills_it_in(monkeypatch):
         hook.remove()
     assert timed == {1, 2, 3, 4, 6, 8, 16, 20}  # 4: the context's prefill as well
     assert model.c == pytest.approx([1 + (q - 1) / 2 for q in range(1, 21)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured whole steps decide whether to draft (multitoken.pace)
+# ---------------------------------------------------------------------------------------------
+
+
+def runs_of(choices: list[bool], value: bool) -> list[int]:
+    """The lengths of the runs of ``value`` in ``choices``."""
+    runs, count = [], 0
+    for c in choices + [not value]:
+        if c == value:
+            count += 1
+        elif count:
+            runs, count = runs + [count], 0
+    return runs
+
+
+def test_pace_rests_twice_as_long_after_each_try_that_did_not_pay():
+    pace = Pace(learn=False)
+    plain, dear = (1.0, 1.0), (1.0, 2.0)  # drafting: one token per row in two seconds
+    choices = []
+    for _ in range(200):
+        drafts = pace.drafts(dear, plain)
+        pace.observe(drafts, 1.0, 2.0 if drafts else 1.0)
+        choices.append(drafts)
+    assert runs_of(choices, False)[:7] == [FIRST_REST, 4, 8, 16, 32, LONGEST_REST, LONGEST_REST]
+    assert runs_of(choices, True) == [1] * len(runs_of(choices, True))  # each try: one step
+    for _ in range(3):  # drafting starts paying: each step that it does halves the rest
+        assert pace.drafts(dear, plain) or pace.resting
+        pace.observe(True, 20.0, 2.0)
+    assert pace.gap < LONGEST_REST
+
+
+def test_pace_times_a_few_plain_steps_while_drafting_pays_and_skips_the_first_draft():
+    pace = Pace(learn=True)
+    choices = []
+    for _ in range(100):
+        drafts = pace.drafts((3.0, 1.5), (1.0, 1.0))
+        counted = pace.observe(drafts, 3.0 if drafts else 1.0, 1.5 if drafts else 1.0)
+        assert counted or (drafts and len(choices) == 0)  # the first drafting step warms up
+        choices.append(drafts)
+    plain = [i for i, d in enumerate(choices) if not d]
+    assert len(plain) == PLAIN_TIMED and plain[0] == PLAIN_EVERY
+    assert pace.seen == {False: PLAIN_TIMED, True: 100 - PLAIN_TIMED - 1}
+
+
+# The bare curve says drafting is cheap; the steps, timed whole, say a drafting step takes
+# 1.6 + 0.1 K ms against a plain step's 1 ms (drafting 0.3-0.5 of a pass, bookkeeping, ...)
+def model_says_cheap() -> CostModel:
+    return CostModel([1.0, 1.1, 1.2, 1.3], t1_s=1e-3, prior_draft=0.02)  # it learns
+
+
+def measured(K: int) -> float:
+    return 1e-3 if K == 0 else (1.6 + 0.1 * K) * 1e-3
+
+
+LOSING = [0.3, 0.5, 0.5]  # E[tokens | 3] = 1.53: 1.12 tokens a t1 by the model, 0.8 measured
+PAYING = [0.85, 0.8, 0.75]  # E[tokens | 3] = 3.04: 1.6 tokens a t1 measured
+
+
+def drive(choice: DraftLen, steps: int, a: list[float], rng: random.Random) -> list[int]:
+    """``steps`` steps of ``choice``, each draft accepted with chance ``a[j]`` after the ones
+    before it were, each step taking :func:`measured`; the K of every step."""
+    ks = []
+    for _ in range(steps):
+        K = choice.choose()
+        m = 0
+        while m < K and rng.random() < a[m]:
+            m += 1
+        choice.observe(K, [m])
+        choice.observe_step(K, m + 1.0, measured(K))
+        ks.append(K)
+    return ks
+
+
+@pytest.mark.parametrize("stateless", [True, False])
+def test_auto_rests_where_drafting_steps_cost_more_per_token_than_plain_ones(stateless):
+    choice = DraftLen(3, costs=model_says_cheap(), stateless=stateless)
+    a = choice.acceptance.rates
+    assert best_draft_len(LOSING, choice.costs, choice.drafted)[0] > 0  # the model would draft
+    assert a == [0.6] * 3
+    ks = drive(choice, 400, LOSING, random.Random(0))
+    later = ks[100:]
+    assert sum(k == 0 for k in later) >= 0.9 * len(later), ks
+    assert 0 < sum(k > 0 for k in later)  # but drafting is still tried now and then
+    # the steps timed moved the model's line: a drafting step is dearer than c + d says
+    assert choice.seconds(3) > 1.25 * step_model_seconds(choice, 3)
+
+
+def step_model_seconds(choice: DraftLen, K: int) -> float:
+    return costs.step_cost(choice.costs, K, choice.drafted(K)) * choice.costs.t1_s
+
+
+@pytest.mark.parametrize("stateless", [True, False])
+def test_auto_keeps_drafting_where_the_measured_steps_say_it_pays(stateless):
+    choice = DraftLen(3, costs=model_says_cheap(), stateless=stateless)
+    ks = drive(choice, 300, PAYING, random.Random(1))
+    later = ks[50:]
+    assert sum(k > 0 for k in later) >= 0.95 * len(later), ks
+    assert sum(k == 0 for k in ks) >= PLAIN_TIMED  # plain steps were timed, to compare
+
+
+def test_auto_comes_back_to_drafting_and_to_resting_when_acceptance_turns():
+    """Losing, then paying (a stretch of code), then losing again: drafting resumes within two
+    of the longest rests, and rests again within a few steps (then mostly rests)."""
+    choice, rng = DraftLen(3, costs=model_says_cheap()), random.Random(2)
+    drive(choice, 300, LOSING, rng)
+    paying = drive(choice, 200, PAYING, rng)
+    back = next(i for i in range(len(paying)) if all(k > 0 for k in paying[i : i + 10]))
+    assert back <= 2 * (LONGEST_REST + 1), paying
+    assert sum(k > 0 for k in paying[back:]) >= 0.95 * len(paying[back:])
+    losing = drive(choice, 200, LOSING, rng)
+    assert 0 in losing[:10] and sum(k == 0 for k in losing[10:50]) >= 0.8 * 40, losing
+    assert sum(k == 0 for k in losing[50:]) >= 0.9 * len(losing[50:])
+
+
+def clocked(c: list[float], monkeypatch, slope: float) -> CostModel:
+    """A cost model that learns, on a fake clock that a trunk pass over q tokens advances by
+    1 + slope × (q - 1) (nothing else takes time): the bare curve ``c`` given is wrong unless
+    it says so."""
+    from multitoken import ladder
+
+    clock = [0.0]
+    trunk_pass = ladder.trunk_pass
+
+    def timed(model, ids, *args, **kwargs):
+        clock[0] += 1.0 + slope * (ids.size(1) - 1)
+        return trunk_pass(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(ladder, "trunk_pass", timed)
+    return CostModel(c, t1_s=1.0, prior_draft=0.0, clock=lambda: clock[0])
+
+
+@pytest.mark.parametrize("slope, rests", [(1.5, True), (0.1, False)])
+def test_right_heads_rest_when_the_clock_says_verifying_costs_more(monkeypatch, slope, rests):
+    """Heads that are always right, a bare curve that says verifying is free: only the steps as
+    timed (a pass over q tokens takes 1 + 1.5 (q - 1) t1) show that a plain step gives more
+    tokens per second, and auto rests; at 1 + 0.1 (q - 1) it drafts all 4."""
+    model = model_of("bpd")
+    plain = generate(model, PROMPTS, max_new_tokens=100, speculate=False)
+    model.heads = OracleHeads(model, wrong=False)
+    cost = clocked([1.0] * 5, monkeypatch, slope)
+    out = generate(model, PROMPTS, max_new_tokens=100, tree="chain", draft_len="auto", costs=cost)
+    assert out.tokens == plain.tokens
+    ks = out.stats.draft_lens[10:]
+    if rests:
+        assert sum(k == 0 for k in ks) >= 0.9 * len(ks), out.stats.draft_lens
+    else:
+        assert sum(k == 4 for k in ks) >= 0.9 * len(ks), out.stats.draft_lens

@@ -126,7 +126,8 @@ def test_jsonl_documents(tmp_path: Path) -> None:
     ("line", "reason"),
     [
         ("{not json", "not valid JSON"),
-        ('{"body": "x"}', 'has neither a "text" string nor a "messages" list'),
+        ('{"body": "x"}', 'has no "text" string, "messages" list or "conversations" list'),
+        ('{"conversations": [{"from": "tool", "value": "x"}]}', "unknown ShareGPT speaker"),
         ('{"messages": "hi"}', '"messages" must be a non-empty list'),
         ('{"messages": [{"content": "no role"}]}', '"messages" must be a non-empty list'),
         ('{"messages": []}', '"messages" must be a non-empty list'),

@@ -13,14 +13,23 @@ import torch
 from conftest import micro_llama, perturb_heads
 from helpers import tiny_corpus, train_tiny, trunk_folder
 
-from multitoken.config import HeadConfig
+from multitoken import featcache
+from multitoken.config import SOFT_TOP_K, HeadConfig
 from multitoken.errors import MultitokenError
 from multitoken.featcache import FeatureCache, live_features
-from multitoken.losses import IGNORE, cross_entropy, greedy_path_labels, shift_labels
+from multitoken.losses import (
+    IGNORE,
+    cross_entropy,
+    greedy_path_labels,
+    shift_labels,
+    trunk_top_k,
+)
 from multitoken.model import MTPModel
 from multitoken.packing import PackedStream
 from multitoken.tokenizer import ByteTokenizer
+from multitoken.tokenizer_export import write_hf_tokenizer
 from multitoken.trainer import TrainResult
+from multitoken.trunk import quiet_transformers
 
 
 def frozen(family: str, seed: int = 0) -> MTPModel:
@@ -50,7 +59,7 @@ def greedy_rows(model: MTPModel, batch: int = 4, length: int = 13) -> torch.Tens
     return out[:, :length]
 
 
-@pytest.mark.parametrize("labels", ["text", "trunk"])
+@pytest.mark.parametrize("labels", ["text", "trunk", "soft"])
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
 def test_cached_states_are_the_live_trunks_and_give_the_same_losses(tmp_path, family, labels):
     model = frozen(family)
@@ -67,8 +76,12 @@ def test_cached_states_are_the_live_trunks_and_give_the_same_losses(tmp_path, fa
     with torch.no_grad():
         live = model(tokens, lam=0.5, labels=labels)
         cached = model(tokens, lam=0.5, features=read, labels=labels)
-        greedy = model.trunk(tokens[:, :-1]).logits.argmax(-1)
+        logits = model.trunk(tokens[:, :-1]).logits
+    greedy = logits.argmax(-1)
     assert torch.equal(read.greedy, greedy) and torch.equal(first.greedy, greedy)
+    ids, probs = trunk_top_k(logits, SOFT_TOP_K)  # the soft targets: the live forward's own
+    assert torch.equal(read.topk_ids, ids) and torch.equal(read.topk_probs, probs)
+    assert torch.equal(first.topk_ids, ids) and torch.equal(first.topk_probs, probs)
     torch.testing.assert_close(cached.head_losses, live.head_losses, rtol=0, atol=0)
     torch.testing.assert_close(cached.head_acc, live.head_acc, rtol=0, atol=0)
     torch.testing.assert_close(cached.main_loss, live.main_loss, rtol=1e-6, atol=0)
@@ -109,9 +122,93 @@ def test_damaged_shards_are_errors_naming_the_file(tmp_path):
         FeatureCache(tmp_path, model, 1 << 30)
 
 
+def flip_bit(shard, name: str) -> None:
+    """Flip one bit in the middle of tensor ``name`` of a safetensors file, in place."""
+    data = bytearray(shard.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8:header])[name]["data_offsets"]
+    data[header + (begin + end) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("storage", ["bf16", "fp32"])
+def test_the_top_k_round_trips_exactly(tmp_path, storage):
+    model, tokens = frozen("bpd"), rows()
+    cache = FeatureCache(tmp_path, model, 1 << 30, storage=storage, top_k=5)
+    first = cache.features(model, tokens)
+    cache.close()
+    (shard,) = cache.folder.glob("shard-*.safetensors")
+    read = FeatureCache(tmp_path, model, 1 << 30, storage=storage, top_k=5).features(model, tokens)
+    live = live_features(model, tokens, 5)
+    assert read.topk_ids.shape == (4, 12, 5) and read.topk_probs.shape == (4, 12, 5)
+    for got in (first, read):
+        assert torch.equal(got.topk_ids, live.topk_ids)
+        assert torch.equal(got.topk_probs, live.topk_probs)
+        assert torch.equal(got.greedy, live.topk_ids[..., 0])
+    from safetensors.torch import load_file
+
+    stored = load_file(str(shard))
+    assert stored["topk_ids"].dtype == torch.int32 and stored["topk_probs"].dtype == torch.float16
+    assert "greedy" not in stored  # the first of the top-k
+
+
+def test_soft_targets_are_cached_and_read_under_bf16_autocast(tmp_path):
+    """The trainer runs the cache under autocast, which refuses to stack fp16 tensors on the
+    CPU: the probabilities stay fp32 in memory and become fp16 only in the shard."""
+    model, tokens = frozen("deepseek"), rows()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = FeatureCache(tmp_path, model, 1 << 30, compute="bf16")
+        first = cache.features(model, tokens)
+        cache.flush()
+        read = cache.features(model, tokens)
+        live = model(tokens, lam=1.0, labels="soft")
+        cached = model(tokens, lam=1.0, labels="soft", features=read)
+    assert cache.stats.hits == 4
+    assert torch.equal(read.topk_ids, first.topk_ids)
+    assert torch.equal(read.topk_probs, first.topk_probs)
+    assert torch.isfinite(cached.loss)
+    torch.testing.assert_close(cached.head_losses, live.head_losses, rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("name", ["topk_ids", "topk_probs"])
+def test_a_damaged_top_k_fails_its_checksum(tmp_path, name):
+    model, tokens = frozen("bpd"), rows()
+    cache = FeatureCache(tmp_path, model, 1 << 30)
+    cache.features(model, tokens)
+    cache.close()
+    (shard,) = cache.folder.glob("shard-*.safetensors")
+    flip_bit(shard, name)
+    with pytest.raises(MultitokenError, match=f"{shard}.*checksum"):
+        FeatureCache(tmp_path, model, 1 << 30).features(model, tokens)
+
+
+def test_an_old_format_or_other_top_k_cache_is_never_read(tmp_path, monkeypatch):
+    model, tokens = frozen("bpd"), rows()
+    with monkeypatch.context() as patch:  # a cache written by format 2 (greedy tokens only)
+        patch.setattr(featcache, "FORMAT", 2)
+        old = FeatureCache(tmp_path, model, 1 << 30)
+        old.features(model, tokens)
+        old.close()
+    assert json.loads((old.folder / "fingerprint.json").read_text())["format"] == 2
+    new = FeatureCache(tmp_path, model, 1 << 30)
+    assert new.folder != old.folder and new.stats.held == 0  # a folder of its own
+    other_k = FeatureCache(tmp_path, model, 1 << 30, top_k=4)
+    assert other_k.folder not in (old.folder, new.folder) and other_k.stats.held == 0
+    new.features(model, tokens)
+    new.close()
+    # a shard that says it is of another format, in the right folder, is refused
+    (shard,) = new.folder.glob("shard-*.safetensors")
+    data = shard.read_bytes()
+    stamp = f'"format":"{featcache.FORMAT}"'.encode()
+    assert data.count(stamp) == 1
+    shard.write_bytes(data.replace(stamp, b'"format":"2"'))
+    with pytest.raises(MultitokenError, match=f"{shard}.*header"):
+        FeatureCache(tmp_path, model, 1 << 30)
+
+
 def test_the_cap_bounds_what_is_stored_and_the_rest_is_recomputed(tmp_path):
     model, tokens = frozen("bpd"), rows(batch=6)
-    row_bytes = 16 + (13 + 12) * 4 + 12 * 32 * 4 + 12 + 8  # key, tokens, greedy, states...
+    row_bytes = 16 + 13 * 4 + 12 * 32 * 4 + 12 * 16 * 6 + 12 + 8  # key, tokens, states, top-k...
     cache = FeatureCache(tmp_path, model, 2 * row_bytes + 10, storage="fp32")
     cache.features(model, tokens)
     assert cache.stats.stored == 2
@@ -177,9 +274,10 @@ def train_curve(out) -> list[dict]:
     return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in lines]
 
 
-def test_a_cached_run_trains_the_heads_a_live_run_trains(setup, tmp_path):
-    cached = train_heads(setup, tmp_path / "cached")
-    live = train_heads(setup, tmp_path / "live", feature_cache_gb=0)
+@pytest.mark.parametrize("labels", ["text", "soft"])
+def test_a_cached_run_trains_the_heads_a_live_run_trains(setup, tmp_path, labels):
+    cached = train_heads(setup, tmp_path / "cached", labels=labels)
+    live = train_heads(setup, tmp_path / "live", feature_cache_gb=0, labels=labels)
     stats = cached.feature_cache
     assert live.feature_cache is None
     assert stats["hits"] > stats["computed"] > 0  # the rows come round again and are read back
@@ -189,6 +287,29 @@ def test_a_cached_run_trains_the_heads_a_live_run_trains(setup, tmp_path):
     for ma, mb in zip(train_curve(tmp_path / "cached"), train_curve(tmp_path / "live")):
         for key in ma.keys() - {"split"}:
             assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-5), (key, ma, mb)
+
+
+def test_soft_labels_lower_the_heads_loss(setup, tmp_path):
+    """Heads-only training on the trunk's own distributions (--labels soft) lowers every head's
+    soft cross-entropy to them. The random micro trunk's logits are scaled up tenfold so its
+    distributions are peaked like a trained model's (unscaled they are nearly uniform and a
+    few steps teach little)."""
+    trunk = micro_llama(0, vocab=ByteTokenizer.vocab_size)
+    with torch.no_grad():
+        trunk.lm_head.weight.mul_(10.0)
+    with quiet_transformers():
+        trunk.save_pretrained(tmp_path / "trunk")
+    write_hf_tokenizer(ByteTokenizer(), tmp_path / "trunk")
+    out = tmp_path / "soft"
+    options = dict(labels="soft", soft_top_k=8, lr=1e-2, eval_every=16, save_every=16)
+    train_heads(setup, out, trunk=str(tmp_path / "trunk"), **options)
+    train = [m for m in train_curve(out) if m["split"] == "train"]
+    assert len(train) == 16
+    for k in range(2):
+        curve = [m["head_losses"][k] for m in train]
+        assert sum(curve[-4:]) / 4 < sum(curve[:4]) / 4 - 1.0, (k, curve)
+        acc = [m["head_acc"][k] for m in train]
+        assert sum(acc[-4:]) > sum(acc[:4]), (k, acc)  # against the trunk's argmax at i + k
 
 
 def test_a_resumed_run_reads_the_rows_cached_before_it(setup, tmp_path):

@@ -1,6 +1,7 @@
 """``--tree auto``: the node budget of each step maximises expected tokens per unit of time under
-the measured costs and the calibrated draft probabilities, resting from drafting when a plain
-step does better, and decoding with it stays exact."""
+the measured costs and the calibrated draft probabilities, resting from drafting when the whole
+steps timed say a plain step does better (the drafting of every skeleton node included), and
+decoding with it stays exact."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from test_tree_ladder import far_heads, sample_the_trunks_law
 
 from multitoken.costs import CostModel
 from multitoken.generate import generate
+from multitoken.pace import LONGEST_REST
 from multitoken.tree import Tree
-from multitoken.tree_auto import LONGEST_REST, Calibration, RankScale, StepCosts, TreeBudget
+from multitoken.tree_auto import Calibration, RankScale, StepCosts, TreeBudget
 from multitoken.tree_dynamic import keep_best, path_values, skeleton
 
 
@@ -47,7 +49,8 @@ def test_a_flat_cost_curve_buys_every_node_and_a_steep_one_a_plain_step():
     doubtful = values_of(S, [[1.0] + [0.02] * (S.size - 1)])
     steep = TreeBudget(costs([float(q) for q in range(1, 41)], draft=0.1), 3)
     assert steep.budget(doubtful) == 0
-    assert steep.rest == 1
+    steep.pace.trying = True  # a try, after a rest: it verifies one draft at least
+    assert steep.budget(doubtful) == 1
 
 
 def test_a_peaked_draft_is_verified_as_a_chain():
@@ -65,6 +68,11 @@ def test_a_peaked_draft_is_verified_as_a_chain():
 def step(sizer: TreeBudget, S: Tree, q: list[float], right: bool) -> int:
     """One step of a sizer over one row whose every candidate has draft probability ``q`` and
     whose first-ranked candidates are all right (or none is); the budget it chose."""
+    return drafting_step(sizer, S, q, right)[0]
+
+
+def drafting_step(sizer: TreeBudget, S: Tree, q: list[float], right: bool) -> tuple[int, int]:
+    """:func:`step`: the budget chosen and the tokens the row emitted."""
     scores = torch.tensor([q]).log()
     values = path_values(S, sizer.calibrate(scores))
     n = sizer.budget(values)
@@ -74,7 +82,7 @@ def step(sizer: TreeBudget, S: Tree, q: list[float], right: bool) -> int:
     while right and tree.children[path[-1]]:
         path.append(tree.children[path[-1]][0])
     sizer.observe(scores, kept, trees, [path])
-    return n
+    return n, len(path)
 
 
 def test_over_confident_heads_get_smaller_trees_and_under_confident_ones_larger():
@@ -90,26 +98,75 @@ def test_over_confident_heads_get_smaller_trees_and_under_confident_ones_larger(
     assert budgets[-1] == 2  # the first-ranked claim 0.03, always right: a chain of 2
 
 
-def test_drafting_rests_longer_after_each_plain_step_in_a_row():
-    S = skeleton(2)
-    hopeless = values_of(S, [[1.0] + [0.01] * (S.size - 1)])
-    sizer = TreeBudget(costs([float(q) for q in range(1, 41)], draft=0.1), 2)
-    rests = []
-    for _ in range(120):
-        if sizer.drafts():
-            assert sizer.budget(hopeless) == 0
-            rests.append(sizer.rest)
-    assert rests[:6] == [1, 2, 4, 8, 16, LONGEST_REST]
-
-
 def test_one_doubtful_step_among_good_ones_verifies_no_draft_but_keeps_drafting():
     S = skeleton(2)
     sure = values_of(S, [[1.0] + [0.9 if S.rank[i] == 0 else 0.05 for i in range(1, S.size)]])
     doubtful = values_of(S, [[1.0] + [0.01] * (S.size - 1)])
     sizer = TreeBudget(costs([1.0 + 0.1 * (q - 1) for q in range(1, 41)], draft=0.1), 2)
-    assert sizer.budget(sure) >= 2 and sizer.budget(sure) >= 2
-    assert sizer.budget(doubtful) == 0  # this step's drafts are not worth their places
+    for _ in range(5):  # steps that drafted and gave 2.8 tokens each
+        assert sizer.drafts() and sizer.budget(sure) >= 2
+        sizer.observe_step(2.8, 1.0)
+    assert sizer.drafts() and sizer.budget(doubtful) == 0  # these drafts are not worth places
+    sizer.observe_step(1.0, 1.0)
     assert sizer.drafts()  # but drafting still pays on the whole
+
+
+# Every first-ranked candidate claims 0.9, the others 0.05; the bare curve says nodes are cheap
+CLAIMS = [1.0] + [0.9 if rank == 0 else 0.05 for rank in skeleton(2).rank[1:]]
+
+
+def learning_sizer() -> TreeBudget:
+    curve = [1.0 + 0.05 * (q - 1) for q in range(1, 41)]
+    return TreeBudget(CostModel(curve, t1_s=1.0, prior_draft=0.02), 2)  # it learns
+
+
+def drive(sizer: TreeBudget, steps: int, right: bool, drafting: float) -> list[int]:
+    """``steps`` steps of ``sizer`` (one row, :data:`CLAIMS`, first-ranked candidates all right
+    or none) timed whole: a plain step 1 s, a drafting step 1 + 0.05 n + ``drafting`` s (the
+    skeleton's drafting). Each step's budget, -1 where it rested."""
+    S, budgets = skeleton(2), []
+    for _ in range(steps):
+        if sizer.drafts():
+            n, tokens = drafting_step(sizer, S, CLAIMS, right)
+            sizer.observe_step(float(tokens), 1.0 + 0.05 * n + drafting)
+        else:
+            n = -1
+            sizer.observe_step(1.0, 1.0)
+        budgets.append(n)
+    return budgets
+
+
+def rested(budgets: list[int]) -> float:
+    return sum(n < 0 for n in budgets) / len(budgets)
+
+
+def test_auto_trees_rest_where_drafting_steps_cost_more_per_token_than_plain_ones():
+    """Heads always right at depth 1 and 2 (3 tokens a step): at 1.4 s a drafting step pays, at
+    3.6 s (drafting 2.5 s, as DeepSeek's modules at every node of a skeleton on a CPU) it does
+    not, though the model, told drafting costs 0.02, thinks it does."""
+    dear = learning_sizer()
+    budgets = drive(dear, 300, right=True, drafting=2.5)
+    assert rested(budgets[50:]) >= 0.9, budgets
+    assert max(budgets[50:]) >= 1  # drafting is still tried now and then
+    cheap = learning_sizer()
+    budgets = drive(cheap, 300, right=True, drafting=0.3)
+    assert rested(budgets[20:]) <= 0.05, budgets  # a plain step timed now and then
+    assert min(n for n in budgets[20:] if n >= 0) == 2  # the chain of the two right drafts
+
+
+def test_auto_trees_come_back_to_drafting_and_to_resting_when_the_heads_turn():
+    """Heads never right, then always (a stretch they know), then never again: drafting resumes
+    within two of the longest rests, and rests again within a few steps (then mostly rests)."""
+    sizer = learning_sizer()
+    wrong = drive(sizer, 310, right=False, drafting=0.3)  # ends mid-rest
+    assert rested(wrong[50:]) >= 0.9, wrong
+    right = drive(sizer, 200, right=True, drafting=0.3)
+    back = next(i for i in range(len(right)) if all(n >= 1 for n in right[i : i + 10]))
+    assert back <= 2 * (LONGEST_REST + 1), right
+    assert rested(right[back:]) <= 0.05
+    wrong = drive(sizer, 200, right=False, drafting=0.3)
+    assert -1 in wrong[:10] and rested(wrong[10:50]) >= 0.8, wrong
+    assert rested(wrong[50:]) >= 0.9, wrong
 
 
 def test_rows_of_a_batch_share_one_budget_from_their_summed_gains():
@@ -120,6 +177,42 @@ def test_rows_of_a_batch_share_one_budget_from_their_summed_gains():
     alone = TreeBudget(costs(curve), 2).budget(values_of(S, [sure]))
     both = TreeBudget(costs(curve), 2).budget(values_of(S, [sure, hopeless]))
     assert alone >= both >= 1
+
+
+@pytest.mark.parametrize("per_node, rests", [(0.2, True), (0.002, False)])
+def test_deepseek_drafting_at_every_node_is_what_decides_resting(monkeypatch, per_node, rests):
+    """DeepSeek's modules run at every node of the skeleton: on a fake clock where that costs
+    0.2 t1 a node (8 t1 for the 41 nodes of a 3-deep skeleton) the steps as timed rest, though
+    the heads are good and the bare curve cheap; at 0.002 t1 a node they draft. Either way the
+    output is the trunk's."""
+    from multitoken import ladder, tree_ladder
+
+    model = trained("deepseek")
+    plain = generate(model, PROMPTS, max_new_tokens=60, speculate=False)
+    clock, trunk_pass, draft_tree = [0.0], ladder.trunk_pass, model.heads.draft_tree
+
+    def timed_pass(model, ids, *args, **kwargs):
+        clock[0] += 1.0 + 0.02 * (ids.size(1) - 1)
+        return trunk_pass(model, ids, *args, **kwargs)
+
+    def timed_draft(state, step, K, tree, choose):
+        clock[0] += per_node * tree.size
+        return draft_tree(state, step, K, tree, choose)
+
+    monkeypatch.setattr(ladder, "trunk_pass", timed_pass)
+    monkeypatch.setattr(tree_ladder, "trunk_pass", timed_pass)
+    monkeypatch.setattr(model.heads, "draft_tree", timed_draft)
+    curve = [1.0 + 0.02 * (q - 1) for q in range(1, 41)]
+    cost = CostModel(curve, t1_s=1.0, prior_draft=0.0, clock=lambda: clock[0])
+    out = generate(model, PROMPTS, max_new_tokens=60, tree="auto", costs=cost)
+    assert out.tokens == plain.tokens
+    assert cost.draft(3) == pytest.approx(per_node * skeleton(3).size)  # timed per step
+    steps = len(out.stats.nodes)
+    drafted = out.stats.draft_steps
+    if rests:
+        assert steps - drafted >= 0.85 * steps, out.stats.nodes  # the first steps draft
+    else:
+        assert drafted >= 0.9 * steps and out.stats.tau > 1.5, out.stats.nodes
 
 
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])

@@ -39,6 +39,54 @@ def chat_messages(value: object) -> list[dict]:
     return value
 
 
+# ShareGPT speakers (``"from"``) as chat roles. Assistant names vary with where the chat was
+# shared from; anything else (a tool, an unnamed speaker) has no safe mapping.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "assistant": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "system": "system",
+}
+_SHAREGPT_SHAPE = '"conversations" must be a non-empty list of {"from", "value"} objects'
+
+
+def sharegpt_messages(turns: object) -> list[dict]:
+    """ShareGPT ``conversations`` turns as chat messages a template accepts.
+
+    Speakers map by :data:`SHAREGPT_ROLES`. Consecutive turns of one role are merged (joined by a
+    blank line): shared chats hold such runs where a reply was continued or regenerated, and
+    many templates refuse roles that do not alternate. Assistant turns before the first user
+    turn are dropped: the split dataset cuts long chats into parts that start mid-reply, and a
+    reply to nothing teaches nothing. Raises ``ValueError`` (a short, fixed reason) for an unknown
+    speaker, an empty turn, or no assistant turn left: such a record is not a usable chat.
+    """
+    if not isinstance(turns, list):
+        raise ValueError(_SHAREGPT_SHAPE)
+    if not turns:
+        raise ValueError("an empty conversation")
+    messages: list[dict] = []
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str):
+            raise ValueError(_SHAREGPT_SHAPE)
+        role = SHAREGPT_ROLES.get(turn["from"].strip().lower())
+        if role is None:
+            raise ValueError(f"unknown ShareGPT speaker {turn['from']!r}")
+        value = turn.get("value")
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("a turn has an empty value")
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n\n" + value
+        elif role != "assistant" or any(m["role"] == "user" for m in messages):
+            messages.append({"role": role, "content": value})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant turn")
+    return messages
+
+
 def content_text(content: object) -> str:
     """Text of a message's content: a string, or the ``text`` of each part of a part list."""
     if isinstance(content, str):

@@ -32,6 +32,7 @@ __all__ = [
     "PRECISIONS",
     "PRESETS",
     "PRETRAINED_LR",
+    "SOFT_TOP_K",
     "GenerateConfig",
     "HeadConfig",
     "LambdaSchedule",
@@ -46,7 +47,10 @@ __all__ = [
 FAMILIES = ("bpd", "meta", "deepseek")
 PRECISIONS = ("auto", "bf16", "fp32")
 LINEAR_KERNELS = ("auto", "onednn", "torch")  # multitoken.kernels
-HEAD_LABELS = ("text", "trunk")  # multitoken.losses
+HEAD_LABELS = ("text", "trunk", "soft")  # multitoken.losses
+# --soft-top-k: the trunk's likeliest tokens per position kept as a soft target
+# (multitoken.losses.trunk_top_k); 16 keep 96 bytes a position in the feature cache
+SOFT_TOP_K = 16
 # what decoding verifies when --tree is not given (multitoken.tree; --typical verifies chains)
 DEFAULT_TREE = "auto+lookup"
 
@@ -298,8 +302,17 @@ class TrainConfig:
         "what head k learns at each position: text = the text's token k+1 ahead; trunk = "
         "(with --freeze-trunk) the token the trunk's own greedy decoding writes there, "
         "wherever the text follows its greedy path: self-distillation from plain text, "
-        "without generating any (multitoken.losses.greedy_path_labels)",
+        "without generating any (multitoken.losses.greedy_path_labels); soft = (with "
+        "--freeze-trunk) the trunk's own next-token distribution k positions on, over its "
+        "--soft-top-k likeliest tokens, by soft cross-entropy (EAGLE-3, Medusa-2; "
+        "multitoken.losses.soft_labels)",
         choices=HEAD_LABELS,
+    )
+    soft_top_k: int = _field(
+        SOFT_TOP_K,
+        "with --labels soft: the trunk's likeliest tokens kept per position as the target, "
+        "their probabilities renormalised over them (the feature cache keeps them for any "
+        "--labels: 6 bytes per token and position)",
     )
     feature_cache_gb: float = _field(
         4.0,
@@ -345,6 +358,7 @@ class TrainConfig:
             "log_every",
             "save_every",
             "keep_checkpoints",
+            "soft_top_k",
         )
         for name in positive:
             value = getattr(self, name)
@@ -375,6 +389,12 @@ class TrainConfig:
         if self.labels == "trunk" and not self.freeze_trunk:
             raise MultitokenError(
                 "the trunk's greedy tokens are fixed labels only while the trunk is frozen; add "
+                "--freeze-trunk",
+                "--labels",
+            )
+        if self.labels == "soft" and not self.freeze_trunk:
+            raise MultitokenError(
+                "the trunk's distributions are fixed targets only while the trunk is frozen; add "
                 "--freeze-trunk",
                 "--labels",
             )

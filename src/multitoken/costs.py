@@ -1,4 +1,4 @@
-"""What a decoding step costs, and the draft length K that buys the most tokens per second.
+"""What a decoding step costs, and whether and how far to draft for the most tokens per second.
 
 A speculative step with K drafts costs a trunk pass over K+1 tokens plus the heads' drafting,
 and emits 1 + (the accepted prefix) tokens. In units of t1, one trunk pass over 1 token:
@@ -7,11 +7,15 @@ and emits 1 + (the accepted prefix) tokens. In units of t1, one trunk pass over 
     d(n)          = n × (measured seconds per drafted token) / t1   learnt from the draft calls
     E[tokens | K] = 1 + Σ_{j=1..K} Π_{i≤j} a_i                      a_i live, :class:`Acceptance`
 
-and ``--draft-len auto`` takes, before each step, the K in 0..K_max that maximises
-E[tokens | K] / (c(K+1) + d(drafted(K))), each a_i taken one standard error above its mean
-(:attr:`Acceptance.optimistic`: what was tried little gets tried); K = 0 is a plain step. Heads that keep a draft state
-(meta, deepseek: a KV cache per head, which must see every committed position) run all K_max
-heads whenever they draft, so for them drafted(K) = K_max; stateless heads (bpd) draft K.
+Heads that keep a draft state (meta, deepseek: a KV cache per head, which must see every
+committed position) run all K_max heads whenever they draft, so for them drafted(K) = K_max;
+stateless heads (bpd) draft K.
+
+``--draft-len auto`` (:class:`DraftLen`) takes, before each step, the K >= 1 that maximises
+E[tokens | K] over the model's cost c(K+1) + d(drafted(K)) as the steps timed in the call say
+such a step takes, and K = 0 (a plain step) when the steps measurably say drafting does not
+pay: the model is the prior, the measured whole steps the verdict, and exploration is bounded
+(:mod:`multitoken.pace`).
 
 c(q) is measured once per trunk, device, dtype and linear kernel (:mod:`multitoken.kernels`; a
 few forward passes) and kept in a cache keyed weakly by the trunk module — never as an attribute
@@ -22,11 +26,11 @@ a machine whose costs it knows) passes a :class:`CostModel` of its own.
 from __future__ import annotations
 
 import contextlib
-import math
 import statistics
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +39,7 @@ from torch import nn
 from multitoken.hardware import sync
 from multitoken.kernels import active_kernel
 from multitoken.kvcache import rollback_cache
+from multitoken.pace import Pace, StepLine
 
 VERIFY_REPEATS = 7  # multitoken bench: a careful measurement
 AUTO_REPEATS = 3  # --draft-len auto: a quick one, once per trunk, device and dtype
@@ -90,13 +95,16 @@ class CostModel:
 
     ``c[q - 1]`` is c(q). The drafting cost per drafted token is learnt from the draft calls a
     decoder times (:meth:`observe_draft`): the median of the last few, ``prior_draft`` before
-    any."""
+    any. ``clock``: what decoding times its steps and draft calls by (a test's fake one)."""
 
     c: list[float]
     t1_s: float
     prior_draft: float = PRIOR_DRAFT_COST
-    learn_draft: bool = True  # False: keep prior_draft (a fixed model, e.g. in a test)
+    # False: a fixed model (a test's figures): keep prior_draft, take steps to cost what the
+    # model says; the auto modes then learn from the accepted tokens alone
+    learn_draft: bool = True
     draft_samples: deque = field(default_factory=lambda: deque(maxlen=9))
+    clock: Callable[[], float] = field(default_factory=lambda: time.perf_counter)
 
     @classmethod
     def from_curve(cls, curve: dict, **options) -> CostModel:
@@ -184,8 +192,11 @@ class Acceptance:
 
     Each estimate is (hits + prior·weight) / (tries + weight), and every step multiplies all
     counts by ``decay``: recent steps count most, and a position that is no longer tried drifts
-    back towards the prior, so drafting that stopped paying is tried again now and then (the
-    text may have changed). The prior makes the first steps draft."""
+    back towards the prior, so a longer K that stopped paying is tried again now and then (the
+    text may have changed). These are means, without a bonus for what was tried little: a deep
+    position is tried only after every earlier draft was accepted, so a bonus there would never
+    shrink. Whether to draft at all is not judged by them but by the steps measured
+    (:class:`multitoken.pace.Pace`)."""
 
     k_max: int
     prior: float = 0.6
@@ -212,17 +223,6 @@ class Acceptance:
         w = self.weight
         return [(h + self.prior * w) / (t + w) for h, t in zip(self.hits, self.tries)]
 
-    @property
-    def optimistic(self) -> list[float]:
-        """Each rate plus one standard error, sqrt(a(1-a) / (tries + weight)): what K is chosen
-        by. A position tried little (or not lately: the counts decay) looks better than its
-        mean, so a run of plain steps after a few misses ends by itself and drafting is tried
-        again, while one tried often is judged by its mean (UCB, Auer et al. 2002)."""
-        return [
-            min(1.0, a + math.sqrt(a * (1 - a) / (t + self.weight)))
-            for a, t in zip(self.rates, self.tries)
-        ]
-
 
 def expected_tokens(a: list[float], K: int) -> float:
     """E[tokens | K] = 1 + Σ_{j=1..K} Π_{i≤j} a_i."""
@@ -233,32 +233,52 @@ def expected_tokens(a: list[float], K: int) -> float:
     return total
 
 
-def best_draft_len(a: list[float], costs: CostModel, drafted) -> tuple[int, list[float]]:
-    """The K in 0..len(a) with the most expected tokens per unit of time, and that rate for
-    every K. ``drafted(K)``: how many tokens the heads draft to propose K."""
-    rates = []
-    for K in range(len(a) + 1):
-        time_k = costs.verify(K + 1) + (costs.draft(drafted(K)) if K else 0.0)
-        rates.append(expected_tokens(a, K) / time_k)
-    best = max(range(len(rates)), key=lambda K: (rates[K], -K))  # a tie goes to the shorter K
+def step_cost(costs: CostModel, K: int, drafted: int) -> float:
+    """The model's cost of a chain step with K drafts, the heads drafting ``drafted``."""
+    return costs.verify(K + 1) + (costs.draft(drafted) if K else 0.0)
+
+
+def best_draft_len(
+    a: list[float],
+    costs: CostModel,
+    drafted,
+    measured: Callable[[float], float] | None = None,
+    least: int = 0,
+) -> tuple[int, list[float]]:
+    """The K in ``least``..len(a) with the most expected tokens per unit of time, and that rate
+    for every K from 0. ``drafted(K)``: how many tokens the heads draft to propose K;
+    ``measured``: the model's cost of a step mapped to what such steps take
+    (:meth:`StepLine.at`)."""
+    measured = measured or (lambda m: m)
+    rates = [
+        expected_tokens(a, K) / measured(step_cost(costs, K, drafted(K))) for K in range(len(a) + 1)
+    ]
+    best = max(range(least, len(rates)), key=lambda K: (rates[K], -K))  # ties: the shorter K
     return best, rates
 
 
 @dataclass
 class DraftLen:
-    """Chooses K before each step: ``fixed`` K, or (``fixed`` None) the best K for the costs
-    and the acceptance seen so far in this call. ``stateless``: the heads keep no draft state,
-    so they can draft fewer than ``k_max`` tokens without falling behind."""
+    """Chooses K before each step: ``fixed`` K, or (``fixed`` None) for the costs and the
+    acceptance seen so far in this call, the K >= 1 with the most expected tokens per measured
+    second (the acceptance's means, the model's cost through the line fitted to this call's
+    steps, :class:`StepLine`), taken when :class:`Pace` says drafting measurably pays, and
+    K = 0 (a plain step) when it says rest. ``stateless``: the heads keep no draft state, so
+    they can draft fewer than ``k_max`` tokens without falling behind."""
 
     k_max: int
     fixed: int | None = None
     costs: CostModel | None = None
     stateless: bool = True
     acceptance: Acceptance | None = None
+    pace: Pace | None = None
+    line: StepLine = field(default_factory=StepLine)
 
     def __post_init__(self) -> None:
         if self.fixed is None and self.acceptance is None:
             self.acceptance = Acceptance(self.k_max)
+        if self.fixed is None and self.pace is None:
+            self.pace = Pace(learn=self.costs.learn_draft)
 
     def drafted(self, K: int) -> int:
         """How many tokens the heads draft for a step that verifies K of them."""
@@ -266,10 +286,27 @@ class DraftLen:
             return 0
         return K if (self.fixed is not None or self.stateless) else self.k_max
 
+    def seconds(self, K: int) -> float:
+        """What a step with K >= 1 drafts takes, as measured so far (the model's figure before)."""
+        return self._measured(step_cost(self.costs, K, self.drafted(K))) * self.costs.t1_s
+
+    def _measured(self, m: float) -> float:
+        ends = [step_cost(self.costs, K, self.drafted(K)) for K in (1, self.k_max)]
+        return self.line.at(m, tuple(ends))
+
     def choose(self) -> int:
         if self.fixed is not None:
             return self.fixed
-        return best_draft_len(self.acceptance.optimistic, self.costs, self.drafted)[0]
+        if self.k_max == 0:
+            return 0
+        a = self.acceptance.rates
+        K = best_draft_len(a, self.costs, self.drafted, self._measured, least=1)[0]
+        drafting = (expected_tokens(a, K), self.seconds(K))
+        return K if self.pace.drafts(drafting, (1.0, self.plain_seconds())) else 0
+
+    def plain_seconds(self) -> float:
+        """A plain step by the model: a bare one-token pass (a plain step adds little to it)."""
+        return self.costs.verify(1) * self.costs.t1_s
 
     def observe(self, K: int, accepted: list[int]) -> None:
         if self.acceptance is not None:
@@ -278,6 +315,16 @@ class DraftLen:
     def observe_draft(self, seconds: float, drafted: int) -> None:
         if self.costs is not None and self.costs.learn_draft:
             self.costs.observe_draft(seconds, drafted)
+
+    def observe_step(self, K: int, tokens: float, seconds: float) -> None:
+        """A whole step with K drafts took ``seconds`` (wall) and gave ``tokens`` per row."""
+        if self.pace is None:
+            return  # a fixed K learns nothing
+        if not self.costs.learn_draft:  # a fixed model: the step costs what it says
+            seconds = self.seconds(K) if K else self.plain_seconds()
+        if self.pace.observe(K > 0, tokens, seconds) and K and self.costs.learn_draft:
+            m = step_cost(self.costs, K, self.drafted(K))  # the line is fitted to drafting steps
+            self.line.observe(m, seconds / self.costs.t1_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,8 +337,8 @@ class Stopwatch:
     ``perf_counter``; on CUDA a pair of events per section, read by :meth:`take` once the work
     has finished (the decode loop syncs each step when it reads the accepted tokens)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter):
+        self.cuda, self.clock = device.type == "cuda", clock
         self.pending: list = []
 
     @contextlib.contextmanager
@@ -303,9 +350,9 @@ class Stopwatch:
             end.record()
             self.pending.append((begin, end))
         else:
-            start = time.perf_counter()
+            start = self.clock()
             yield
-            self.pending.append(time.perf_counter() - start)
+            self.pending.append(self.clock() - start)
 
     def take(self) -> list[float]:
         """The seconds of every section since the last call."""

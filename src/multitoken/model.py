@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from multitoken.config import HeadConfig
+from multitoken.config import HEAD_LABELS, SOFT_TOP_K, HeadConfig
 from multitoken.errors import MultitokenError
 from multitoken.heads import HeadInputs, MTPHeads, build_heads
 from multitoken.losses import (
@@ -22,6 +22,9 @@ from multitoken.losses import (
     cross_entropy,
     greedy_path_labels,
     shift_labels,
+    soft_cross_entropy,
+    soft_labels,
+    trunk_top_k,
 )
 from multitoken.trunk import TrunkParts, inspect_trunk, layer_arguments, watch_states
 
@@ -47,13 +50,19 @@ class TrunkFeatures:
     """What the heads read of a frozen trunk's forward over rows ``tokens[:, :T]``, computed
     before (``multitoken.featcache``): the states and, per row, the trunk's own next-token
     loss summed over the row, its top-1 hits and the number of labels, from which the main
-    loss and accuracy of any batch of rows follow."""
+    loss and accuracy of any batch of rows follow; and the trunk's predictions the heads may
+    learn instead of the text (``--labels trunk``, ``--labels soft``)."""
 
     states: torch.Tensor  # [B, T, d] h^0 (bpd, deepseek) or the stream entering layer b (meta)
     main_nll: torch.Tensor  # [B] float32
     main_hits: torch.Tensor  # [B] float32
     main_count: torch.Tensor  # [B] float32
     greedy: torch.Tensor | None = None  # [B, T] the trunk's top-1 token at each position
+    # multitoken.losses.trunk_top_k of the trunk's logits: [B, T, k] long ids, likeliest first
+    # (topk_ids[..., 0] is ``greedy``), and [B, T, k] float32 probabilities renormalised over
+    # them (rounded to fp16, as the cache stores them)
+    topk_ids: torch.Tensor | None = None
+    topk_probs: torch.Tensor | None = None
 
 
 class MTPModel(nn.Module):
@@ -175,14 +184,19 @@ class MTPModel(nn.Module):
         memory_efficient: bool = True,
         features: TrunkFeatures | None = None,
         labels: str = "text",
+        soft_top_k: int = SOFT_TOP_K,
     ) -> LossOutput:
         """Training forward over packed rows ``tokens`` [B, T+1]: inputs are ``tokens[:, :T]``.
 
         ``features``: the frozen trunk's states over these rows, computed before (the feature
-        cache); the trunk then does not run at all. ``labels``: ``text``, or ``trunk`` for a
-        frozen trunk's greedy path (``TrainConfig.labels``)."""
-        if labels == "trunk" and self.trunk_trainable:
-            raise RuntimeError("labels from the trunk's greedy path need a frozen trunk")
+        cache); the trunk then does not run at all. ``labels``: ``text``, ``trunk`` for a
+        frozen trunk's greedy path, or ``soft`` for its next-token distributions over its
+        ``soft_top_k`` likeliest tokens (``TrainConfig.labels``; with ``features``, the top-k
+        they hold)."""
+        if labels not in HEAD_LABELS:
+            raise ValueError(f"unknown labels {labels!r} (choose from {', '.join(HEAD_LABELS)})")
+        if labels != "text" and self.trunk_trainable:
+            raise RuntimeError(f"labels {labels!r} from the trunk's outputs need a frozen trunk")
         inputs = tokens[:, :-1]
         heads = self.heads
         frozen = not self.trunk_trainable
@@ -197,8 +211,13 @@ class MTPModel(nn.Module):
             hidden, branch_hidden = (None, states) if heads.reads_branch else (states, None)
             block_kwargs = self.parts.block_kwargs(states, positions)
             greedy = features.greedy if labels == "trunk" else None
+            soft = None
+            if labels == "soft":
+                if features.topk_ids is None or features.topk_probs is None:
+                    raise RuntimeError("soft labels need features holding the trunk's top-k")
+                soft = (features.topk_ids, features.topk_probs)
             return self._head_losses(
-                tokens, lam, main_loss, main_acc, hidden, branch_hidden, block_kwargs, greedy
+                tokens, lam, main_loss, main_acc, hidden, branch_hidden, block_kwargs, greedy, soft
             )
         if heads.headwise and memory_efficient and torch.is_grad_enabled() and not frozen:
             branch_hidden, layer_kwargs = self.trunk_prefix(inputs, heads.branch_layer)
@@ -211,6 +230,7 @@ class MTPModel(nn.Module):
             out = self.trunk_forward(inputs, branch)
         main_loss, main_acc = cross_entropy(out.logits, shift_labels(tokens, 0))
         greedy = out.logits.argmax(-1) if labels == "trunk" else None
+        soft = trunk_top_k(out.logits.detach(), soft_top_k) if labels == "soft" else None
         return self._head_losses(
             tokens,
             lam,
@@ -220,6 +240,7 @@ class MTPModel(nn.Module):
             out.branch_hidden,
             out.block_kwargs,
             greedy,
+            soft,
         )
 
     def _head_losses(
@@ -232,19 +253,29 @@ class MTPModel(nn.Module):
         branch_hidden: torch.Tensor | None,
         block_kwargs: dict,
         greedy: torch.Tensor | None = None,
+        soft: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LossOutput:
-        """The λ-weighted total of the trunk's loss and every head's, from the trunk's states."""
+        """The λ-weighted total of the trunk's loss and every head's, from the trunk's states.
+        Head k learns the text's token (``greedy`` and ``soft`` None), the trunk's greedy path
+        (``greedy`` [B, T]), or the trunk's top-k distribution k positions on (``soft``: ids
+        [B, T, K], probs [B, T, K]; :func:`multitoken.losses.soft_labels`), over its draft
+        vocabulary if it has one."""
         weights = self.heads.loss_weights(self.depth, lam)
-        labels = [self.head_labels(tokens, k, greedy) for k in range(1, self.depth + 1)]
         pad = self.parts.config.pad_token_id
         inputs = HeadInputs(
             tokens, hidden, branch_hidden, block_kwargs, pad if isinstance(pad, int) else 0
         )
         logits = self.heads.training_logits(inputs)
+        to_draft = getattr(self.heads, "draft_labels", None)
         total = main_loss
         losses, accs = [], []
-        for w, lg, lb in zip(weights, logits, labels):
-            loss_k, acc_k = cross_entropy(lg, lb)
+        for k, (w, lg) in enumerate(zip(weights, logits), start=1):
+            if soft is None:
+                loss_k, acc_k = cross_entropy(lg, self.head_labels(tokens, k, greedy))
+            else:
+                ids, probs = soft_labels(*soft, k)  # [B, T, K] each
+                ids = ids if to_draft is None else to_draft(ids)
+                loss_k, acc_k = soft_cross_entropy(lg, ids, probs)
             total = total + w * loss_k
             losses.append(loss_k.detach())
             accs.append(acc_k)

@@ -40,6 +40,7 @@ from multitoken.heads import head_class
 from multitoken.model import MTPModel
 from multitoken.packing import PackedStream, validation_batches
 from multitoken.tokenizer import Tokenizer, load_tokenizer
+from multitoken.training_plot import plot_tau_curves, tau_curve
 from multitoken.trunk import build_trunk, load_trunk
 
 # Fields that shape the model or the data: a resumed run must not change them.
@@ -397,7 +398,14 @@ def _open_cache(
     folder = Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else out / "feature-cache"
     cap = int(cfg.feature_cache_gb * 2**30)
     cache = FeatureCache(
-        folder, model, cap, cfg.feature_cache_dtype, precision, ddp.rank, ddp.world
+        folder,
+        model,
+        cap,
+        cfg.feature_cache_dtype,
+        precision,
+        ddp.rank,
+        ddp.world,
+        top_k=cfg.soft_top_k,
     )
     if ddp.main:
         print(
@@ -465,6 +473,7 @@ def _accumulate(state: Run, lam: float) -> torch.Tensor:
                     memory_efficient=cfg.meta_memory_efficient,
                     features=features,
                     labels=cfg.labels,
+                    soft_top_k=cfg.soft_top_k,
                 )
             (res.loss / cfg.grad_accum).backward()
         sums += torch.cat(
@@ -484,9 +493,11 @@ def _log_step(state: Run, record: dict, loss: float, tok_s: float) -> None:
         return
     step, cfg = record["step"], state.cfg
     state.bar.update(1)
+    held_out = {} if not state.last_val or "tau" not in state.last_val else state.last_val
     state.bar.set_postfix(
         loss=f"{loss:.3f}",
         main=f"{record['main_loss']:.3f}",
+        **({"val_tau": f"{held_out['tau']:.2f}"} if held_out else {}),
         tok_s=f"{tok_s:,.0f}",
         refresh=False,
     )
@@ -496,11 +507,17 @@ def _log_step(state: Run, record: dict, loss: float, tok_s: float) -> None:
 
 def _evaluate(state: Run, lam: float, report: bool) -> None:
     """Validation figures into ``metrics.jsonl`` and, with ``report``, a line under the bar."""
-    val = evaluate(state.model, state.val, lam, state.autocast, state.cache)
+    cfg = state.cfg
+    val = evaluate(
+        state.model, state.val, lam, state.autocast, state.cache, cfg.labels, cfg.soft_top_k
+    )
     state.last_val = val
     if not state.ddp.main:
         return
-    _append_jsonl(state.metrics_path, {"step": state.step, "split": "val", **val})
+    tokens = state.step * state.tokens_per_step
+    _append_jsonl(state.metrics_path, {"step": state.step, "split": "val", "tokens": tokens, **val})
+    if "tau" in val:  # the scaling curve, redrawn as it grows
+        plot_tau_curves({cfg.heads.family: tau_curve(state.metrics_path)}, state.out / "tau.png")
     if report:
         heads = " ".join(
             f"h{k + 1} {loss_k:.3f}/{acc_k:.0%}"
@@ -508,8 +525,17 @@ def _evaluate(state: Run, lam: float, report: bool) -> None:
         )
         state.bar.write(
             f"step {state.step}: val main {val['main_loss']:.3f} "
-            f"({val['main_acc']:.0%})  heads loss/acc {heads}"
+            f"({val['main_acc']:.0%})  heads loss/acc {heads}  {acceptance_line(val)}"
         )
+
+
+def acceptance_line(val: dict) -> str:
+    """``τ 1.52 (a 0.41/0.22/0.10), 3-wide tree τ 1.90``: held-out acceptance against the
+    trunk's greedy path (:func:`multitoken.evaluate.evaluate`); empty without heads."""
+    if "tau" not in val:
+        return ""
+    rates = "/".join(f"{a:.2f}" for a in val["accept"])
+    return f"τ {val['tau']:.2f} (a {rates}), 3-wide tree τ {val['tau_top3']:.2f}"
 
 
 def _save_checkpoint(state: Run) -> Path | None:

@@ -13,30 +13,34 @@ its nodes by v, and a row keeping its n best nodes expects
 
 The step takes the n that maximises Σ_b E_b[tokens | n] / (c(n + 1) + d) — the rows of a
 batch verify equally many nodes in one pass — with c(q) the measured verify cost and d the
-heads' drafting cost (:mod:`multitoken.costs`), mapped through the line that best fits the
-steps timed in this call (:class:`StepCosts`), and each row's r-th best v scaled by how nodes of
-that rank turned out so far (:class:`RankScale`). A peaked draft makes the best nodes a chain,
-and n = 0 (verify the pending token alone) wins when no draft pays for its place. Drafting
-itself is judged before it happens: when the recent steps' best rates, their drafting paid for,
-average below a plain step's (:data:`PAYOFF_DECAY`), drafting rests 1, 2, 4, …
-:data:`LONGEST_REST` steps before it is tried again (the chain's K = 0).
+heads' drafting cost as timed, the whole skeleton's (:mod:`multitoken.costs`; DeepSeek's
+modules run at every node of it, so theirs grows with its size), mapped through the line that
+best fits the whole steps timed in this call (:class:`StepCosts`), and each row's r-th best v
+scaled by how nodes of that rank turned out so far (:class:`RankScale`). A peaked draft makes the best nodes a chain, and n = 0 (verify the pending
+token alone) wins when no draft pays for its place.
+
+Whether to draft at all is judged before the skeleton is drafted, and not by these estimates:
+by the tokens and seconds whole steps measurably gave, drafting steps against plain ones
+(:class:`multitoken.pace.Pace`, which documents the bounded exploration). Where drafting loses
+— heads rarely right, drafting dear against the trunk pass — a step is a plain one (the chain's
+K = 0: no skeleton, no tree) on all but a few tries. A try verifies one draft at least (n >= 1),
+and while drafting rests the calibration's counts decay towards its prior, so the tries after a
+long rest verify candidates again and find out whether the heads have become right.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from multitoken.costs import CostModel
+from multitoken.pace import Pace, StepLine
 from multitoken.tree import Tree
 
 MAX_NODES = 32  # the most drafts one step verifies
-LONGEST_REST = 16  # plain steps in a row, at most, before drafting is tried again
-PAYOFF_DECAY = 0.8  # weight of the past in the running payoff of drafting (5 steps or so)
 # Bucket boundaries of draft probabilities q; candidates in one bucket share one a(q)
 EDGES = (0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 _EDGES = torch.tensor(EDGES)
@@ -87,7 +91,7 @@ class Calibration:
         self._rates = None
 
     def forget(self) -> None:
-        """One step's decay (a step that verified nothing too)."""
+        """One step's decay (a step that offered no candidate of the heads', or did not draft)."""
         self.hits.mul_(self.decay)
         self.offers.mul_(self.decay)
         self._rates = None
@@ -130,18 +134,16 @@ class RankScale:
 
 @dataclass
 class StepCosts:
-    """What a step verifying n drafts costs, in units of t1, for n = 0..``n_max``: the model's
-    m(n) = c(n + 1) + d (a bare trunk pass, measured apart) mapped through the line
-    α + β m that best fits what this call's steps took (least squares, recent steps weighing
-    most) — the tree mask, the cache moves and the bookkeeping cost too. The line starts as
-    α = 0, β = 1: two points on it, at the ends of the range, weigh ``prior`` steps each."""
+    """What a drafting step verifying n drafts takes, in units of t1, for n = 0..``n_max``: the
+    model's m(n) = c(n + 1) + d (a bare trunk pass, measured apart, and the skeleton's drafting)
+    mapped through the line α + β m that best fits what this call's whole steps took
+    (:class:`multitoken.pace.StepLine`) — the tree mask, the cache moves and the bookkeeping
+    cost too. The line starts as α = 0, β = 1."""
 
     costs: CostModel
     draft_tokens: int
     n_max: int
-    decay: float = 0.95
-    prior: float = 0.5
-    sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # Σw, Σx, Σy, Σxx, Σxy
+    line: StepLine = field(default_factory=StepLine)
     _model: tuple | None = field(default=None, init=False, repr=False)
 
     def model(self) -> torch.Tensor:
@@ -154,23 +156,14 @@ class StepCosts:
 
     def __call__(self) -> torch.Tensor:
         """[n_max + 1] the cost of a step verifying n = 0..n_max drafts."""
-        model = self.model()
-        w, sx, sy, sxx, sxy = self.sums
-        for x in (float(model[0]), float(model[-1])):  # the prior's points, on y = x
-            w, sx, sy = w + self.prior, sx + self.prior * x, sy + self.prior * x
-            sxx, sxy = sxx + self.prior * x * x, sxy + self.prior * x * x
-        spread = sxx - sx * sx / w
-        beta = max(0.0, (sxy - sx * sy / w) / spread) if spread > 1e-12 else 1.0
-        alpha = (sy - beta * sx) / w
-        return alpha + beta * model  # non-decreasing in n as the model is, for β >= 0
+        model = self.model()  # non-decreasing in n, and so is the line (β >= 0)
+        return self.line.at(model, (float(model[0]), float(model[-1])))
 
     def observe(self, n: int, seconds: float) -> None:
+        """A whole drafting step verifying ``n`` drafts took ``seconds``."""
         if not self.costs.learn_draft or self.costs.t1_s <= 0 or n > self.n_max:
             return  # a cost model given whole (a test) is kept as it is
-        x, y = float(self.model()[n]), seconds / self.costs.t1_s
-        self.sums = [s * self.decay for s in self.sums]
-        for i, value in enumerate((1.0, x, y, x * x, x * y)):
-            self.sums[i] += value
+        self.line.observe(float(self.model()[n]), seconds / self.costs.t1_s)
 
 
 @dataclass
@@ -183,25 +176,30 @@ class TreeBudget:
     max_nodes: int = MAX_NODES
     calibration: Calibration = field(default_factory=Calibration)
     rank_scale: RankScale = field(default_factory=RankScale)
-    payoff: float = 1.0  # running mean of a drafting step's best rate over a plain step's
-    rest: int = 0  # plain steps still to take before drafting again
-    last_rest: int = 0  # the length of the rest before, doubled each time in a row
+    pace: Pace = field(init=False)
     step_costs: StepCosts = field(init=False)
-    started: float | None = field(default=None, init=False)  # this step's start (perf_counter)
+    drafting: bool = field(default=False, init=False)  # whether this step drafts
+    n: int = field(default=0, init=False)  # the drafts this step verifies
+    # the model's tokens per row and seconds for the last drafting step: Pace's prior
+    expect: tuple[float, float] | None = field(default=None, init=False)
     # this step's nodes in value order [B, n_max] and their values v, for rank_scale
     ranked: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.step_costs = StepCosts(self.costs, self.draft_tokens, self.max_nodes)
+        self.pace = Pace(learn=self.costs.learn_draft)
 
     def drafts(self) -> bool:
-        """Whether this step drafts (called once a step)."""
-        if self.rest:
-            self.rest -= 1
+        """Whether this step drafts (called once a step): by the whole steps measured."""
+        self.n = 0
+        self.drafting = self.pace.drafts(self.expect, (1.0, self.plain_seconds()))
+        if not self.drafting:  # what the candidates were worth fades with the text
             self.calibration.forget()
-            return False
-        self.started = time.perf_counter()
-        return True
+        return self.drafting
+
+    def plain_seconds(self) -> float:
+        """A plain step by the model: a bare one-token pass (a plain step adds little to it)."""
+        return self.costs.verify(1) * self.costs.t1_s
 
     def calibrate(self, scores: torch.Tensor) -> torch.Tensor:
         """log a(q) of every node, from ``scores`` [B, N] its log draft probability."""
@@ -219,15 +217,11 @@ class TreeBudget:
         self.ranked = order + 1, v
         gain = (v * self.rank_scale(n_max)).cumsum(1).sum(0)  # [n_max]: n = 1..n_max nodes add
         expected = B + torch.cat([gain.new_zeros(1), gain])  # [n_max + 1]: n = 0..n_max
-        rates = expected / self.step_costs()[: n_max + 1]  # drafting is spent, whatever n is
-        best = int(rates.argmax())
-        payoff = float(rates[best]) * self.costs.verify(1) / B  # over a plain step's rate
-        self.payoff = PAYOFF_DECAY * self.payoff + (1 - PAYOFF_DECAY) * payoff
-        if self.payoff < 1.0:  # drafting has stopped paying: rest from it
-            self.last_rest = min(2 * self.last_rest or 1, LONGEST_REST)
-            self.rest = self.last_rest
-        else:
-            self.last_rest = 0
+        step = self.step_costs()[: n_max + 1]
+        rates = expected / step  # drafting is spent, whatever n is
+        least = min(int(self.pace.trying), n_max)  # a try verifies a draft at least
+        self.n = best = least + int(rates[least:].argmax())
+        self.expect = float(expected[best]) / B, float(step[best]) * self.costs.t1_s
         return best
 
     def observe(
@@ -236,11 +230,8 @@ class TreeBudget:
         """Calibrate on the candidates offered this step: the children of every node of each
         row's kept path. ``scores`` [B, N] log q of every skeleton node (NaN: none, a node
         of prompt lookup's), ``kept`` [B, n + 1] the skeleton nodes each row verified (its
-        ``trees``), ``paths`` into them; the step's time, and how each rank turned out."""
+        ``trees``), ``paths`` into them; how each rank turned out."""
         n = kept.size(1) - 1
-        if self.started is not None:  # the step's tokens are on the host: it has finished
-            self.step_costs.observe(n, time.perf_counter() - self.started)
-            self.started = None
         if self.ranked is not None and n:
             nodes, v = self.ranked
             accepted = [set(row[i] for i in path) for row, path in zip(kept.tolist(), paths)]
@@ -260,3 +251,15 @@ class TreeBudget:
             self.calibration.observe(torch.tensor(offered), torch.tensor(hit))
         else:
             self.calibration.forget()
+
+    def observe_step(self, tokens: float, seconds: float) -> None:
+        """The whole step (drafting or plain) took ``seconds`` of wall time and emitted
+        ``tokens`` per row."""
+        if not self.costs.learn_draft:  # a fixed model: the step costs what it says
+            seconds = (
+                float(self.step_costs()[self.n]) * self.costs.t1_s
+                if self.drafting
+                else self.plain_seconds()
+            )
+        if self.pace.observe(self.drafting, tokens, seconds) and self.drafting:
+            self.step_costs.observe(self.n, seconds)

@@ -29,7 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Config file first, then the flags typed; a diverged run exits 1 naming the checkpoint kept."""
-    from multitoken.trainer import NonFiniteLoss
+    from multitoken.trainer import NonFiniteLoss, acceptance_line
     from multitoken.trainer import run as train
 
     values = read_config_file(args.config) if args.config else {}
@@ -39,5 +39,9 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLoss as exc:
         print(f"multitoken: {exc}", file=sys.stderr)
         return 1
+    val = result.val or {}
+    if "tau" in val:  # acceptance is what the heads are for: the run's last held-out figures
+        heads = "/".join(f"{a:.0%}" for a in val["head_acc"])
+        print(f"held out: {acceptance_line(val)}; top-1 per head {heads}")
     print(f"checkpoint: {result.checkpoint}")
     return 0
