@@ -103,14 +103,38 @@ def test_meta_loss_by_hand(tokens, branch):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_fresh_deepseek_modules_predict_what_the_trunk_predicts(tokens):
+    """A fresh module is the identity on h^{k-1} (eh_proj reads hnorm(h) only, the block's
+    residual writes are zero), so every module starts where a fresh BPD head does: the trunk's
+    own logits, scaled by 1 / rms(h^0) (hnorm and the OutHead norm rescale h^0 to unit RMS)."""
+    model = MTPModel(micro_llama(), HeadConfig(family="deepseek", depth=3))
+    out = model.trunk_forward(tokens[:, :-1])
+    rms = out.hidden.pow(2).mean(-1, keepdim=True).add(model.trunk.config.rms_norm_eps).sqrt()
+    for head_logits in model.heads(out.hidden, tokens, out.block_kwargs):
+        torch.testing.assert_close(head_logits * rms, out.logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(head_logits.argmax(-1), out.logits.argmax(-1))
+    # the token's half of eh_proj starts at zero and learns from the first step
+    d = model.parts.hidden_size
+    model.trunk.requires_grad_(False)
+    optimizer = torch.optim.SGD(model.heads.parameters(), lr=0.1)
+    model(tokens, lam=1.0).loss.backward()
+    optimizer.step()
+    for module in model.heads.mtp:
+        assert module.eh_proj.weight[:, :d].abs().sum() > 0
+        assert all(p.abs().sum() > 0 for p in module.block.parameters())
+
+
 def test_deepseek_loss_by_hand(tokens):
     tokens = tokens[:1]
     D, lam = 3, 0.3
     model = MTPModel(micro_llama(), HeadConfig(family="deepseek", depth=D))
     with torch.no_grad():  # non-trivial norms, so enorm/hnorm/shared_head.norm order matters
+        g = torch.Generator().manual_seed(0)
         for p in model.heads.parameters():
             if p.dim() == 1:
-                p.uniform_(0.5, 1.5)
+                p.uniform_(0.5, 1.5, generator=g)
+            else:  # off the identity start: both halves of eh_proj and every block write count
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
     got = model(tokens, lam=lam).loss
     logits, hs = trunk_pass(model.trunk, tokens)
     T = logits.size(1)

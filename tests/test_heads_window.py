@@ -165,8 +165,11 @@ def test_deepseek_blocks_attend_with_their_layer_kind_in_training(trunk, windows
 
 @pytest.mark.parametrize("family", ["meta", "deepseek"])
 def test_sliding_heads_decode_losslessly_past_the_window(family):
-    scale = 0.3 if family == "meta" else 0.05  # scales at which some drafts are accepted
-    model = perturb_heads(MTPModel(mistral(), HeadConfig(family=family, depth=2)), scale=scale)
+    # seeds and scales at which some drafts are accepted (a fresh deepseek module drafts the
+    # trunk's next token for the one after it, which this trunk seldom repeats)
+    seed, scale = (0, 0.3) if family == "meta" else (4, 0.1)
+    config = HeadConfig(family=family, depth=2)
+    model = perturb_heads(MTPModel(mistral(), config), seed=seed, scale=scale)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
     spec = generate(model, prompts, max_new_tokens=T, tree="chain", draft_len=2)
     for prompt, tokens in zip(prompts, spec.tokens):

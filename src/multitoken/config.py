@@ -148,8 +148,8 @@ class HeadConfig:
     init_from_trunk: bool | None = _field(
         None,
         "meta/deepseek: start each head's block as a copy of a trunk layer (meta: the branch "
-        "layer b it sits beside; deepseek: the last) (default: on for a pretrained --trunk, "
-        "off from scratch)",
+        "layer b it sits beside; deepseek: the last) (default: on for meta on a pretrained "
+        "--trunk; off for deepseek, whose modules start as the identity on h, and from scratch)",
     )
     draft_vocab: int | None = _field(
         None,

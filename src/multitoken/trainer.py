@@ -111,8 +111,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def _prepare(cfg: TrainConfig, device: torch.device):
     cfg.validate()
-    if cfg.heads.init_from_trunk is None:  # a pretrained layer is a better start than noise
-        copies = head_class(cfg.heads.family).copies_trunk_layers
+    if cfg.heads.init_from_trunk is None:  # a pretrained layer can be a better start than noise
+        family = head_class(cfg.heads.family)
+        copies = family.copies_trunk_layers and family.copies_trunk_layers_by_default
         cfg.heads.init_from_trunk = bool(cfg.trunk) and copies
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():

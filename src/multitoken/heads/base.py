@@ -87,6 +87,8 @@ class MTPHeads(nn.Module):
     parent_free: ClassVar[bool] = False
     # has a decoder block that can start as a copy of a trunk layer (--init-from-trunk)
     copies_trunk_layers: ClassVar[bool] = True
+    # ...and does so by default on a pretrained trunk (--init-from-trunk unset)
+    copies_trunk_layers_by_default: ClassVar[bool] = True
     # λ of the MTP loss when none is given, as a LambdaSchedule string
     default_lambda: ClassVar[str] = "1.0"
     # can compute its loss one head at a time, freeing each head's graph before the next
