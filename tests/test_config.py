@@ -174,6 +174,16 @@ def test_range_ends_that_are_allowed_pass():
     TrainConfig(preset="huge", trunk="some/folder").validate()  # a --trunk overrides --preset
 
 
+def test_labels_default_to_the_trunks_greedy_path_when_it_is_frozen():
+    frozen, trained = TrainConfig(freeze_trunk=True), TrainConfig()
+    frozen.validate()
+    trained.validate()
+    assert (frozen.labels, trained.labels) == ("trunk", "text")
+    given = TrainConfig(freeze_trunk=True, labels="soft")
+    given.validate()
+    assert given.labels == "soft"
+
+
 def test_the_peak_learning_rate_is_given_else_pretrained_else_the_presets():
     assert TrainConfig(lr=0.5, trunk="x").peak_lr() == 0.5
     assert TrainConfig(trunk="x").peak_lr() == PRETRAINED_LR

@@ -297,9 +297,11 @@ class TrainConfig:
         "rows are cut within files so every epoch repeats them and the trunk's states are "
         "cached (--feature-cache-gb)",
     )
-    labels: str = _field(
-        "text",
-        "what head k learns at each position: text = the text's token k+1 ahead; trunk = "
+    labels: str | None = _field(
+        None,
+        "what head k learns at each position (default: trunk with --freeze-trunk, which gave "
+        "the best held-out τ at equal compute: benchmarks/labels.py; else text): text = the "
+        "text's token k+1 ahead; trunk = "
         "(with --freeze-trunk) the token the trunk's own greedy decoding writes there, "
         "wherever the text follows its greedy path: self-distillation from plain text, "
         "without generating any (multitoken.losses.greedy_path_labels); soft = (with "
@@ -382,6 +384,8 @@ class TrainConfig:
             raise MultitokenError(
                 f"must be bf16 or fp32, got {self.feature_cache_dtype!r}", "--feature-cache-dtype"
             )
+        if self.labels is None:
+            self.labels = "trunk" if self.freeze_trunk else "text"
         if self.labels not in HEAD_LABELS:
             raise MultitokenError(
                 f"unknown labels {self.labels!r} (choose from {', '.join(HEAD_LABELS)})", "--labels"
