@@ -10,8 +10,8 @@ the held-out acceptance against the trunk's greedy path (multitoken.evaluate) of
 
 Usage: python benchmarks/labels.py MODEL DATA [OUT] [STEPS] [FAMILY]
 Measured (SmolLM2-135M-Instruct, bpd D = 3, ShareGPT, 60 steps of 8 x 256 tokens, 2-core AMD
-EPYC, bf16 autocast): held-out a_1 / τ (K = 3) — trunk 0.143 / 1.215, soft 0.121 / 1.161,
-text: see the closing table when run.
+EPYC, bf16 autocast, one run each): held-out a_1 / τ (K = 3) — trunk 0.143 / 1.215, soft
+0.121 / 1.161, text 0.107 / 1.145.
 """
 
 from __future__ import annotations

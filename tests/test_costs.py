@@ -395,3 +395,11 @@ def test_right_heads_rest_when_the_clock_says_verifying_costs_more(monkeypatch, 
         assert sum(k == 0 for k in ks) >= 0.9 * len(ks), out.stats.draft_lens
     else:
         assert sum(k == 4 for k in ks) >= 0.9 * len(ks), out.stats.draft_lens
+    # the next call starts where this one ended: resting (or drafting) from its first steps
+    again = generate(model, PROMPTS, max_new_tokens=100, tree="chain", draft_len="auto", costs=cost)
+    assert again.tokens == plain.tokens
+    first = again.stats.draft_lens[:10]
+    if rests:
+        assert sum(k == 0 for k in first) >= 8, again.stats.draft_lens
+    else:
+        assert sum(k == 4 for k in first) >= 8, again.stats.draft_lens

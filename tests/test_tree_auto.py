@@ -213,6 +213,13 @@ def test_deepseek_drafting_at_every_node_is_what_decides_resting(monkeypatch, pe
         assert steps - drafted >= 0.85 * steps, out.stats.nodes  # the first steps draft
     else:
         assert drafted >= 0.9 * steps and out.stats.tau > 1.5, out.stats.nodes
+    # a second call goes on from what the first learnt, instead of drafting to find out again
+    again = generate(model, PROMPTS, max_new_tokens=60, tree="auto", costs=cost)
+    assert again.tokens == plain.tokens
+    if rests:
+        assert again.stats.draft_steps < drafted and again.stats.draft_steps <= 2
+    else:
+        assert again.stats.draft_steps >= 0.9 * len(again.stats.nodes)
 
 
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])

@@ -124,11 +124,13 @@ def model_folder(model, folder):
 
 
 def train_heads_only(folder, tmp_path, **options):
-    """Two heads-only steps on a tiny corpus with ``folder`` as the trunk."""
+    """Two heads-only steps on a tiny corpus with ``folder`` as the trunk, on the text's labels
+    (a random trunk's greedy path seldom follows the text: --labels trunk would leave the heads
+    next to nothing to learn)."""
     data = tmp_path / "data.txt"
     data.write_text("hello world, this is a tiny corpus for a tiny model.\n" * 100)
     return multitoken.train(
-        **{"family": "deepseek", "depth": 2, **options},
+        **{"family": "deepseek", "depth": 2, "labels": "text", **options},
         trunk=str(folder),
         freeze_trunk=True,
         data=[str(data)],
@@ -159,9 +161,11 @@ def test_heads_only_on_a_local_model_folder(tmp_path, arch):
     assert type(loaded.trunk).__name__ == type(result.model.trunk).__name__
     for name, p in result.model.heads.state_dict().items():
         assert torch.equal(p, loaded.heads.state_dict()[name]), name
-    # The heads started from the trunk's last layer (the default on a pretrained trunk).
+    # DeepSeek modules start as the identity on h, not as a copy of the trunk's last layer
+    # (the default measured better: benchmarks/deepseek_init.py); meta's would copy it.
     meta = json.loads((result.checkpoint / "multitoken.json").read_text())
-    assert meta["heads"]["init_from_trunk"] is True
+    assert meta["heads"]["family"] == "deepseek"
+    assert meta["heads"]["init_from_trunk"] is False
 
 
 def test_a_half_precision_model_folder_trains_fp32_heads_that_load_back_onto_it(tmp_path):

@@ -308,6 +308,11 @@ class DraftLen:
         """A plain step by the model: a bare one-token pass (a plain step adds little to it)."""
         return self.costs.verify(1) * self.costs.t1_s
 
+    def new_call(self) -> None:
+        """A new call decodes with what earlier ones learnt (multitoken.generate._learnt)."""
+        if self.pace is not None:
+            self.pace.new_call()
+
     def observe(self, K: int, accepted: list[int]) -> None:
         if self.acceptance is not None:
             self.acceptance.observe(K, accepted)

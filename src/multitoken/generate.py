@@ -15,9 +15,11 @@ sampling, ``multitoken.sampling``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -109,7 +111,7 @@ def decode(
 ) -> Generation:
     """prefill, then draft → verify → accept → commit (a chain's or a tree's) → emit until
     every row is done."""
-    steps = _steps(model, plan, costs)
+    steps = _steps(model, plan, costs, len(prompts))
     state = prefill(model, prompts, plan)
     stats = Stats(
         trunk_passes=len(prompts), head_tries=[0] * plan.deepest, head_hits=[0] * plan.deepest
@@ -188,12 +190,34 @@ class TreeSteps:
             self.sizer.observe_step(tokens, seconds)
 
 
-def _steps(model: Decodable, plan: Plan, costs: CostModel | None) -> ChainSteps | TreeSteps:
+# heads module -> {(mode, K max, [lookup,] batch rows, cost model): what an auto mode learnt};
+# an entry goes when its heads do
+_LEARNT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _learnt(model: Decodable, key: tuple, make: Callable[[], TreeBudget | DraftLen]):
+    """The controller of an automatic mode as earlier calls with these heads left it: what
+    whole steps measurably gave (:class:`multitoken.pace.Pace`), the acceptance and the
+    calibration carry over, so a call of a few dozen steps (a chat turn, a bench prompt, a
+    server request) does not spend them relearning, which costs most where drafting loses.
+    Keyed by the batch's rows and the cost model too: a step's time depends on both."""
+    known = _LEARNT.setdefault(model.heads, {})
+    if key not in known:
+        known[key] = make()
+    controller = known[key]
+    controller.new_call()
+    return controller
+
+
+def _steps(
+    model: Decodable, plan: Plan, costs: CostModel | None, rows: int
+) -> ChainSteps | TreeSteps:
     lookup = Lookup(plan.lookup) if plan.lookup else None
     if isinstance(plan.tree, Dynamic):
         return TreeSteps(plan.k_max, skeleton(plan.k_max), plan.tree, lookup=lookup)
     if plan.tree_auto:
-        sizer = TreeBudget(costs, draft_tokens=plan.k_max)
+        key = ("tree", plan.k_max, plan.lookup, rows, id(costs))  # lookup drafts too
+        sizer = _learnt(model, key, functools.partial(TreeBudget, costs, plan.k_max))
         return TreeSteps(plan.k_max, skeleton(plan.k_max), sizer, costs, lookup)
     if plan.tree is not None:
         return TreeSteps(plan.k_max, plan.tree)
@@ -201,7 +225,9 @@ def _steps(model: Decodable, plan: Plan, costs: CostModel | None) -> ChainSteps 
         return ChainSteps(DraftLen(0, fixed=0))
     if plan.auto:
         stateless = not model.heads.keeps_draft_state
-        return ChainSteps(DraftLen(plan.k_max, costs=costs, stateless=stateless))
+        key = ("chain", plan.k_max, rows, id(costs))
+        make = functools.partial(DraftLen, plan.k_max, costs=costs, stateless=stateless)
+        return ChainSteps(_learnt(model, key, make))
     return ChainSteps(DraftLen(plan.k_max, fixed=plan.k_max))
 
 

@@ -111,6 +111,11 @@ class Pace:
     drafting: int = 0  # steps in a row that drafting paid
     trying: bool = False  # this step drafts though drafting does not pay: a try
 
+    def new_call(self) -> None:
+        """A new decoding call: its first drafting step warms up again (stateful heads read the
+        whole prompt in it); what steps gave, and the rest schedule, carry over."""
+        self.warm, self.trying = False, False
+
     def rate(self, side: bool, prior: tuple[float, float] | None) -> float | None:
         """Tokens per row per second of ``side`` (True: drafting); None: nothing known."""
         tokens, seconds, _ = self.sums[side]

@@ -189,6 +189,12 @@ class TreeBudget:
         self.step_costs = StepCosts(self.costs, self.draft_tokens, self.max_nodes)
         self.pace = Pace(learn=self.costs.learn_draft)
 
+    def new_call(self) -> None:
+        """A new call decodes with what earlier ones learnt (multitoken.generate._learnt): the
+        pace of whole steps, the calibration and the rank scale carry over."""
+        self.pace.new_call()
+        self.drafting, self.n, self.ranked = False, 0, None
+
     def drafts(self) -> bool:
         """Whether this step drafts (called once a step): by the whole steps measured."""
         self.n = 0
