@@ -185,3 +185,19 @@ def test_a_damaged_model_folder_is_one_line_naming_it(tmp_path):
     with pytest.raises(MultitokenError, match=f"^cannot load a causal LM from {folder}: ") as err:
         load_trunk(folder, "--checkpoint")
     assert err.value.flag == "--checkpoint" and "\n" not in str(err.value)
+
+
+def test_trunk_labels_on_a_trunk_that_rarely_follows_the_text_say_so(tmp_path, caplog):
+    """A random trunk's greedy path seldom follows the text: --labels trunk (the default with
+    --freeze-trunk) would leave the heads next to nothing to learn, and the run says so."""
+    folder = model_folder(build("llama"), tmp_path / "llama")
+    for name in ("trunk", "text"):
+        (tmp_path / name).mkdir()
+    with caplog.at_level("WARNING", logger="multitoken"):
+        train_heads_only(folder, tmp_path / "trunk", labels="trunk")
+    said = [r.message for r in caplog.records if "greedy path" in r.message]
+    assert len(said) == 1 and "--labels soft" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multitoken"):
+        train_heads_only(folder, tmp_path / "text", labels="text")
+    assert not [r for r in caplog.records if "greedy path" in r.message]

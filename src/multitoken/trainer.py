@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -42,6 +43,8 @@ from multitoken.packing import PackedStream, validation_batches
 from multitoken.tokenizer import Tokenizer, load_tokenizer
 from multitoken.training_plot import plot_tau_curves, tau_curve
 from multitoken.trunk import build_trunk, load_trunk
+
+log = logging.getLogger("multitoken")
 
 # Fields that shape the model or the data: a resumed run must not change them.
 _FIXED_ON_RESUME = (
@@ -278,6 +281,7 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
     state = _start(cfg)
     if state.step == 0:  # the curve starts at the initial loss
         _evaluate(state, state.schedule(0, cfg.max_steps), report=False)
+        _check_greedy_labels(state)
     state.model.train()
     while state.step < cfg.max_steps:
         lam = _train_step(state)
@@ -294,6 +298,25 @@ def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Train
         stats = state.cache.stats.to_dict()
     return TrainResult(
         state.out, state.last_ckpt, state.step, state.last_val, state.model.eval(), stats
+    )
+
+
+# Below this share of positions where the text follows the trunk's greedy path, --labels trunk
+# leaves head 1 few labels (and head k about this share to the k-th power).
+FEW_GREEDY_LABELS = 0.2
+
+
+def _check_greedy_labels(state: Run) -> None:
+    """Say so when ``--labels trunk`` will find few labels: head k learns only where the text
+    follows the trunk's greedy path k steps, which the trunk's held-out top-1 accuracy
+    measures (a random or mismatched trunk, text in another language)."""
+    follows = (state.last_val or {}).get("main_acc")
+    if state.cfg.labels != "trunk" or follows is None or follows >= FEW_GREEDY_LABELS:
+        return
+    log.warning(
+        "the text follows the trunk's greedy path at %.0f%% of held-out positions, so "
+        "--labels trunk gives the heads few labels; --labels soft learns at every position",
+        100 * follows,
     )
 
 
