@@ -41,9 +41,10 @@ DEPTH = 3
 # ShareGPT chats the heads see (about 4 bytes a token): the trunk runs over each once (the
 # feature cache keeps its states and top-k) and the heads go over them for several epochs.
 CHAT_BYTES = 140_000
-STEPS = int(os.environ.get("DEMO_STEPS", "60"))  # of 8 rows x 256 tokens, about 4 epochs
+CHAT_MAX_BYTES = 4_000  # chats longer than this are passed over
+STEPS = int(os.environ.get("DEMO_STEPS", "50"))  # of 8 rows x 256 tokens, about 3 epochs
 DRAFT_VOCAB = 8192
-NEW_TOKENS = 96  # of each answer shown
+NEW_TOKENS = 80  # of each answer shown
 BENCH_TOKENS = 64  # of each answer the bench decodes with every method
 # held-out requests (the heads train on ShareGPT, never on benchmarks/data/chat_prompts.jsonl)
 SHOWN = (
@@ -73,7 +74,8 @@ def demo_prompts(out: Path) -> Path:
 
 def training_chats(out: Path) -> Path:
     """The first ``CHAT_BYTES`` of ShareGPT's prepared training chats (deduplicated, split by
-    conversation: multitoken.conversations) as one JSONL file, its last 10% validating."""
+    conversation: multitoken.conversations) of at most ``CHAT_MAX_BYTES`` each, as one JSONL
+    file, its last 10% validating."""
     from multitoken.conversations import prepare_conversations, sharegpt_path
 
     path = out / "chats.jsonl"
@@ -84,6 +86,8 @@ def training_chats(out: Path) -> Path:
     lines, size = [], 0
     for shard in prepared.train:
         for line in shard.read_text(encoding="utf-8").splitlines():
+            if len(line.encode()) > CHAT_MAX_BYTES:  # many short chats say more than a few long
+                continue
             lines.append(line)
             size += len(line.encode())
             if size >= CHAT_BYTES:
