@@ -19,19 +19,16 @@ tokens of stdlib code, held-out a_1): identity 0.706, copy 0.676, noise 0.672, b
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import torch
+from smollm2 import ablation_args, train_frozen_heads
 
-from multitoken.config import TrainConfig
 from multitoken.heads import deepseek
-from multitoken.trainer import run
 
 STARTS = ("identity", "copy", "noise", "bpd")
 
 
-def train(start: str, model: str, data: str, out: Path, steps: int) -> dict:
+def train(start: str, model: str, data: str, out, steps: int) -> dict:
     if start == "noise":  # undo the identity start: eh_proj drawn as the trunk draws weights
         identity = deepseek.DeepSeekModule._start_as_identity
 
@@ -40,28 +37,21 @@ def train(start: str, model: str, data: str, out: Path, steps: int) -> dict:
 
         deepseek.DeepSeekModule._start_as_identity = noise
     try:
-        options = dict(
-            trunk=model, freeze_trunk=True, family="bpd" if start == "bpd" else "deepseek",
-            depth=1, draft_vocab=8192, labels="trunk", data=[data], seq_len=256, batch_size=8,
-            max_steps=steps, lr=1e-3, eval_every=max(steps // 2, 1), save_every=10**6,
-            out=str(out / start), feature_cache_dir=str(out / "feature-cache"),
-            init_from_trunk=True if start == "copy" else None,
+        family = "bpd" if start == "bpd" else "deepseek"
+        copy = True if start == "copy" else None
+        return train_frozen_heads(
+            model, data, out, start, steps, family=family, depth=1, labels="trunk",
+            init_from_trunk=copy,
         )  # fmt: skip
-        return run(TrainConfig.from_dict(options)).val
     finally:
         if start == "noise":
             deepseek.DeepSeekModule._start_as_identity = identity
 
 
 def main() -> None:
-    if len(sys.argv) < 3:
-        sys.exit(__doc__)
-    model, data = sys.argv[1], sys.argv[2]
-    out = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("runs/deepseek-init")
-    steps = int(sys.argv[4]) if len(sys.argv) > 4 else 100
+    model, data, out, steps = ablation_args("runs/deepseek-init", 100, __doc__)
     rows = {}
     for start in STARTS:
-        torch.manual_seed(0)
         val = train(start, model, data, out, steps)
         rows[start] = {"a_1": val["accept"][0], "tau": val["tau"], "tau_top3": val["tau_top3"]}
         print(json.dumps({start: rows[start]}), flush=True)

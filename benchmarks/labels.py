@@ -17,31 +17,21 @@ EPYC, bf16 autocast, one run each): held-out a_1 / τ (K = 3) — trunk 0.143 / 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-import torch
+from smollm2 import ablation_args, train_frozen_heads
 
-from multitoken.config import HEAD_LABELS, TrainConfig
-from multitoken.trainer import run
+from multitoken.config import HEAD_LABELS
 
 
 def main() -> None:
-    if len(sys.argv) < 3:
-        sys.exit(__doc__)
-    model, data = sys.argv[1], sys.argv[2]
-    out = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("runs/labels")
-    steps = int(sys.argv[4]) if len(sys.argv) > 4 else 60
+    model, data, out, steps = ablation_args("runs/labels", 60, __doc__)
     family = sys.argv[5] if len(sys.argv) > 5 else "bpd"
-    rows = {}
-    for labels in HEAD_LABELS:
-        torch.manual_seed(0)
-        options = dict(
-            trunk=model, freeze_trunk=True, family=family, depth=3, draft_vocab=8192,
-            labels=labels, data=[data], seq_len=256, batch_size=8, max_steps=steps, lr=1e-3,
-            eval_every=max(steps // 2, 1), eval_batches=4, save_every=10**6,
-            out=str(out / labels), feature_cache_dir=str(out / "feature-cache"),
-        )  # fmt: skip
-        rows[labels] = run(TrainConfig.from_dict(options)).val
+    rows = {
+        labels: train_frozen_heads(
+            model, data, out, labels, steps, family=family, depth=3, labels=labels, eval_batches=4
+        )
+        for labels in HEAD_LABELS
+    }
     print(f"\n{family}, {steps} steps | held-out a_1..a_3 | τ (K = 3) | τ, 3-wide tree |")
     print("|---|---|---|---|")
     for labels, val in rows.items():

@@ -55,3 +55,30 @@ def exported_model(out: Path) -> Path:
     export = [MT, "export", "--checkpoint", str(model_file()), "--trunk-only", "--out", str(model)]
     stage("export", model, export)
     return model
+
+
+def ablation_args(default_out: str, default_steps: int, doc: str) -> tuple[str, str, Path, int]:
+    """``MODEL DATA [OUT] [STEPS]`` of an ablation script (``doc`` printed when they are missing)."""
+    if len(sys.argv) < 3:
+        sys.exit(doc)
+    out = Path(sys.argv[3]) if len(sys.argv) > 3 else Path(default_out)
+    steps = int(sys.argv[4]) if len(sys.argv) > 4 else default_steps
+    return sys.argv[1], sys.argv[2], out, steps
+
+
+def train_frozen_heads(model: str, data: str, out: Path, name: str, steps: int, **options) -> dict:
+    """Heads trained on the frozen ``model`` for ``steps`` of 8 × 256 tokens of ``data`` into
+    ``out/name``, every run of an ablation sharing ``out/feature-cache`` (equal compute: the
+    trunk runs once per row); returns the last held-out figures (multitoken.evaluate)."""
+    import torch
+
+    from multitoken.config import TrainConfig
+    from multitoken.trainer import run
+
+    torch.manual_seed(0)
+    settings = dict(
+        trunk=model, freeze_trunk=True, draft_vocab=8192, data=[data], seq_len=256,
+        batch_size=8, max_steps=steps, lr=1e-3, eval_every=max(steps // 2, 1),
+        save_every=10**6, out=str(out / name), feature_cache_dir=str(out / "feature-cache"),
+    )  # fmt: skip
+    return run(TrainConfig.from_dict({**settings, **options})).val
