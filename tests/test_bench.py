@@ -317,3 +317,25 @@ def test_the_trunk_validation_loss_is_the_reported_one_and_leaves_the_dtype(chec
     rounded = trunk_validation(model, corpus, seq_len=32, batch_size=2)
     assert model.parts.embed.weight.dtype == torch.bfloat16
     assert rounded["val_loss"] == pytest.approx(scores["val_loss"], abs=0.05)
+
+
+def test_methods_take_turns_on_each_prompt_after_a_warm_up_each(checkpoint):
+    """A machine whose speed drifts slows every method alike only if they take turns."""
+    model = multitoken.load(checkpoint)
+    calls = []
+
+    def method(name):
+        def decode(prompt):
+            calls.append((name, prompt[0]))
+            return [prompt[0]] * 2, 2, None
+
+        return bench.Method(name, None, decode, None)
+
+    methods = [method("plain"), method("hf_greedy"), method("prompt_lookup")]
+    runs, reference = bench._measure_all(model, {}, methods, [[1], [2], [3]], [0], 2, False)
+    warm_up = [(name, 1) for name in ("plain", "hf_greedy", "prompt_lookup")]
+    turns = [(name, p) for p in (1, 2, 3) for name in ("plain", "hf_greedy", "prompt_lookup")]
+    assert calls == warm_up + turns + turns
+    assert reference == [[1, 1], [2, 2], [3, 3]]
+    assert [r["method"] for r in runs] == ["plain", "hf_greedy", "prompt_lookup"]
+    assert all(r["identical"] and r["tokens"] == 6 for r in runs)

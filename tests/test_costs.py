@@ -292,6 +292,18 @@ def test_pace_times_a_few_plain_steps_while_drafting_pays_and_skips_the_first_dr
     assert pace.seen == {False: PLAIN_TIMED, True: 100 - PLAIN_TIMED - 1}
 
 
+def test_pace_growth_counts_steps_that_paid_on_their_own_less_those_that_did_not():
+    pace, plain = Pace(learn=False), (1.0, 1.0)  # a plain step: a token a second
+    for tokens, growth in ((3.0, 1), (3.0, 2), (1.0, 1), (4.0, 2)):  # drafting takes 2 s
+        assert pace.drafts((2.0, 2.0), plain)
+        pace.observe(True, tokens, 2.0)
+        assert pace.growth == growth
+    for _ in range(6):  # drafting stops paying: growth starts again from nothing
+        drafts = pace.drafts((2.0, 2.0), plain)
+        pace.observe(drafts, 1.0, 2.0 if drafts else 1.0)
+    assert not pace.pays((2.0, 2.0), plain) and pace.growth == 0
+
+
 # The bare curve says drafting is cheap; the steps, timed whole, say a drafting step takes
 # 1.6 + 0.1 K ms against a plain step's 1 ms (drafting 0.3-0.5 of a pass, bookkeeping, ...)
 def model_says_cheap() -> CostModel:
@@ -350,16 +362,22 @@ def test_auto_keeps_drafting_where_the_measured_steps_say_it_pays(stateless):
 
 def test_auto_comes_back_to_drafting_and_to_resting_when_acceptance_turns():
     """Losing, then paying (a stretch of code), then losing again: drafting resumes within two
-    of the longest rests, and rests again within a few steps (then mostly rests)."""
-    choice, rng = DraftLen(3, costs=model_says_cheap()), random.Random(2)
-    drive(choice, 300, LOSING, rng)
-    paying = drive(choice, 200, PAYING, rng)
-    back = next(i for i in range(len(paying)) if all(k > 0 for k in paying[i : i + 10]))
-    assert back <= 2 * (LONGEST_REST + 1), paying
-    assert sum(k > 0 for k in paying[back:]) >= 0.95 * len(paying[back:])
-    losing = drive(choice, 200, LOSING, rng)
-    assert 0 in losing[:10] and sum(k == 0 for k in losing[10:50]) >= 0.8 * 40, losing
-    assert sum(k == 0 for k in losing[50:]) >= 0.9 * len(losing[50:])
+    of the longest rests, and rests again within a few steps (then mostly rests). How soon it
+    rests depends on the draws: by the expected figures, drafting's running rate falls below a
+    plain step's after 6 losing steps (paying history 1.5 tokens/ms, decaying 0.8 a step)."""
+    first_rests = []
+    for seed in range(5):
+        choice, rng = DraftLen(3, costs=model_says_cheap()), random.Random(seed)
+        drive(choice, 300, LOSING, rng)
+        paying = drive(choice, 200, PAYING, rng)
+        back = next(i for i in range(len(paying)) if all(k > 0 for k in paying[i : i + 10]))
+        assert back <= 2 * (LONGEST_REST + 1), paying
+        assert sum(k > 0 for k in paying[back:]) >= 0.95 * len(paying[back:])
+        losing = drive(choice, 200, LOSING, rng)
+        first_rests.append(losing.index(0))
+        assert sum(k == 0 for k in losing[20:60]) >= 0.8 * 40, losing
+        assert sum(k == 0 for k in losing[60:]) >= 0.9 * len(losing[60:])
+    assert sorted(first_rests)[2] <= 8 and max(first_rests) <= 15, first_rests
 
 
 def clocked(c: list[float], monkeypatch, slope: float) -> CostModel:

@@ -53,6 +53,22 @@ def test_a_flat_cost_curve_buys_every_node_and_a_steep_one_a_plain_step():
     assert steep.budget(doubtful) == 1
 
 
+def test_a_learning_budget_verifies_a_chains_worth_until_drafting_steps_pay():
+    """Slow start (multitoken.pace): with costs that learn, the first trees are as small as the
+    heads' chain, and they double with each drafting step timed at a plain step's rate or more,
+    whatever the model promised; a step that did not pay halves them again."""
+    S = skeleton(3)
+    v = values_of(S, [[1.0] + [0.5] * (S.size - 1)])
+    budget = TreeBudget(CostModel([1.0] * 40, t1_s=1.0, prior_draft=0.0), 3)
+    sizes = []
+    for tokens, seconds in ((4.0, 1.0),) * 5 + ((1.0, 2.0),):
+        assert budget.drafts()
+        sizes.append(budget.budget(v))
+        budget.observe_step(tokens, seconds)  # against a plain step's one token a second
+    assert sizes == [3, 3, 6, 12, 24, 32]  # the first step warms up: not counted
+    assert budget.drafts() and budget.budget(v) == 24
+
+
 def test_a_peaked_draft_is_verified_as_a_chain():
     S = Tree.parse("3,2,2")
     probs = [1.0] + [0.0] * (S.size - 1)

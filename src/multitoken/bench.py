@@ -67,6 +67,7 @@ __all__ = [
     "check_fits",
     "default_draft_lens",
     "load_draft_model",
+    "Timed",
     "measure",
     "ours",
     "outputs_identical",
@@ -161,6 +162,59 @@ def pooled_acceptance(stats: list) -> list[float]:
     return [h / t if t else 0.0 for h, t in zip(hits, tries)]
 
 
+class Timed:
+    """One method's measurements, prompt by prompt: an untimed warm-up on the first prompt, then
+    each prompt as the caller asks (so that :func:`bench` can take the methods in turn on each
+    prompt). Wall time is the median over repeats of the summed per-prompt times (only the
+    decode call is timed)."""
+
+    def __init__(self, name: str, K: int | None, decode: Decode, device: torch.device) -> None:
+        self.name, self.K, self.decode, self.device = name, K, decode, device
+        self.walls: list[float] = []  # per repeat
+        self.outputs: list[list[list[int]]] = []  # per repeat, per prompt
+        self.passes, self.stats = 0, []  # of the first repeat
+
+    def warm_up(self, prompt: list[int]) -> None:
+        self.decode(prompt)
+
+    def run(self, prompt: list[int], repeat: int) -> None:
+        """Decode ``prompt`` once as part of repeat ``repeat`` (0, 1, ... in order)."""
+        if repeat == len(self.walls):
+            self.walls.append(0.0)
+            self.outputs.append([])
+        sync(self.device)
+        start = time.perf_counter()
+        tokens, n_passes, st = self.decode(prompt)
+        sync(self.device)
+        self.walls[repeat] += time.perf_counter() - start
+        self.outputs[repeat].append(tokens)
+        if repeat == 0:
+            self.passes, self.stats = self.passes + n_passes, self.stats + [st]
+
+    def summary(self, reference: list[list[int]] | None) -> tuple[dict, list[list[int]]]:
+        """The run's summary and the first repeat's outputs (compared to ``reference``; with no
+        reference, the method is the reference)."""
+        reference = self.outputs[0] if reference is None else reference
+        tokens, wall = sum(map(len, self.outputs[0])), statistics.median(self.walls)
+        passes = self.passes
+        run = {
+            "method": self.name,
+            "draft_len": self.K,
+            "tau": tokens / passes if passes else None,
+            "acceptance": pooled_acceptance(self.stats) if self.name in OURS_SPECULATIVE else None,
+            "trunk_passes": passes,
+            "tokens": tokens,
+            "wall_s": wall,
+            "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+            "speedup_vs_plain": None,  # filled in once every method has run
+            "speedup_vs_hf_greedy": None,
+            "identical": all(outputs_identical(outs, reference) for outs in self.outputs),
+        }
+        if self.name in OURS_SPECULATIVE:
+            run.update(_drafting(self.stats))
+        return run, self.outputs[0]
+
+
 def measure(
     name: str,
     K: int | None,
@@ -171,44 +225,15 @@ def measure(
     repeats: int = 1,
     tick: Callable[[], None] = lambda: None,
 ) -> tuple[dict, list[list[int]]]:
-    """One method: an untimed warm-up prompt, then every prompt ``repeats`` times. Wall time is
-    the median over repeats of the summed per-prompt times (only the decode call is timed).
-    Returns the run's summary and the first repeat's outputs (compared to ``reference``; with
-    no reference, the method is the reference)."""
-    decode(prompts[0])
-    walls, repeat_outputs, passes, stats = [], [], 0, []
+    """One method on its own (:class:`Timed`): a warm-up, then every prompt ``repeats`` times.
+    Returns the run's summary and the first repeat's outputs."""
+    timed = Timed(name, K, decode, device)
+    timed.warm_up(prompts[0])
     for repeat in range(repeats):
-        wall, outputs = 0.0, []
         for prompt in prompts:
-            sync(device)
-            start = time.perf_counter()
-            tokens, n_passes, st = decode(prompt)
-            sync(device)
-            wall += time.perf_counter() - start
-            outputs.append(tokens)
-            if repeat == 0:
-                passes, stats = passes + n_passes, stats + [st]
+            timed.run(prompt, repeat)
             tick()
-        walls.append(wall)
-        repeat_outputs.append(outputs)
-    reference = repeat_outputs[0] if reference is None else reference
-    tokens, wall = sum(map(len, repeat_outputs[0])), statistics.median(walls)
-    run = {
-        "method": name,
-        "draft_len": K,
-        "tau": tokens / passes if passes else None,
-        "acceptance": pooled_acceptance(stats) if name in OURS_SPECULATIVE else None,
-        "trunk_passes": passes,
-        "tokens": tokens,
-        "wall_s": wall,
-        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-        "speedup_vs_plain": None,  # filled in once every method has run
-        "speedup_vs_hf_greedy": None,
-        "identical": all(outputs_identical(outs, reference) for outs in repeat_outputs),
-    }
-    if name in OURS_SPECULATIVE:
-        run.update(_drafting(stats))
-    return run, repeat_outputs[0]
+    return timed.summary(reference)
 
 
 def _drafting(stats: list) -> dict:
@@ -358,38 +383,59 @@ def _measure_all(
     repeats: int,
     progress: bool,
 ) -> tuple[list[dict], list[list[int]]]:
-    """Every method in turn, each checked against the first (plain decoding); returns the runs
-    and plain decoding's outputs."""
+    """Every method, each checked against the first (plain decoding); returns the runs and
+    plain decoding's outputs. The methods take turns on each prompt (plain, then the others, on
+    prompt 1; then on prompt 2, ...), each after a warm-up of its own: a machine whose speed
+    drifts over minutes (shared cores, clocks) then slows every method alike, where running
+    one method's prompts after another's would tilt their ratios (on a 2-core cloud machine
+    the same decoding ran 10% apart from one minute to the next)."""
     from tqdm import tqdm
 
     device = model.parts.embed.weight.device
     vocab = model.trunk.get_output_embeddings().weight.shape[0]
     hook = model.trunk.register_forward_pre_hook(lambda *_: passes.__setitem__(0, passes[0] + 1))
     # disable=None: a bar on a terminal only, so logs and pipes stay clean
-    bar = tqdm(total=len(methods) * repeats * len(prompts), disable=None if progress else True)
-    runs, reference = [], None
+    bar = tqdm(
+        total=len(methods) * (repeats * len(prompts) + 1), disable=None if progress else True
+    )
+    timed = [Timed(m.name, m.K, m.decode, device) for m in methods]
     try:
         with torch.no_grad():
-            for name, K, decode, label, tree in methods:
-                what = name if K is None else f"{name} K={K}"
-                what = what if tree is None else f"{name} {tree}"
-                bar.set_description(what if label is None else f"{label} {what}")
-                run, outputs = measure(
-                    name, K, decode, prompts, reference, device, repeats, bar.update
-                )
-                if tree is not None:  # auto: as many nodes as its steps chose
-                    nodes = None if tree == AUTO_TREE else _tree_depth_and_nodes(tree, K)[1] + 1
-                    run.update(tree=tree, nodes=nodes)
-                if label is not None:  # which heads, and how many tokens they draft from
-                    run["heads"] = label
-                    run["draft_vocab"] = heads[label].head_config.draft_vocab or vocab
-                if reference is None:  # the first method, plain decoding, is the reference
-                    reference = outputs
-                runs.append(run)
+            for method, t in zip(methods, timed):
+                bar.set_description(f"warm-up {_describe(method)}")
+                t.warm_up(prompts[0])
+                bar.update()
+            for repeat in range(repeats):
+                for i, prompt in enumerate(prompts):
+                    for method, t in zip(methods, timed):
+                        bar.set_description(f"prompt {i + 1}/{len(prompts)} {_describe(method)}")
+                        t.run(prompt, repeat)
+                        bar.update()
     finally:
         bar.close()
         hook.remove()
+    runs, reference = [], None
+    for method, t in zip(methods, timed):
+        run, outputs = t.summary(reference)
+        if method.tree is not None:  # auto: as many nodes as its steps chose
+            tree = method.tree
+            run.update(
+                tree=tree,
+                nodes=None if tree == AUTO_TREE else _tree_depth_and_nodes(tree, method.K)[1] + 1,
+            )
+        if method.label is not None:  # which heads, and how many tokens they draft from
+            run["heads"] = method.label
+            run["draft_vocab"] = heads[method.label].head_config.draft_vocab or vocab
+        if reference is None:  # the first method, plain decoding, is the reference
+            reference = outputs
+        runs.append(run)
     return runs, reference
+
+
+def _describe(method: Method) -> str:
+    what = method.name if method.K is None else f"{method.name} K={method.K}"
+    what = what if method.tree is None else f"{method.name} {method.tree}"
+    return what if method.label is None else f"{method.label} {what}"
 
 
 def _machine(model: MTPModel, kernel: str) -> dict:

@@ -23,17 +23,23 @@ time every whole step, from choosing it to choosing the next (the
   plain step's — whatever the model expected.
 
 Exploration is bounded and decays with evidence, so that a call comes back to drafting when
-acceptance improves (a stretch of code) and to resting when it drops: while resting, drafting
-is tried once after :data:`FIRST_REST` plain steps, and each try after which drafting still
-does not pay doubles the rest, up to :data:`LONGEST_REST` — where drafting loses, at most one
-step in 33 drafts; a step at which drafting pays halves the rest again. What drafting gave
-also fades by :data:`STALE` a plain step (it moves with the text; what a plain step gives does
-not), so a try after a long rest weighs most and a regime that turns is found within a try or
-two; a tree's try verifies one draft at least. A drop shows at once, since drafting steps are
-measured as they run. While drafting pays, a plain step is timed every :data:`PLAIN_EVERY` steps until
-:data:`PLAIN_TIMED` have been, so that the comparison rests on a measured plain step. A cost
-model that learns nothing (``learn_draft`` False: a test's figures) is taken at its word for
-the seconds; the tokens are always the ones the steps emitted.
+acceptance improves (a stretch of code) and to resting when it drops: while resting, drafting is
+tried once after :data:`FIRST_REST` plain steps, and each try after which drafting still does not
+pay doubles the rest, up to :data:`LONGEST_REST` — where drafting loses, at most one step in 65
+drafts; a step at which drafting pays halves the rest again. What drafting gave also fades by
+:data:`STALE` a plain step (it moves with the text; what a plain step gives does not), so a try
+after a long rest weighs most and a regime that turns is found within a try or two; a tree's try
+verifies one draft at least. How many nodes a tree may verify grows only as drafting measurably
+pays (:attr:`Pace.growth`, after TCP's slow start): a chain's worth (as many nodes as the heads
+draft tokens), twice as many for each drafting step timed at a plain step's rate or more, half as
+many for each timed below it, and back to a chain's worth as soon as drafting stops paying. On
+SmolLM2-135M on 2 AVX2 cores a 32-node step took 2.5 plain steps and a 3-node one 1.6; a try is
+there to learn whether drafting pays, which the small one tells as well, and one lucky step (prompt
+lookup's, say) does not buy a run of large trees. A drop shows at once, since drafting steps are
+measured as they run. While drafting pays, a plain step is timed every :data:`PLAIN_EVERY` steps
+until :data:`PLAIN_TIMED` have been, so that the comparison rests on a measured plain step. A cost
+model that learns nothing (``learn_draft`` False: a test's figures) is taken at its word for the
+seconds and the tree's size; the tokens are always the ones the steps emitted.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 FIRST_REST = 2  # plain steps before drafting is tried again, after it stopped paying
-LONGEST_REST = 32  # the rest doubles after each try that did not pay, up to this
+LONGEST_REST = 64  # the rest doubles after each try that did not pay, up to this (a try
+# costs about half a plain step where drafting loses: 1 in 65 steps, under 1%)
 PACE_DECAY = 0.8  # weight of the past in a side's running sums, per step of that side
 STALE = 0.97  # ... and in drafting's, per plain step: what drafting gives moves with the text
 PLAIN_EVERY = 8  # while drafting pays, a plain step is timed every this many steps ...
@@ -110,6 +117,8 @@ class Pace:
     resting: int = 0  # plain steps in a row since drafting last paid or was tried
     drafting: int = 0  # steps in a row that drafting paid
     trying: bool = False  # this step drafts though drafting does not pay: a try
+    growth: int = 0  # drafting steps at a plain step's rate or more, less those below it
+    plain: tuple[float, float] | None = None  # the model's plain step, as last told
 
     def new_call(self) -> None:
         """A new decoding call: its first drafting step warms up again (stateful heads read the
@@ -132,7 +141,7 @@ class Pace:
     def drafts(self, drafting: tuple[float, float] | None, plain: tuple[float, float]) -> bool:
         """Whether this step drafts (called once a step): ``drafting`` and ``plain`` the
         model's prediction (tokens per row, seconds) for either kind of step."""
-        self.trying = False
+        self.trying, self.plain = False, plain
         if self.pays(drafting, plain):
             self.gap, self.resting = max(FIRST_REST, self.gap // 2), 0
             self.drafting += 1
@@ -140,7 +149,7 @@ class Pace:
                 self.drafting = 0
                 return False  # time a plain step: the comparison needs one
             return True
-        self.drafting = 0
+        self.drafting = self.growth = 0
         if self.resting >= self.gap:  # rested long enough: try drafting once
             self.resting, self.gap = 0, min(2 * self.gap, LONGEST_REST)
             self.trying = True
@@ -158,6 +167,10 @@ class Pace:
             seconds = min(seconds, OUTLIER * sums[1] / sums[2])
         self.sums[drafted] = [s * self.decay + x for s, x in zip(sums, (tokens, seconds, 1.0))]
         self.seen[drafted] += 1
+        if drafted:  # trees grow with each step that paid on its own and shrink with each not
+            plain = self.rate(False, self.plain)
+            paid = plain is None or tokens >= plain * seconds
+            self.growth = self.growth + 1 if paid else max(0, self.growth - 1)
         if not drafted:  # while drafting rests, what it gave grows old; plain steps do not
             self.sums[True] = [s * STALE for s in self.sums[True]]
         return True

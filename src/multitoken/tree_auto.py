@@ -226,7 +226,10 @@ class TreeBudget:
         step = self.step_costs()[: n_max + 1]
         rates = expected / step  # drafting is spent, whatever n is
         least = min(int(self.pace.trying), n_max)  # a try verifies a draft at least
-        self.n = best = least + int(rates[least:].argmax())
+        most = n_max
+        if self.pace.learn:  # a chain's worth, doubling with each step that paid (pace.py)
+            most = max(least, min(self.draft_tokens << min(self.pace.growth, 8), n_max))
+        self.n = best = least + int(rates[least : most + 1].argmax())
         self.expect = float(expected[best]) / B, float(step[best]) * self.costs.t1_s
         return best
 
