@@ -67,10 +67,20 @@ def head_caches(state) -> list[RaggedCache]:
     return state if isinstance(state, list) else state.caches
 
 
-@pytest.mark.parametrize("family", ["meta", "deepseek"])
+# deepseek-ttt: one module reused for drafts 2 and 3, trained so (--ttt-steps 2, the
+# training-time test): its training logits past D must be what drafting past D computes
+HEADS = {
+    "meta": HeadConfig(family="meta", depth=K),
+    "deepseek": HeadConfig(family="deepseek", depth=K),
+    "deepseek-ttt": HeadConfig(family="deepseek", depth=1, ttt_steps=K - 1),
+}
+
+
+@pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize("trunk", ["llama", "mistral"])
-def test_drafts_of_ragged_rows_equal_teacher_forced_logits(family, trunk, monkeypatch):
-    model = perturb_heads(MTPModel(TRUNKS[trunk](), HeadConfig(family=family, depth=K)), 0, 0.3)
+def test_drafts_of_ragged_rows_equal_teacher_forced_logits(heads, trunk, monkeypatch):
+    model = perturb_heads(MTPModel(TRUNKS[trunk](), HEADS[heads]), 0, 0.3)
+    assert model.trained_depth == K
     compactions = []
     compact = RaggedCache.compact
     monkeypatch.setattr(RaggedCache, "compact", lambda kv: compactions.append(compact(kv)))

@@ -184,3 +184,25 @@ def test_heads_only_training_leaves_the_trunk_byte_for_byte(corpus, tmp_path):
     val = [m for m in read_metrics(tmp_path / "b") if m["split"] == "val"]
     assert val[-1]["head_losses"][0] < val[0]["head_losses"][0]  # the heads did learn
     assert val[-1]["main_loss"] == pytest.approx(val[0]["main_loss"], abs=1e-6)
+
+
+def test_training_time_test_trains_the_module_reused_past_d(corpus, tmp_path):
+    """--ttt-steps 2 on one DeepSeek module: training teaches and reports three drafts along
+    the chain (the module reused for drafts 2 and 3, fed its own states: what it computes is
+    pinned against drafting in tests/test_heads_drafting.py), every one of their losses falls,
+    and decoding drafts that far by default, exactly."""
+    from multitoken.generate import generate, make_plan
+
+    options = fast(corpus, tmp_path / "ttt", family="deepseek", depth=1, ttt_steps=2)
+    multitoken.train(**options)
+    val = [m for m in read_metrics(tmp_path / "ttt") if m["split"] == "val"]
+    assert len(val[-1]["head_losses"]) == 3 and len(val[-1]["accept"]) == 3
+    for before, after in zip(val[0]["head_losses"], val[-1]["head_losses"]):
+        assert after < before - 0.5
+    loaded = multitoken.load(tmp_path / "ttt")
+    assert loaded.head_config.ttt_steps == 2
+    prompts = [list(b"def split(s):\n    "), list(b"import ")]
+    assert make_plan(loaded, prompts).k_max == 3
+    spec = generate(loaded, prompts, max_new_tokens=24, tree="chain")
+    ref = generate(loaded, prompts, max_new_tokens=24, speculate=False)
+    assert spec.tokens == ref.tokens and len(spec.stats.acceptance) == 3

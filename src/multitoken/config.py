@@ -151,6 +151,12 @@ class HeadConfig:
         "layer b it sits beside; deepseek: the last) (default: on for meta on a pretrained "
         "--trunk; off for deepseek, whose modules start as the identity on h, and from scratch)",
     )
+    ttt_steps: int = _field(
+        0,
+        "deepseek: training-time test past D (EAGLE-3): the last module also trains reused this "
+        "many more times along the chain, reading its own states as decoding with --draft-len "
+        "> D feeds them, so the drafts past D are trained too",
+    )
     draft_vocab: int | None = _field(
         None,
         "FR-Spec reduced draft vocabulary: the heads unembed over the N most frequent tokens "
@@ -189,6 +195,16 @@ class HeadConfig:
         from multitoken.heads import head_class  # heads import this module
 
         family = head_class(self.family)
+        if not isinstance(self.ttt_steps, int) or isinstance(self.ttt_steps, bool):
+            raise MultitokenError(f"must be an integer >= 0, got {self.ttt_steps!r}", "--ttt-steps")
+        if self.ttt_steps < 0:
+            raise MultitokenError(f"must be an integer >= 0, got {self.ttt_steps}", "--ttt-steps")
+        if self.ttt_steps and not family.drafts_past_depth:
+            raise MultitokenError(
+                f"{self.family} heads draft at most D tokens, each head from the trunk's own "
+                "state, so there is nothing past D to train (deepseek reuses its last module)",
+                "--ttt-steps",
+            )
         if self.init_from_trunk and not family.copies_trunk_layers:
             raise MultitokenError(
                 "bpd heads have no decoder block to copy; a fresh bpd head already predicts what "

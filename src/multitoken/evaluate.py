@@ -60,7 +60,7 @@ def evaluate(
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     widths = (1, TREE_WIDTH)  # a chain, and a tree of the heads' best TREE_WIDTH tokens
-    counts = {w: torch.zeros(model.depth, 2) for w in widths}  # see acceptance_counts
+    counts = {w: torch.zeros(model.trained_depth, 2) for w in widths}  # see acceptance_counts
     device = next(model.parameters()).device
     for batch in batches:
         with autocast():

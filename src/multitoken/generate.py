@@ -267,10 +267,10 @@ def generate(
     :mod:`multitoken.tree_lookup`); ``"chain"`` verifies one chain, whose length ``draft_len``
     ``"auto"`` (the default) chooses in 0..D before each step (:mod:`multitoken.costs`) and a
     number fixes (K > D for the DeepSeek family only: its last module is reused recurrently;
-    None is D); for trees, ``draft_len`` is how deep the heads draft. ``costs``: the
-    :class:`~multitoken.costs.CostModel` auto uses (default: measured once per trunk, device
-    and dtype). ``on_tokens(row, tokens)`` is called as tokens are accepted
-    (streaming)."""
+    None is D, or D + ``--ttt-steps`` for modules trained past D); for trees, ``draft_len`` is
+    how deep the heads draft. ``costs``: the :class:`~multitoken.costs.CostModel` auto uses
+    (default: measured once per trunk, device and dtype). ``on_tokens(row, tokens)`` is called
+    as tokens are accepted (streaming)."""
     t0 = time.perf_counter()
     plan = make_plan(model, prompts, config, eos_id, **options)
     kernel = choose_linear_kernel(plan.cfg.linear_kernel, model)
@@ -387,7 +387,8 @@ def _draft_len(cfg: GenerateConfig, model: Decodable) -> tuple[int, bool]:
     """(K, or the most auto may choose; whether K is chosen per step) from ``draft_len``
     (already validated on its own)."""
     value = draft_len_value(cfg.draft_len)
-    depth = model.depth or 1
+    # as far as training taught the chain: D, or past it where a module was trained reused
+    depth = (model.heads.trained_depth if model.heads is not None else model.depth) or 1
     if value is None or value == "auto":
         return depth, value == "auto"
     longest = model.heads.max_draft_len() if cfg.speculate else None

@@ -135,6 +135,12 @@ class MTPModel(nn.Module):
     def depth(self) -> int:
         return self.head_config.depth if self.head_config else 0
 
+    @property
+    def trained_depth(self) -> int:
+        """The drafts along the chain that training teaches and reports (D, or more where a
+        module is reused past D: ``--ttt-steps``)."""
+        return self.heads.trained_depth if self.heads is not None else 0
+
     # ------------------------------------------------------------------------------------------
     def trunk_forward(
         self, input_ids: torch.Tensor, branch_layer: int | None = None
@@ -261,6 +267,8 @@ class MTPModel(nn.Module):
         [B, T, K], probs [B, T, K]; :func:`multitoken.losses.soft_labels`), over its draft
         vocabulary if it has one."""
         weights = self.heads.loss_weights(self.depth, lam)
+        # a module reused past D (training-time test) weighs as much at each step as itself
+        weights += weights[-1:] * (self.heads.trained_depth - self.depth)
         pad = self.parts.config.pad_token_id
         inputs = HeadInputs(
             tokens, hidden, branch_hidden, block_kwargs, pad if isinstance(pad, int) else 0

@@ -461,7 +461,7 @@ def _train_step(state: Run) -> float:
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
     tok_s = state.tokens_per_step / (time.perf_counter() - t0)
-    d = state.model.depth
+    d = state.model.trained_depth
     record = {
         "step": state.step,
         "split": "train",
@@ -482,7 +482,7 @@ def _accumulate(state: Run, lam: float) -> torch.Tensor:
     only); returns [loss, main loss, head losses..., head accuracies...] averaged over them and
     over ranks."""
     cfg, model = state.cfg, state.model
-    sums = torch.zeros(2 + 2 * model.depth)
+    sums = torch.zeros(2 + 2 * model.trained_depth)
     for micro in range(cfg.grad_accum):
         batch = state.pending if state.pending is not None else next(state.batches)
         state.pending = None

@@ -105,8 +105,15 @@ class MTPHeads(nn.Module):
         return [lam] * depth
 
     def training_logits(self, inputs: HeadInputs) -> list[torch.Tensor]:
-        """Teacher-forced logits of heads 1..D, each [B, T, V] (N over a draft vocabulary)."""
+        """Teacher-forced logits of heads 1..D (and of the steps past D that
+        :attr:`trained_depth` adds), each [B, T, V] (N over a draft vocabulary)."""
         raise NotImplementedError
+
+    @property
+    def trained_depth(self) -> int:
+        """How many drafts along the chain training teaches (:meth:`training_logits` gives
+        one logits tensor each): D, or more where a module is reused past D."""
+        return self.depth
 
     def headwise_loss(
         self, branch: torch.Tensor, layer_kwargs: dict, labels: list, weights: list[float]

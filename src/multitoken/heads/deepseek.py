@@ -133,7 +133,13 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
             DeepSeekModule(parts, index=k, init_from_trunk=init_from_trunk)
             for k in range(config.depth)
         )
+        # training-time test past D: the last module also trains reused this many times more
+        self.ttt_steps = int(getattr(config, "ttt_steps", 0) or 0)
         self._init_draft_vocab(getattr(config, "draft_vocab", None))
+
+    @property
+    def trained_depth(self) -> int:
+        return self.depth + self.ttt_steps
 
     def out_head(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """OutHead of module k+1: its own norm, then the trunk's unembedding (over the draft
@@ -149,21 +155,26 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
         (or longer). Module k reads Emb(tokens[:, k : k+T]); positions whose token lies past the
         row get ``pad_id`` — their outputs carry no label, and causal attention keeps them from
         touching earlier positions.
+
+        Past D (``ttt_steps``, the training-time test of EAGLE-3 / HASS), step k = D+1, D+2, ...
+        applies module D again to its own previous output h^{k-1} and Emb(tokens[:, k : k+T]),
+        exactly as :meth:`draft` reuses it for K > D: decoding then drafts from states the
+        module was trained to read, not from states only ever read by the next module.
         """
         T = h0.size(1)
         h = h0
         out = []
         by_kind: dict[str, dict] = {}  # block_kwargs with each block kind's mask
-        for k in range(1, self.depth + 1):
+        for k in range(1, self.trained_depth + 1):
             ahead = tokens[:, k : k + T]
             if ahead.size(1) < T:  # [B, T - k + 1] -> [B, T]
                 pad = ahead.new_full((ahead.size(0), T - ahead.size(1)), pad_id)
                 ahead = torch.cat([ahead, pad], dim=1)
-            module = self.mtp[k - 1]
+            module = self.mtp[min(k, self.depth) - 1]
             if module.kind not in by_kind:
                 by_kind[module.kind] = self.parts.with_kind(block_kwargs, h0, module.kind)
             h = module(h, self.parts.embed(ahead), by_kind[module.kind])
-            out.append(self.out_head(k - 1, h))
+            out.append(self.out_head(min(k, self.depth) - 1, h))
         return out
 
     def training_logits(self, inputs: HeadInputs) -> list[torch.Tensor]:
