@@ -471,3 +471,33 @@ def test_a_trunk_with_a_recurrent_state_is_refused_before_decoding():
         generate(model, PROMPTS[:1], max_new_tokens=4)
     with pytest.raises(MultitokenError, match="cannot give back"):  # padding is a hole too
         generate(model, PROMPTS, max_new_tokens=4, speculate=False)
+
+
+def test_the_context_check_reserves_drafts_only_when_speculating():
+    """A micro trunk of 128 positions: a prompt of 98 tokens and 30 new ones fill it exactly
+    (the trunk reads positions 0..126), so plain decoding runs to the last token; speculation needs room for the drafts of a last verify pass, and the refusal
+    names that reserve."""
+    model = model_of("deepseek", depth=3)
+    prompt = [3 + i % 60 for i in range(98)]
+    plain = generate(model, [prompt], max_new_tokens=30, speculate=False)
+    assert len(plain.tokens[0]) == 30
+    with pytest.raises(MultitokenError, match=r"98 tokens \+ 30 new tokens \+ 3 drafted"):
+        generate(model, [prompt], max_new_tokens=30, tree="chain", draft_len=3)
+    edge = generate(model, [prompt], max_new_tokens=27, tree="chain", draft_len=3)
+    assert edge.tokens[0] == plain.tokens[0][:27]  # the last verify pass reaches position 127
+    with pytest.raises(MultitokenError, match=r"98 tokens \+ 31 new tokens exceeds"):
+        generate(model, [prompt], max_new_tokens=31, speculate=False)
+
+
+def test_sampling_without_a_seed_draws_a_fresh_one_and_reports_it():
+    """The reported seed repeats the run where the drafts are fixed (a chain of 2 here): the
+    automatic modes choose drafts by timing, and the text sampled depends on the drafts too
+    (its law does not)."""
+    model = model_of("bpd", depth=2)
+    options = dict(max_new_tokens=24, temperature=1.0, tree="chain", draft_len=2)
+    a, b = generate(model, [[5, 6, 7]], **options), generate(model, [[5, 6, 7]], **options)
+    assert a.stats.seed is not None and a.stats.seed != b.stats.seed
+    assert a.tokens != b.tokens  # 24 tokens drawn from a near-uniform law over 64
+    again = generate(model, [[5, 6, 7]], seed=a.stats.seed, **options)
+    assert again.tokens == a.tokens and again.stats.to_dict()["seed"] == a.stats.seed
+    assert generate(model, [[5, 6, 7]], max_new_tokens=4).stats.seed is None  # greedy: none

@@ -523,7 +523,13 @@ class GenerateConfig:
     temperature: float = _field(0.0, "0 = greedy")
     top_k: int = _field(0, "sample from the k most likely tokens (0: off)")
     top_p: float = _field(1.0, "nucleus sampling mass (1: off)")
-    seed: int | None = _field(None, "random seed for sampling")
+    seed: int | None = _field(
+        None,
+        "random seed for sampling (default: a fresh one each call, reported with the stats); it "
+        "repeats a run whose drafts are fixed (--tree chain --draft-len K, a fixed tree, or "
+        "--no-speculate): the automatic modes choose drafts by timing, and which tokens a seed "
+        "samples depends on the drafts (their law does not)",
+    )
     typical: float = _field(
         0.0,
         "LOSSY Medusa typical acceptance: accept a draft when the trunk gives it probability above "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import secrets
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -68,6 +69,7 @@ class Stats:
     nodes: list[int] = field(default_factory=list)  # tokens each step verified (chain: K + 1)
     draft_s: float = 0.0  # seconds in the heads' draft calls
     draft_steps: int = 0  # steps that drafted (K > 0)
+    seed: int | None = None  # what sampling was seeded with (drawn when none was given)
 
     @property
     def tau(self) -> float:
@@ -92,6 +94,7 @@ class Stats:
             "draft_s": self.draft_s,
             "wall_s": self.wall_s,
             "tokens_per_s": self.tokens_per_s,
+            "seed": self.seed,
         }
 
 
@@ -114,7 +117,10 @@ def decode(
     steps = _steps(model, plan, costs, len(prompts))
     state = prefill(model, prompts, plan)
     stats = Stats(
-        trunk_passes=len(prompts), head_tries=[0] * plan.deepest, head_hits=[0] * plan.deepest
+        trunk_passes=len(prompts),
+        head_tries=[0] * plan.deepest,
+        head_hits=[0] * plan.deepest,
+        seed=None if plan.sampling.greedy else plan.cfg.seed,
     )
     retire(model, state, emit(state, [[t] for t in state.pending.tolist()], plan, on_tokens))
     clock = costs.clock if costs is not None else time.perf_counter
@@ -312,12 +318,14 @@ def make_plan(
         K, auto = tree.max_depth, False
     if isinstance(tree, Dynamic) or tree_auto:  # trees as deep as --draft-len (default: D)
         auto = False
-    check_prompts(model, prompts, cfg, max(K, lookup))
+    check_prompts(model, prompts, cfg, max(K, lookup) if cfg.speculate else 0)
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     gen = None
     if not sampling.greedy:
+        if cfg.seed is None:  # a fresh draw each call, reported in the stats to repeat it
+            cfg = dataclasses.replace(cfg, seed=secrets.randbits(63))
         gen = torch.Generator(device=model.parts.embed.weight.device)
-        gen.manual_seed(0 if cfg.seed is None else cfg.seed)
+        gen.manual_seed(cfg.seed)
     stop = (
         frozenset()
         if eos_id is None
@@ -334,18 +342,24 @@ def check_prompts(
     flag: str = "--prompt",
 ) -> None:
     """Refuse, in one line, prompts the trunk cannot decode: none, an empty one, one whose
-    tokens plus the new ones pass the context window, or any that would need a recurrent
-    state given back. ``flag``: where the prompts came from (bench: its prompt options)."""
+    tokens plus the new ones (plus the ``K`` drafts a last verify pass may carry past them: 0
+    without speculation) pass the context window, or any that would need a recurrent state
+    given back. ``flag``: where the prompts came from (bench: its prompt options).
+
+    The trunk reads every token but the last one emitted: a prompt of P tokens and N new ones
+    occupy positions 0..P+N-2, and a verify pass K drafts beyond that, so P + N + K must not
+    pass the window (a margin of one position)."""
     if not prompts:
         raise MultitokenError("no prompts", flag)
     limit = getattr(model.trunk.config, "max_position_embeddings", None)
     for p in prompts:
         if not p:
             raise MultitokenError("the prompt is empty", flag)
-        if limit and len(p) + cfg.max_new_tokens + K + 1 > limit:
+        if limit and len(p) + cfg.max_new_tokens + K > limit:
+            reserve = f" + {K} drafted past them" if K else ""
             raise MultitokenError(
-                f"prompt of {len(p)} tokens + {cfg.max_new_tokens} new tokens exceeds the "
-                f"context window of {limit}",
+                f"prompt of {len(p)} tokens + {cfg.max_new_tokens} new tokens{reserve} exceeds "
+                f"the context window of {limit}",
                 flag,
             )
     recurrent = sorted(set(unrollable_layers(model.trunk.config)))

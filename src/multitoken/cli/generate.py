@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"[{stats['tokens']} tokens, {stats['trunk_passes']} trunk passes, "
             f"tau {stats['tau']:.2f}, {stats['tokens_per_s']:.1f} tokens/s; "
-            f"{precision.describe()}]",
+            + ("" if stats["seed"] is None else f"seed {stats['seed']}; ")
+            + f"{precision.describe()}]",
             file=sys.stderr,
         )
     return 0
