@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -55,6 +56,20 @@ CONFIGS = {
         num_key_value_heads=2,
         intermediate_size=64,
     ),
+    # local and global layers with rope bases of their own (the rotary takes the layer kind),
+    # a sliding window, QK-norm, scaled embeddings, soft-capped logits
+    "gemma3": lambda: Gemma3TextConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        final_logit_softcapping=30.0,
+    ),
     "mistral": lambda: MistralConfig(
         vocab_size=V,
         hidden_size=32,
@@ -81,7 +96,11 @@ def test_parts_are_found_by_interface(arch):
     ids = torch.randint(0, V, (1, 7))
     with torch.no_grad():  # the final norm found by probing really is what lm_head reads
         out = model(ids, output_hidden_states=True)
-        torch.testing.assert_close(parts.unembed(out.hidden_states[-1]), out.logits)
+        logits = parts.unembed(out.hidden_states[-1])
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:  # Gemma: soft-capped after the unembedding
+            logits = torch.tanh(logits / cap) * cap
+        torch.testing.assert_close(logits, out.logits)
     assert (parts.rotary is None) == (arch == "gpt2")  # GPT-2 has learned absolute positions
 
 
@@ -201,3 +220,26 @@ def test_trunk_labels_on_a_trunk_that_rarely_follows_the_text_say_so(tmp_path, c
     with caplog.at_level("WARNING", logger="multitoken"):
         train_heads_only(folder, tmp_path / "text", labels="text")
     assert not [r for r in caplog.records if "greedy path" in r.message]
+
+
+@pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
+def test_gemma3_decodes_exactly_past_its_window(family):
+    """Gemma-3's sliding and full layers rotate with rope bases of their own and its logits are
+    soft-capped: speculation (the default, a chain, a fixed tree) must still give plain
+    decoding's tokens, for a batch whose rows pass the 4-position window."""
+    from conftest import perturb_heads
+
+    from multitoken.generate import generate
+
+    model = perturb_heads(MTPModel(build("gemma3"), HeadConfig(family=family, depth=2)), 0, 0.3)
+    prompts = [list(range(5, 17)), [7, 8, 9]]
+    plain = generate(model, prompts, max_new_tokens=20, speculate=False)
+    for options in ({}, {"tree": "chain", "draft_len": 2}, {"tree": "2,1"}):
+        assert generate(model, prompts, max_new_tokens=20, **options).tokens == plain.tokens
+    with torch.no_grad():  # and plain decoding is transformers' own greedy decoding
+        ours = generate(model, [prompts[0]], max_new_tokens=20, speculate=False).tokens[0]
+        hf = model.trunk.generate(
+            torch.tensor([prompts[0]]), max_new_tokens=20, do_sample=False, pad_token_id=0
+        )
+    theirs = hf[0, len(prompts[0]) :].tolist()  # transformers stops at an EOS; we do not
+    assert theirs and ours[: len(theirs)] == theirs

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,16 @@ from multitoken.quiet import quiet_transformers
 
 # Keyword arguments of a decoder layer that this adapter knows how to supply.
 _LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids", "cache", "use_cache")
+
+
+# How architectures turn the unembedding's output into their logits, by the config field that
+# switches each on (elementwise, so the rows of a draft vocabulary take it alike): the one place
+# the adapter knows such a convention by name.
+LOGIT_TRANSFORMS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "final_logit_softcapping": lambda x, cap: torch.tanh(x / cap) * cap,  # Gemma 2, 3, 4
+    "logit_scale": lambda x, scale: x * scale,  # Cohere, Cohere 2
+    "logits_scaling": lambda x, scale: x / scale,  # Granite, GraniteMoE
+}
 
 
 @dataclass(eq=False)
@@ -57,6 +69,19 @@ class TrunkParts:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def logits(
+        self, x: torch.Tensor, unembed: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The trunk's logits from the final norm's output ``x`` [..., d]: its unembedding (or
+        ``unembed``, a restriction of it to a draft vocabulary) followed by whatever the model
+        does to its logits (:data:`LOGIT_TRANSFORMS`), so heads score tokens as the trunk does."""
+        out = (unembed or self.unembed)(x)
+        for name, transform in LOGIT_TRANSFORMS.items():
+            value = getattr(self.config, name, None)
+            if value:
+                out = transform(out, value)
+        return out
 
     def new_layer(self, *, like: int | None = None, mtp_index: int | None = None) -> nn.Module:
         """A fresh decoder layer with a KV-cache slot of its own (``layer_idx`` 0: at decode time
@@ -141,7 +166,7 @@ class TrunkParts:
                 hidden, position_ids, kind, cache, padding_mask
             )
         if "position_embeddings" in self.layer_kwargs and self.rotary is not None:
-            kwargs["position_embeddings"] = self.rotary(hidden, position_ids=position_ids)
+            kwargs["position_embeddings"] = self.position_embeddings(hidden, position_ids, kind)
         if "position_ids" in self.layer_kwargs:
             kwargs["position_ids"] = position_ids
         if "cache" in self.layer_kwargs:
@@ -149,6 +174,19 @@ class TrunkParts:
         if "use_cache" in self.layer_kwargs:
             kwargs["use_cache"] = cache is not None
         return kwargs
+
+    def position_embeddings(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, kind: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary (cos, sin) a layer of attention ``kind`` (None: full) reads at
+        ``position_ids``. Models whose layer kinds rotate differently (Gemma-3: local and
+        global rope bases) give their rotary embedding the kind, as their own forward does."""
+        if not _takes_layer_type(type(self.rotary)):
+            return self.rotary(hidden, position_ids=position_ids)
+        if kind is None:  # full attention, where the model has full layers at all
+            kinds = getattr(self.config, "layer_types", None) or [FULL]
+            kind = FULL if FULL in kinds else kinds[-1]
+        return self.rotary(hidden, position_ids=position_ids, layer_type=kind)
 
     def attention_mask(
         self,
@@ -166,13 +204,17 @@ class TrunkParts:
 
     def with_kind(self, kwargs: dict, hidden: torch.Tensor, kind: str) -> dict:
         """Training-time ``kwargs`` of a forward over positions 0..T-1 of ``hidden`` [B, T, d]
-        (no cache) with the attention mask a layer of ``kind`` takes. Whoever built ``kwargs``
+        (no cache) with the attention mask (and the rotary, where it depends on the kind) a
+        layer of ``kind`` takes. Whoever built ``kwargs``
         (the trunk for its layer b, :meth:`block_kwargs` for a full layer) need not have built
         them for this kind, and a head must attend in training as it will in decoding."""
-        if "attention_mask" not in self.layer_kwargs:
-            return kwargs
         positions = torch.arange(hidden.size(1), device=hidden.device).unsqueeze(0)
-        return {**kwargs, "attention_mask": self.attention_mask(hidden, positions, kind)}
+        kwargs = dict(kwargs)
+        if "attention_mask" in self.layer_kwargs:
+            kwargs["attention_mask"] = self.attention_mask(hidden, positions, kind)
+        if "position_embeddings" in kwargs and _takes_layer_type(type(self.rotary)):
+            kwargs["position_embeddings"] = self.position_embeddings(hidden, positions, kind)
+        return kwargs
 
     def ragged_block_kwargs(
         self, hidden: torch.Tensor, position_ids: torch.Tensor, kv: RaggedCache, kind: str
@@ -188,6 +230,12 @@ class TrunkParts:
         else:
             mask = kv.padding_mask(q)
         return self.block_kwargs(hidden, position_ids, kv.cache, mask, kind)
+
+
+@functools.cache
+def _takes_layer_type(cls: type) -> bool:
+    """Whether a rotary embedding class computes (cos, sin) per layer kind."""
+    return "layer_type" in inspect.signature(cls.forward).parameters
 
 
 def layer_kind(config, index: int) -> str:

@@ -105,12 +105,13 @@ class DraftVocab:
         return cached[1]
 
     def unembed_draft(self, x: torch.Tensor) -> torch.Tensor:
-        """The trunk's unembedding over the draft vocabulary: [..., d] -> [..., N] (or [..., V]
-        without one)."""
+        """The trunk's unembedding over the draft vocabulary, and what the trunk does to its
+        logits after it (Gemma's soft-capping, ...): [..., d] -> [..., N] (or [..., V] without
+        one)."""
         if self.draft_ids is None:
-            return self.parts.unembed(x)
+            return self.parts.logits(x)
         w, b = self._draft_rows()
-        return F.linear(x, w, b)
+        return self.parts.logits(x, lambda h: F.linear(h, w, b))
 
     def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[..., N] draft-vocabulary logits -> [..., V] with -inf outside the draft vocabulary."""

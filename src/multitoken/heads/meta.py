@@ -62,7 +62,7 @@ class MetaHeads(DraftVocab, MTPHeads):
             if kind not in by_kind:
                 by_kind[kind] = self.parts.with_kind(layer_kwargs, branch_hidden, kind)
             h = run_layer(self.parts.layers[i], h, by_kind[kind])
-        return self.parts.unembed(self.parts.final_norm(h))
+        return self.parts.logits(self.parts.final_norm(h))
 
     def forward(self, branch_hidden: torch.Tensor, block_kwargs: dict) -> list[torch.Tensor]:
         """Teacher-forced logits of every head over positions 0..T-1 of the stream entering
