@@ -49,7 +49,9 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return pairs.swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, path: Path, arch: str = "llama") -> Path:
+def write_gguf(model, path: Path, arch: str = "llama", quant: str = "F32") -> Path:
+    """``model`` as a GGUF file; its matrices stored as ggml type ``quant`` wherever their rows
+    are whole blocks of it (the rest, and the norms, F32), as llama.cpp's mixes do."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("micro llama")
@@ -84,7 +86,12 @@ def write_gguf(model, path: Path, arch: str = "llama") -> Path:
             a = _permute(a, c.num_attention_heads)
         elif base.endswith("k_proj"):
             a = _permute(a, c.num_key_value_heads)
-        w.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(a))
+        name = f"{names.get_name(base)}.{suffix}"
+        kind = gguf.GGMLQuantizationType[quant]
+        if a.ndim == 2 and a.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0] == 0 and quant != "F32":
+            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(a), kind), raw_dtype=kind)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(a))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -127,6 +134,49 @@ def test_a_gguf_trunk_decodes_as_the_same_weights_from_a_folder(files):
     a = generate(model, [prompt], speculate=False, max_new_tokens=16, eos_id=None)
     b = generate(plain, [prompt], speculate=False, max_new_tokens=16, eos_id=None)
     assert a.tokens == b.tokens and len(a.tokens[0]) == 16
+
+
+# every type the gguf package's writer can store (it reads and dequantises more: the K-quants
+# and IQ types, which only llama.cpp writes); Q5_0 is what llama.cpp's Q4_K_M uses for rows
+# that are not whole 256-blocks, and transformers' own header reader refused it
+QUANTS = ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_every_tensor_type_loads_as_its_own_rounding_of_the_weights(quant, tmp_path):
+    """The file's logits are those of the float model with each stored matrix rounded as the
+    type rounds it (quantised and dequantised by the gguf package): exact but for fp32 sums."""
+    model = micro_llama(5)
+    path = write_gguf(model, tmp_path / f"micro-{quant}.gguf", quant=quant)
+    kind = gguf.GGMLQuantizationType[quant]
+    rounded = micro_llama(5)
+    with torch.no_grad():
+        for name, tensor in rounded.state_dict().items():
+            a = tensor.numpy()
+            if a.ndim == 2 and a.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0] == 0:
+                back = gguf.quants.dequantize(gguf.quants.quantize(a, kind), kind)
+                tensor.copy_(torch.from_numpy(np.asarray(back, dtype=np.float32)))
+    trunk = load_trunk(path)
+    ids = torch.tensor([[1, 5, 9, 3, 40, 61, 17], [1, 22, 7, 7, 30, 2, 12]])
+    with torch.no_grad():
+        ours, theirs = trunk.float()(ids).logits, rounded(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(theirs, model(ids).logits, atol=1e-6)  # the rounding is real
+
+
+def test_a_tensor_type_no_reader_knows_is_named_not_called_corrupt(files, monkeypatch):
+    from transformers.integrations.gguf import reader
+
+    from multitoken.gguf import read_gguf
+
+    def refuse(*_args, **_kwargs):
+        raise ValueError("99 is not a valid GGMLQuantizationType")
+
+    monkeypatch.setattr(reader.GgufHeader, "from_file", refuse)
+    monkeypatch.setattr(gguf, "GGUFReader", refuse)
+    with pytest.raises(MultitokenError, match="a type the installed gguf package cannot read") as e:
+        read_gguf(files[0])
+    assert "corrupt" not in str(e.value)
 
 
 def test_the_gguf_tokenizer_has_the_files_vocabulary_specials_template_and_stops(files):

@@ -96,6 +96,12 @@ def read_gguf(path: str | Path, flag: str = "--trunk") -> GGUFInfo:
     size = p.stat().st_size
     try:
         metadata, types, data_end = _read_header(p)
+    except UnknownTensorType as exc:
+        raise MultitokenError(
+            f"{p} holds tensors of a type the installed gguf package cannot read ({exc}); a "
+            "newer gguf package may (pip install -U gguf)",
+            flag,
+        ) from None
     except struct.error:  # a field runs past the end of the file
         raise MultitokenError(f"{p} is truncated or corrupt: its header ends early", flag) from None
     except (ValueError, KeyError, IndexError, UnicodeDecodeError, OverflowError) as exc:
@@ -130,27 +136,48 @@ def _read_header(path: Path) -> tuple[dict, list[int], int | None]:
     """(metadata, ggml type of each tensor, where the tensor data ends or None if checked).
 
     Metadata arrays of strings (the vocabulary) are given as their length. transformers' own
-    reader skips them and is fast; where it is missing (older releases) the gguf package's
-    reader parses everything, checking that every tensor fits in the file."""
+    reader skips them and is fast, but knows fewer tensor types than the ``gguf`` package that
+    dequantises the file (it refused the Q5_0 tensors of llama.cpp's Q4_K_M files); where it is
+    missing (older releases) or refuses the file, the gguf package's reader parses everything,
+    checking that every tensor fits in the file, and only what that reader refuses is a fault."""
     try:
         from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
     except ImportError:
-        import gguf
-
-        reader = gguf.GGUFReader(path)
-        metadata = {}
-        for key, field in reader.fields.items():
-            if field.types[0] == gguf.GGUFValueType.ARRAY:
-                metadata[key] = len(field.data)
-            elif field.types[0] == gguf.GGUFValueType.STRING:
-                metadata[key] = bytes(field.parts[field.data[0]]).decode("utf-8")
-            else:
-                metadata[key] = field.parts[field.data[0]][0].item()
-        return metadata, [int(t.tensor_type) for t in reader.tensors], None
-    metadata, _ = read_gguf_metadata(str(path))
-    header = GgufHeader.from_file(str(path))
+        return _read_header_with_gguf(path)
+    try:
+        metadata, _ = read_gguf_metadata(str(path))
+        header = GgufHeader.from_file(str(path))
+    except (ValueError, KeyError, IndexError, UnicodeDecodeError, OverflowError):
+        return _read_header_with_gguf(path)
     end = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
     return metadata, [t.ggml_type for t in header.tensors], end
+
+
+def _read_header_with_gguf(path: Path) -> tuple[dict, list[int], None]:
+    """:func:`_read_header` by the ``gguf`` package's reader; a tensor type it does not know
+    is :class:`UnknownTensorType`."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except ValueError as exc:
+        kind = next((a for a in exc.args if "GGMLQuantizationType" in str(a)), None)
+        if kind is not None:
+            raise UnknownTensorType(first_line(exc)) from None
+        raise
+    metadata = {}
+    for key, field in reader.fields.items():
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            metadata[key] = len(field.data)
+        elif field.types[0] == gguf.GGUFValueType.STRING:
+            metadata[key] = bytes(field.parts[field.data[0]]).decode("utf-8")
+        else:
+            metadata[key] = field.parts[field.data[0]][0].item()
+    return metadata, [int(t.tensor_type) for t in reader.tensors], None
+
+
+class UnknownTensorType(Exception):
+    """A tensor type the installed gguf package cannot read (a newer llama.cpp's)."""
 
 
 def _float_dtype(types: list[int]) -> str:
