@@ -151,7 +151,7 @@ def test_every_tensor_type_loads_as_its_own_rounding_of_the_weights(quant, tmp_p
     kind = gguf.GGMLQuantizationType[quant]
     rounded = micro_llama(5)
     with torch.no_grad():
-        for name, tensor in rounded.state_dict().items():
+        for tensor in rounded.state_dict().values():
             a = tensor.numpy()
             if a.ndim == 2 and a.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0] == 0:
                 back = gguf.quants.dequantize(gguf.quants.quantize(a, kind), kind)
