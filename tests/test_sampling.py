@@ -218,3 +218,23 @@ def test_typical_acceptance_keeps_drafts_above_eps_and_drops_impossible_ones():
     # and the next token is drawn from the trunk's own p at the first failing position
     m, nxt = accept_typical(torch.tensor([0, 3]), p, eps, gen())
     assert m == 1 and P[nxt] > 0
+
+
+def test_the_goodness_of_fit_helper_catches_mass_where_the_law_puts_none_or_little():
+    """tests/conftest.py's chi-square: exact draws pass; 4% of draws on a token of probability
+    0, or 4% moved into the law's thin tail (cells expected under 5 times), fail."""
+    g = torch.Generator().manual_seed(0)
+    law = torch.tensor([0.5, 0.3, 0.1996, 0.0002, 0.0002, 0.0])
+    n = 20_000
+    exact = torch.bincount(torch.multinomial(law, n, True, generator=g), minlength=6)
+    assert_chi_square_fits(exact, law)
+    stray = exact.clone()
+    stray[0] -= 800
+    stray[5] += 800  # where the law puts nothing
+    with pytest.raises(AssertionError, match="no mass"):
+        assert_chi_square_fits(stray, law)
+    tail = exact.clone()
+    tail[0] -= 800
+    tail[3] += 800  # into a cell expected 4 times
+    with pytest.raises(AssertionError):
+        assert_chi_square_fits(tail, law)

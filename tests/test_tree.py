@@ -350,7 +350,8 @@ def chain_law(drafts, q, p) -> torch.Tensor:
     for j in range(K):
         a = min(1.0, float(p[j, drafts[j]] / q[j, drafts[j]]))
         rest = (p[j] - q[j]).clamp_min(0)
-        out[j] = reach * (1 - a) * rest / rest.sum()
+        if a < 1:  # a = 1 rejects never (and leaves no residual to normalise)
+            out[j] = reach * (1 - a) * rest / rest.sum()
         reach *= a
     out[K] = reach * p[K]
     return out.flatten()
