@@ -318,6 +318,30 @@ def test_sampling_is_exact_at_both_draft_positions_for_every_family(family, top_
     assert_chi_square_fits(three_token_counts(out.tokens, 4), expected)
 
 
+
+@pytest.mark.parametrize("family", ["bpd", "deepseek"])
+@pytest.mark.parametrize("tree", ["2,2", None], ids=["tree", "default"])
+def test_sampled_trees_are_exact_at_other_temperatures_with_top_k_and_top_p(family, tree):
+    """Invariant 2 through trees (a fixed one, and the default ``auto+lookup``) at temperature
+    0.6 with top-k 3 and top-p 0.8: p and every draft q must be warped and truncated alike, or
+    the first three tokens' joint law shows it."""
+    from multitoken.sampling import Sampling
+
+    torch.manual_seed(1)
+    model = model_of(family, depth=2, vocab=4)
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.add_(torch.randn_like(p))
+        model.trunk.lm_head.weight.mul_(2.0)
+    prompt = [1, 2, 3]
+    sampling = dict(temperature=0.6, top_k=3, top_p=0.8)
+    expected = three_token_law(model.trunk, prompt, 4, Sampling(**sampling))  # [64]
+    shape = {} if tree is None else {"tree": tree}
+    out = generate(model, [prompt] * 2500, max_new_tokens=3, seed=5, **shape, **sampling)
+    if tree is not None:
+        assert 0 < out.stats.acceptance[0] < 0.95  # drafts are both accepted and rejected
+    assert_chi_square_fits(three_token_counts(out.tokens, 4), expected)
+
 def test_typical_acceptance_follows_its_threshold():
     from multitoken.sampling import accept_typical
 
