@@ -318,7 +318,6 @@ def test_sampling_is_exact_at_both_draft_positions_for_every_family(family, top_
     assert_chi_square_fits(three_token_counts(out.tokens, 4), expected)
 
 
-
 @pytest.mark.parametrize("family", ["bpd", "deepseek"])
 @pytest.mark.parametrize("tree", ["2,2", None], ids=["tree", "default"])
 def test_sampled_trees_are_exact_at_other_temperatures_with_top_k_and_top_p(family, tree):
@@ -341,6 +340,7 @@ def test_sampled_trees_are_exact_at_other_temperatures_with_top_k_and_top_p(fami
     if tree is not None:
         assert 0 < out.stats.acceptance[0] < 0.95  # drafts are both accepted and rejected
     assert_chi_square_fits(three_token_counts(out.tokens, 4), expected)
+
 
 def test_typical_acceptance_follows_its_threshold():
     from multitoken.sampling import accept_typical
