@@ -25,7 +25,7 @@ time every whole step, from choosing it to choosing the next (the
 Exploration is bounded and decays with evidence, so that a call comes back to drafting when
 acceptance improves (a stretch of code) and to resting when it drops: while resting, drafting is
 tried once after :data:`FIRST_REST` plain steps, and each try after which drafting still does not
-pay doubles the rest, up to :data:`LONGEST_REST` — where drafting loses, at most one step in 65
+pay doubles the rest, up to :data:`LONGEST_REST` — where drafting loses, at most one step in 33
 drafts; a step at which drafting pays halves the rest again. What drafting gave also fades by
 :data:`STALE` a plain step (it moves with the text; what a plain step gives does not), so a try
 after a long rest weighs most and a regime that turns is found within a try or two; a tree's try
@@ -47,8 +47,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 FIRST_REST = 2  # plain steps before drafting is tried again, after it stopped paying
-LONGEST_REST = 64  # the rest doubles after each try that did not pay, up to this (a try
-# costs about half a plain step where drafting loses: 1 in 65 steps, under 1%)
+LONGEST_REST = 32  # the rest doubles after each try that did not pay, up to this: a try costs
+# about half a plain step where drafting loses (1 in 33 steps: 1.5%), and a longer rest misses
+# loops (prompt lookup's best case) that start mid-answer
 PACE_DECAY = 0.8  # weight of the past in a side's running sums, per step of that side
 STALE = 0.97  # ... and in drafting's, per plain step: what drafting gives moves with the text
 PLAIN_EVERY = 8  # while drafting pays, a plain step is timed every this many steps ...
