@@ -268,7 +268,7 @@ class MTPModel(nn.Module):
         vocabulary if it has one."""
         weights = self.heads.loss_weights(self.depth, lam)
         # a module reused past D (training-time test) weighs as much at each step as itself
-        weights += weights[-1:] * (self.heads.trained_depth - self.depth)
+        weights = weights + weights[-1:] * (self.heads.trained_depth - self.depth)
         pad = self.parts.config.pad_token_id
         inputs = HeadInputs(
             tokens, hidden, branch_hidden, block_kwargs, pad if isinstance(pad, int) else 0
