@@ -292,9 +292,9 @@ def test_pace_times_a_few_plain_steps_while_drafting_pays_and_skips_the_first_dr
     assert pace.seen == {False: PLAIN_TIMED, True: 100 - PLAIN_TIMED - 1}
 
 
-def test_pace_growth_counts_steps_that_paid_on_their_own_less_those_that_did_not():
+def test_pace_growth_counts_steps_that_paid_on_their_own_until_drafting_loses():
     pace, plain = Pace(learn=False), (1.0, 1.0)  # a plain step: a token a second
-    for tokens, growth in ((3.0, 1), (3.0, 2), (1.0, 1), (4.0, 2)):  # drafting takes 2 s
+    for tokens, growth in ((3.0, 1), (3.0, 2), (1.0, 2), (4.0, 3)):  # drafting takes 2 s
         assert pace.drafts((2.0, 2.0), plain)
         pace.observe(True, tokens, 2.0)
         assert pace.growth == growth

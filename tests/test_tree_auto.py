@@ -56,7 +56,8 @@ def test_a_flat_cost_curve_buys_every_node_and_a_steep_one_a_plain_step():
 def test_a_learning_budget_verifies_a_chains_worth_until_drafting_steps_pay():
     """Slow start (multitoken.pace): with costs that learn, the first trees are as small as the
     heads' chain, and they double with each drafting step timed at a plain step's rate or more,
-    whatever the model promised; a step that did not pay halves them again."""
+    whatever the model promised; a step that did not pay leaves them as they are, and drafting
+    that stops paying on the whole starts them small again."""
     S = skeleton(3)
     v = values_of(S, [[1.0] + [0.5] * (S.size - 1)])
     budget = TreeBudget(CostModel([1.0] * 40, t1_s=1.0, prior_draft=0.0), 3)
@@ -66,7 +67,12 @@ def test_a_learning_budget_verifies_a_chains_worth_until_drafting_steps_pay():
         sizes.append(budget.budget(v))
         budget.observe_step(tokens, seconds)  # against a plain step's one token a second
     assert sizes == [3, 3, 6, 12, 24, 32]  # the first step warms up: not counted
-    assert budget.drafts() and budget.budget(v) == 24
+    assert budget.drafts() and budget.budget(v) == 32
+    for _ in range(6):  # steps of one token in two seconds: drafting loses on the whole
+        if budget.drafts():
+            budget.budget(v)
+        budget.observe_step(1.0, 2.0 if budget.drafting else 1.0)
+    assert not budget.drafts() and budget.pace.growth == 0
 
 
 def test_a_peaked_draft_is_verified_as_a_chain():

@@ -31,8 +31,8 @@ drafts; a step at which drafting pays halves the rest again. What drafting gave 
 after a long rest weighs most and a regime that turns is found within a try or two; a tree's try
 verifies one draft at least. How many nodes a tree may verify grows only as drafting measurably
 pays (:attr:`Pace.growth`, after TCP's slow start): a chain's worth (as many nodes as the heads
-draft tokens), twice as many for each drafting step timed at a plain step's rate or more, half as
-many for each timed below it, and back to a chain's worth as soon as drafting stops paying. On
+draft tokens), twice as many for each drafting step timed at a plain step's rate or more, and
+back to a chain's worth as soon as drafting stops paying on the whole. On
 SmolLM2-135M on 2 AVX2 cores a 32-node step took 2.5 plain steps and a 3-node one 1.6; a try is
 there to learn whether drafting pays, which the small one tells as well, and one lucky step (prompt
 lookup's, say) does not buy a run of large trees. A drop shows at once, since drafting steps are
@@ -118,7 +118,7 @@ class Pace:
     resting: int = 0  # plain steps in a row since drafting last paid or was tried
     drafting: int = 0  # steps in a row that drafting paid
     trying: bool = False  # this step drafts though drafting does not pay: a try
-    growth: int = 0  # drafting steps at a plain step's rate or more, less those below it
+    growth: int = 0  # drafting steps at a plain step's rate or more since drafting last lost
     plain: tuple[float, float] | None = None  # the model's plain step, as last told
 
     def new_call(self) -> None:
@@ -168,10 +168,9 @@ class Pace:
             seconds = min(seconds, OUTLIER * sums[1] / sums[2])
         self.sums[drafted] = [s * self.decay + x for s, x in zip(sums, (tokens, seconds, 1.0))]
         self.seen[drafted] += 1
-        if drafted:  # trees grow with each step that paid on its own and shrink with each not
+        if drafted:  # trees grow with each step that paid on its own (drafts() resets them)
             plain = self.rate(False, self.plain)
-            paid = plain is None or tokens >= plain * seconds
-            self.growth = self.growth + 1 if paid else max(0, self.growth - 1)
+            self.growth += plain is None or tokens >= plain * seconds
         if not drafted:  # while drafting rests, what it gave grows old; plain steps do not
             self.sums[True] = [s * STALE for s in self.sums[True]]
         return True
