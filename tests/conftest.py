@@ -27,6 +27,17 @@ def micro_llama(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = V
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def far_from_a_sharp_trunk(model, sharpness: float):
+    """Heads moved far from the trunk (unit noise on every weight) and the trunk's logits scaled
+    by ``sharpness`` (peaked, non-uniform laws): drafts get rejected and residuals sampled, what
+    sampling tests must exercise. Draws from torch's global generator; returns the model."""
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.add_(torch.randn_like(p))
+        model.trunk.lm_head.weight.mul_(sharpness)
+    return model
+
+
 def perturb_heads(model, seed: int = 0, scale: float = 0.05):
     """Move every head weight off its initial value (a fresh BPD head is the identity on the
     trunk, fresh norms are all ones), as training would; returns the model, in eval mode."""

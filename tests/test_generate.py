@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import (
     assert_chi_square_fits,
+    far_from_a_sharp_trunk,
     micro_llama,
     perturb_heads,
     three_token_counts,
@@ -277,11 +278,7 @@ def test_sampled_speculative_decoding_follows_the_trunk_distribution(draft_len):
     """Invariant 2: chi-square on the joint law of the first two sampled tokens, vocabulary 8.
     ``auto``: with these costs it verifies K = 1 of the 2 drafts the stateful chain drafts."""
     torch.manual_seed(0)
-    model = model_of("deepseek", depth=2, vocab=8)
-    with torch.no_grad():  # heads far from the trunk, so rejections and residuals are exercised
-        for p in model.heads.parameters():
-            p.add_(torch.randn_like(p))
-        model.trunk.lm_head.weight.mul_(6.0)  # peaked, non-uniform distributions
+    model = far_from_a_sharp_trunk(model_of("deepseek", depth=2, vocab=8), 6.0)
     prompt = [1, 2, 3]
     expected = two_token_law(model.trunk, prompt, 8)  # [64] joint law of (x1, x2)
     n = 3000
@@ -303,11 +300,7 @@ def test_sampling_is_exact_at_both_draft_positions_for_every_family(family, top_
     from multitoken.sampling import Sampling
 
     torch.manual_seed(0)
-    model = model_of(family, depth=2, vocab=4)
-    with torch.no_grad():  # heads far from the trunk: rejections and residuals are exercised
-        for p in model.heads.parameters():
-            p.add_(torch.randn_like(p))
-        model.trunk.lm_head.weight.mul_(4.0)  # peaked, non-uniform distributions
+    model = far_from_a_sharp_trunk(model_of(family, depth=2, vocab=4), 4.0)
     prompt = [1, 2, 3]
     sampling = Sampling(temperature=1.0, top_k=top_k, top_p=top_p)
     expected = three_token_law(model.trunk, prompt, 4, sampling)  # [64]
@@ -327,11 +320,7 @@ def test_sampled_trees_are_exact_at_other_temperatures_with_top_k_and_top_p(fami
     from multitoken.sampling import Sampling
 
     torch.manual_seed(1)
-    model = model_of(family, depth=2, vocab=4)
-    with torch.no_grad():
-        for p in model.heads.parameters():
-            p.add_(torch.randn_like(p))
-        model.trunk.lm_head.weight.mul_(2.0)
+    model = far_from_a_sharp_trunk(model_of(family, depth=2, vocab=4), 2.0)
     prompt = [1, 2, 3]
     sampling = dict(temperature=0.6, top_k=3, top_p=0.8)
     expected = three_token_law(model.trunk, prompt, 4, Sampling(**sampling))  # [64]

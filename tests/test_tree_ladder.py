@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_chi_square_fits, three_token_counts, three_token_law
+from conftest import (
+    assert_chi_square_fits,
+    far_from_a_sharp_trunk,
+    three_token_counts,
+    three_token_law,
+)
 from test_generate import PROMPTS, hf_greedy, model_of, trained
 
 from multitoken.errors import MultitokenError
@@ -72,12 +77,7 @@ def test_a_tree_accepts_the_runner_up_a_chain_never_sees():
 def far_heads(family: str) -> MTPModel:
     """D = 2 heads far from a sharp 4-token trunk: rejections and residuals are exercised."""
     torch.manual_seed(0)
-    model = model_of(family, depth=2, vocab=4)
-    with torch.no_grad():
-        for p in model.heads.parameters():
-            p.add_(torch.randn_like(p))
-        model.trunk.lm_head.weight.mul_(4.0)
-    return model
+    return far_from_a_sharp_trunk(model_of(family, depth=2, vocab=4), 4.0)
 
 
 def sample_the_trunks_law(model: MTPModel, **options):
