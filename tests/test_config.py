@@ -331,3 +331,13 @@ def test_a_heads_entry_that_is_not_a_table_is_refused():
 @pytest.mark.parametrize("spec", ["nan", "0.3->nan@0.5", "inf"])
 def test_a_lambda_that_is_not_a_finite_number_is_refused(spec: str):
     refused(lambda: LambdaSchedule.parse(spec), "--mtp-lambda")
+
+
+@pytest.mark.parametrize(
+    "family,steps,says",
+    [("bpd", 1, "nothing past D"), ("meta", 2, "nothing past D"), ("deepseek", -1, ">= 0")],
+)
+def test_ttt_steps_are_refused_where_nothing_reuses_a_module_or_below_zero(family, steps, says):
+    with pytest.raises(MultitokenError, match=says) as e:
+        HeadConfig(family=family, depth=2, ttt_steps=steps).validate()
+    assert e.value.flag == "--ttt-steps"

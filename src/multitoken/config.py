@@ -195,10 +195,9 @@ class HeadConfig:
         from multitoken.heads import head_class  # heads import this module
 
         family = head_class(self.family)
-        if not isinstance(self.ttt_steps, int) or isinstance(self.ttt_steps, bool):
-            raise MultitokenError(f"must be an integer >= 0, got {self.ttt_steps!r}", "--ttt-steps")
-        if self.ttt_steps < 0:
-            raise MultitokenError(f"must be an integer >= 0, got {self.ttt_steps}", "--ttt-steps")
+        steps = self.ttt_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise MultitokenError(f"must be an integer >= 0, got {steps!r}", "--ttt-steps")
         if self.ttt_steps and not family.drafts_past_depth:
             raise MultitokenError(
                 f"{self.family} heads draft at most D tokens, each head from the trunk's own "

@@ -77,8 +77,9 @@ class TrunkParts:
         ``unembed``, a restriction of it to a draft vocabulary) followed by whatever the model
         does to its logits (:data:`LOGIT_TRANSFORMS`), so heads score tokens as the trunk does."""
         out = (unembed or self.unembed)(x)
+        config = self.config  # looked up once: drafting unembeds every step
         for name, transform in LOGIT_TRANSFORMS.items():
-            value = getattr(self.config, name, None)
+            value = getattr(config, name, None)
             if value:
                 out = transform(out, value)
         return out
