@@ -4,11 +4,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from multitoken.heads import Committed, HeadInputs
+from multitoken.model import MTPModel
+
 VOCAB = 64
 
 
-def micro_llama(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = VOCAB):
-    """A Llama trunk small enough for exact, fast unit tests (fp32, eager attention)."""
+def micro_llama(
+    seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = VOCAB, attn: str = "eager"
+):
+    """A Llama trunk small enough for exact, fast unit tests (fp32, eager attention unless
+    ``attn`` names another implementation: real checkpoints load with sdpa)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab,
@@ -23,7 +29,7 @@ def micro_llama(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = V
         bos_token_id=1,
         eos_token_id=2,
     )
-    config._attn_implementation = "eager"
+    config._attn_implementation = attn
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -133,3 +139,88 @@ def assert_chi_square_fits(counts: torch.Tensor, expected: torch.Tensor) -> None
     z = 3.090
     critical = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
     assert chi2 < critical, (chi2, critical, dof)
+
+
+# Drafting driven without the decoder (tests/test_heads_drafting.py, tests/architectures.py)
+
+
+def argmax(logits: torch.Tensor):
+    return logits.argmax(-1), None
+
+
+def committed(model: MTPModel, tokens: list[torch.Tensor], start: list[int]) -> Committed:
+    """Row r's positions start[r] .. N_r - 2 (the last token is pending), their states from a
+    fresh trunk forward over the row alone, right-padded into [B, n, d]."""
+    hidden, branch = [], []
+    for ids, s in zip(tokens, start):
+        out = model.trunk_forward(ids[None, :-1], model.heads.branch_layer)
+        hidden.append(out.hidden[0, s:])
+        branch.append(None if out.branch_hidden is None else out.branch_hidden[0, s:])
+    pad = torch.nn.utils.rnn.pad_sequence
+    return Committed(
+        list(tokens),
+        pad(hidden, batch_first=True),
+        None if branch[0] is None else pad(branch, batch_first=True),
+        list(start),
+        [h.size(0) for h in hidden],
+    )
+
+
+def teacher_forced(model: MTPModel, ids: torch.Tensor, drafts: list[int]) -> list[int]:
+    """Draft k as training defines it: the argmax of head k's teacher-forced logits at the
+    newest trunk position N-2, over x_0..x_{N-1}, d_1..d_{k-1}."""
+    return [
+        int(teacher_forced_logits(model, ids, drafts[: k - 1]).argmax())
+        for k in range(1, len(drafts) + 1)
+    ]
+
+
+def teacher_forced_logits(model: MTPModel, ids: torch.Tensor, path: list[int]) -> torch.Tensor:
+    """Head k = len(path) + 1's teacher-forced logits [V] at the newest trunk position N-2 over
+    x_0..x_{N-1} followed by the drafts ``path``."""
+    N, k = ids.numel(), len(path) + 1
+    seq = torch.cat([ids, torch.tensor(path, dtype=ids.dtype)])[None]
+    t = model.trunk_forward(seq[:, : N - 1], model.heads.branch_layer)
+    inputs = HeadInputs(seq, t.hidden, t.branch_hidden, t.block_kwargs)
+    return model.heads.training_logits(inputs)[k - 1][0, N - 2]
+
+
+# the probability bins of assert_calibrated: the first catches tokens the law gives no mass
+CALIBRATION_EDGES = [1e-12, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9]
+
+
+def assert_calibrated(trunk, prompts, outputs, sampling, skip: int = 0) -> int:
+    """Every sampled token past the first ``skip`` of its row, judged by the trunk's own law
+    p_t (after temperature, top-k, top-p) at its position, teacher-forced on what the row
+    emitted: the number of tokens whose p_t(x_t) falls in each bin of CALIBRATION_EDGES must be
+    what the laws expect, Σ_t p_t(bin), within 4.5 standard deviations (Σ_t π(1 − π), the
+    positions being independent draws); and no token may be one p_t gives no mass. Positions
+    deep in a row have prefixes no other row shares, so this is how later steps (after
+    compaction, rows retiring, learnt rates) are checked. Returns the tokens judged."""
+    from multitoken.sampling import probs
+
+    edges = torch.tensor(CALIBRATION_EDGES, dtype=torch.float64)
+    bins = len(CALIBRATION_EDGES) + 1
+    seen, mass, var = (torch.zeros(bins, dtype=torch.float64) for _ in range(3))
+    judged = 0
+    for prompt, out in zip(prompts, outputs):
+        if len(out) <= skip:
+            continue
+        ids = torch.tensor([list(prompt) + list(out)])
+        with torch.no_grad():
+            logits = trunk(ids).logits[0, len(prompt) - 1 : ids.size(1) - 1]  # [n, V]
+        p = probs(logits, sampling).double()[skip:]  # [n', V]
+        x = torch.tensor(out[skip:])
+        px = p.gather(1, x[:, None]).squeeze(1)
+        assert bool((px > 0).all()), "a token sampled where the trunk's law puts no mass"
+        seen += torch.bincount(torch.bucketize(px, edges), minlength=bins).double()
+        per_bin = torch.zeros(p.size(0), bins, dtype=torch.float64)
+        per_bin.scatter_add_(1, torch.bucketize(p, edges), p)  # [n', bins] π_t(bin)
+        mass += per_bin.sum(0)
+        var += (per_bin * (1 - per_bin)).sum(0)
+        judged += p.size(0)
+    z = (seen - mass) / var.sqrt().clamp_min(1e-9)
+    assert float(z[1:].abs().max()) < 4.5, (
+        f"tokens per bin {seen.tolist()}, expected {mass.tolist()}"
+    )
+    return judged

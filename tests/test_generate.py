@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
+    assert_calibrated,
     assert_chi_square_fits,
     far_from_a_sharp_trunk,
     micro_llama,
@@ -26,10 +27,11 @@ from multitoken.model import MTPModel
 PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 
 
-def model_of(family: str, depth: int = 4, seed: int = 0, vocab: int = 64) -> MTPModel:
-    return MTPModel(
-        micro_llama(seed=seed, vocab=vocab), HeadConfig(family=family, depth=depth)
-    ).eval()
+def model_of(
+    family: str, depth: int = 4, seed: int = 0, vocab: int = 64, attn: str = "eager"
+) -> MTPModel:
+    trunk = micro_llama(seed=seed, vocab=vocab, attn=attn)
+    return MTPModel(trunk, HeadConfig(family=family, depth=depth)).eval()
 
 
 def hf_greedy(model: MTPModel, prompt: list[int], n: int) -> list[int]:
@@ -291,20 +293,23 @@ def test_sampled_speculative_decoding_follows_the_trunk_distribution(draft_len):
 
 
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
-@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.8)])
-def test_sampling_is_exact_at_both_draft_positions_for_every_family(family, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 3, 1.0), (0.6, 0, 0.8)])
+def test_sampling_is_exact_at_both_draft_positions_for_every_family(
+    family, temperature, top_k, top_p
+):
     """Invariant 2 over the first three tokens (vocabulary 4, K = 2): x2 is verified at the first
     draft's position and x3 at the second's or is the bonus token, so a q read for the wrong
-    draft or a bonus taken from the wrong position shows; top-k and top-p truncate both p and
-    q."""
+    draft or a bonus taken from the wrong position shows; the temperature warps and top-k and
+    top-p truncate both p and q (a q left at temperature 1 shows too). The trunk runs sdpa, as
+    real checkpoints do."""
     from multitoken.sampling import Sampling
 
     torch.manual_seed(0)
-    model = far_from_a_sharp_trunk(model_of(family, depth=2, vocab=4), 4.0)
+    model = far_from_a_sharp_trunk(model_of(family, depth=2, vocab=4, attn="sdpa"), 4.0)
     prompt = [1, 2, 3]
-    sampling = Sampling(temperature=1.0, top_k=top_k, top_p=top_p)
-    expected = three_token_law(model.trunk, prompt, 4, sampling)  # [64]
-    options = dict(tree="chain", draft_len=2, temperature=1.0, top_k=top_k, top_p=top_p, seed=11)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    expected = three_token_law(model.trunk, prompt, 4, Sampling(**sampling))  # [64]
+    options = dict(tree="chain", draft_len=2, seed=11, **sampling)
     out = generate(model, [prompt] * 2500, max_new_tokens=3, **options)
     assert out.stats.draft_lens[0] == 2
     assert 0 < out.stats.acceptance[0] < 0.9  # drafts are both accepted and rejected
@@ -329,6 +334,65 @@ def test_sampled_trees_are_exact_at_other_temperatures_with_top_k_and_top_p(fami
     if tree is not None:
         assert 0 < out.stats.acceptance[0] < 0.95  # drafts are both accepted and rejected
     assert_chi_square_fits(three_token_counts(out.tokens, 4), expected)
+
+
+@pytest.mark.parametrize("tree", ["chain", "2,2"])
+def test_a_five_percent_acceptance_bias_shows_end_to_end(tree):
+    """Power, through ``generate`` itself: a trunk whose law p is the same after every prefix
+    (every token embeds alike) and fresh BPD heads drafting from a 2-token draft vocabulary, so
+    q is p restricted to its two likeliest tokens and renormalised — a draft close to the trunk
+    but over-confident, as trained heads are. A draft is then accepted with probability
+    P(subset) (about 0.6 here); accepting with min(1, 1.05 p/q) instead takes from the other
+    two tokens 5% of the subset's mass, about 8% of theirs, which 4,000 rows show."""
+    torch.manual_seed(0)
+    model = MTPModel(micro_llama(vocab=4), HeadConfig(family="bpd", depth=2, draft_vocab=2))
+    with torch.no_grad():
+        model.trunk.model.embed_tokens.weight[:] = model.trunk.model.embed_tokens.weight[1]
+        model.trunk.lm_head.weight.mul_(3.0)
+    prompt = [1, 2, 3]
+    expected = two_token_law(model.trunk, prompt, 4)  # [16] p ⊗ p
+    likeliest = expected.view(4, 4).sum(1).topk(2).indices
+    model.heads.set_draft_vocab(likeliest.sort().values)
+    options = dict(tree=tree, draft_len=2, temperature=1.0, seed=13)
+    out = generate(model.eval(), [prompt] * 4000, max_new_tokens=2, **options)
+    assert 0.45 < out.stats.acceptance[0] < 0.95  # drafts are often accepted, not always
+    assert_chi_square_fits(two_token_counts(out.tokens, 4), expected)
+
+
+@pytest.mark.parametrize(
+    "family,tree,draft_vocab",
+    [
+        ("bpd", None, 0),
+        ("deepseek", None, 0),
+        ("meta", "chain", 0),
+        ("deepseek", "2,2", 0),
+        ("bpd", "2,2", 24),
+        ("deepseek", None, 24),
+    ],
+)
+def test_sampled_tokens_follow_the_trunks_law_deep_into_ragged_rows(family, tree, draft_vocab):
+    """Invariant 2 past the first steps: ragged prompts, 32 new tokens a row at temperature 0.7
+    with top-k and top-p, rows retiring at their stop token while others go on, caches
+    compacted, rates learnt — every token from the fourth on is judged by the trunk's law at
+    its position (the default ``auto+lookup``, a chain, a fixed tree, and trees drawn from a
+    draft vocabulary)."""
+    from multitoken.sampling import Sampling
+
+    torch.manual_seed(2)
+    config = HeadConfig(family=family, depth=3, draft_vocab=draft_vocab or None)
+    model = MTPModel(micro_llama(vocab=64), config).eval()
+    if draft_vocab:
+        model.heads.set_draft_vocab(torch.arange(3, 3 + draft_vocab))
+    model = far_from_a_sharp_trunk(model, 3.0)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 64, (2 + r % 11,), generator=g).tolist() for r in range(32)]
+    sampling = dict(temperature=0.7, top_k=20, top_p=0.9)
+    shape = {} if tree is None else {"tree": tree, "draft_len": 3}
+    out = generate(model, prompts, max_new_tokens=32, seed=9, eos_id=5, **shape, **sampling)
+    lengths = [len(t) for t in out.tokens]
+    assert min(lengths) < 16 and max(lengths) == 32  # rows retired while others went on
+    assert 0 < out.stats.acceptance[0] < 0.95 and out.stats.draft_steps > 0
+    assert assert_calibrated(model.trunk, prompts, out.tokens, Sampling(**sampling), 3) > 600
 
 
 def test_typical_acceptance_follows_its_threshold():

@@ -49,9 +49,14 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return pairs.swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, path: Path, arch: str = "llama", quant: str = "F32") -> Path:
+def write_gguf(
+    model, path: Path, arch: str = "llama", quant: str = "F32", raw: dict | None = None
+) -> Path:
     """``model`` as a GGUF file; its matrices stored as ggml type ``quant`` wherever their rows
-    are whole blocks of it (the rest, and the norms, F32), as llama.cpp's mixes do."""
+    are whole blocks of it (the rest, and the norms, F32), as llama.cpp's mixes do. ``raw``:
+    parameters stored as given blocks instead (name -> (uint8 blocks, ggml type name), from
+    :func:`with_random_blocks`)."""
+    raw = raw or {}
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("micro llama")
@@ -86,17 +91,44 @@ def write_gguf(model, path: Path, arch: str = "llama", quant: str = "F32") -> Pa
             a = _permute(a, c.num_attention_heads)
         elif base.endswith("k_proj"):
             a = _permute(a, c.num_key_value_heads)
-        name = f"{names.get_name(base)}.{suffix}"
+        gguf_name = f"{names.get_name(base)}.{suffix}"
         kind = gguf.GGMLQuantizationType[quant]
-        if a.ndim == 2 and a.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0] == 0 and quant != "F32":
-            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(a), kind), raw_dtype=kind)
+        if name in raw:
+            blocks, stored = raw[name]
+            w.add_tensor(gguf_name, blocks, raw_dtype=gguf.GGMLQuantizationType[stored])
+        elif a.ndim == 2 and a.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0] == 0 and quant != "F32":
+            quantized = gguf.quants.quantize(np.ascontiguousarray(a), kind)
+            w.add_tensor(gguf_name, quantized, raw_dtype=kind)
         else:
-            w.add_tensor(name, np.ascontiguousarray(a))
+            w.add_tensor(gguf_name, np.ascontiguousarray(a))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def with_random_blocks(model, kinds: dict[str, str], seed: int = 0) -> dict:
+    """Store the matrices whose names contain a key of ``kinds`` as random blocks of the ggml
+    type it maps to (the gguf package dequantises every type but writes only a few: llama.cpp
+    writes the K-quants and IQ types), and set the model's weights to those blocks'
+    dequantised values, so the model is the float twin of the file. Every byte is below 0x20:
+    each f16 scale a block holds is then finite and small. q/k projections are left alone
+    (llama.cpp permutes their rows; the quantised types the writer stores test that)."""
+    rng = np.random.default_rng(seed)
+    raw = {}
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            kind = next((k for part, k in kinds.items() if part in name), None)
+            if kind is None or tensor.ndim != 2 or "q_proj" in name or "k_proj" in name:
+                continue
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+            rows, cols = tensor.shape
+            blocks = rng.integers(0, 0x20, (rows, cols // block * size), dtype=np.uint8)
+            values = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[kind])
+            tensor.copy_(torch.from_numpy(np.asarray(values, dtype=np.float32)))
+            raw[name] = (blocks, kind)
+    return raw
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +194,56 @@ def test_every_tensor_type_loads_as_its_own_rounding_of_the_weights(quant, tmp_p
         ours, theirs = trunk.float()(ids).logits, rounded(ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(theirs, model(ids).logits, atol=1e-6)  # the rounding is real
+
+
+# the types only llama.cpp writes; each row of 256 values is whole blocks of every one of them
+BLOCK_TYPES = [
+    *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
+    *("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS"),
+    *("TQ1_0", "TQ2_0", "MXFP4"),
+]
+
+
+@pytest.mark.parametrize("kind", BLOCK_TYPES)
+def test_k_quants_and_iq_types_load_as_the_gguf_package_dequantises_them(kind, tmp_path):
+    model = micro_llama(5, hidden=256)
+    raw = with_random_blocks(model, {"proj": kind, "embed": kind, "lm_head": kind})
+    assert len(raw) == 2 * 5 + 2  # v, o, gate, up, down per layer; the embeddings
+    trunk = load_trunk(write_gguf(model, tmp_path / f"micro-{kind}.gguf", raw=raw))
+    ids = torch.tensor([[1, 5, 9, 3, 40, 61, 17], [1, 22, 7, 7, 30, 2, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(trunk(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_q4_k_m_mix_with_q5_0_rows_trains_heads_and_decodes_as_transformers(tmp_path, corpus):
+    """llama.cpp's Q4_K_M: Q4_K matrices, Q6_K for some, Q5_0 where a row is not whole 256-blocks
+    (the down projection's 320 columns here), Q8_0 and F32 beside them. It loads as its float
+    twin, heads train on it, and the default decoding equals transformers' greedy."""
+    torch.manual_seed(5)
+    model = micro_llama(5, hidden=256)
+    config = model.config
+    config.intermediate_size = 320
+    model = type(model)(config).eval()
+    raw = with_random_blocks(
+        model, {"down_proj": "Q5_0", "v_proj": "Q6_K", "proj": "Q4_K", "embed": "Q4_K"}
+    )
+    path = write_gguf(model, tmp_path / "micro-Q4_K_M.gguf", quant="Q8_0", raw=raw)
+    assert {"Q4_K", "Q6_K", "Q5_0"} <= {k for _, k in raw.values()}
+    result = train_tiny(
+        tmp_path / "run", corpus, "deepseek", 2, labels="text", trunk=str(path), freeze_trunk=True
+    )
+    loaded = multitoken.load(result.checkpoint)
+    prompt = loaded.tokenizer.encode(TEXT)
+    ours = generate(loaded, [prompt], max_new_tokens=16, eos_id=None).tokens[0]
+    with torch.no_grad():
+        hf = loaded.trunk.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
+    assert ours == hf and len(ours) == 16 and len(set(ours)) > 1, ours
 
 
 def test_a_tensor_type_no_reader_knows_is_named_not_called_corrupt(files, monkeypatch):

@@ -9,58 +9,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import micro_llama, perturb_heads
+from conftest import (
+    argmax,
+    committed,
+    micro_llama,
+    perturb_heads,
+    teacher_forced,
+    teacher_forced_logits,
+)
 from test_heads_window import WINDOW, mistral
 
 from multitoken.config import HeadConfig
-from multitoken.heads import Committed, HeadInputs
 from multitoken.kvcache import RaggedCache
 from multitoken.model import MTPModel
 from multitoken.tree import Tree
 
 K = 3
 TRUNKS = {"llama": micro_llama, "mistral": mistral}
-
-
-def argmax(logits: torch.Tensor):
-    return logits.argmax(-1), None
-
-
-def committed(model: MTPModel, tokens: list[torch.Tensor], start: list[int]) -> Committed:
-    """Row r's positions start[r] .. N_r - 2 (the last token is pending), their states from a
-    fresh trunk forward over the row alone, right-padded into [B, n, d]."""
-    hidden, branch = [], []
-    for ids, s in zip(tokens, start):
-        out = model.trunk_forward(ids[None, :-1], model.heads.branch_layer)
-        hidden.append(out.hidden[0, s:])
-        branch.append(None if out.branch_hidden is None else out.branch_hidden[0, s:])
-    pad = torch.nn.utils.rnn.pad_sequence
-    return Committed(
-        list(tokens),
-        pad(hidden, batch_first=True),
-        None if branch[0] is None else pad(branch, batch_first=True),
-        list(start),
-        [h.size(0) for h in hidden],
-    )
-
-
-def teacher_forced(model: MTPModel, ids: torch.Tensor, drafts: list[int]) -> list[int]:
-    """Draft k as training defines it: the argmax of head k's teacher-forced logits at the
-    newest trunk position N-2, over x_0..x_{N-1}, d_1..d_{k-1}."""
-    return [
-        int(teacher_forced_logits(model, ids, drafts[: k - 1]).argmax())
-        for k in range(1, len(drafts) + 1)
-    ]
-
-
-def teacher_forced_logits(model: MTPModel, ids: torch.Tensor, path: list[int]) -> torch.Tensor:
-    """Head k = len(path) + 1's teacher-forced logits [V] at the newest trunk position N-2 over
-    x_0..x_{N-1} followed by the drafts ``path``."""
-    N, k = ids.numel(), len(path) + 1
-    seq = torch.cat([ids, torch.tensor(path, dtype=ids.dtype)])[None]
-    t = model.trunk_forward(seq[:, : N - 1], model.heads.branch_layer)
-    inputs = HeadInputs(seq, t.hidden, t.branch_hidden, t.block_kwargs)
-    return model.heads.training_logits(inputs)[k - 1][0, N - 2]
 
 
 def head_caches(state) -> list[RaggedCache]:

@@ -23,6 +23,8 @@ import torch
 from transformers import DynamicCache, cache_utils
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from multitoken.errors import MultitokenError
+
 # Compaction rewrites the whole cache, so it waits until it frees at least this many slots and
 # this share of them (attention over holes costs in proportion to their share).
 COMPACT_MIN_SLOTS = 16
@@ -204,6 +206,19 @@ def unrollable_layers(config) -> list[str]:
         for layer in rollback_cache(config).layers
         if isinstance(layer, recurrent)
     ]
+
+
+def refuse_recurrent(config) -> None:
+    """One line, up front, for MTP heads on a trunk whose cache cannot be rolled back: no draft
+    could ever be verified on it (plain decoding of it stays possible)."""
+    recurrent = sorted(set(unrollable_layers(config)))
+    if recurrent:
+        raise MultitokenError(
+            f"this trunk keeps a recurrent state ({', '.join(recurrent)}) that cannot give back "
+            "rejected drafts: MTP heads could never be verified on it (decode it with "
+            "--no-speculate)",
+            "--trunk",
+        )
 
 
 def rollback_cache(config=None) -> DynamicCache:

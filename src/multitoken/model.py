@@ -16,7 +16,8 @@ from transformers import PreTrainedModel
 
 from multitoken.config import HEAD_LABELS, SOFT_TOP_K, HeadConfig
 from multitoken.errors import MultitokenError
-from multitoken.heads import HeadInputs, MTPHeads, build_heads
+from multitoken.heads import HeadInputs, MTPHeads, build_heads, head_class
+from multitoken.kvcache import refuse_recurrent
 from multitoken.losses import (
     LossOutput,
     cross_entropy,
@@ -81,6 +82,8 @@ class MTPModel(nn.Module):
         else:
             vocab = self.parts.unembed.weight.shape[0]
             head_config.validate(num_layers=self.parts.num_layers, vocab_size=vocab)
+            refuse_recurrent(trunk.config)
+            self.parts.refuse_foreign(head_class(head_config.family).copies_trunk_layers)
             self.heads = heads if heads is not None else build_heads(self.parts, head_config)
         self.tokenizer = None  # set by multitoken.load
 

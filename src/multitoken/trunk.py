@@ -31,8 +31,10 @@ from multitoken.kvcache import FULL, SLIDING, RaggedCache, sliding_window
 from multitoken.presets import PRESETS
 from multitoken.quiet import quiet_transformers
 
-# Keyword arguments of a decoder layer that this adapter knows how to supply.
+# Keyword arguments of a decoder layer that this adapter knows how to supply ("cache" stands
+# for the layer's own name of its KV cache argument, one of _CACHE_NAMES).
 _LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids", "cache", "use_cache")
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 # How architectures turn the unembedding's output into their logits, by the config field that
@@ -57,6 +59,26 @@ class TrunkParts:
     unembed: nn.Module
     rotary: nn.Module | None
     layer_kwargs: tuple[str, ...]  # which of _LAYER_KWARGS the base model passes its layers
+    cache_name: str = "cache"  # what the decoder layers call their KV cache argument
+    # Layer arguments outside _LAYER_KWARGS the base model gives its layers (Gemma-4's
+    # per-layer inputs and shared KV, Bloom's ALiBi biases): a head block built from such a
+    # layer cannot be given them; ``required_foreign``, those the layer cannot run without
+    foreign_args: tuple[str, ...] = ()
+    required_foreign: tuple[str, ...] = ()
+
+    def refuse_foreign(self, builds_blocks: bool) -> None:
+        """One line where heads cannot work on this trunk: its layers need arguments the
+        adapter cannot build (nothing can verify drafts through them), or, for heads that
+        build their blocks from its layers (``builds_blocks``), take any it does not know."""
+        names = self.required_foreign or (self.foreign_args if builds_blocks else ())
+        if names:
+            raise MultitokenError(
+                f"{type(self.model).__name__}'s decoder layers take {', '.join(names)}, which "
+                "this adapter cannot give "
+                + ("them" if self.required_foreign else "a head block built from them")
+                + " (it builds attention masks, rotary embeddings, positions and KV caches)",
+                "--family" if not self.required_foreign else "--trunk",
+            )
 
     @property
     def config(self):
@@ -171,7 +193,7 @@ class TrunkParts:
         if "position_ids" in self.layer_kwargs:
             kwargs["position_ids"] = position_ids
         if "cache" in self.layer_kwargs:
-            kwargs["cache"] = cache
+            kwargs[self.cache_name] = cache
         if "use_cache" in self.layer_kwargs:
             kwargs["use_cache"] = cache is not None
         return kwargs
@@ -336,19 +358,49 @@ def inspect_trunk(model: PreTrainedModel) -> TrunkParts:
         raise MultitokenError(
             f"{type(model).__name__} exposes no input/output embeddings", "--trunk"
         )
-    layers = _decoder_layers(model, base, getattr(config, "num_hidden_layers", None))
+    owner, layers = _decoder_layers(model, base, getattr(config, "num_hidden_layers", None))
     probe = torch.tensor([[1, 2, 3, 4]], device=embed.weight.device) % config.vocab_size
-    seen = _watch_probe(base, layers, probe)
+    seen = _watch_probe(base, owner, layers, probe)
     final_norm = _final_norm(model, layers, seen)
-    rotary = _rotary(layers, seen)
-    layer_kwargs = tuple(k for k in _LAYER_KWARGS if k in seen.layer_kwargs)
+    rotary = _rotary(seen)
+    # GPT-NeoX, Falcon and GPT-BigCode layers take their cache as ``layer_past``, Llama's as
+    # ``cache``: a head block handed the wrong name would attend over its new slots only
+    takes = inspect.signature(layers[0].forward).parameters
+    cache_name = next((n for n in _CACHE_NAMES if n in takes), None)
+    named = set(seen.layer_kwargs) | ({"cache"} if cache_name else set())
+    layer_kwargs = tuple(k for k in _LAYER_KWARGS if k in named)
+    known = {*_LAYER_KWARGS, *_CACHE_NAMES}
+    foreign = tuple(
+        k
+        for k, v in seen.layer_kwargs.items()
+        if k not in known and not isinstance(v, (bool, int, float, str, type(None)))
+    )
+    required = tuple(
+        name
+        for name, p in list(takes.items())[1:]
+        if p.default is p.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and name not in known
+    )
     if "position_embeddings" in layer_kwargs and rotary is None:
         raise MultitokenError(
             f"{type(model).__name__} passes position embeddings to its layers but no rotary "
             "module was found",
             "--trunk",
         )
-    return TrunkParts(model, base, layers, final_norm, embed, unembed, rotary, layer_kwargs)
+    return TrunkParts(
+        model,
+        base,
+        layers,
+        final_norm,
+        embed,
+        unembed,
+        rotary,
+        layer_kwargs,
+        cache_name or "cache",
+        foreign,
+        required,
+    )
 
 
 @dataclass
@@ -358,33 +410,51 @@ class _Probe:
 
     outputs: dict[nn.Module, object]
     order: list[nn.Module]
+    calls: list[object]  # each call's output, in the order of ``order``
     layer_kwargs: dict[str, object]
     last: torch.Tensor
 
 
-def _decoder_layers(model: PreTrainedModel, base: nn.Module, n_layers: int | None) -> nn.ModuleList:
-    """The one list of ``n_layers`` modules directly under the base model: its decoder layers."""
-    lists = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
-    if len(lists) != 1:
-        raise MultitokenError(
-            f"cannot find the {n_layers} decoder layers of {type(model).__name__}", "--trunk"
-        )
-    return lists[0]
+def _decoder_layers(
+    model: PreTrainedModel, base: nn.Module, n_layers: int | None
+) -> tuple[nn.Module, nn.ModuleList]:
+    """The one list of ``n_layers`` modules nearest the base model, its decoder layers, and the
+    module that holds it (the base model itself, or OPT's ``decoder``). Searched level by level,
+    so a list inside a layer (experts) is never taken for it."""
+    owners = [base]
+    for _ in range(3):
+        found = [
+            (owner, m)
+            for owner in owners
+            for m in owner.children()
+            if isinstance(m, nn.ModuleList) and len(m) == n_layers
+        ]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            break
+        owners = [child for owner in owners for child in owner.children()]
+    raise MultitokenError(
+        f"cannot find the {n_layers} decoder layers of {type(model).__name__}", "--trunk"
+    )
 
 
-def _watch_probe(base: nn.Module, layers: nn.ModuleList, probe: torch.Tensor) -> _Probe:
-    """Run ``probe`` through the base model with hooks on its direct children (the last layer
-    standing for the layer list) and on layer 0's arguments."""
-    seen = _Probe({}, [], {}, probe)
+def _watch_probe(
+    base: nn.Module, owner: nn.Module, layers: nn.ModuleList, probe: torch.Tensor
+) -> _Probe:
+    """Run ``probe`` through the base model with hooks on the children of the layers' owner
+    (the last layer standing for the layer list) and on layer 0's arguments."""
+    seen = _Probe({}, [], [], {}, probe)
 
     def record(module, _args, output):
-        seen.outputs[module] = output
-        seen.order.append(module)
+        seen.outputs[module] = output  # the last call's
+        seen.order.append(module)  # a module called again (a rotary per layer kind) recurs
+        seen.calls.append(output)
 
     def record_kwargs(module, args, kwargs):
         seen.layer_kwargs.update(layer_arguments(module, args, kwargs)[1])
 
-    hooks = [m.register_forward_hook(record) for m in base.children() if m is not layers]
+    hooks = [m.register_forward_hook(record) for m in owner.children() if m is not layers]
     hooks.append(layers[-1].register_forward_hook(record))
     hooks.append(layers[0].register_forward_pre_hook(record_kwargs, with_kwargs=True))
     try:
@@ -412,18 +482,13 @@ def _final_norm(model: PreTrainedModel, layers: nn.ModuleList, seen: _Probe) -> 
     raise MultitokenError(f"cannot find the final norm of {type(model).__name__}", "--trunk")
 
 
-def _rotary(layers: nn.ModuleList, seen: _Probe) -> nn.Module | None:
-    """The first child that returns a pair of tensors (cos, sin): the rotary embedding."""
-    for module in seen.order:
-        out = seen.outputs[module]
-        if (
-            module is not layers[-1]
-            and isinstance(out, tuple)
-            and len(out) == 2
-            and all(torch.is_tensor(t) for t in out)
-        ):
-            return module
-    return None
+def _rotary(seen: _Probe) -> nn.Module | None:
+    """The child whose output the layers take as their ``position_embeddings``: the rotary
+    embedding, whatever it returns (cos and sin; DeepSeek-V2's complex frequencies)."""
+    given = seen.layer_kwargs.get("position_embeddings")
+    if given is None:
+        return None
+    return next((m for m, out in zip(seen.order, seen.calls) if out is given), None)
 
 
 def build_trunk(preset: str, tokenizer) -> PreTrainedModel:

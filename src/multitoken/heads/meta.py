@@ -101,7 +101,8 @@ class MetaHeads(DraftVocab, MTPHeads):
         newest = (torch.tensor(step.new, device=device) - 1).clamp(min=0)
         last = []
         for k in range(K):
-            kwargs = {**shared, "cache": caches[k].cache} if "cache" in shared else shared
+            name = self.parts.cache_name
+            kwargs = {**shared, name: caches[k].cache} if name in shared else shared
             h = run_layer(self.layers[k], stream, kwargs)  # [B, n, d]
             last.append(h[torch.arange(B, device=device), newest])
         for kv in caches[:K]:
