@@ -127,10 +127,12 @@ def run(mutant: Mutant, tests: list[str], workers_env: dict) -> tuple[list[str],
         if text.count(mutant.old) != 1:
             sys.exit(f"mutant {mutant.name}: the line to change is not once in {mutant.file}")
         target.write_text(text.replace(mutant.old, mutant.new))
-        env = {**workers_env, "PYTHONPATH": str(src)}
+        # one worker per core on one thread each, as `make test` runs the suite
+        env = {**workers_env, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
         start = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *tests],
+            [sys.executable, "-m", "pytest", "-q", "-rf", "-n", "auto", "-p", "no:cacheprovider"]
+            + tests,
             cwd=ROOT,
             env=env,
             capture_output=True,

@@ -156,7 +156,7 @@ def test_sharegpt_roles_map_and_unusable_records_are_skipped_and_counted(tmp_pat
 
 def test_jsonl_sharegpt_lines_read_through_the_normal_path(tmp_path: Path) -> None:
     """A ShareGPT record in a JSONL file that is not a conversation source (its first record is
-    text) is still a chat: record shapes are known in one place, data.record_messages."""
+    text) is still a chat: record shapes are known in one place, chat.record_messages."""
     path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "plain"}, sharegpt(1)])
     assert not is_conversation_file(path)
     assert record_messages(sharegpt(1)) == as_messages(sharegpt(1))["messages"]

@@ -10,8 +10,15 @@ import random
 
 import pytest
 import torch
-from conftest import micro_llama, perturb_heads
-from test_generate import PROMPTS, CheckedHeads, OracleHeads, hf_greedy, model_of
+from conftest import (
+    PROMPTS,
+    CheckedHeads,
+    OracleHeads,
+    hf_greedy,
+    micro_llama,
+    model_of,
+    perturb_heads,
+)
 
 from multitoken import costs
 from multitoken.cli import build_parser
@@ -101,7 +108,7 @@ def test_always_wrong_heads_make_auto_fall_back_to_plain_steps():
 @pytest.mark.parametrize("family", ["meta", "deepseek", "bpd"])
 def test_heads_that_skip_steps_still_draft_what_full_recomputation_gives(family):
     """Steps with K = 0 draft nothing: the positions they commit reach the heads at the next
-    drafting step, and a head with a KV cache keeps drafting exactly (DESIGN.md invariant 3)."""
+    drafting step, and a head with a KV cache keeps drafting exactly (docs/design.md invariant 3)."""
     model = perturb_heads(model_of(family, depth=3))
     checked = CheckedHeads(model)
     model.heads = checked

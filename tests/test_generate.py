@@ -1,4 +1,4 @@
-"""Decoding invariants of shared/DESIGN.md: lossless greedy (1), lossless sampling (2), and cache
+"""Decoding invariants of docs/design.md: lossless greedy (1), lossless sampling (2), and cache
 equivalence of incremental drafting (3); plus stub heads that always / never get accepted."""
 
 from __future__ import annotations
@@ -6,65 +6,29 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
+    PROMPTS,
+    CheckedHeads,
+    OracleHeads,
     assert_calibrated,
     assert_chi_square_fits,
     far_from_a_sharp_trunk,
+    hf_greedy,
     micro_llama,
+    mistral,
+    model_of,
     perturb_heads,
     three_token_counts,
     three_token_law,
     two_token_counts,
     two_token_law,
+    windowed,
 )
 
 from multitoken.config import HeadConfig
 from multitoken.costs import CostModel
 from multitoken.errors import MultitokenError
 from multitoken.generate import generate
-from multitoken.heads import MTPHeads
 from multitoken.model import MTPModel
-
-PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
-
-
-def model_of(
-    family: str, depth: int = 4, seed: int = 0, vocab: int = 64, attn: str = "eager"
-) -> MTPModel:
-    trunk = micro_llama(seed=seed, vocab=vocab, attn=attn)
-    return MTPModel(trunk, HeadConfig(family=family, depth=depth)).eval()
-
-
-def hf_greedy(model: MTPModel, prompt: list[int], n: int) -> list[int]:
-    out = model.trunk.generate(
-        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0
-    )
-    return out[0, len(prompt) :].tolist()
-
-
-_TRAINED: dict[tuple[str, int | None], MTPModel] = {}
-
-
-def trained(family: str, window: int | None = None) -> MTPModel:
-    """A micro trunk (D = 3) whose heads learnt its own greedy continuations for a few dozen
-    steps: drafts are accepted often, and rows of a batch accept different counts — what
-    lossless decoding must survive (fresh heads are almost never accepted). ``window``: a
-    Mistral trunk attending over that many positions instead of the Llama one."""
-    if (family, window) not in _TRAINED:
-        model = model_of(family, depth=3)
-        if window is not None:
-            model = MTPModel(mistral(window), HeadConfig(family=family, depth=3)).eval()
-        model.trunk.requires_grad_(False)
-        prompts = torch.randint(3, 64, (24, 4), generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            text = model.trunk.generate(prompts, max_new_tokens=40, do_sample=False, pad_token_id=0)
-        opt = torch.optim.Adam(model.heads.parameters(), lr=3e-2)
-        model.train()
-        for _ in range(40):
-            opt.zero_grad()
-            model(text, lam=1.0).loss.backward()
-            opt.step()
-        _TRAINED[family, window] = model.eval()
-    return _TRAINED[family, window]
 
 
 class CommitSpy:
@@ -90,7 +54,7 @@ class CommitSpy:
 
 
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
-def test_speculative_greedy_equals_plain_and_transformers(family, monkeypatch):
+def test_speculative_greedy_equals_plain_and_transformers(family, monkeypatch, trained):
     model = trained(family)
     plain = generate(model, PROMPTS, max_new_tokens=24, speculate=False)
     for prompt, tokens in zip(PROMPTS, plain.tokens):
@@ -110,33 +74,6 @@ def test_speculative_greedy_equals_plain_and_transformers(family, monkeypatch):
     assert spy.ragged_steps >= 5
 
 
-def windowed(config_class, window: int, **extra):
-    """A tiny trunk of ``config_class`` with a sliding ``window`` (eager attention)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = config_class(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=window,
-        max_position_embeddings=256,
-        **extra,
-    )
-    config._attn_implementation = "eager"
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-def mistral(window: int):
-    """A tiny Mistral trunk attending over the last ``window`` tokens only."""
-    from transformers import MistralConfig
-
-    return windowed(MistralConfig, window)
-
-
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
 def test_sliding_window_trunk_decodes_exactly_past_its_window(family):
     """Mistral-style attention over the last 6 tokens only: the trunk cache must roll back past
@@ -147,30 +84,6 @@ def test_sliding_window_trunk_decodes_exactly_past_its_window(family):
     for prompt, tokens in zip(PROMPTS, spec.tokens):
         assert tokens == hf_greedy(model, prompt, 20)
     assert spec.stats.trunk_passes < 3 * 21  # some drafts were accepted: rollbacks happened
-
-
-class OracleHeads(MTPHeads):
-    """Stub heads drafting the trunk's own greedy continuation (``wrong``: always a wrong one)."""
-
-    def __init__(self, model: MTPModel, wrong: bool) -> None:
-        super().__init__()
-        self.model, self.wrong, self.depth = model, wrong, model.depth
-
-    def new_draft_state(self, batch):
-        return None
-
-    def draft(self, _state, step, K, pick):
-        rows = []
-        for ids in step.tokens:
-            with torch.no_grad():
-                out = self.model.trunk.generate(
-                    ids[None], max_new_tokens=K, do_sample=False, pad_token_id=0
-                )
-            rows.append(out[0, ids.numel() :])
-        cont = torch.stack(rows)
-        if self.wrong:
-            cont = (cont + 1) % self.model.trunk.config.vocab_size
-        return cont, None
 
 
 @pytest.mark.parametrize("wrong", [False, True])
@@ -205,64 +118,8 @@ def test_a_stop_token_inside_an_accepted_draft_ends_the_row_there():
     assert spec.stats.acceptance[0] == 1.0  # the stop came inside accepted drafts
 
 
-def teacher_forced_drafts(model: MTPModel, tokens: torch.Tensor, drafts: torch.Tensor) -> list:
-    """DESIGN.md's definition, recomputed from scratch without any cache: draft k is the argmax
-    of the teacher-forced forward over x_0..x_{N-1}, d_1..d_{k-1} read at module k's last
-    position (for meta/bpd: every head at the newest trunk position)."""
-    N = tokens.size(1)
-    out = []
-    for k in range(1, drafts.numel() + 1):
-        seq = torch.cat([tokens[0], drafts[: k - 1]]).unsqueeze(0)  # [1, N + k - 1]
-        t = model.trunk_forward(
-            seq[:, : N - 1], model.heads.branch_layer if model.family == "meta" else None
-        )
-        if model.family == "deepseek":
-            h = t.hidden
-            for j in range(1, k + 1):
-                ahead = seq[:, j : j + h.size(1)]
-                h = h[:, : ahead.size(1)]
-                pos = torch.arange(h.size(1)).unsqueeze(0)
-                mod = model.heads.mtp[min(j, model.depth) - 1]
-                h = mod(h, model.parts.embed(ahead), model.parts.block_kwargs(h, pos))
-            logits = model.heads.out_head(min(k, model.depth) - 1, h[:, N - 2])
-        elif model.family == "meta":
-            logits = model.heads.head_logits(k - 1, t.branch_hidden, t.block_kwargs)[:, N - 2]
-        else:
-            logits = model.heads(t.hidden)[k - 1][:, N - 2]
-        out.append(int(logits.argmax(-1)))
-    return out
-
-
-class CheckedHeads(torch.nn.Module):
-    """Wraps real heads: every incremental (cached) draft is checked against recomputation."""
-
-    def __init__(self, model: MTPModel) -> None:
-        super().__init__()
-        self.model, self.inner = model, model.heads
-        self.checked = 0
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
-
-    def draft(self, state, step, K, pick):
-        drafts, q = self.inner.draft(state, step, K, pick)
-        model = self.model
-        model.heads = self.inner
-        try:
-            for tokens, row, new in zip(step.tokens, drafts, step.new):
-                if new:  # a row that has finished commits nothing and its drafts are unused
-                    assert row.tolist() == teacher_forced_drafts(model, tokens[None], row)
-        finally:
-            model.heads = self
-        self.checked += 1
-        return drafts, q
-
-
 @pytest.mark.parametrize("family,K", [("deepseek", 3), ("deepseek", 6), ("meta", 3), ("bpd", 3)])
-def test_cached_drafts_equal_full_recomputation_after_many_steps(family, K, monkeypatch):
+def test_cached_drafts_equal_full_recomputation_after_many_steps(family, K, monkeypatch, trained):
     model = trained(family)
     checked = CheckedHeads(model)
     model.heads = checked

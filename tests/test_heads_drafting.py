@@ -13,11 +13,11 @@ from conftest import (
     argmax,
     committed,
     micro_llama,
+    mistral,
     perturb_heads,
     teacher_forced,
     teacher_forced_logits,
 )
-from test_heads_window import WINDOW, mistral
 
 from multitoken.config import HeadConfig
 from multitoken.kvcache import RaggedCache
@@ -25,7 +25,8 @@ from multitoken.model import MTPModel
 from multitoken.tree import Tree
 
 K = 3
-TRUNKS = {"llama": micro_llama, "mistral": mistral}
+WINDOW = 6  # the Mistral trunk's sliding window
+TRUNKS = {"llama": micro_llama, "mistral": lambda: mistral(WINDOW)}
 
 
 def head_caches(state) -> list[RaggedCache]:

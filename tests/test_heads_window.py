@@ -7,9 +7,8 @@ decoding, so that past the window training, memory-efficient training and drafti
 from __future__ import annotations
 
 import pytest
-import test_generate as generate_tests
 import torch
-from conftest import micro_llama, perturb_heads
+from conftest import hf_greedy, micro_llama, mistral, perturb_heads
 
 from multitoken.config import HeadConfig
 from multitoken.generate import generate
@@ -19,11 +18,6 @@ from multitoken.trunk import run_layer
 
 WINDOW, T = 6, 20
 FULL, SLIDING = "full_attention", "sliding_attention"
-
-
-def mistral(window: int = WINDOW):
-    """A tiny Mistral trunk: every layer attends over the last ``window`` positions (eager)."""
-    return generate_tests.mistral(window)
 
 
 def mixed_qwen2(window: int = WINDOW, **extra):
@@ -69,13 +63,19 @@ def rows(seed: int, length: int, batch: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("branch", [0, 1])
 def test_meta_heads_attend_over_the_window_in_training(branch):
     model = perturb_heads(
-        MTPModel(mistral(), HeadConfig(family="meta", depth=2, branch_layer=branch)), scale=0.3
+        MTPModel(mistral(WINDOW), HeadConfig(family="meta", depth=2, branch_layer=branch)),
+        scale=0.3,
     )
     tokens = rows(0, T + 1)
     parts = model.parts
     with torch.no_grad():
         out = model.trunk_forward(tokens[:, :-1], branch)
-        inputs = HeadInputs(tokens, out.hidden, out.branch_hidden, out.block_kwargs)
+        inputs = HeadInputs(
+            tokens=tokens,
+            hidden=out.hidden,
+            branch=out.branch_hidden,
+            block_kwargs=out.block_kwargs,
+        )
         got = model.heads.training_logits(inputs)
         stream = out.branch_hidden  # [2, T, d]
         for k, layer in enumerate(model.heads.layers):
@@ -108,7 +108,7 @@ def test_meta_memory_efficient_loss_equals_naive_past_the_window(trunk, branch):
     arguments the trunk gave layer b: each layer must still get its own kind's mask (on the
     mixed Qwen2 with b = 0, layer 1 slides while layer 0 does not)."""
     config = HeadConfig(family="meta", depth=2, branch_layer=branch)
-    model = perturb_heads(MTPModel(trunk(), config), scale=0.3).train()
+    model = perturb_heads(MTPModel(trunk(WINDOW), config), scale=0.3).train()
     tokens = rows(1, T + 1)
     results = []
     for efficient in (True, False):
@@ -150,11 +150,16 @@ def test_deepseek_blocks_attend_with_their_layer_kind_in_training(trunk, windows
     """Mistral: every block slides. Qwen2 with ``mtp_layer_types`` [full, sliding]: module 1
     attends over everything and module 2 over the window."""
     extra = {} if trunk is mistral else {"mtp_layer_types": [FULL, SLIDING]}
-    model = perturb_heads(MTPModel(trunk(**extra), HeadConfig(family="deepseek", depth=2)), 0, 0.3)
+    model = perturb_heads(
+        MTPModel(trunk(WINDOW, **extra), HeadConfig(family="deepseek", depth=2)), 0, 0.3
+    )
     tokens = rows(2, T + 2)
     with torch.no_grad():
         out = model.trunk_forward(tokens[:, :T])
-        got = model.heads.training_logits(HeadInputs(tokens, out.hidden, None, out.block_kwargs))
+        inputs = HeadInputs(
+            tokens=tokens, hidden=out.hidden, branch=None, block_kwargs=out.block_kwargs
+        )
+        got = model.heads.training_logits(inputs)
         expected = deepseek_by_hand(model, tokens, windows)
         before = deepseek_by_hand(model, tokens, [None, None])  # what the blocks did before
     for k in range(2):
@@ -169,11 +174,11 @@ def test_sliding_heads_decode_losslessly_past_the_window(family):
     # trunk's next token for the one after it, which this trunk seldom repeats)
     seed, scale = (0, 0.3) if family == "meta" else (4, 0.1)
     config = HeadConfig(family=family, depth=2)
-    model = perturb_heads(MTPModel(mistral(), config), seed=seed, scale=scale)
+    model = perturb_heads(MTPModel(mistral(WINDOW), config), seed=seed, scale=scale)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
     spec = generate(model, prompts, max_new_tokens=T, tree="chain", draft_len=2)
     for prompt, tokens in zip(prompts, spec.tokens):
-        assert tokens == generate_tests.hf_greedy(model, prompt, T)
+        assert tokens == hf_greedy(model, prompt, T)
     assert 0 < spec.stats.acceptance[0] < 1  # drafts were both accepted and rejected
     # (with this trunk generate decodes such a batch row by row; tests/test_heads_drafting.py
     # drafts for rows with holes in one batch)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import micro_llama, perturb_heads
-from test_generate import PROMPTS, model_of
+from conftest import PROMPTS, micro_llama, model_of, perturb_heads
 
 from multitoken import costs
 from multitoken.errors import MultitokenError

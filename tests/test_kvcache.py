@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import micro_llama
-from test_v3layout import micro_deepseek
+from conftest import micro_deepseek, micro_llama
 
 from multitoken import kvcache
 from multitoken.kvcache import RaggedCache, position_mask, trunk_attention_mask
@@ -29,7 +28,7 @@ def test_position_mask_by_hand():
 
 
 def test_commit_tracks_holes_and_key_positions():
-    kv = RaggedCache(2, torch.device("cpu"))
+    kv = RaggedCache(batch=2, device=torch.device("cpu"))
     kv.commit([3, 3])
     assert kv.keep is None and kv.slots == 3  # equal counts: no mask needed
     kv.commit([2, 0])
@@ -50,7 +49,7 @@ def forward(trunk, kv: RaggedCache, ids: torch.Tensor, start: list[int]) -> torc
 
 def ragged(trunk) -> tuple[RaggedCache, list[int]]:
     """Two rows that kept 6 and 2 of 3 rounds of 3 slots: holes in the middle of row 1."""
-    kv = RaggedCache(2, torch.device("cpu"), trunk.config)
+    kv = RaggedCache(batch=2, device=torch.device("cpu"), config=trunk.config)
     lengths = [0, 0]
     g = torch.Generator().manual_seed(0)
     for counts in ([3, 1], [2, 0], [1, 1]):
@@ -90,7 +89,7 @@ def test_a_row_leaving_changes_nothing_for_the_others():
 def test_compaction_waits_until_it_frees_enough(monkeypatch):
     calls = []
     monkeypatch.setattr(RaggedCache, "compact", lambda self: calls.append(self.slots))
-    kv = RaggedCache(2, torch.device("cpu"))
+    kv = RaggedCache(batch=2, device=torch.device("cpu"))
     kv.commit([10, 10])
     for step in range(2 * kvcache.COMPACT_MIN_SLOTS - 1):
         kv.commit([1, 0] if step % 2 == 0 else [0, 1])  # each row skips every other slot
@@ -112,7 +111,7 @@ def test_a_sliding_window_trunk_gets_masks_by_position(layer_types, kinds):
     from transformers import MistralConfig
 
     config = MistralConfig(sliding_window=4, layer_types=layer_types, num_hidden_layers=2)
-    kv = RaggedCache(2, torch.device("cpu"), config)
+    kv = RaggedCache(batch=2, device=torch.device("cpu"), config=config)
     kv.commit([3, 1])
     mask = trunk_attention_mask(kv, torch.tensor([3, 1]), 2, torch.float32)
     if kinds is None:
@@ -131,7 +130,7 @@ def test_reordering_the_new_slots_permutes_each_rows_entries_and_nothing_else(ma
     row; the slots cached before stay as they were. DeepSeek-V3's MLA caches keys and values
     of different widths."""
     trunk = make().eval()
-    kv = RaggedCache(2, torch.device("cpu"), trunk.config)
+    kv = RaggedCache(batch=2, device=torch.device("cpu"), config=trunk.config)
     forward(trunk, kv, torch.tensor([[5, 6], [9, 10]]), [0, 0])
     kv.commit([2, 2])
     forward(trunk, kv, torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), [2, 2])

@@ -17,7 +17,9 @@ V = 8
 def plan(max_new: int = 10, stop: frozenset = frozenset(), temperature: float = 0.0) -> Plan:
     cfg = GenerateConfig(max_new_tokens=max_new, temperature=temperature)
     gen = torch.Generator().manual_seed(0) if temperature else None
-    return Plan(cfg, 3, False, Sampling(temperature), stop, gen)
+    return Plan(
+        cfg=cfg, k_max=3, auto=False, sampling=Sampling(temperature=temperature), stop=stop, gen=gen
+    )
 
 
 def one_hot_logits(choices: list[list[int]]) -> torch.Tensor:
@@ -47,10 +49,19 @@ def test_a_plain_sampled_step_draws_one_token_per_row_from_the_trunk():
 
 def decoding(rows: list[int], out: list[list[int]]) -> Decoding:
     B = len(rows)
-    kv = RaggedCache(B, torch.device("cpu"))
+    kv = RaggedCache(batch=B, device=torch.device("cpu"))
     kv.commit([4] * B)
     tokens = torch.arange(B * 6).view(B, 6)
-    return Decoding(kv, tokens, [4] * B, tokens[:, 3], [], None, rows, out)
+    return Decoding(
+        kv=kv,
+        tokens=tokens,
+        length=[4] * B,
+        pending=tokens[:, 3],
+        unseen=[],
+        heads=None,
+        rows=rows,
+        out=out,
+    )
 
 
 def test_emit_cuts_at_the_budget_and_through_a_stop_token_in_the_callers_rows():

@@ -9,8 +9,7 @@ import statistics
 
 import pytest
 import torch
-from test_generate import PROMPTS, trained
-from test_tree_ladder import far_heads, sample_the_trunks_law
+from conftest import PROMPTS, costs, far_heads, sample_the_trunks_law
 
 from multitoken.costs import CostModel
 from multitoken.generate import generate
@@ -18,10 +17,6 @@ from multitoken.pace import LONGEST_REST
 from multitoken.tree import Tree
 from multitoken.tree_auto import Calibration, RankScale, StepCosts, TreeBudget
 from multitoken.tree_dynamic import keep_best, path_values, skeleton
-
-
-def costs(c: list[float], draft: float = 0.0) -> CostModel:
-    return CostModel(c, t1_s=1.0, prior_draft=draft, learn_draft=False)
 
 
 def values_of(tree: Tree, probs: list[list[float]]) -> torch.Tensor:
@@ -202,7 +197,9 @@ def test_rows_of_a_batch_share_one_budget_from_their_summed_gains():
 
 
 @pytest.mark.parametrize("per_node, rests", [(0.2, True), (0.002, False)])
-def test_deepseek_drafting_at_every_node_is_what_decides_resting(monkeypatch, per_node, rests):
+def test_deepseek_drafting_at_every_node_is_what_decides_resting(
+    monkeypatch, per_node, rests, trained
+):
     """DeepSeek's modules run at every node of the skeleton: on a fake clock where that costs
     0.2 t1 a node (8 t1 for the 41 nodes of a 3-deep skeleton) the steps as timed rest, though
     the heads are good and the bare curve cheap; at 0.002 t1 a node they draft. Either way the
@@ -245,7 +242,7 @@ def test_deepseek_drafting_at_every_node_is_what_decides_resting(monkeypatch, pe
 
 
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
-def test_greedy_with_auto_trees_is_the_trunks_output(family):
+def test_greedy_with_auto_trees_is_the_trunks_output(family, trained):
     model = trained(family)
     plain = generate(model, PROMPTS, max_new_tokens=24, speculate=False)
     cheap = costs([1.0 + 0.02 * q for q in range(40)], draft=0.05)

@@ -6,13 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
-    assert_chi_square_fits,
-    far_from_a_sharp_trunk,
-    three_token_counts,
-    three_token_law,
-)
-from test_generate import PROMPTS, hf_greedy, model_of, trained
+from conftest import PROMPTS, far_heads, hf_greedy, model_of, sample_the_trunks_law
 
 from multitoken.errors import MultitokenError
 from multitoken.generate import generate
@@ -21,7 +15,7 @@ from multitoken.model import MTPModel
 
 
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
-def test_greedy_trees_decode_exactly_the_trunks_output(family):
+def test_greedy_trees_decode_exactly_the_trunks_output(family, trained):
     model = trained(family)
     plain = generate(model, PROMPTS, max_new_tokens=24, speculate=False)
     chain = generate(model, PROMPTS, max_new_tokens=24, tree="chain", draft_len=3)
@@ -40,7 +34,6 @@ class RunnerUpHeads(MTPHeads):
     """Parent-free stub heads whose second-ranked candidate at every depth is the trunk's own
     greedy continuation and whose first is always wrong."""
 
-    parent_free = True
 
     def __init__(self, model: MTPModel) -> None:
         super().__init__()
@@ -74,24 +67,6 @@ def test_a_tree_accepts_the_runner_up_a_chain_never_sees():
         assert tokens == hf_greedy(model, prompt, 12) == chain.tokens[PROMPTS.index(prompt)]
 
 
-def far_heads(family: str) -> MTPModel:
-    """D = 2 heads far from a sharp 4-token trunk: rejections and residuals are exercised."""
-    torch.manual_seed(0)
-    return far_from_a_sharp_trunk(model_of(family, depth=2, vocab=4), 4.0)
-
-
-def sample_the_trunks_law(model: MTPModel, **options):
-    """2,500 samples of the first three tokens after one prompt, checked against the trunk's
-    own law by a chi-square test; returns the generation."""
-    from multitoken.sampling import Sampling
-
-    prompt = [1, 2, 3]
-    expected = three_token_law(model.trunk, prompt, 4, Sampling(temperature=1.0))
-    out = generate(model, [prompt] * 2500, max_new_tokens=3, temperature=1.0, **options)
-    assert_chi_square_fits(three_token_counts(out.tokens, 4), expected)
-    return out
-
-
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
 def test_sampling_through_a_tree_follows_the_trunks_law(family):
     """Width 2 at both depths (candidates drawn from the heads' distribution without
@@ -101,7 +76,7 @@ def test_sampling_through_a_tree_follows_the_trunks_law(family):
 
 
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
-def test_dynamic_trees_are_each_rows_own_and_decode_the_trunks_output(family, monkeypatch):
+def test_dynamic_trees_are_each_rows_own_and_decode_the_trunks_output(family, monkeypatch, trained):
     """``--tree dynamic:N``: every step each row verifies its own N best nodes by the product of
     draft probabilities (EAGLE-2); rows of one batch get different shapes."""
     import multitoken.generate as gen_module
@@ -132,7 +107,7 @@ def test_sampling_through_dynamic_trees_follows_the_trunks_law(family):
 
 
 @pytest.mark.parametrize("family", ["meta", "deepseek"])
-def test_trees_on_a_sliding_window_trunk_decode_past_its_window(family):
+def test_trees_on_a_sliding_window_trunk_decode_past_its_window(family, trained):
     """Mistral-style attention over the last 6 tokens: the trunk's tree masks and DeepSeek's
     module masks slide by position, per row, static and per-row dynamic trees alike."""
     model = trained(family, window=6)
@@ -142,7 +117,7 @@ def test_trees_on_a_sliding_window_trunk_decode_past_its_window(family):
         assert out.tokens == plain.tokens and out.stats.tau > 1.3, tree
 
 
-def test_deepseek_trees_run_past_the_last_module_and_over_one_token_prompts():
+def test_deepseek_trees_run_past_the_last_module_and_over_one_token_prompts(trained):
     """K > D reuses the last module (as the chain does); a one-token prompt puts module k's
     first nodes at negative positions, which exist for no one."""
     model = trained("deepseek")  # D = 3

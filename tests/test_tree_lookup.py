@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generate import PROMPTS, trained
-from test_tree_auto import costs
-from test_tree_ladder import far_heads, sample_the_trunks_law
+from conftest import PROMPTS, costs, far_heads, sample_the_trunks_law
 
 from multitoken.errors import MultitokenError
 from multitoken.generate import generate, make_plan
@@ -102,7 +100,7 @@ REPEATING = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [3], [10, 11, 12, 13, 10, 11,
 
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
 @pytest.mark.parametrize("spec", ["dynamic:4+lookup:6", "auto+lookup"])
-def test_greedy_with_lookup_in_the_trees_is_the_trunks_output(family, spec):
+def test_greedy_with_lookup_in_the_trees_is_the_trunks_output(family, spec, trained):
     model = trained(family)
     prompts = PROMPTS + REPEATING
     plain = generate(model, prompts, max_new_tokens=40, speculate=False)
@@ -139,7 +137,7 @@ def test_sampling_with_lookup_in_the_trees_follows_the_trunks_law(family, monkey
     assert any(hits) and not all(hits)  # lookup's candidates were accepted and rejected
 
 
-def test_decoding_verifies_auto_trees_with_lookup_unless_chains_are_asked_for():
+def test_decoding_verifies_auto_trees_with_lookup_unless_chains_are_asked_for(trained):
     model = trained("bpd")
     plan = make_plan(model, PROMPTS, max_new_tokens=16)  # --tree not given
     assert plan.tree_auto and plan.lookup == DEFAULT_LOOKUP and plan.tree is None

@@ -1,5 +1,5 @@
 """DeepSeek-V3 checkpoint layout (multitoken.v3layout): a folder written by hand imports to heads
-that compute DESIGN.md §DeepSeek modules, write/load round-trips bit for bit, transformers' own
+that compute docs/design.md §DeepSeek modules, write/load round-trips bit for bit, transformers' own
 ``generate(use_mtp=True)`` reads what we write, and broken folders give one-line errors."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, micro_llama, perturb_heads
+from conftest import VOCAB, micro_deepseek, micro_llama, perturb_heads
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, DeepseekV3Config
+from transformers import AutoModelForCausalLM
 from transformers.modeling_layers import MtpModel
 from transformers.utils import logging as hf_logging
 
@@ -25,39 +25,6 @@ from multitoken.v3layout import load_v3_layout, mtp_depth, write_v3_layout
 
 PROMPT = [5, 6, 7, 8, 9, 10]
 EXTRAS = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight")
-
-
-def micro_deepseek(layers: int = 2, dense: int = 1, seed: int = 0):
-    """A DeepSeek-V3 trunk (MLA attention, MoE after ``dense`` dense layers), fp32, eager."""
-    torch.manual_seed(seed)
-    config = DeepseekV3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_shared_experts=1,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-        first_k_dense_replace=dense,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    config._attn_implementation = "eager"
-    return AutoModelForCausalLM.from_config(config).eval()
-
 
 TRUNKS = {"llama": micro_llama, "deepseek_v3": micro_deepseek}
 
@@ -78,7 +45,7 @@ def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# A folder written by hand, and DESIGN.md's equations computed here without multitoken
+# A folder written by hand, and docs/design.md's equations computed here without multitoken
 # ------------------------------------------------------------------------------------------------
 
 
@@ -149,7 +116,7 @@ def reference_block(trunk, w: dict[str, torch.Tensor]) -> torch.nn.Module:
 
 @torch.no_grad()
 def logits_by_hand(trunk, modules, blocks, seq: torch.Tensor, T: int, depth: int) -> list:
-    """DESIGN.md §DeepSeek modules over positions 0..T-1 of ``seq`` [1, >= T + depth]:
+    """docs/design.md §DeepSeek modules over positions 0..T-1 of ``seq`` [1, >= T + depth]:
     h'^k = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]), h^k = block_k(h'^k, causal),
     logits^k = Unembed(shared_head.norm_k(h^k)), with h^0 the trunk's last hidden state."""
     eps = trunk.config.rms_norm_eps

@@ -3,7 +3,7 @@ here, really? (The command itself is :mod:`multitoken.cli.bench`; transformers' 
 :mod:`multitoken.bench_peers`, the table and figure :mod:`multitoken.bench_plot`.)
 
 A high τ can come with a wall-clock slowdown (drafting costs time, and a verify pass over K+1
-tokens costs more than a pass over 1), and a weak trunk that loops inflates τ (shared/DESIGN.md
+tokens costs more than a pass over 1), and a weak trunk that loops inflates τ (docs/design.md
 §Figures, §Measured). So every method below decodes the same prompts greedily, one prompt at a
 time, exactly ``max_new_tokens`` tokens each (EOS stops nobody). Each one is checked token for
 token against our plain decoding and timed. The report adds the machine (CPU kind, threads,

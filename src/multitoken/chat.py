@@ -188,3 +188,19 @@ def _compile_chat_template(template: str):  # -> jinja2.Template; jinja2 is impo
         raise_exception=raise_exception, strftime_now=strftime_now, namespace=GuardedNamespace
     )
     return env.from_string(template)
+
+
+def record_messages(record: object) -> list[dict] | None:
+    """The chat of a record as ``{"role", "content"}`` messages, or None if it holds no chat.
+
+    ``messages`` are taken as written (the template judges them); ShareGPT ``conversations`` are
+    mapped by :func:`sharegpt_messages`. Raises ``ValueError`` for a malformed
+    or unusable chat. :mod:`multitoken.conversations` maps records with this too, so a chat
+    reads the same from a prepared file and from a JSONL line."""
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return chat_messages(record["messages"])
+    if "conversations" in record:
+        return sharegpt_messages(record["conversations"])
+    return None

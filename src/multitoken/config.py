@@ -22,6 +22,7 @@ else:  # the standard library's TOML parser from 3.11 on; the same code as tomli
     import tomli as tomllib
 
 from multitoken.errors import MultitokenError
+from multitoken.families import FAMILIES as TRAITS
 from multitoken.presets import PRESETS, PRETRAINED_LR, TrunkPreset
 
 # The trunk presets are named here too: the options that choose among them are this module's.
@@ -44,7 +45,7 @@ __all__ = [
     "read_config_file",
 ]
 
-FAMILIES = ("bpd", "meta", "deepseek")
+FAMILIES = tuple(TRAITS)  # the head families, by name
 PRECISIONS = ("auto", "bf16", "fp32")
 LINEAR_KERNELS = ("auto", "onednn", "torch")  # multitoken.kernels
 HEAD_LABELS = ("text", "trunk", "soft")  # multitoken.losses
@@ -104,9 +105,7 @@ class LambdaSchedule:
 
 def default_lambda(family: str) -> str:
     """The family's own λ (DeepSeek-V3: 0.3, divided by D; Meta and Stern sum head losses: 1)."""
-    from multitoken.heads import head_class  # heads import this module
-
-    return head_class(family).default_lambda
+    return TRAITS[family].default_lambda
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +125,7 @@ def _field(default: Any, help: str, flag: str | None = None, **extra: Any) -> An
 
 @dataclass
 class HeadConfig:
-    """Which MTP heads to attach to the trunk (shared/DESIGN.md §The three head families)."""
+    """Which MTP heads to attach to the trunk (docs/design.md §The three head families)."""
 
     family: str = _field(
         "deepseek",
@@ -192,9 +191,7 @@ class HeadConfig:
                     f"{self.draft_vocab} exceeds the trunk's vocabulary of {vocab_size}",
                     "--draft-vocab",
                 )
-        from multitoken.heads import head_class  # heads import this module
-
-        family = head_class(self.family)
+        family = TRAITS[self.family]
         steps = self.ttt_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise MultitokenError(f"must be an integer >= 0, got {steps!r}", "--ttt-steps")

@@ -4,7 +4,7 @@ A conversation source is a JSON array of chat records or a JSONL file of ShareGP
 (``{"conversations": [{"from", "value"}, ...]}``); a JSON array may also hold OpenAI-style
 ``{"messages": [{"role", "content"}, ...]}`` records. :func:`prepare_conversations` streams the
 sources record by record (a 125 MB array is never loaded whole), maps each record to messages with
-:func:`multitoken.data.record_messages` (the one place that knows record shapes), drops exact
+:func:`multitoken.chat.record_messages` (the one place that knows record shapes), drops exact
 duplicates (whitespace-normalised), splits train/validation by a SHA-1 of each chat's content (so
 no chat is on both sides and the split is the same on every run; the parts of one chat in
 ShareGPT's split edition, ids ``abc_0``, ``abc_1``, go by their shared id) and writes the chats as
@@ -33,8 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from multitoken.chat import content_text
-from multitoken.data import record_messages
+from multitoken.chat import content_text, record_messages
 from multitoken.errors import MultitokenError
 from multitoken.fileio import atomic_folder, write_json_atomic
 

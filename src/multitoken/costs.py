@@ -44,7 +44,9 @@ from multitoken.pace import Pace, StepLine
 VERIFY_REPEATS = 7  # multitoken bench: a careful measurement
 AUTO_REPEATS = 3  # --draft-len auto: a quick one, once per trunk, device and dtype
 CONTEXT_TOKENS = 64  # cached tokens under the measured passes
-PRIOR_DRAFT_COST = 0.1  # d(1) in units of t1 until a draft has been timed (DESIGN.md §Measured)
+PRIOR_DRAFT_COST = (
+    0.1  # d(1) in units of t1 until a draft has been timed (docs/design.md §Measured)
+)
 
 
 # ---------------------------------------------------------------------------------------------

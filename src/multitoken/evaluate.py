@@ -4,7 +4,7 @@ Training reports it every ``--eval-every`` steps and ``multitoken bench`` report
 (a τ means little without it: a weak trunk's greedy output loops, and heads predict loops well).
 It lives beside the model rather than in the trainer so that measuring needs no training code.
 
-Acceptance is the figure that decides speed, so it is the training metric (shared/DESIGN.md
+Acceptance is the figure that decides speed, so it is the training metric (docs/design.md
 §Training). Teacher-forced over held-out rows, head k at position i drafts the token greedy
 decoding writes k steps after the pending one; where the text follows the trunk's greedy path
 (:func:`multitoken.losses.greedy_path_labels`) that token is known, and every head reads exactly

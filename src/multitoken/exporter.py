@@ -1,7 +1,7 @@
 """Export a trained model in the layouts other tools load, each written atomically.
 
 - ``trunk-only``: the trunk as a plain `transformers` folder with its tokenizer (decoding
-  method 1 of shared/DESIGN.md: drop the heads). ``AutoModelForCausalLM.from_pretrained`` and
+  method 1 of docs/design.md: drop the heads). ``AutoModelForCausalLM.from_pretrained`` and
   ``AutoTokenizer.from_pretrained`` load it without multitoken installed. A GGUF trunk exports
   this way as dense safetensors (:mod:`multitoken.gguf` loads it with no quantizer left on it).
 - ``heads``: the heads alone (``heads.safetensors`` + ``heads.json``), to ship beside the trunk

@@ -1,6 +1,6 @@
 """Label shift and losses of every head — the one place that says which token each head predicts.
 
-Convention (shared/DESIGN.md §Notation): the trunk is head 0 and predicts t_{i+1} from position
+Convention (docs/design.md §Notation): the trunk is head 0 and predicts t_{i+1} from position
 i; MTP head k (k = 1..D) predicts t_{i+1+k}. Every head's logits are laid out over the same
 positions 0..T-1 as the trunk's, and :func:`shift_labels` gives the matching labels.
 

@@ -1,7 +1,7 @@
 """MTPModel: a `transformers` trunk plus one family of MTP heads, and the training forward.
 
 The trunk stays an ordinary causal LM (``model.trunk``): dropping the heads is decoding method 1.
-The training forward returns the λ-weighted loss of shared/DESIGN.md with the trunk's loss and
+The training forward returns the λ-weighted loss of docs/design.md with the trunk's loss and
 each head's loss and accuracy reported separately.
 """
 

@@ -2,7 +2,7 @@
 
 ``probs`` turns logits into the distribution decoding samples from (temperature, top-k, top-p);
 greedy decoding is temperature 0. ``accept_greedy`` and ``accept_sampled`` implement step 3 of
-shared/DESIGN.md §Inference: the longest matching prefix plus a bonus token, and the rule of
+docs/design.md §Inference: the longest matching prefix plus a bonus token, and the rule of
 Leviathan et al. 2023 / Chen et al. 2023 — accept draft d_j with probability
 min(1, p_j(d_j) / q_j(d_j)), else sample from norm(max(0, p_j − q_j)) and stop; if every draft is
 accepted, sample the bonus from p_{K+1}. The output is then distributed exactly as the trunk's.

@@ -14,7 +14,7 @@ undoes the conversions transformers applies at load time (DeepSeek-V3's routed e
 fused tensor in memory, one tensor per expert on disk), and this module applies the same function
 to the MTP keys in both directions.
 
-What the loaders compute (module k reads h^{k-1} and Emb(t_{i+k}); DESIGN.md §DeepSeek modules):
+What the loaders compute (module k reads h^{k-1} and Emb(t_{i+k}); docs/design.md §DeepSeek modules):
 
 - multitoken and vLLM (``deepseek_mtp.py``): module k+1 reads the block output h^k; the logits
   are ``shared_head.head(shared_head.norm(h^k))``. This is the paper's chain.

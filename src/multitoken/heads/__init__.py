@@ -1,19 +1,15 @@
-"""MTP head families (shared/DESIGN.md §The three head families), one module each, all
+"""MTP head families (docs/design.md §The three head families), one module each, all
 implementing :class:`~multitoken.heads.base.MTPHeads` and registered by family name."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from multitoken.config import HeadConfig
 from multitoken.heads.base import HEADS, Committed, HeadInputs, MTPHeads, head_class
 from multitoken.heads.bpd import BPDHeads
 from multitoken.heads.deepseek import DeepSeekHeads
 from multitoken.heads.draft_vocab import DraftVocab, frequent_tokens
 from multitoken.heads.meta import MetaHeads
 from multitoken.trunk import TrunkParts
-
-if TYPE_CHECKING:  # type only: the config validates families through this package
-    from multitoken.config import HeadConfig
 
 __all__ = [
     "HEADS",

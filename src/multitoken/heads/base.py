@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from multitoken.errors import MultitokenError
+from multitoken.families import FAMILIES, Family
 
 if TYPE_CHECKING:  # type only: trees are built by the decoder
     from multitoken.tree import Tree
@@ -73,27 +74,20 @@ class MTPHeads(nn.Module):
     :meth:`training_logits`, :meth:`new_draft_state` and :meth:`draft`."""
 
     family: ClassVar[str]
-    # the stream entering ``branch_layer`` (Gloeckle 2024) instead of h^0
-    reads_branch: ClassVar[bool] = False
-    # the heads keep a KV cache per head that must see every committed position, so a step
-    # that drafts at all runs every head (multitoken.costs.DraftLen)
-    keeps_draft_state: ClassVar[bool] = False
-    # K may exceed D: the last module is reused recurrently (DeepSeek-V3)
-    drafts_past_depth: ClassVar[bool] = False
-    # head k's candidates for the k-th token after the pending one do not depend on the drafts
-    # before it (bpd, meta: every head reads the same trunk position), so a tree's nodes at
-    # depth k are head k's top candidates (Medusa's static trees); see :meth:`draft_logits`
-    # and :meth:`draft_tree`
-    parent_free: ClassVar[bool] = False
-    # has a decoder block that can start as a copy of a trunk layer (--init-from-trunk)
-    copies_trunk_layers: ClassVar[bool] = True
-    # ...and does so by default on a pretrained trunk (--init-from-trunk unset)
-    copies_trunk_layers_by_default: ClassVar[bool] = True
-    # λ of the MTP loss when none is given, as a LambdaSchedule string
-    default_lambda: ClassVar[str] = "1.0"
-    # can compute its loss one head at a time, freeing each head's graph before the next
-    # (Gloeckle 2024 §3, memory-efficient implementation): see :meth:`headwise_loss`
-    headwise: ClassVar[bool] = False
+    # the family's record (multitoken.families.Family), its fields also class attributes
+    traits: ClassVar[Family]
+    reads_branch: ClassVar[bool]
+    keeps_draft_state: ClassVar[bool]
+    drafts_past_depth: ClassVar[bool]
+    copies_trunk_layers: ClassVar[bool]
+    copies_trunk_layers_by_default: ClassVar[bool]
+    default_lambda: ClassVar[str]
+    headwise: ClassVar[bool]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "family" in cls.__dict__:  # a family's own class (stubs inherit the defaults)
+            _take_traits(cls, FAMILIES[cls.family])
 
     depth: int
     branch_layer: int | None = None
@@ -166,6 +160,15 @@ class MTPHeads(nn.Module):
         """The most tokens a step can draft (None: no limit)."""
         return None if self.drafts_past_depth else self.depth
 
+
+def _take_traits(cls: type[MTPHeads], traits: Family) -> None:
+    cls.traits = traits
+    for name, value in vars(traits).items():
+        if name != "name":
+            setattr(cls, name, value)
+
+
+_take_traits(MTPHeads, Family("protocol"))  # the defaults a stub that names no family gets
 
 HEADS: dict[str, type[MTPHeads]] = {}
 

@@ -15,24 +15,18 @@ unembed over N tokens: a row-slice of the shared lm_head, or per-head unembeddin
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from multitoken.config import HeadConfig
 from multitoken.heads.base import Committed, HeadInputs, MTPHeads, register
 from multitoken.heads.draft_vocab import DraftVocab
 from multitoken.trunk import TrunkParts
-
-if TYPE_CHECKING:  # type only: the config validates families through this package
-    from multitoken.config import HeadConfig
 
 
 @register
 class BPDHeads(DraftVocab, MTPHeads):
     family = "bpd"
-    parent_free = True
-    copies_trunk_layers = False  # no decoder block; a fresh head already predicts the trunk's
 
     def __init__(self, parts: TrunkParts, config: HeadConfig) -> None:
         super().__init__()

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
 from multitoken.heads.base import Choose, Committed, HeadInputs, MTPHeads, Pick, register
 from multitoken.heads.draft_vocab import DraftVocab
 from multitoken.kvcache import RaggedCache, position_mask
 from multitoken.trunk import TrunkParts, run_layer
 
-if TYPE_CHECKING:  # type only: the config validates families through this package
-    from multitoken.config import HeadConfig
+if TYPE_CHECKING:  # type only: trees are built by the decoder
     from multitoken.tree import Tree
 
 
@@ -112,11 +112,6 @@ class DeepSeekModule(nn.Module):
 @register
 class DeepSeekHeads(DraftVocab, MTPHeads):
     family = "deepseek"
-    keeps_draft_state = True
-    drafts_past_depth = True
-    # a module starts as the identity on h^{k-1} instead (DeepSeekModule._start_as_identity)
-    copies_trunk_layers_by_default = False
-    default_lambda = "0.3"
 
     @classmethod
     def loss_weights(cls, depth: int, lam: float) -> list[float]:
@@ -189,7 +184,7 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
         return state
 
     def draft(self, state: DeepSeekDraftState, step: Committed, K: int, pick: Pick):
-        """Free-running drafting along the causal chain (shared/DESIGN.md §Inference, step 1).
+        """Free-running drafting along the causal chain (docs/design.md §Inference, step 1).
 
         Position p (0-based) of module k reads h^{k-1}_p and Emb(x_{p+k}) and predicts
         x_{p+k+1}. With N tokens committed (the last, x_{N-1}, is the trunk's pending token, so

@@ -9,28 +9,20 @@ used over N tokens only (:mod:`multitoken.heads.draft_vocab`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from multitoken.config import HeadConfig
 from multitoken.heads.base import Committed, HeadInputs, MTPHeads, register
 from multitoken.heads.draft_vocab import DraftVocab
 from multitoken.kvcache import RaggedCache
 from multitoken.losses import LossOutput, cross_entropy
 from multitoken.trunk import TrunkParts, layer_kind, run_layer
 
-if TYPE_CHECKING:  # type only: the config validates families through this package
-    from multitoken.config import HeadConfig
-
 
 @register
 class MetaHeads(DraftVocab, MTPHeads):
     family = "meta"
-    parent_free = True
-    reads_branch = True
-    keeps_draft_state = True
-    headwise = True
 
     def __init__(self, parts: TrunkParts, config: HeadConfig) -> None:
         super().__init__()
