@@ -34,7 +34,6 @@ class RunnerUpHeads(MTPHeads):
     """Parent-free stub heads whose second-ranked candidate at every depth is the trunk's own
     greedy continuation and whose first is always wrong."""
 
-
     def __init__(self, model: MTPModel) -> None:
         super().__init__()
         self.model, self.depth = model, model.depth
