@@ -105,3 +105,21 @@ def test_the_node_panel_places_each_row_at_the_tokens_it_verifies():
     assert _nodes_of({"method": "tree", "tree": "3,2", "nodes": 10, "mean_nodes": 10.0}) == 10
     assert _nodes_of({"method": "tree", "tree": "auto", "nodes": None, "mean_nodes": 7.5}) == 7.5
     assert _nodes_of({"method": "auto", "draft_len": None, "mean_nodes": 2.25}) == 2.25
+
+
+def test_the_node_panel_names_a_row_by_what_it_is_not_by_its_spelling():
+    """``auto+lookup`` was drawn as a static tree because its spec has no colon: the kind comes
+    from the tree grammar, lookup included."""
+    from multitoken.bench_plot import _row_kind
+
+    def tree(spec: str) -> dict:
+        return {"method": "tree", "tree": spec}
+
+    assert _row_kind({"method": "speculative", "draft_len": 2}) == "chains"
+    assert _row_kind({"method": "auto"}) == "auto K"
+    assert _row_kind(tree("3,2,1")) == _row_kind(tree("chain:3")) == "static trees"
+    assert _row_kind(tree("dynamic:8")) == "dynamic:N"
+    assert _row_kind(tree("dynamic:8+lookup:6")) == "dynamic:N + lookup"
+    assert _row_kind(tree("auto")) == "tree auto"
+    assert _row_kind(tree("auto+lookup")) == "tree auto + lookup"
+    assert _row_kind({"method": "plain"}) is None

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from multitoken.fileio import atomic_path
+from multitoken.tree import AUTO, Dynamic, Tree, lookup_len, parse_spec
 
 # auto and transformers' methods: one horizontal line each (no one K of ours)
 _FLAT_LINES = {
@@ -214,27 +215,42 @@ def _nodes_of(r: dict) -> float | None:
     return r.get("nodes") or r.get("mean_nodes")
 
 
+# The kinds of rows the node-budget panel draws, by what a row is (its method and its --tree
+# shape as the tree grammar reads it), with their marker and line style.
+_MARKERS = {
+    "chains": ("o", "-"),
+    "auto K": ("x", "-"),
+    "static trees": ("s", "-"),
+    "dynamic:N": ("^", "-"),
+    "dynamic:N + lookup": ("^", "--"),
+    "tree auto": ("*", "-"),
+    "tree auto + lookup": ("*", "--"),
+}
+
+
+def _row_kind(r: dict) -> str | None:
+    """Which of :data:`_MARKERS` a bench row is (None: a row the panel does not draw)."""
+    if r["method"] == "speculative":
+        return "chains"
+    if r["method"] == "auto":
+        return "auto K"
+    if r["method"] != "tree":
+        return None
+    shape = parse_spec(r["tree"])
+    lookup = " + lookup" if lookup_len(r["tree"]) else ""
+    if isinstance(shape, Tree):
+        return "static trees"
+    if isinstance(shape, Dynamic):
+        return "dynamic:N" + lookup
+    return "tree auto" + lookup if shape == AUTO else None
+
+
 def _plot_nodes(ax, result: dict) -> None:
     """Third panel (with tree rows): speedup over plain decoding against the tokens each step
     verifies, per set of heads: chains (K + 1), static trees, dynamic:N budgets, and the auto
     rows at their mean — where the verify cost c(q) overtakes what more nodes accept."""
     several = _several_heads(result)
-    kinds = {
-        "chains": lambda r: r["method"] == "speculative",
-        "static trees": lambda r: (
-            r["method"] == "tree" and ":" not in r["tree"] and r["tree"] != "auto"
-        ),
-        "dynamic:N": lambda r: r["method"] == "tree" and r["tree"].startswith("dynamic:"),
-        "auto K": lambda r: r["method"] == "auto",
-        "tree auto": lambda r: r.get("tree") == "auto",
-    }
-    markers = {
-        "chains": "o",
-        "static trees": "s",
-        "dynamic:N": "^",
-        "auto K": "x",
-        "tree auto": "*",
-    }
+    kinds = {kind: (lambda r, kind=kind: _row_kind(r) == kind) for kind in _MARKERS}
     for label in sorted({r["heads"] for r in result["runs"] if "heads" in r}):
         color = None
         for kind, match in kinds.items():
@@ -247,7 +263,8 @@ def _plot_nodes(ax, result: dict) -> None:
             if not rows:
                 continue
             name = f"{kind} {label}" if several else kind
-            line = ax.plot(*zip(*rows), marker=markers[kind], color=color, label=name)[0]
+            marker, style = _MARKERS[kind]
+            line = ax.plot(*zip(*rows), marker=marker, ls=style, color=color, label=name)[0]
             color = line.get_color() if several else None
     ax.axhline(1.0, color="grey", lw=0.8, label="plain (ours)")
     ax.set_xscale("log", base=2)
