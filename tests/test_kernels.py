@@ -52,11 +52,17 @@ def test_a_changed_weight_is_repacked():
     torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_takes_onednn_for_big_fp32_cpu_layers_only():
+def test_auto_takes_onednn_for_big_fp32_cpu_layers_on_avx512_only(monkeypatch):
+    from multitoken import kernels
+
+    monkeypatch.setattr(kernels, "cpu_kind", lambda: "AVX512")
     small = micro_llama()
     assert choose_linear_kernel("auto", small) == "torch"  # hidden 32: conversions dominate
     big = torch.nn.Sequential(torch.nn.Linear(512, 512))
     assert choose_linear_kernel("auto", big) == "onednn"
+    monkeypatch.setattr(kernels, "cpu_kind", lambda: "AVX2")  # a one-token step costs more
+    assert choose_linear_kernel("auto", big) == "torch"
+    monkeypatch.setattr(kernels, "cpu_kind", lambda: "AVX512")
     assert choose_linear_kernel("torch", big) == "torch"
     assert choose_linear_kernel("auto", big.to(torch.bfloat16)) == "torch"
     with pytest.raises(MultitokenError, match="fp32 model on a CPU") as err:

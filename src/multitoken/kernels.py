@@ -30,6 +30,7 @@ from torch import nn
 
 from multitoken.config import LINEAR_KERNELS
 from multitoken.errors import MultitokenError
+from multitoken.hardware import cpu_kind
 
 # auto takes oneDNN for layers this large or larger: below it the conversion of the activations
 # to and from oneDNN's format costs more than the kernel saves (tiny test models).
@@ -45,7 +46,11 @@ def onednn_available() -> bool:
 
 def choose_linear_kernel(requested: str, model: nn.Module) -> str:
     """``onednn`` or ``torch`` for ``model`` as it is placed now. ``auto``: oneDNN for an fp32
-    model on a CPU whose largest linear layer has at least ``AUTO_MIN_WEIGHTS`` weights."""
+    model on an AVX-512 CPU whose largest linear layer has at least ``AUTO_MIN_WEIGHTS``
+    weights. On an AVX2-only CPU (a 2-core AMD EPYC, SmolLM2-135M) oneDNN made a one-token
+    step 24% slower (70.6 ms against 57.0) while saving 10–18% on verify passes of 3–8 tokens:
+    plain decoding, and the auto modes that mostly rest where drafting does not pay, lose more
+    than the verify passes gain (``python benchmarks/trunk_pass.py MODEL``)."""
     if requested not in LINEAR_KERNELS:
         raise MultitokenError(
             f"unknown kernel {requested!r} (choose from {', '.join(LINEAR_KERNELS)})",
@@ -61,7 +66,8 @@ def choose_linear_kernel(requested: str, model: nn.Module) -> str:
         )
     if requested == "auto":
         largest = max((m.weight.numel() for m in _linears(model)), default=0)
-        return "onednn" if fits and largest >= AUTO_MIN_WEIGHTS else "torch"
+        big = fits and largest >= AUTO_MIN_WEIGHTS
+        return "onednn" if big and cpu_kind().startswith("AVX512") else "torch"
     return requested
 
 
