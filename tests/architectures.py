@@ -151,8 +151,8 @@ class Outcome:
 
 def tiny_config(model_type: str):
     """transformers' config for ``model_type`` with every size field it has shrunk (SIZES) and
-    per-layer lists cut to two layers (the last kind kept, so a sliding and a full layer remain
-    where the type mixes them)."""
+    per-layer lists cut to two layers, one of each of the first two kinds where the type mixes
+    them (a sliding and a full layer), then TYPE_OPTIONS."""
     cls = CONFIG_MAPPING[model_type]
     defaults = cls()
     known = set(defaults.to_dict()) | set(vars(defaults))
@@ -165,7 +165,7 @@ def tiny_config(model_type: str):
     for name in ("layer_types", "mlp_layer_types"):
         kinds = getattr(defaults, name, None)
         if isinstance(kinds, list) and kinds and _settable(cls, name):
-            mixed = [k for k in dict.fromkeys(kinds)]
+            mixed = list(dict.fromkeys(kinds))
             options[name] = (mixed * 2)[:2] if len(mixed) > 1 else kinds[:2]
     options.setdefault("tie_word_embeddings", getattr(defaults, "tie_word_embeddings", False))
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -190,7 +190,7 @@ def build(model_type: str, seed: int = 0):
 def check(model_type: str, family: str, steps: int = 3) -> Outcome:
     """Train ``family`` heads for ``steps`` steps on ``model_type`` (trunk frozen), then one
     joint step (trunk and heads, as from-scratch training takes them); the heads' drafts over
-    two decoding steps must equal their teacher-forced training logits' argmax; a ragged batch
+    three decoding steps must equal their teacher-forced training logits' argmax; a ragged batch
     of two prompts decoded with the default, a chain and a fixed tree must give plain
     decoding's tokens, and plain decoding transformers' greedy tokens. A refusal
     (MultitokenError) is an outcome, not a failure."""
