@@ -362,7 +362,7 @@ def check_prompts(
                 f"the context window of {limit}",
                 flag,
             )
-    recurrent = sorted(set(unrollable_layers(model.trunk.config)))
+    recurrent = unrollable_layers(model.trunk.config)
     if recurrent and (cfg.speculate or len(set(map(len, prompts))) > 1):
         raise MultitokenError(
             f"this trunk keeps a recurrent state ({', '.join(recurrent)}) that cannot give back "

@@ -197,21 +197,19 @@ def masks_per_kind(config, build: Callable[[int | None], torch.Tensor]) -> torch
 
 
 def unrollable_layers(config) -> list[str]:
-    """Class names of the cache layers of ``config``'s model that cannot give back their newest
-    entries: a recurrent state (linear attention, short convolutions) folds every token in, so
-    neither a rejected draft nor a padded prompt can be taken out again."""
+    """Class names (sorted, each once) of the cache layers of ``config``'s model that cannot
+    give back their newest entries: a recurrent state (linear attention, short convolutions)
+    folds every token in, so neither a rejected draft nor a padded prompt can be taken out
+    again."""
     recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())
-    return [
-        type(layer).__name__
-        for layer in rollback_cache(config).layers
-        if isinstance(layer, recurrent)
-    ]
+    layers = rollback_cache(config).layers
+    return sorted({type(layer).__name__ for layer in layers if isinstance(layer, recurrent)})
 
 
 def refuse_recurrent(config) -> None:
     """One line, up front, for MTP heads on a trunk whose cache cannot be rolled back: no draft
     could ever be verified on it (plain decoding of it stays possible)."""
-    recurrent = sorted(set(unrollable_layers(config)))
+    recurrent = unrollable_layers(config)
     if recurrent:
         raise MultitokenError(
             f"this trunk keeps a recurrent state ({', '.join(recurrent)}) that cannot give back "
