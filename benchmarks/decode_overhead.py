@@ -28,7 +28,7 @@ TARGET = 0.10  # the decoder's own share of a step, at most
 def build(preset: str, family: str | None, depth: int):
     from multitoken.config import HeadConfig
     from multitoken.model import MTPModel
-    from multitoken.tokenizer import ByteTokenizer
+    from multitoken.text.tokenizer import ByteTokenizer
     from multitoken.trunk import build_trunk
 
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ class TrunkClock:
 
 
 def measure(model, prompts: list[list[int]], new: int, repeats: int) -> dict:
-    from multitoken.generate import generate
+    from multitoken.decode.api import generate
 
     speculate = model.heads is not None
     options = {"max_new_tokens": new, "speculate": speculate, "draft_len": model.depth or None}

@@ -74,9 +74,9 @@ def demo_prompts(out: Path) -> Path:
 
 def training_chats(out: Path) -> Path:
     """The first ``CHAT_BYTES`` of ShareGPT's prepared training chats (deduplicated, split by
-    conversation: multitoken.conversations) of at most ``CHAT_MAX_BYTES`` each, as one JSONL
+    conversation: multitoken.training.conversations) of at most ``CHAT_MAX_BYTES`` each, as one JSONL
     file, its last 10% validating."""
-    from multitoken.conversations import prepare_conversations, sharegpt_path
+    from multitoken.training.conversations import prepare_conversations, sharegpt_path
 
     path = out / "chats.jsonl"
     if path.exists():

@@ -28,7 +28,7 @@ def tensor_types(path: str) -> dict[str, int]:
 
 def main() -> None:
     import multitoken
-    from multitoken.generate import generate
+    from multitoken.decode.api import generate
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("gguf")

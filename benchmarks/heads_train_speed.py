@@ -35,7 +35,7 @@ CONFIGS = ("live", "cache", "cache+draft", "live+draft")
 def build_corpus(folder: Path, tokenizer, epoch_tokens: int, seq_len: int) -> Path:
     """Copy standard-library modules (sorted by name, skipping small ones) into ``folder`` until
     their per-file rows hold ``epoch_tokens`` tokens; plus one held-out module for validation."""
-    from multitoken.data import stdlib_files
+    from multitoken.training.data import stdlib_files
 
     folder.mkdir(parents=True)
     rows = 0
@@ -50,7 +50,7 @@ def build_corpus(folder: Path, tokenizer, epoch_tokens: int, seq_len: int) -> Pa
 
 
 def rows_per_epoch(corpus, tokenizer, seq_len: int) -> int:
-    from multitoken.packing import PackedStream
+    from multitoken.training.packing import PackedStream
 
     stream = PackedStream(
         corpus.train_files,
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from multitoken.data import Corpus
-    from multitoken.tokenizer import load_tokenizer
+    from multitoken.text.tokenizer import load_tokenizer
+    from multitoken.training.data import Corpus
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 
 Trains the same heads three times over the same rows (one feature cache: the trunk runs once
 per row, so every run costs the same), each learning another label (``--labels``), and prints
-the held-out acceptance against the trunk's greedy path (multitoken.evaluate) of each:
+the held-out acceptance against the trunk's greedy path (multitoken.training.evaluate) of each:
 
     text    the text's own tokens
     trunk   the trunk's greedy path, where the text follows it (the default with --freeze-trunk)

@@ -29,14 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tests whose job is exactness of sampled and greedy decoding (the rest of the suite does
 # not look at output distributions).
 TESTS = [
-    "tests/test_sampling.py",
-    "tests/test_tree.py",
-    "tests/test_tree_ladder.py",
-    "tests/test_generate.py",
-    "tests/test_draft_vocab.py",
-    "tests/test_tree_lookup.py",
-    "tests/test_tree_auto.py",
-    "tests/test_tree_dynamic.py",
+    "tests/decode/test_sampling.py",
+    "tests/decode/trees/test_shape.py",
+    "tests/decode/trees/test_step.py",
+    "tests/decode/test_api.py",
+    "tests/heads/test_draft_vocab.py",
+    "tests/decode/trees/test_lookup.py",
+    "tests/decode/trees/test_budget.py",
+    "tests/decode/trees/test_dynamic.py",
 ]
 
 
@@ -52,28 +52,28 @@ class Mutant:
 MUTANTS = [
     Mutant(
         "chain-accept-5%",
-        "sampling.py",
+        "decode/sampling.py",
         "m = (u < ratio.squeeze(-1).clamp(max=1.0))",
         "m = (u < (1.05 * ratio.squeeze(-1)).clamp(max=1.0))",
         "a chain accepts d_j with min(1, 1.05 p/q)",
     ),
     Mutant(
         "tree-accept-5%",
-        "tree.py",
+        "decode/trees/accept.py",
         "accept = tried & (u * qt < pt)",
         "accept = tried & (u * qt < 1.05 * pt)",
         "a tree accepts child c with min(1, 1.05 p'(c)/q'(c))",
     ),
     Mutant(
         "chain-q-ignores-temperature",
-        "sampling.py",
+        "decode/sampling.py",
         "    return tokens, q\n",
         "    return tokens, probs(logits, Sampling(1.0, sampling.top_k, sampling.top_p))\n",
         "chain drafts drawn at T, accepted against q at T = 1",
     ),
     Mutant(
         "tree-q-ignores-temperature",
-        "tree_ladder.py",
+        "decode/trees/step.py",
         "q = None if plan.sampling.greedy else probs(logits, plan.sampling)",
         "q = None if plan.sampling.greedy else probs(logits, "
         "type(plan.sampling)(1.0, plan.sampling.top_k, plan.sampling.top_p))",
@@ -81,35 +81,35 @@ MUTANTS = [
     ),
     Mutant(
         "chain-verify-ignores-top-k-p",
-        "ladder.py",
+        "decode/phases.py",
         "p = probs(logits, plan.sampling)  # [B, K+1, V]",
         "p = probs(logits, type(plan.sampling)(plan.sampling.temperature, 0, 1.0))",
         "a chain verifies against p without top-k / top-p",
     ),
     Mutant(
         "tree-verify-ignores-top-k-p",
-        "tree_ladder.py",
+        "decode/trees/step.py",
         "p = probs(logits, plan.sampling)  # [B, N, V]",
         "p = probs(logits, type(plan.sampling)(plan.sampling.temperature, 0, 1.0))",
         "a tree verifies against p without top-k / top-p",
     ),
     Mutant(
         "chain-residual-is-p",
-        "sampling.py",
-        "residual = (p_next - q_next).clamp_min(0.0)",
-        "residual = p_next",
+        "decode/sampling.py",
+        "residual(p_next, q_next), 1, generator=generator)",
+        "p_next, 1, generator=generator)",
         "after a chain rejection the next token is drawn from p, not norm(max(p - q, 0))",
     ),
     Mutant(
         "tree-residual-is-p",
-        "tree.py",
-        "rest = (target - draft).clamp_min(0.0)",
-        "rest = target.clone()",
+        "decode/trees/accept.py",
+        "torch.where(reject, residual(target, offer), target)",
+        "torch.where(reject, target, target)",
         "after a tree rejection the next candidate is judged against p, not the residual",
     ),
     Mutant(
         "greedy-accepts-one-more",
-        "sampling.py",
+        "decode/sampling.py",
         "return (drafts == target[:, :K]).long().cumprod(dim=1).sum(dim=1)",
         "return ((drafts == target[:, :K]).long().cumprod(dim=1).sum(dim=1) + 1).clamp(max=K)",
         "greedy chains keep one draft past the first mismatch",

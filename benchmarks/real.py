@@ -81,7 +81,7 @@ def chat_test_prompts(out: Path) -> Path:
 def code_documents(limit: int) -> list[str]:
     """About ``limit`` bytes of stdlib code from the training split (the bench's code prompts
     come from the validation split), in documents of about ``CHUNK_CHARS`` cut at line ends."""
-    from multitoken.data import Corpus
+    from multitoken.training.data import Corpus
 
     files = Corpus.from_specs(["stdlib"]).train_files
     random.Random(0).shuffle(files)

@@ -1,6 +1,6 @@
 """The default decoding (``--tree auto+lookup``) with and without its slow start, taking turns.
 
-multitoken.pace grows a tree's node budget only as drafting measurably pays (a chain's worth
+multitoken.decode.pace grows a tree's node budget only as drafting measurably pays (a chain's worth
 first, doubling with each drafting step that paid). This prints, on held-out stdlib code prompts
 (greedy, batch 1), tokens/s and τ per prompt for plain decoding, the default, and the default
 with the cap lifted (as if every step had paid); each variant keeps what it learnt across its
@@ -15,11 +15,11 @@ import argparse
 import time
 
 import multitoken
-from multitoken import generate as generate_module
-from multitoken import tree_auto
-from multitoken.data import FULL_SPAN, Corpus, iter_texts
-from multitoken.generate import generate
-from multitoken.prompts import window_prompts
+from multitoken.decode import api as generate_module
+from multitoken.decode.api import generate
+from multitoken.decode.trees import budget
+from multitoken.text.prompts import window_prompts
+from multitoken.training.data import FULL_SPAN, Corpus, iter_texts
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     corpus = Corpus.from_specs(["stdlib"], 0.05)
     texts = iter_texts(corpus.val_files, corpus.stream_kwargs("val").get("span", FULL_SPAN))
     prompts = [tok.added_specials.around(w) for w in window_prompts(texts, tok, args.prompts, 128)]
-    capped = tree_auto.TreeBudget.budget
+    capped = budget.TreeBudget.budget
 
     def uncapped(self, values):  # the slow start off: growth as if every step had paid
         self.pace.growth = 8
@@ -47,7 +47,7 @@ def main() -> None:
     generate(mtp, [prompts[0]], max_new_tokens=16, speculate=False)  # warm-up
     for prompt in prompts:
         for name, run in runs.items():
-            tree_auto.TreeBudget.budget = uncapped if name == "no cap" else capped
+            budget.TreeBudget.budget = uncapped if name == "no cap" else capped
             options = {"speculate": False} if name == "plain" else {}
             if name != "plain":  # each variant carries over what it learnt, on its own
                 generate_module._LEARNT[mtp.heads] = learnt.setdefault(name, {})
@@ -56,7 +56,7 @@ def main() -> None:
             run["seconds"] += time.perf_counter() - start
             run["tokens"] += out.stats.tokens
             run["tau"].append(round(out.stats.tau, 2))
-    tree_auto.TreeBudget.budget = capped
+    budget.TreeBudget.budget = capped
     base = runs["plain"]["tokens"] / runs["plain"]["seconds"]
     for name, run in runs.items():
         rate = run["tokens"] / run["seconds"]

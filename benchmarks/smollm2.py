@@ -69,11 +69,11 @@ def ablation_args(default_out: str, default_steps: int, doc: str) -> tuple[str, 
 def train_frozen_heads(model: str, data: str, out: Path, name: str, steps: int, **options) -> dict:
     """Heads trained on the frozen ``model`` for ``steps`` of 8 × 256 tokens of ``data`` into
     ``out/name``, every run of an ablation sharing ``out/feature-cache`` (equal compute: the
-    trunk runs once per row); returns the last held-out figures (multitoken.evaluate)."""
+    trunk runs once per row); returns the last held-out figures (multitoken.training.evaluate)."""
     import torch
 
     from multitoken.config import TrainConfig
-    from multitoken.trainer import run
+    from multitoken.training.trainer import run
 
     torch.manual_seed(0)
     settings = dict(

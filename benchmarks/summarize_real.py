@@ -129,7 +129,7 @@ def summarize(out: Path) -> None:
 def training_table(out: Path) -> str:
     """Held-out acceptance against training tokens, per family (each run's metrics.jsonl), and
     the scaling curve OUT/tau.png."""
-    from multitoken.training_plot import plot_tau_curves, tau_curve
+    from multitoken.training.plot import plot_tau_curves, tau_curve
 
     curves = {family: tau_curve(out / family / "metrics.jsonl") for family in FAMILIES}
     curves = {family: points for family, points in curves.items() if points}

@@ -48,9 +48,9 @@ def measure(args: argparse.Namespace, family: str | None, depth: int, efficient:
     import torch
 
     from multitoken.config import HeadConfig
-    from multitoken.losses import cross_entropy, shift_labels
     from multitoken.model import MTPModel
-    from multitoken.tokenizer import ByteTokenizer
+    from multitoken.text.tokenizer import ByteTokenizer
+    from multitoken.training.losses import cross_entropy, shift_labels
     from multitoken.trunk import build_trunk
 
     torch.manual_seed(0)

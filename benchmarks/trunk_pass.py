@@ -4,11 +4,11 @@ For each q, the time of one trunk pass over q new tokens on a cache holding a pr
 
     bare      ``model(ids, cache=DynamicCache, use_cache=True, logits_to_keep=q)``, then
               ``cache.crop(-q)``: what transformers itself does, the floor
-    ours      :func:`multitoken.ladder.trunk_pass` on a ``RaggedCache`` (no hooks: plain
+    ours      :func:`multitoken.decode.phases.trunk_pass` on a ``RaggedCache`` (no hooks: plain
               decoding), then ``kv.commit`` rolling the q slots back
     +h0       ours with the hook that records h^0 for the heads (bpd, deepseek)
     +branch   ours with that hook and meta's hook on the branch layer's input
-    onednn    ours with the linear layers on oneDNN (multitoken.kernels; CPU, fp32 only)
+    onednn    ours with the linear layers on oneDNN (multitoken.decode.kernels; CPU, fp32 only)
 
 The variants take turns within each repeat, so drift (other load on a shared machine) hits all
 alike; each figure is a median. Also the prefill: ours (logits at the last position only) beside
@@ -42,7 +42,7 @@ def load_model(path: str | None):
     from multitoken.model import MTPModel
 
     if path is None:
-        from multitoken.tokenizer import ByteTokenizer
+        from multitoken.text.tokenizer import ByteTokenizer
         from multitoken.trunk import build_trunk
 
         torch.manual_seed(0)
@@ -76,9 +76,9 @@ def measure(
 ) -> tuple[list[dict], dict]:
     from transformers import DynamicCache
 
-    from multitoken.kernels import linear_kernels
-    from multitoken.kvcache import RaggedCache
-    from multitoken.ladder import trunk_pass
+    from multitoken.decode.kernels import linear_kernels
+    from multitoken.decode.kvcache import RaggedCache
+    from multitoken.decode.phases import trunk_pass
 
     trunk, device = model.trunk, model.parts.embed.weight.device
     vocab = trunk.get_output_embeddings().weight.shape[0]

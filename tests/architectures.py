@@ -195,8 +195,8 @@ def check(model_type: str, family: str, steps: int = 3) -> Outcome:
     decoding's tokens, and plain decoding transformers' greedy tokens. A refusal
     (MultitokenError) is an outcome, not a failure."""
     from multitoken.config import HeadConfig
+    from multitoken.decode.api import generate
     from multitoken.errors import MultitokenError
-    from multitoken.generate import generate
     from multitoken.model import MTPModel
 
     try:

@@ -10,11 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, MistralConfig
 
 from multitoken.config import HeadConfig
-from multitoken.costs import CostModel
-from multitoken.generate import generate
+from multitoken.decode.api import generate
+from multitoken.decode.costs import CostModel
+from multitoken.decode.sampling import Sampling, probs
 from multitoken.heads import Committed, HeadInputs, MTPHeads
 from multitoken.model import MTPModel
-from multitoken.sampling import Sampling, probs
 
 VOCAB = 64
 
@@ -416,7 +416,7 @@ def assert_calibrated(trunk, prompts, outputs, sampling, skip: int = 0) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# Drafting driven without the decoder (tests/test_heads_drafting.py, tests/architectures.py)
+# Drafting driven without the decoder (tests/heads/test_drafting.py, tests/architectures.py)
 # ------------------------------------------------------------------------------------------------
 
 

@@ -27,12 +27,14 @@ from transformers import (
 )
 
 import multitoken
-from multitoken.checkpoint import save_checkpoint
 from multitoken.config import HeadConfig
+from multitoken.decode.sampling import accept_greedy_rows, accept_sampled_rows, accept_typical_rows
+from multitoken.decode.trees.dynamic import keep_best, path_values
+from multitoken.io.checkpoint import save_checkpoint
+from multitoken.io.tokenizer_files import byte_level_backend, write_hf_tokenizer
 from multitoken.model import MTPModel
-from multitoken.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
-from multitoken.tokenizer_export import byte_level_backend, write_hf_tokenizer
-from multitoken.trainer import TrainResult
+from multitoken.text.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from multitoken.training.trainer import TrainResult
 from multitoken.trunk import quiet_transformers
 
 BYTES = ByteTokenizer.vocab_size  # 259: a micro trunk over the byte tokenizer
@@ -272,3 +274,29 @@ def hf_greedy(folder: Path, ids: list[int]) -> list[int]:
             pad_token_id=PAD,
         )
     return until_eos(out[0, len(ids) :].tolist())
+
+
+# One-row and one-call forms of the batched acceptance rules, for tests that state a case by hand
+
+
+def accept_greedy(drafts: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    """drafts [K], target [K+1] -> (m leading drafts equal to the trunk's choice, its token after)."""
+    m = int(accept_greedy_rows(drafts[None], target[None])[0])
+    return m, int(target[m])
+
+
+def accept_sampled(drafts, q, p, generator) -> tuple[int, int]:
+    """One row of ``accept_sampled_rows``: drafts [K], q [K, V], p [K+1, V] -> (m, next)."""
+    m, nxt = accept_sampled_rows(drafts[None], q[None], p[None], generator)
+    return int(m[0]), int(nxt[0])
+
+
+def accept_typical(drafts, p, eps: float, generator) -> tuple[int, int]:
+    """One row of ``accept_typical_rows``: drafts [K], p [K+1, V] -> (m, next)."""
+    m, nxt = accept_typical_rows(drafts[None], p[None], eps, generator)
+    return int(m[0]), int(nxt[0])
+
+
+def prune_tree(skeleton, scores: torch.Tensor, budget: int):
+    """Each row's ``budget`` best nodes of ``skeleton``: (trees, kept [B, budget + 1])."""
+    return keep_best(skeleton, path_values(skeleton, scores), budget)

@@ -13,8 +13,8 @@ from conftest import micro_llama
 
 from multitoken.cli import build_parser, error_line, main
 from multitoken.config import HeadConfig, TrainConfig
+from multitoken.decode.trees.spec import DEFAULT_LOOKUP
 from multitoken.errors import MultitokenError
-from multitoken.tree import DEFAULT_LOOKUP
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -176,7 +176,7 @@ def test_tokenizer_train_command(tmp_path, small_text):
         )
         == 0
     )
-    from multitoken.tokenizer import load_tokenizer
+    from multitoken.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(out))
     assert tok.vocab_size <= 300
@@ -395,12 +395,18 @@ def _modules_after_import(module: str) -> set[str]:
 def test_the_command_line_loads_torch_only_when_a_command_runs():
     loaded = _modules_after_import("multitoken.cli")
     assert "multitoken.cli.bench" in loaded  # the whole dispatch table was imported
-    assert not {"torch", "transformers", "multitoken.trainer"} & loaded  # --help stays quick
+    assert (
+        not {"torch", "transformers", "multitoken.training.trainer"} & loaded
+    )  # --help stays quick
 
 
 def test_bench_is_a_library_without_training_or_command_line_code():
-    loaded = _modules_after_import("multitoken.bench")
-    assert "multitoken.generate" in loaded  # it did import what it measures
-    training = {"multitoken.trainer", "multitoken.featcache", "multitoken.packing"}
-    assert not (training | {"multitoken.cli", "multitoken.data"}) & loaded
+    loaded = _modules_after_import("multitoken.bench.run")
+    assert "multitoken.decode.api" in loaded  # it did import what it measures
+    training = {
+        "multitoken.training.trainer",
+        "multitoken.training.featcache",
+        "multitoken.training.packing",
+    }
+    assert not (training | {"multitoken.cli", "multitoken.training.data"}) & loaded
     assert not any(name.startswith("multitoken.cli.") for name in loaded)

@@ -9,9 +9,9 @@ from conftest import micro_llama, perturb_heads
 
 from multitoken.config import HeadConfig
 from multitoken.errors import MultitokenError
-from multitoken.losses import OUTSIDE, soft_cross_entropy, soft_labels, trunk_top_k
 from multitoken.model import MTPModel
-from multitoken.tokenizer import ByteTokenizer
+from multitoken.text.tokenizer import ByteTokenizer
+from multitoken.training.losses import OUTSIDE, soft_cross_entropy, soft_labels, trunk_top_k
 
 
 def byte_model(family: str | None = "bpd") -> MTPModel:
@@ -20,7 +20,7 @@ def byte_model(family: str | None = "bpd") -> MTPModel:
 
 
 def test_text_in_text_out_decodes_what_token_ids_decode():
-    from multitoken.generate import generate
+    from multitoken.decode.api import generate
 
     model = byte_model()
     model.tokenizer = ByteTokenizer()

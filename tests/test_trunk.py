@@ -134,8 +134,8 @@ def test_a_frozen_trunk_stays_in_inference_mode_while_heads_train():
 
 def model_folder(model, folder):
     """A plain transformers folder: the model and a tokenizer (bytes: 259 of its 300 ids)."""
-    from multitoken.tokenizer import ByteTokenizer
-    from multitoken.tokenizer_export import write_hf_tokenizer
+    from multitoken.io.tokenizer_files import write_hf_tokenizer
+    from multitoken.text.tokenizer import ByteTokenizer
 
     model.save_pretrained(folder)
     write_hf_tokenizer(ByteTokenizer(), folder)
@@ -229,7 +229,7 @@ def test_gemma3_decodes_exactly_past_its_window(family):
     decoding's tokens, for a batch whose rows pass the 4-position window."""
     from conftest import perturb_heads
 
-    from multitoken.generate import generate
+    from multitoken.decode.api import generate
 
     model = perturb_heads(MTPModel(build("gemma3"), HeadConfig(family=family, depth=2)), 0, 0.3)
     prompts = [list(range(5, 17)), [7, 8, 9]]

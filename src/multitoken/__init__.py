@@ -17,6 +17,9 @@ from pathlib import Path
 
 from multitoken.config import PRESETS, HeadConfig, TrainConfig
 from multitoken.errors import MultitokenError
+from multitoken.moved import install as _install_old_paths
+
+_install_old_paths()
 
 __all__ = ["PRESETS", "HeadConfig", "MultitokenError", "TrainConfig", "export", "load", "train"]
 __version__ = "0.1.0"
@@ -24,7 +27,7 @@ __version__ = "0.1.0"
 
 def train(**options):
     """Train; keyword arguments are the CLI flags with ``-`` → ``_`` (see ``TrainConfig``)."""
-    from multitoken.trainer import train as _train
+    from multitoken.training.trainer import train as _train
 
     return _train(**options)
 
@@ -39,7 +42,7 @@ def load(path: str | Path, *, heads: str | Path | None = None, flag: str = "path
     ``tokenizer`` its tokenizer; ``model.generate(text, ...)`` decodes. ``flag`` names the
     argument in error messages.
     """
-    from multitoken.checkpoint import load_checkpoint
+    from multitoken.io.checkpoint import load_checkpoint
 
     model, tokenizer, _meta = load_checkpoint(path, flag=flag, trunk_only_ok=True, heads=heads)
     model.tokenizer = tokenizer
@@ -50,8 +53,8 @@ def export(path: str | Path, out: str | Path, fmt: str, *, heads: str | Path | N
     """Export the model at ``path`` (as :func:`load` reads it) to the new folder ``out``:
     ``fmt`` is ``"trunk-only"`` (a plain transformers folder), ``"heads"`` (the portable heads
     alone) or ``"deepseek-v3"`` (the DeepSeek-V3 checkpoint layout). Returns ``out``."""
-    from multitoken.exporter import check_out
-    from multitoken.exporter import export as _export
+    from multitoken.io.export import check_out
+    from multitoken.io.export import export as _export
 
     check_out(Path(out))  # before minutes of loading a large model
     model = load(path, heads=heads, flag="--checkpoint")

@@ -47,12 +47,12 @@ __all__ = [
 
 FAMILIES = tuple(TRAITS)  # the head families, by name
 PRECISIONS = ("auto", "bf16", "fp32")
-LINEAR_KERNELS = ("auto", "onednn", "torch")  # multitoken.kernels
-HEAD_LABELS = ("text", "trunk", "soft")  # multitoken.losses
+LINEAR_KERNELS = ("auto", "onednn", "torch")  # multitoken.decode.kernels
+HEAD_LABELS = ("text", "trunk", "soft")  # multitoken.training.losses
 # --soft-top-k: the trunk's likeliest tokens per position kept as a soft target
-# (multitoken.losses.trunk_top_k); 16 keep 96 bytes a position in the feature cache
+# (multitoken.training.losses.trunk_top_k); 16 keep 96 bytes a position in the feature cache
 SOFT_TOP_K = 16
-# what decoding verifies when --tree is not given (multitoken.tree; --typical verifies chains)
+# what decoding verifies when --tree is not given (multitoken.decode.trees.shape; --typical verifies chains)
 DEFAULT_TREE = "auto+lookup"
 
 
@@ -316,10 +316,10 @@ class TrainConfig:
         "text's token k+1 ahead; trunk = "
         "(with --freeze-trunk) the token the trunk's own greedy decoding writes there, "
         "wherever the text follows its greedy path: self-distillation from plain text, "
-        "without generating any (multitoken.losses.greedy_path_labels); soft = (with "
+        "without generating any (multitoken.training.losses.greedy_path_labels); soft = (with "
         "--freeze-trunk) the trunk's own next-token distribution k positions on, over its "
         "--soft-top-k likeliest tokens, by soft cross-entropy (EAGLE-3, Medusa-2; "
-        "multitoken.losses.soft_labels)",
+        "multitoken.training.losses.soft_labels)",
         choices=HEAD_LABELS,
     )
     soft_top_k: int = _field(
@@ -548,7 +548,7 @@ class GenerateConfig:
     linear_kernel: str = _field(
         "auto",
         "kernel of the linear layers on a CPU: onednn (faster for one token and much faster "
-        "for a few, see multitoken.kernels), torch (its default), auto = onednn for an fp32 "
+        "for a few, see multitoken.decode.kernels), torch (its default), auto = onednn for an fp32 "
         "model on a CPU with layers of 512x512 or more",
         choices=LINEAR_KERNELS,
     )
@@ -581,7 +581,7 @@ class GenerateConfig:
                 "--linear-kernel",
             )
         if self.tree is not None:
-            from multitoken.tree import CHAIN, parse_spec  # torch: only when a tree is asked for
+            from multitoken.decode.trees.spec import CHAIN, parse_spec  # torch: only for a tree
 
             if parse_spec(self.tree) != CHAIN and self.typical > 0:
                 raise MultitokenError("typical acceptance verifies chains only", "--tree")

@@ -14,7 +14,7 @@ class Family:
     # the heads read the stream entering ``branch_layer`` (Gloeckle 2024) instead of h^0
     reads_branch: bool = False
     # the heads keep a KV cache per head that must see every committed position, so a step
-    # that drafts at all runs every head (multitoken.costs.DraftLen)
+    # that drafts at all runs every head (multitoken.decode.costs.DraftLen)
     keeps_draft_state: bool = False
     # K may exceed D: the last module is reused recurrently (DeepSeek-V3)
     drafts_past_depth: bool = False

@@ -15,10 +15,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from multitoken.config import HEAD_LABELS, SOFT_TOP_K, HeadConfig
+from multitoken.decode.kvcache import refuse_recurrent
 from multitoken.errors import MultitokenError
 from multitoken.heads import HeadInputs, MTPHeads, build_heads, head_class
-from multitoken.kvcache import refuse_recurrent
-from multitoken.losses import (
+from multitoken.training.losses import (
     LossOutput,
     cross_entropy,
     greedy_path_labels,
@@ -49,7 +49,7 @@ class TrunkOutput:
 @dataclass
 class TrunkFeatures:
     """What the heads read of a frozen trunk's forward over rows ``tokens[:, :T]``, computed
-    before (``multitoken.featcache``): the states and, per row, the trunk's own next-token
+    before (``multitoken.training.featcache``): the states and, per row, the trunk's own next-token
     loss summed over the row, its top-1 hits and the number of labels, from which the main
     loss and accuracy of any batch of rows follow; and the trunk's predictions the heads may
     learn instead of the text (``--labels trunk``, ``--labels soft``)."""
@@ -59,7 +59,7 @@ class TrunkFeatures:
     main_hits: torch.Tensor  # [B] float32
     main_count: torch.Tensor  # [B] float32
     greedy: torch.Tensor | None = None  # [B, T] the trunk's top-1 token at each position
-    # multitoken.losses.trunk_top_k of the trunk's logits: [B, T, k] long ids, likeliest first
+    # multitoken.training.losses.trunk_top_k of the trunk's logits: [B, T, k] long ids, likeliest first
     # (topk_ids[..., 0] is ``greedy``), and [B, T, k] float32 probabilities renormalised over
     # them (rounded to fp16, as the cache stores them)
     topk_ids: torch.Tensor | None = None
@@ -97,11 +97,11 @@ class MTPModel(nn.Module):
         itself, e.g. a chat rendered with ``model.tokenizer.apply_chat_template``.
         Options are those of :class:`multitoken.config.GenerateConfig`. Returns the generated
         texts and the call's statistics (trunk passes, τ, per-head acceptance, tokens/s)."""
-        from multitoken.generate import generate
+        from multitoken.decode.api import generate
 
         if self.tokenizer is None:
             raise MultitokenError(
-                "this model has no tokenizer; use multitoken.generate.generate with token ids",
+                "this model has no tokenizer; use multitoken.decode.api.generate with token ids",
                 "tokenizer",
             )
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -179,7 +179,7 @@ class MTPModel(nn.Module):
         """Labels of head k (k >= 1) as its logits index them: over its draft vocabulary, if it
         has one (:meth:`multitoken.heads.draft_vocab.DraftVocab.draft_labels`). ``greedy``
         [B, T]: the frozen trunk's top-1 tokens, for labels from its greedy path instead of the
-        text (:func:`multitoken.losses.greedy_path_labels`)."""
+        text (:func:`multitoken.training.losses.greedy_path_labels`)."""
         labels = (
             shift_labels(tokens, k) if greedy is None else greedy_path_labels(tokens, greedy, k)
         )
@@ -267,7 +267,7 @@ class MTPModel(nn.Module):
         """The λ-weighted total of the trunk's loss and every head's, from the trunk's states.
         Head k learns the text's token (``greedy`` and ``soft`` None), the trunk's greedy path
         (``greedy`` [B, T]), or the trunk's top-k distribution k positions on (``soft``: ids
-        [B, T, K], probs [B, T, K]; :func:`multitoken.losses.soft_labels`), over its draft
+        [B, T, K], probs [B, T, K]; :func:`multitoken.training.losses.soft_labels`), over its draft
         vocabulary if it has one."""
         weights = self.heads.loss_weights(self.depth, lam)
         # a module reused past D (training-time test) weighs as much at each step as itself

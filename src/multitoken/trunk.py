@@ -25,9 +25,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from multitoken.decode.kvcache import FULL, SLIDING, RaggedCache, sliding_window
 from multitoken.errors import MultitokenError, first_line
-from multitoken.gguf import is_gguf, load_gguf_trunk
-from multitoken.kvcache import FULL, SLIDING, RaggedCache, sliding_window
+from multitoken.io.gguf import is_gguf, load_gguf_trunk
 from multitoken.presets import PRESETS
 from multitoken.quiet import quiet_transformers
 
@@ -519,7 +519,7 @@ def load_causal_lm(
 
 
 def load_trunk(path: str | Path, flag: str = "--trunk") -> PreTrainedModel:
-    """A local `transformers` causal-LM folder, or a GGUF file (:mod:`multitoken.gguf`).
+    """A local `transformers` causal-LM folder, or a GGUF file (:mod:`multitoken.io.gguf`).
     Nothing is fetched from a hub."""
     p = Path(path)
     if is_gguf(p):

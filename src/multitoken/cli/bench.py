@@ -1,5 +1,5 @@
 """``multitoken bench``: check every input, load the model and its heads, measure with
-:func:`multitoken.bench.bench`, and report (a table, and ``--json`` / ``--plot`` where asked).
+:func:`multitoken.bench.run.bench`, and report (a table, and ``--json`` / ``--plot`` where asked).
 
 Every input is checked before any timing: a mistake costs a second, not minutes of measuring.
 """
@@ -20,9 +20,9 @@ from multitoken.errors import MultitokenError
 if TYPE_CHECKING:  # torch and transformers load only once a command runs, not for --help
     from transformers import PreTrainedModel
 
-    from multitoken.data import Corpus
     from multitoken.hardware import Precision
     from multitoken.model import MTPModel
+    from multitoken.training.data import Corpus
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -109,7 +109,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _check_trees(specs: list[str]) -> None:
     """Each --tree parses (its depth is checked against each set of heads when rows are made)."""
-    from multitoken.tree import CHAIN, parse_spec
+    from multitoken.decode.trees.spec import CHAIN, parse_spec
 
     for spec in specs:
         if parse_spec(spec) == CHAIN:
@@ -126,9 +126,9 @@ def _output_path(value: str | None, flag: str) -> Path | None:
 
 def _prompts(args: argparse.Namespace, tokenizer, corpus, corpus_error: str | None):
     """(prompts, where they came from, the flag to blame if they are too long)."""
-    from multitoken.bench import read_prompt_file
-    from multitoken.data import FULL_SPAN, iter_texts
-    from multitoken.prompts import window_prompts
+    from multitoken.bench.run import read_prompt_file
+    from multitoken.text.prompts import window_prompts
+    from multitoken.training.data import FULL_SPAN, iter_texts
 
     if args.prompts is not None:
         prompts = read_prompt_file(args.prompts, tokenizer)[: args.num_prompts]
@@ -152,8 +152,8 @@ def _prompts(args: argparse.Namespace, tokenizer, corpus, corpus_error: str | No
 
 def _more_heads(model: MTPModel, folders: list[str]) -> dict[str, MTPModel]:
     """Further ``--heads`` on ``model``'s trunk object, labelled by folder name (made unique)."""
-    from multitoken.checkpoint import resolve_checkpoint
-    from multitoken.headfile import is_heads_folder, load_heads
+    from multitoken.io.checkpoint import resolve_checkpoint
+    from multitoken.io.headfile import is_heads_folder, load_heads
 
     labels = [model.family]
     also = {}
@@ -203,7 +203,7 @@ def _load_model(args: argparse.Namespace) -> tuple[MTPModel, dict[str, MTPModel]
 
 def _training_config(args: argparse.Namespace) -> tuple[Path, dict]:
     """The checkpoint folder and the options it was trained with ({} for a plain model)."""
-    from multitoken.checkpoint import is_run_or_checkpoint, read_meta, resolve_checkpoint
+    from multitoken.io.checkpoint import is_run_or_checkpoint, read_meta, resolve_checkpoint
 
     ckpt, meta = Path(args.checkpoint), {"train_config": {}}
     if is_run_or_checkpoint(ckpt):
@@ -215,7 +215,7 @@ def _training_config(args: argparse.Namespace) -> tuple[Path, dict]:
 def _corpus(args: argparse.Namespace, config: dict) -> tuple[Corpus | None, str | None]:
     """The corpus of ``--data`` or of training, or why there is none: prompts from a file need
     none, so its absence is an error only later, if the prompts were to come from it."""
-    from multitoken.data import Corpus
+    from multitoken.training.data import Corpus
 
     try:
         specs = args.data if args.data is not None else config.get("data")
@@ -226,8 +226,8 @@ def _corpus(args: argparse.Namespace, config: dict) -> tuple[Corpus | None, str 
 
 def _check_inputs(args: argparse.Namespace) -> _Inputs:
     """Every input, in the order a person would fix them; nothing is timed yet."""
-    from multitoken.bench import check_fits, load_draft_model, parse_draft_lens
-    from multitoken.tree import lookup_len
+    from multitoken.bench.run import check_fits, load_draft_model, parse_draft_lens
+    from multitoken.decode.trees.spec import lookup_len
 
     model, also, precision = _load_model(args)
     depth = max(m.depth for m in [model, *also.values()])
@@ -247,8 +247,8 @@ def _describe(args: argparse.Namespace, inputs: _Inputs) -> dict:
     """The report's opening figures: what was measured, where, and the trunk's validation loss."""
     import torch
 
-    from multitoken.evaluate import trunk_validation
     from multitoken.hardware import cpu_kind
+    from multitoken.training.evaluate import trunk_validation
 
     model, precision, config = inputs.model, inputs.precision, inputs.train_config
     result: dict = {"checkpoint": str(inputs.checkpoint), "family": model.family}
@@ -270,10 +270,10 @@ def _describe(args: argparse.Namespace, inputs: _Inputs) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """The ``bench`` command: every input is checked before any timing; then measure, report."""
-    from multitoken.bench import bench
-    from multitoken.bench_plot import format_report, plot
-    from multitoken.fileio import write_json_atomic
-    from multitoken.kernels import choose_linear_kernel
+    from multitoken.bench.plot import format_report, plot
+    from multitoken.bench.run import bench
+    from multitoken.decode.kernels import choose_linear_kernel
+    from multitoken.io.atomic import write_json_atomic
 
     _check_numbers(args)
     _check_trees(args.tree)

@@ -76,9 +76,9 @@ def _check_numbers(args: argparse.Namespace) -> Path:
 def _prompt_corpus(args: argparse.Namespace):
     """The corpus to cut prompts from: ``--data``, else the checkpoint's training data. A plain
     model folder or GGUF file has no training data to fall back on."""
-    from multitoken.checkpoint import is_run_or_checkpoint, read_meta, resolve_checkpoint
-    from multitoken.data import Corpus
-    from multitoken.gguf import is_gguf
+    from multitoken.io.checkpoint import is_run_or_checkpoint, read_meta, resolve_checkpoint
+    from multitoken.io.gguf import is_gguf
+    from multitoken.training.data import Corpus
 
     ckpt = Path(args.checkpoint)
     plain = not is_run_or_checkpoint(ckpt)
@@ -96,8 +96,8 @@ def _prompt_corpus(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Cheap checks first: a bad prompts file should not wait for a large model to load."""
-    from multitoken.distill import corpus_prompts, distill
-    from multitoken.prompts import read_prompt_records
+    from multitoken.text.prompts import read_prompt_records
+    from multitoken.training.distill import corpus_prompts, distill
 
     out = _check_numbers(args)
     prompts = read_prompt_records(args.prompts) if args.prompts else None

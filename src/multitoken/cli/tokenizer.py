@@ -28,8 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Fit on the corpus's train and validation files alike: a tokenizer has no held-out set."""
-    from multitoken.data import Corpus, iter_texts
-    from multitoken.tokenizer import train_bpe
+    from multitoken.text.tokenizer import train_bpe
+    from multitoken.training.data import Corpus, iter_texts
 
     corpus = Corpus.from_specs(args.data or None)
     out = Path(args.out)

@@ -29,8 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Config file first, then the flags typed; a diverged run exits 1 naming the checkpoint kept."""
-    from multitoken.trainer import NonFiniteLoss, acceptance_line
-    from multitoken.trainer import run as train
+    from multitoken.training.trainer import NonFiniteLoss, acceptance_line
+    from multitoken.training.trainer import run as train
 
     values = read_config_file(args.config) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})

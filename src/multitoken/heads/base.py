@@ -21,7 +21,7 @@ from multitoken.errors import MultitokenError
 from multitoken.families import FAMILIES, Family
 
 if TYPE_CHECKING:  # type only: trees are built by the decoder
-    from multitoken.tree import Tree
+    from multitoken.decode.trees.shape import Tree
 
 
 @dataclass
@@ -113,7 +113,7 @@ class MTPHeads(nn.Module):
         self, branch: torch.Tensor, layer_kwargs: dict, labels: list, weights: list[float]
     ) -> Any:
         """The trunk's loss from the branch layer on and every head's, head by head
-        (``headwise`` families only): a :class:`multitoken.losses.LossOutput`."""
+        (``headwise`` families only): a :class:`multitoken.training.losses.LossOutput`."""
         raise NotImplementedError
 
     def new_draft_state(self, batch: int) -> Any:

@@ -11,7 +11,7 @@ concatenate the embedding first, and so do we, so their weights load without per
 Parameter names follow the DeepSeek-V3 checkpoint (``enorm``, ``hnorm``, ``eh_proj``,
 ``shared_head.norm``); ``block`` is a decoder layer of the trunk's own class, built as that
 checkpoint builds its MTP layers (MoE even where the trunk's first layers are dense), so a
-released module maps onto it: ``multitoken.v3layout`` reads and writes that layout and says how
+released module maps onto it: ``multitoken.io.v3layout`` reads and writes that layout and says how
 other loaders' chains differ. ``Emb`` and ``Unembed`` are the trunk's; with a draft vocabulary
 (``--draft-vocab N``) ``Unembed`` is used over N tokens only (:mod:`multitoken.heads.draft_vocab`).
 """
@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 from multitoken.config import HeadConfig
+from multitoken.decode.kvcache import RaggedCache, position_mask
 from multitoken.errors import MultitokenError
 from multitoken.heads.base import Choose, Committed, HeadInputs, MTPHeads, Pick, register
 from multitoken.heads.draft_vocab import DraftVocab
-from multitoken.kvcache import RaggedCache, position_mask
 from multitoken.trunk import TrunkParts, run_layer
 
 if TYPE_CHECKING:  # type only: trees are built by the decoder
-    from multitoken.tree import Tree
+    from multitoken.decode.trees.shape import Tree
 
 
 # Names of the projections by which a decoder layer's sub-layers write into the residual

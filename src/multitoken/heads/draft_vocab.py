@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from multitoken.errors import MultitokenError
-from multitoken.losses import IGNORE, OUTSIDE
+from multitoken.training.losses import IGNORE, OUTSIDE
 
 
 def frequent_tokens(counts: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:

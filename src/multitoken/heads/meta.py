@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from multitoken.config import HeadConfig
+from multitoken.decode.kvcache import RaggedCache
 from multitoken.heads.base import Committed, HeadInputs, MTPHeads, register
 from multitoken.heads.draft_vocab import DraftVocab
-from multitoken.kvcache import RaggedCache
-from multitoken.losses import LossOutput, cross_entropy
+from multitoken.training.losses import LossOutput, cross_entropy
 from multitoken.trunk import TrunkParts, layer_kind, run_layer
 
 
@@ -146,7 +146,7 @@ class HeadwiseLoss(torch.autograd.Function):
     plus the largest single path, instead of the trunk plus every path (logits: O(T·V) instead of
     O(D·T·V)). Backward hands the gathered gradients to autograd, so the shared trunk is
     backpropagated once, inside the ordinary ``loss.backward()`` — which keeps DDP's
-    one-forward-one-backward contract. Gradients equal the naive path's (tests/test_heads.py).
+    one-forward-one-backward contract. Gradients equal the naive path's (tests/heads/test_heads.py).
     """
 
     @staticmethod

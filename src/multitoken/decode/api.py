@@ -1,0 +1,415 @@
+"""Decoding: the trunk alone (method 1) or self-speculative decoding with the MTP heads (method 2).
+
+A call climbs the ladder of :mod:`multitoken.decode.phases` — prefill, then draft → verify → accept →
+commit → emit (→ retire) until every row is done — over one explicit state.
+
+K is fixed (``--draft-len 3``) or chosen before each step (``--draft-len auto``,
+:mod:`multitoken.decode.costs`) from the measured verify cost c(q), the measured drafting cost and
+the live per-position acceptance, and K = 0 whenever the whole steps timed in the call say
+drafting does not pay (:mod:`multitoken.decode.pace`; ``--tree auto`` alike). Whatever K each step
+uses, a step is a correct speculative step, so greedy output is token-for-token the trunk's
+own greedy output and sampled output follows the trunk's distribution exactly (speculative
+sampling, ``multitoken.decode.sampling``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import secrets
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from multitoken.config import DEFAULT_TREE, GenerateConfig, draft_len_value
+from multitoken.decode.costs import CostModel, DraftLen, Stopwatch, cost_model
+from multitoken.decode.kernels import choose_linear_kernel, linear_kernels
+from multitoken.decode.kvcache import unrollable_layers
+from multitoken.decode.phases import (
+    Decodable,
+    Decoding,
+    OnTokens,
+    Plan,
+    chain_step,
+    emit,
+    prefill,
+    retire,
+)
+from multitoken.decode.sampling import Sampling
+from multitoken.decode.trees.budget import MAX_NODES as TREE_NODES
+from multitoken.decode.trees.budget import TreeBudget
+from multitoken.decode.trees.dynamic import Sizer, skeleton
+from multitoken.decode.trees.lookup import Lookup
+from multitoken.decode.trees.shape import Tree
+from multitoken.decode.trees.spec import AUTO as AUTO_TREE
+from multitoken.decode.trees.spec import CHAIN, Dynamic, lookup_len, parse_spec
+from multitoken.decode.trees.step import tree_step
+from multitoken.errors import MultitokenError
+
+log = logging.getLogger("multitoken")
+
+
+@dataclass
+class Stats:
+    """Per call: trunk passes, tokens emitted, τ = tokens per trunk pass, per-draft-position
+    acceptance a_k = P(d_k accepted | d_1..d_{k-1} accepted), the K each step drafted
+    (``draft_lens``; one K for all rows of a batch), the time spent drafting, wall time,
+    tokens/s. Passes and tokens are summed over rows, so τ is the mean tokens per pass of one
+    row."""
+
+    trunk_passes: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    head_tries: list[int] = field(default_factory=list)
+    head_hits: list[int] = field(default_factory=list)
+    draft_lens: list[int] = field(default_factory=list)
+    nodes: list[int] = field(default_factory=list)  # tokens each step verified (chain: K + 1)
+    draft_s: float = 0.0  # seconds in the heads' draft calls
+    draft_steps: int = 0  # steps that drafted (K > 0)
+    seed: int | None = None  # what sampling was seeded with (drawn when none was given)
+
+    @property
+    def tau(self) -> float:
+        return self.tokens / max(1, self.trunk_passes)
+
+    @property
+    def acceptance(self) -> list[float]:
+        return [h / t if t else 0.0 for h, t in zip(self.head_hits, self.head_tries)]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "trunk_passes": self.trunk_passes,
+            "tokens": self.tokens,
+            "tau": self.tau,
+            "acceptance": self.acceptance,
+            "draft_lens": self.draft_lens,
+            "nodes": self.nodes,
+            "draft_s": self.draft_s,
+            "wall_s": self.wall_s,
+            "tokens_per_s": self.tokens_per_s,
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per prompt
+    stats: Stats
+
+
+@torch.no_grad()
+def decode(
+    model: Decodable,
+    prompts: list[list[int]],
+    plan: Plan,
+    costs: CostModel | None,
+    on_tokens: OnTokens | None = None,
+) -> Generation:
+    """prefill, then draft → verify → accept → commit (a chain's or a tree's) → emit until
+    every row is done."""
+    steps = _steps(model, plan, costs, len(prompts))
+    state = prefill(model, prompts, plan)
+    stats = Stats(
+        trunk_passes=len(prompts),
+        head_tries=[0] * plan.deepest,
+        head_hits=[0] * plan.deepest,
+        seed=None if plan.sampling.greedy else plan.cfg.seed,
+    )
+    retire(model, state, emit(state, [[t] for t in state.pending.tolist()], plan, on_tokens))
+    clock = costs.clock if costs is not None else time.perf_counter
+    watch = Stopwatch(state.tokens.device, clock)
+    while state.rows:
+        start = clock()  # a whole step: choosing it, drafting, verifying, the bookkeeping
+        K, nodes, accepted = steps.step(model, state, plan, watch)
+        done = emit(state, accepted, plan, on_tokens)
+        stats.nodes.append(nodes)
+        _record(stats, steps, K, accepted, watch.take())
+        retire(model, state, done)
+        steps.observe_step(clock() - start, sum(map(len, accepted)) / len(accepted))
+    stats.tokens = sum(map(len, state.out))
+    return Generation(state.out, stats)
+
+
+class ChainSteps:
+    """Steps that verify a chain of K drafts, K fixed or chosen per step (:class:`DraftLen`)."""
+
+    def __init__(self, choice: DraftLen) -> None:
+        self.choice, self.k_max = choice, choice.k_max
+        self.K = 0  # the last step's
+
+    def step(self, model: Decodable, state: Decoding, plan: Plan, watch) -> tuple[int, int, list]:
+        """One step: (K, tokens verified, each row's new tokens)."""
+        self.K = K = self.choice.choose()
+        accepted = chain_step(model, state, plan, K, self.choice.drafted(K), watch)
+        self.choice.observe(K, [len(a) - 1 for a in accepted])
+        return K, K + 1, accepted
+
+    def observe_draft(self, seconds: float, K: int) -> None:
+        self.choice.observe_draft(seconds, self.choice.drafted(K))
+
+    def observe_step(self, seconds: float, tokens: float) -> None:
+        """The last step took ``seconds`` (wall, whole) and gave ``tokens`` per row."""
+        self.choice.observe_step(self.K, tokens, seconds)
+
+
+class TreeSteps:
+    """Steps that verify a tree: ``tree`` every step, or with a ``sizer``, each row's own best
+    nodes of it (``tree`` the skeleton they are cut from): N of them (``--tree dynamic:N``) or
+    as many as ``costs`` and the acceptance seen so far say pay (``--tree auto``,
+    :mod:`multitoken.decode.trees.budget`)."""
+
+    def __init__(
+        self,
+        k_max: int,
+        tree: Tree,
+        sizer: Sizer | None = None,
+        costs: CostModel | None = None,
+        lookup: Lookup | None = None,
+    ) -> None:
+        self.k_max, self.tree, self.sizer, self.costs = k_max, tree, sizer, costs
+        self.lookup = lookup
+
+    def step(self, model: Decodable, state: Decoding, plan: Plan, watch) -> tuple[int, int, list]:
+        """One step: (the deepest tree's depth, tokens verified, each row's new tokens)."""
+        if self.sizer is not None and not self.sizer.drafts():
+            return 0, 1, chain_step(model, state, plan, 0, 0, watch)  # drafting rests
+        accepted, trees, _ = tree_step(
+            model, state, plan, self.tree, watch, self.sizer, self.lookup
+        )
+        trees = [trees] * len(accepted) if isinstance(trees, Tree) else trees
+        return max(t.max_depth for t in trees), trees[0].size, accepted
+
+    def observe_draft(self, seconds: float, K: int) -> None:
+        if self.costs is not None and self.costs.learn_draft:
+            self.costs.observe_draft(seconds, self.k_max)  # the whole skeleton's drafting
+
+    def observe_step(self, seconds: float, tokens: float) -> None:
+        """The last step took ``seconds`` (wall, whole) and gave ``tokens`` per row."""
+        if isinstance(self.sizer, TreeBudget):
+            self.sizer.observe_step(tokens, seconds)
+
+
+# heads module -> {(mode, K max, [lookup,] batch rows, cost model): what an auto mode learnt};
+# an entry goes when its heads do
+_LEARNT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _learnt(model: Decodable, key: tuple, make: Callable[[], TreeBudget | DraftLen]):
+    """The controller of an automatic mode as earlier calls with these heads left it: what
+    whole steps measurably gave (:class:`multitoken.decode.pace.Pace`), the acceptance and the
+    calibration carry over, so a call of a few dozen steps (a chat turn, a bench prompt, a
+    server request) does not spend them relearning, which costs most where drafting loses.
+    Keyed by the batch's rows and the cost model too: a step's time depends on both."""
+    known = _LEARNT.setdefault(model.heads, {})
+    if key not in known:
+        known[key] = make()
+    controller = known[key]
+    controller.new_call()
+    return controller
+
+
+def _steps(
+    model: Decodable, plan: Plan, costs: CostModel | None, rows: int
+) -> ChainSteps | TreeSteps:
+    lookup = Lookup(plan.lookup) if plan.lookup else None
+    if isinstance(plan.tree, Dynamic):
+        return TreeSteps(plan.k_max, skeleton(plan.k_max), plan.tree, lookup=lookup)
+    if plan.tree_auto:
+        key = ("tree", plan.k_max, plan.lookup, rows, id(costs))  # lookup drafts too
+        sizer = _learnt(model, key, functools.partial(TreeBudget, costs, plan.k_max))
+        return TreeSteps(plan.k_max, skeleton(plan.k_max), sizer, costs, lookup)
+    if plan.tree is not None:
+        return TreeSteps(plan.k_max, plan.tree)
+    if not plan.speculate:
+        return ChainSteps(DraftLen(0, fixed=0))
+    if plan.auto:
+        stateless = not model.heads.keeps_draft_state
+        key = ("chain", plan.k_max, rows, id(costs))
+        make = functools.partial(DraftLen, plan.k_max, costs=costs, stateless=stateless)
+        return ChainSteps(_learnt(model, key, make))
+    return ChainSteps(DraftLen(plan.k_max, fixed=plan.k_max))
+
+
+def _record(stats: Stats, steps, K: int, accepted: list[list[int]], draft_s) -> None:
+    """Count the step in ``stats`` and tell ``steps`` what drafting cost."""
+    m = [len(a) - 1 for a in accepted]  # each row's accepted prefix
+    stats.trunk_passes += len(m)
+    stats.draft_lens.append(K)
+    for mr in m:
+        for j in range(min(mr + 1, K)):  # d_{j+1} was tried when d_1..d_j were accepted
+            stats.head_tries[j] += 1
+            stats.head_hits[j] += int(j < mr)
+    seconds = sum(draft_s)
+    if seconds:  # a tree step may draft and then verify no draft (K = 0)
+        stats.draft_s += seconds
+        stats.draft_steps += 1
+        steps.observe_draft(seconds, K)
+
+
+def generate(
+    model: Decodable,
+    prompts: list[list[int]],
+    config: GenerateConfig | None = None,
+    eos_id: int | Iterable[int] | None = None,
+    on_tokens: OnTokens | None = None,
+    costs: CostModel | None = None,
+    **options,
+) -> Generation:
+    """Decode a batch of ``prompts`` (token ids, any lengths) together; a row ends at its
+    ``max_new_tokens`` or at a stop token ``eos_id`` (one id, or several: chat models end a turn
+    with a token of their own), which is kept as the row's last token.
+
+    Options are the fields of :class:`GenerateConfig` (``max_new_tokens``, ``tree``,
+    ``draft_len``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``speculate``). ``tree``: what
+    a step verifies, by default each row's tree of drafts and prompt lookup sized by the costs
+    (:data:`multitoken.config.DEFAULT_TREE`, :mod:`multitoken.decode.trees.budget`,
+    :mod:`multitoken.decode.trees.lookup`); ``"chain"`` verifies one chain, whose length ``draft_len``
+    ``"auto"`` (the default) chooses in 0..D before each step (:mod:`multitoken.decode.costs`) and a
+    number fixes (K > D for the DeepSeek family only: its last module is reused recurrently;
+    None is D, or D + ``--ttt-steps`` for modules trained past D); for trees, ``draft_len`` is
+    how deep the heads draft. ``costs``: the :class:`~multitoken.decode.costs.CostModel` auto uses
+    (default: measured once per trunk, device and dtype). ``on_tokens(row, tokens)`` is called
+    as tokens are accepted (streaming)."""
+    t0 = time.perf_counter()
+    plan = make_plan(model, prompts, config, eos_id, **options)
+    kernel = choose_linear_kernel(plan.cfg.linear_kernel, model)
+    with linear_kernels(model, kernel):  # one kernel for the whole call: exact against plain
+        if (plan.auto or plan.tree_auto) and plan.speculate and costs is None:
+            q_max = (TREE_NODES if plan.tree_auto else plan.k_max) + 1
+            with torch.no_grad():
+                costs = cost_model(model.trunk, q_max, prompts[0])
+        result = decode(model, prompts, plan, costs, on_tokens)
+    result.stats.wall_s = time.perf_counter() - t0
+    return result
+
+
+def make_plan(
+    model: Decodable,
+    prompts: list[list[int]],
+    config: GenerateConfig | None = None,
+    eos_id: int | Iterable[int] | None = None,
+    **options,
+) -> Plan:
+    """The options of one call, checked against the model and the prompts: what
+    :func:`generate` decodes by (bench checks its requests with the same function)."""
+    cfg = dataclasses.replace(config or GenerateConfig(), **options)
+    cfg.validate()
+    if cfg.speculate and model.heads is None:
+        log.warning("this checkpoint has no MTP heads: decoding with the trunk alone")
+        cfg = dataclasses.replace(cfg, speculate=False)
+    if cfg.typical > 0 and cfg.speculate:
+        log.warning(
+            "typical acceptance is lossy: the output no longer follows the trunk's "
+            "distribution exactly"
+        )
+    K, auto = _draft_len(cfg, model)
+    spec = tree_spec(cfg)
+    tree = _tree(spec, model)
+    tree_auto = spec is not None and parse_spec(spec) == AUTO_TREE
+    lookup = 0 if spec is None else lookup_len(spec)
+    if isinstance(tree, Tree):
+        K, auto = tree.max_depth, False
+    if isinstance(tree, Dynamic) or tree_auto:  # trees as deep as --draft-len (default: D)
+        auto = False
+    check_prompts(model, prompts, cfg, max(K, lookup) if cfg.speculate else 0)
+    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    gen = None
+    if not sampling.greedy:
+        if cfg.seed is None:  # a fresh draw each call, reported in the stats to repeat it
+            cfg = dataclasses.replace(cfg, seed=secrets.randbits(63))
+        gen = torch.Generator(device=model.parts.embed.weight.device)
+        gen.manual_seed(cfg.seed)
+    stop = (
+        frozenset()
+        if eos_id is None
+        else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
+    )
+    return Plan(cfg, K, auto, sampling, stop, gen, tree, tree_auto, lookup)
+
+
+def check_prompts(
+    model: Decodable,
+    prompts: list[list[int]],
+    cfg: GenerateConfig,
+    K: int,
+    flag: str = "--prompt",
+) -> None:
+    """Refuse, in one line, prompts the trunk cannot decode: none, an empty one, one whose
+    tokens plus the new ones (plus the ``K`` drafts a last verify pass may carry past them: 0
+    without speculation) pass the context window, or any that would need a recurrent state
+    given back. ``flag``: where the prompts came from (bench: its prompt options).
+
+    The trunk reads every token but the last one emitted: a prompt of P tokens and N new ones
+    occupy positions 0..P+N-2, and a verify pass K drafts beyond that, so P + N + K must not
+    pass the window (a margin of one position)."""
+    if not prompts:
+        raise MultitokenError("no prompts", flag)
+    limit = getattr(model.trunk.config, "max_position_embeddings", None)
+    for p in prompts:
+        if not p:
+            raise MultitokenError("the prompt is empty", flag)
+        if limit and len(p) + cfg.max_new_tokens + K > limit:
+            reserve = f" + {K} drafted past them" if K else ""
+            raise MultitokenError(
+                f"prompt of {len(p)} tokens + {cfg.max_new_tokens} new tokens{reserve} exceeds "
+                f"the context window of {limit}",
+                flag,
+            )
+    recurrent = unrollable_layers(model.trunk.config)
+    if recurrent and (cfg.speculate or len(set(map(len, prompts))) > 1):
+        raise MultitokenError(
+            f"this trunk keeps a recurrent state ({', '.join(recurrent)}) that cannot give back "
+            "rejected drafts or padding: speculative decoding needs a KV cache it can crop; "
+            "decode with --no-speculate, prompts of one length at a time"
+        )
+
+
+def tree_spec(cfg: GenerateConfig) -> str | None:
+    """The ``--tree`` in force: the one given, else :data:`multitoken.config.DEFAULT_TREE`
+    (chains under ``--typical``, which verifies chains only); None: chains, or no drafts."""
+    if not cfg.speculate:
+        return None
+    spec = cfg.tree if cfg.tree is not None else (CHAIN if cfg.typical > 0 else DEFAULT_TREE)
+    return None if parse_spec(spec) == CHAIN else spec
+
+
+def _tree(spec: str | None, model: Decodable) -> Tree | Dynamic | None:
+    """The tree of ``spec``, checked against the heads (None: chains, or auto)."""
+    if spec is None:
+        return None
+    tree = parse_spec(spec)
+    if not isinstance(tree, Tree):
+        return None if tree == AUTO_TREE else tree
+    longest = model.heads.max_draft_len()
+    if longest is not None and tree.max_depth > longest:
+        raise MultitokenError(
+            f"the tree is {tree.max_depth} deep; {model.family} heads draft at most D = "
+            f"{model.depth} tokens",
+            "--tree",
+        )
+    return tree
+
+
+def _draft_len(cfg: GenerateConfig, model: Decodable) -> tuple[int, bool]:
+    """(K, or the most auto may choose; whether K is chosen per step) from ``draft_len``
+    (already validated on its own)."""
+    value = draft_len_value(cfg.draft_len)
+    # as far as training taught the chain: D, or past it where a module was trained reused
+    depth = (model.heads.trained_depth if model.heads is not None else model.depth) or 1
+    if value is None or value == "auto":
+        return depth, value == "auto"
+    longest = model.heads.max_draft_len() if cfg.speculate else None
+    if longest is not None and value > longest:
+        raise MultitokenError(
+            f"{model.family} heads draft at most D = {model.depth} tokens; got {value}",
+            "--draft-len",
+        )
+    return value, False

@@ -1,0 +1,2 @@
+"""Text in: tokenizers (:mod:`~multitoken.text.tokenizer`), chat templates
+(:mod:`~multitoken.text.chat`) and prompts (:mod:`~multitoken.text.prompts`)."""
