@@ -394,7 +394,7 @@ def clocked(c: list[float], monkeypatch, slope: float) -> CostModel:
     """A cost model that learns, on a fake clock that a trunk pass over q tokens advances by
     1 + slope × (q - 1) (nothing else takes time): the bare curve ``c`` given is wrong unless
     it says so."""
-    from multitoken.decode import phases
+    from multitoken.decode import chain, phases
 
     clock = [0.0]
     trunk_pass = phases.trunk_pass
@@ -403,7 +403,8 @@ def clocked(c: list[float], monkeypatch, slope: float) -> CostModel:
         clock[0] += 1.0 + slope * (ids.size(1) - 1)
         return trunk_pass(model, ids, *args, **kwargs)
 
-    monkeypatch.setattr(phases, "trunk_pass", timed)
+    for module in (phases, chain):  # prefill, chain steps
+        monkeypatch.setattr(module, "trunk_pass", timed)
     return CostModel(c, t1_s=1.0, prior_draft=0.0, clock=lambda: clock[0])
 
 

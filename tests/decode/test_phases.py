@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 
 from multitoken.config import GenerateConfig
+from multitoken.decode.chain import ChainProposal
 from multitoken.decode.kvcache import RaggedCache
-from multitoken.decode.phases import Decoding, Plan, accept, emit, retire
+from multitoken.decode.phases import Decoding, Plan, Verified, emit, retire
 from multitoken.decode.sampling import Sampling
 
 V = 8
@@ -34,17 +35,18 @@ def one_hot_logits(choices: list[list[int]]) -> torch.Tensor:
 def test_greedy_accept_keeps_each_rows_longest_correct_prefix_and_the_bonus():
     drafts = torch.tensor([[1, 2, 3], [1, 2, 3], [4, 2, 3]])
     trunk = [[1, 2, 3, 7], [1, 5, 3, 7], [1, 2, 3, 7]]  # row 0 all, row 1 one, row 2 none
-    new, accepted = accept(drafts, None, one_hot_logits(trunk), plan())
-    assert accepted == [[1, 2, 3, 7], [1, 5], [1]]
-    for row, got in zip(new.tolist(), accepted):
+    verified = Verified(one_hot_logits(trunk), None, None)
+    result = ChainProposal(drafts, None, 3).accept(verified, plan())
+    assert result.tokens == [[1, 2, 3, 7], [1, 5], [1]]
+    for row, got in zip(result.new.tolist(), result.tokens):
         assert row[: len(got)] == got
 
 
 def test_a_plain_sampled_step_draws_one_token_per_row_from_the_trunk():
     logits = torch.full((2, 1, V), -1e9)
     logits[0, 0, 3] = logits[1, 0, 6] = 0.0  # each row's distribution is a point mass
-    _, accepted = accept(torch.zeros(2, 0, dtype=torch.long), None, logits, plan(temperature=1))
-    assert accepted == [[3], [6]]
+    plain = ChainProposal(torch.zeros(2, 0, dtype=torch.long), None, 0)
+    assert plain.accept(Verified(logits, None, None), plan(temperature=1)).tokens == [[3], [6]]
 
 
 def decoding(rows: list[int], out: list[list[int]]) -> Decoding:
@@ -57,10 +59,11 @@ def decoding(rows: list[int], out: list[list[int]]) -> Decoding:
         tokens=tokens,
         length=[4] * B,
         pending=tokens[:, 3],
-        unseen=[],
+        undrafted=[],
         heads=None,
         rows=rows,
         out=out,
+        history=tokens[:, :4].tolist(),
     )
 
 
@@ -78,7 +81,9 @@ def test_emit_cuts_at_the_budget_and_through_a_stop_token_in_the_callers_rows():
 def test_retire_takes_finished_rows_out_of_every_buffer():
     state = decoding(rows=[0, 1, 2], out=[[], [], []])
     kept_tokens = state.tokens[[0, 2]].clone()
+    kept_history = [state.history[0], state.history[2]]
     retire(None, state, done=[1])
+    assert state.history == kept_history
     assert state.rows == [0, 2] and state.kv.batch == 2
     assert torch.equal(state.tokens, kept_tokens) and state.pending.tolist() == [3, 15]
     retire(None, state, done=[0, 1])

@@ -17,7 +17,7 @@ from multitoken.decode import sampling
 from multitoken.decode.sampling import (
     Sampling,
     accept_greedy_rows,
-    choose,
+    draw_tokens,
     probs,
 )
 
@@ -91,23 +91,23 @@ def test_top_k_applies_before_top_p():
     torch.testing.assert_close(got, torch.tensor([0.625, 0.375, 0.0, 0.0]))
 
 
-# --- choose -----------------------------------------------------------------------------------
+# --- draw_tokens -----------------------------------------------------------------------------------
 
 
 def test_greedy_choice_is_the_argmax_with_no_distribution():
     logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
-    tokens, q = choose(logits, Sampling(), gen())
+    tokens, q = draw_tokens(logits, Sampling(), gen())
     assert tokens.tolist() == [1, 0] and q is None
 
 
 def test_sampled_choice_returns_the_distribution_it_drew_from():
     logits = torch.randn(2, 3, 16, generator=gen(1))
     setting = Sampling(temperature=0.8, top_k=5)
-    tokens, q = choose(logits, setting, gen(2))
+    tokens, q = draw_tokens(logits, setting, gen(2))
     assert tokens.shape == (2, 3)
     torch.testing.assert_close(q, probs(logits, setting))
     assert bool((q.gather(-1, tokens[..., None]) > 0).all())  # drawn inside the top-k
-    again, _ = choose(logits, setting, gen(2))
+    again, _ = draw_tokens(logits, setting, gen(2))
     assert torch.equal(tokens, again)  # the generator alone decides
 
 

@@ -22,32 +22,33 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from multitoken.config import DEFAULT_TREE, GenerateConfig, draft_len_value
+from multitoken.decode.chain import HeadsChain
 from multitoken.decode.costs import CostModel, DraftLen, Stopwatch, cost_model
 from multitoken.decode.kernels import choose_linear_kernel, linear_kernels
 from multitoken.decode.kvcache import unrollable_layers
 from multitoken.decode.phases import (
+    Accepted,
     Decodable,
     Decoding,
     OnTokens,
     Plan,
-    chain_step,
+    commit,
     emit,
     prefill,
     retire,
 )
 from multitoken.decode.sampling import Sampling
-from multitoken.decode.trees.budget import MAX_NODES as TREE_NODES
-from multitoken.decode.trees.budget import TreeBudget
-from multitoken.decode.trees.dynamic import Sizer, skeleton
-from multitoken.decode.trees.lookup import Lookup
+from multitoken.decode.trees.budget import AUTO_MAX_DRAFTS, TreeBudget
+from multitoken.decode.trees.dynamic import skeleton
+from multitoken.decode.trees.lookup import PromptLookup
 from multitoken.decode.trees.shape import Tree
-from multitoken.decode.trees.spec import AUTO as AUTO_TREE
-from multitoken.decode.trees.spec import CHAIN, Dynamic, lookup_len, parse_spec
-from multitoken.decode.trees.step import tree_step
+from multitoken.decode.trees.spec import CHAIN, TreeSpec
+from multitoken.decode.trees.step import Proposal, RowTrees, StaticTree
 from multitoken.errors import MultitokenError
 
 log = logging.getLogger("multitoken")
@@ -113,9 +114,9 @@ def decode(
     costs: CostModel | None,
     on_tokens: OnTokens | None = None,
 ) -> Generation:
-    """prefill, then draft → verify → accept → commit (a chain's or a tree's) → emit until
-    every row is done."""
-    steps = _steps(model, plan, costs, len(prompts))
+    """prefill, then propose → verify → accept → commit → observe → emit until every row is
+    done; the draft source (:func:`draft_source`) proposes a chain or each row's tree."""
+    source = draft_source(model, plan, costs, len(prompts))
     state = prefill(model, prompts, plan)
     stats = Stats(
         trunk_passes=len(prompts),
@@ -123,78 +124,41 @@ def decode(
         head_hits=[0] * plan.deepest,
         seed=None if plan.sampling.greedy else plan.cfg.seed,
     )
-    retire(model, state, emit(state, [[t] for t in state.pending.tolist()], plan, on_tokens))
+    first = [[t] for t in state.pending.tolist()]
+    for row, tokens in zip(state.history, first):
+        row.extend(tokens)
+    retire(model, state, emit(state, first, plan, on_tokens))
     clock = costs.clock if costs is not None else time.perf_counter
     watch = Stopwatch(state.tokens.device, clock)
     while state.rows:
         start = clock()  # a whole step: choosing it, drafting, verifying, the bookkeeping
-        K, nodes, accepted = steps.step(model, state, plan, watch)
-        done = emit(state, accepted, plan, on_tokens)
-        stats.nodes.append(nodes)
-        _record(stats, steps, K, accepted, watch.take())
+        proposal = source.propose(model, state, plan, watch)
+        verified = proposal.verify(model, state, plan)
+        accepted = proposal.accept(verified, plan)
+        commit(state, accepted)
+        source.observe(proposal, accepted)
+        done = emit(state, accepted.tokens, plan, on_tokens)
+        stats.nodes.append(proposal.size)
+        _record(stats, source, proposal, accepted.tokens, watch.take())
         retire(model, state, done)
-        steps.observe_step(clock() - start, sum(map(len, accepted)) / len(accepted))
+        source.observe_step(clock() - start, sum(accepted.counts) / len(accepted.counts))
     stats.tokens = sum(map(len, state.out))
     return Generation(state.out, stats)
 
 
-class ChainSteps:
-    """Steps that verify a chain of K drafts, K fixed or chosen per step (:class:`DraftLen`)."""
+class DraftSource(Protocol):
+    """What proposes each step's candidates and learns from what was accepted: the heads'
+    chains (:class:`~multitoken.decode.chain.HeadsChain`), a static tree
+    (:class:`~multitoken.decode.trees.step.StaticTree`), or each row's own tree of the heads'
+    skeleton and prompt lookup (:class:`~multitoken.decode.trees.step.RowTrees`)."""
 
-    def __init__(self, choice: DraftLen) -> None:
-        self.choice, self.k_max = choice, choice.k_max
-        self.K = 0  # the last step's
+    def propose(self, model: Decodable, state: Decoding, plan: Plan, watch) -> Proposal: ...
 
-    def step(self, model: Decodable, state: Decoding, plan: Plan, watch) -> tuple[int, int, list]:
-        """One step: (K, tokens verified, each row's new tokens)."""
-        self.K = K = self.choice.choose()
-        accepted = chain_step(model, state, plan, K, self.choice.drafted(K), watch)
-        self.choice.observe(K, [len(a) - 1 for a in accepted])
-        return K, K + 1, accepted
+    def observe(self, proposal: Proposal, accepted: Accepted) -> None: ...
 
-    def observe_draft(self, seconds: float, K: int) -> None:
-        self.choice.observe_draft(seconds, self.choice.drafted(K))
+    def observe_draft(self, seconds: float, proposal: Proposal) -> None: ...
 
-    def observe_step(self, seconds: float, tokens: float) -> None:
-        """The last step took ``seconds`` (wall, whole) and gave ``tokens`` per row."""
-        self.choice.observe_step(self.K, tokens, seconds)
-
-
-class TreeSteps:
-    """Steps that verify a tree: ``tree`` every step, or with a ``sizer``, each row's own best
-    nodes of it (``tree`` the skeleton they are cut from): N of them (``--tree dynamic:N``) or
-    as many as ``costs`` and the acceptance seen so far say pay (``--tree auto``,
-    :mod:`multitoken.decode.trees.budget`)."""
-
-    def __init__(
-        self,
-        k_max: int,
-        tree: Tree,
-        sizer: Sizer | None = None,
-        costs: CostModel | None = None,
-        lookup: Lookup | None = None,
-    ) -> None:
-        self.k_max, self.tree, self.sizer, self.costs = k_max, tree, sizer, costs
-        self.lookup = lookup
-
-    def step(self, model: Decodable, state: Decoding, plan: Plan, watch) -> tuple[int, int, list]:
-        """One step: (the deepest tree's depth, tokens verified, each row's new tokens)."""
-        if self.sizer is not None and not self.sizer.drafts():
-            return 0, 1, chain_step(model, state, plan, 0, 0, watch)  # drafting rests
-        accepted, trees, _ = tree_step(
-            model, state, plan, self.tree, watch, self.sizer, self.lookup
-        )
-        trees = [trees] * len(accepted) if isinstance(trees, Tree) else trees
-        return max(t.max_depth for t in trees), trees[0].size, accepted
-
-    def observe_draft(self, seconds: float, K: int) -> None:
-        if self.costs is not None and self.costs.learn_draft:
-            self.costs.observe_draft(seconds, self.k_max)  # the whole skeleton's drafting
-
-    def observe_step(self, seconds: float, tokens: float) -> None:
-        """The last step took ``seconds`` (wall, whole) and gave ``tokens`` per row."""
-        if isinstance(self.sizer, TreeBudget):
-            self.sizer.observe_step(tokens, seconds)
+    def observe_step(self, seconds: float, tokens: float) -> None: ...
 
 
 # heads module -> {(mode, K max, [lookup,] batch rows, cost model): what an auto mode learnt};
@@ -216,30 +180,31 @@ def _learnt(model: Decodable, key: tuple, make: Callable[[], TreeBudget | DraftL
     return controller
 
 
-def _steps(
-    model: Decodable, plan: Plan, costs: CostModel | None, rows: int
-) -> ChainSteps | TreeSteps:
-    lookup = Lookup(plan.lookup) if plan.lookup else None
-    if isinstance(plan.tree, Dynamic):
-        return TreeSteps(plan.k_max, skeleton(plan.k_max), plan.tree, lookup=lookup)
-    if plan.tree_auto:
-        key = ("tree", plan.k_max, plan.lookup, rows, id(costs))  # lookup drafts too
-        sizer = _learnt(model, key, functools.partial(TreeBudget, costs, plan.k_max))
-        return TreeSteps(plan.k_max, skeleton(plan.k_max), sizer, costs, lookup)
-    if plan.tree is not None:
-        return TreeSteps(plan.k_max, plan.tree)
+def draft_source(model: Decodable, plan: Plan, costs: CostModel | None, rows: int) -> DraftSource:
+    """The draft source of a call's plan."""
+    spec = plan.tree
+    if spec is not None and spec.static is not None:
+        return StaticTree(spec.static)
+    if spec is not None:  # each row's own tree: of N nodes, or as many as pay
+        lookup = PromptLookup(spec.lookup) if spec.lookup else None
+        if not spec.auto:
+            return RowTrees(skeleton(plan.k_max), spec.shape, lookup)
+        key = ("tree", plan.k_max, spec.lookup, rows, id(costs))  # lookup drafts too
+        budget = _learnt(model, key, functools.partial(TreeBudget, costs, plan.k_max))
+        return RowTrees(skeleton(plan.k_max), budget, lookup, costs)
     if not plan.speculate:
-        return ChainSteps(DraftLen(0, fixed=0))
+        return HeadsChain(DraftLen(0, fixed=0))
     if plan.auto:
         stateless = not model.heads.keeps_draft_state
         key = ("chain", plan.k_max, rows, id(costs))
         make = functools.partial(DraftLen, plan.k_max, costs=costs, stateless=stateless)
-        return ChainSteps(_learnt(model, key, make))
-    return ChainSteps(DraftLen(plan.k_max, fixed=plan.k_max))
+        return HeadsChain(_learnt(model, key, make))
+    return HeadsChain(DraftLen(plan.k_max, fixed=plan.k_max))
 
 
-def _record(stats: Stats, steps, K: int, accepted: list[list[int]], draft_s) -> None:
-    """Count the step in ``stats`` and tell ``steps`` what drafting cost."""
+def _record(stats: Stats, source: DraftSource, proposal, accepted: list[list[int]], draft_s):
+    """Count the step in ``stats`` and tell ``source`` what drafting cost."""
+    K = proposal.depth
     m = [len(a) - 1 for a in accepted]  # each row's accepted prefix
     stats.trunk_passes += len(m)
     stats.draft_lens.append(K)
@@ -251,7 +216,7 @@ def _record(stats: Stats, steps, K: int, accepted: list[list[int]], draft_s) -> 
     if seconds:  # a tree step may draft and then verify no draft (K = 0)
         stats.draft_s += seconds
         stats.draft_steps += 1
-        steps.observe_draft(seconds, K)
+        source.observe_draft(seconds, proposal)
 
 
 def generate(
@@ -282,8 +247,9 @@ def generate(
     plan = make_plan(model, prompts, config, eos_id, **options)
     kernel = choose_linear_kernel(plan.cfg.linear_kernel, model)
     with linear_kernels(model, kernel):  # one kernel for the whole call: exact against plain
-        if (plan.auto or plan.tree_auto) and plan.speculate and costs is None:
-            q_max = (TREE_NODES if plan.tree_auto else plan.k_max) + 1
+        tree_auto = plan.tree is not None and plan.tree.auto
+        if (plan.auto or tree_auto) and plan.speculate and costs is None:
+            q_max = (AUTO_MAX_DRAFTS if tree_auto else plan.k_max) + 1
             with torch.no_grad():
                 costs = cost_model(model.trunk, q_max, prompts[0])
         result = decode(model, prompts, plan, costs, on_tokens)
@@ -312,13 +278,11 @@ def make_plan(
         )
     K, auto = _draft_len(cfg, model)
     spec = tree_spec(cfg)
-    tree = _tree(spec, model)
-    tree_auto = spec is not None and parse_spec(spec) == AUTO_TREE
-    lookup = 0 if spec is None else lookup_len(spec)
-    if isinstance(tree, Tree):
-        K, auto = tree.max_depth, False
-    if isinstance(tree, Dynamic) or tree_auto:  # trees as deep as --draft-len (default: D)
+    if spec is not None and spec.static is not None:
+        K, auto = _static_depth(spec.static, model), False
+    if spec is not None and spec.per_row:  # trees as deep as --draft-len (default: D)
         auto = False
+    lookup = spec.lookup if spec is not None else 0
     check_prompts(model, prompts, cfg, max(K, lookup) if cfg.speculate else 0)
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     gen = None
@@ -332,7 +296,7 @@ def make_plan(
         if eos_id is None
         else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
     )
-    return Plan(cfg, K, auto, sampling, stop, gen, tree, tree_auto, lookup)
+    return Plan(cfg, K, auto, sampling, stop, gen, spec)
 
 
 def check_prompts(
@@ -372,22 +336,19 @@ def check_prompts(
         )
 
 
-def tree_spec(cfg: GenerateConfig) -> str | None:
+def tree_spec(cfg: GenerateConfig) -> TreeSpec | None:
     """The ``--tree`` in force: the one given, else :data:`multitoken.config.DEFAULT_TREE`
     (chains under ``--typical``, which verifies chains only); None: chains, or no drafts."""
     if not cfg.speculate:
         return None
-    spec = cfg.tree if cfg.tree is not None else (CHAIN if cfg.typical > 0 else DEFAULT_TREE)
-    return None if parse_spec(spec) == CHAIN else spec
+    spec = TreeSpec.parse(
+        cfg.tree if cfg.tree is not None else (CHAIN if cfg.typical > 0 else DEFAULT_TREE)
+    )
+    return None if spec.chain else spec
 
 
-def _tree(spec: str | None, model: Decodable) -> Tree | Dynamic | None:
-    """The tree of ``spec``, checked against the heads (None: chains, or auto)."""
-    if spec is None:
-        return None
-    tree = parse_spec(spec)
-    if not isinstance(tree, Tree):
-        return None if tree == AUTO_TREE else tree
+def _static_depth(tree: Tree, model: Decodable) -> int:
+    """A static tree's depth, checked against how far the heads draft."""
     longest = model.heads.max_draft_len()
     if longest is not None and tree.max_depth > longest:
         raise MultitokenError(
@@ -395,7 +356,7 @@ def _tree(spec: str | None, model: Decodable) -> Tree | Dynamic | None:
             f"{model.depth} tokens",
             "--tree",
         )
-    return tree
+    return tree.max_depth
 
 
 def _draft_len(cfg: GenerateConfig, model: Decodable) -> tuple[int, bool]:

@@ -1,16 +1,19 @@
-"""The rungs of one decoding step, each a small function over explicit state (:class:`Decoding`):
+"""The phases of one decoding step, each a small function over explicit state (:class:`Decoding`):
 
     prefill  one trunk pass over the prompts; logits only at each row's last position
-    draft    the heads propose d_1..d_K from what the trunk has committed (K = 0: a plain step)
-    verify   one trunk pass over [pending, d_1..d_K] gives the trunk's own choices g_1..g_{K+1}
-    accept   each row keeps its longest correct prefix d_1..d_m and the bonus g_{m+1}
-    commit   every KV cache keeps exactly the accepted prefix (``RaggedCache``: rows of a batch
-             may accept different numbers of tokens in the same step); the tokens join the rows
+    propose  a draft source proposes each row's candidates: a chain d_1..d_K
+             (:mod:`multitoken.decode.chain`) or a tree (:mod:`multitoken.decode.trees.step`);
+             K = 0 is a plain step
+    verify   one trunk pass over the pending token and the candidates gives the trunk's choices
+    accept   each row keeps its longest correct candidates and the trunk's next token; the one
+             read of the device a step makes (:class:`Accepted`)
+    commit   every KV cache keeps exactly the accepted tokens (``RaggedCache``: rows of a batch
+             may accept different numbers in the same step); the tokens join the rows
+    observe  the draft source learns what was accepted
     emit     the caller gets each row's new tokens, up to its budget and through a stop token
     retire   rows that are done leave the batch
 
-:func:`multitoken.decode.api.generate` climbs them in that order. A step syncs the host with the
-device once, when :func:`accept` reads the accepted counts.
+:func:`multitoken.decode.api.decode` runs them in that order.
 """
 
 from __future__ import annotations
@@ -28,16 +31,8 @@ from transformers import PreTrainedModel
 
 from multitoken.config import GenerateConfig
 from multitoken.decode.kvcache import RaggedCache, trunk_attention_mask
-from multitoken.decode.sampling import (
-    Sampling,
-    accept_greedy_rows,
-    accept_sampled_rows,
-    accept_typical_rows,
-    choose,
-    probs,
-)
-from multitoken.decode.trees.shape import Tree
-from multitoken.decode.trees.spec import Dynamic
+from multitoken.decode.sampling import Sampling, draw_tokens
+from multitoken.decode.trees.spec import TreeSpec
 from multitoken.heads.base import Committed, MTPHeads
 from multitoken.trunk import TrunkParts, watch_states
 
@@ -69,10 +64,13 @@ class Decoding:
     tokens: torch.Tensor  # [B, capacity]: row b's committed tokens are tokens[b, :length[b]]
     length: list[int]  # committed tokens per row; the last one is pending
     pending: torch.Tensor  # [B] each row's pending token (the trunk's latest choice)
-    unseen: list[Committed]  # trunk states the heads have not drafted from yet, oldest first
+    undrafted: list[Committed]  # trunk states the heads have not drafted from yet, oldest first
     heads: object  # the heads' draft state (None for heads that keep none)
     rows: list[int]  # the caller's index of each row still in the batch
     out: list[list[int]]  # the new tokens of every prompt (caller's order), as the caller gets them
+    # the host's copy of each row's committed tokens (tokens[b, :length[b]]), kept from what the
+    # accept phase read anyway: prompt lookup searches it without reading the device
+    history: list[list[int]]
 
 
 @dataclass
@@ -83,6 +81,24 @@ class Verified:
     logits: torch.Tensor  # [B, keep, V]
     hidden: torch.Tensor | None  # [B, q, d] h^0
     branch: torch.Tensor | None  # [B, q, d] the stream entering the branch layer (meta)
+
+
+@dataclass
+class Accepted:
+    """What a step's accept phase gives: each row's new tokens (the accepted candidates and the
+    trunk's next token) as lists, read from the device once, and as the rows of a [B, W] tensor
+    on the device; the verified states, and for a tree the order that puts each row's kept
+    nodes first among the new cache slots (None: a chain, kept as a prefix already)."""
+
+    tokens: list[list[int]]
+    new: torch.Tensor  # [B, W]: row b's first len(tokens[b]) entries; the rest is filler
+    verified: Verified
+    order: torch.Tensor | None = None  # [B, N] kept nodes first, then the others
+    paths: list[list[int]] | None = None  # a tree's kept nodes per row, from the root
+
+    @property
+    def counts(self) -> list[int]:
+        return [len(a) for a in self.tokens]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,9 +173,12 @@ class Plan:
     sampling: Sampling
     stop: frozenset
     gen: torch.Generator | None = None
-    tree: Tree | Dynamic | None = None  # --tree: steps verify trees instead of a chain
-    tree_auto: bool = False  # --tree auto: each step's tree is chosen by the costs
-    lookup: int = 0  # --tree ...+lookup:L: prompt lookup's L tokens join each row's tree
+    tree: TreeSpec | None = None  # --tree: steps verify trees instead of a chain (None: chains)
+
+    @property
+    def lookup(self) -> int:
+        """The most prompt-lookup tokens merged into each row's tree (0: none)."""
+        return self.tree.lookup if self.tree is not None else 0
 
     @property
     def deepest(self) -> int:
@@ -186,80 +205,34 @@ def prefill(model: Decodable, prompts: list[list[int]], plan: Plan) -> Decoding:
     branch = model.heads.branch_layer if plan.speculate else None
     out = trunk_pass(model, tokens[:, :P], kv, [0] * B, last, plan.speculate, branch)
     kv.commit(lengths)
-    first, _ = choose(out.logits[:, 0], plan.sampling, plan.gen)  # [B]
+    first, _ = draw_tokens(out.logits[:, 0], plan.sampling, plan.gen)  # [B]
     tokens[torch.arange(B, device=device), torch.tensor(lengths, device=device)] = first
-    unseen = []  # h^0 is watched only when the heads will draft
+    undrafted = []  # h^0 is watched only when the heads will draft
     if plan.speculate:
-        unseen = [Committed(None, out.hidden, out.branch, [0] * B, lengths)]
+        undrafted = [Committed(None, out.hidden, out.branch, [0] * B, lengths)]
     heads = model.heads.new_draft_state(B) if plan.speculate else None
     return Decoding(
         kv=kv,
         tokens=tokens,
         length=[n + 1 for n in lengths],
         pending=first,
-        unseen=unseen,
+        undrafted=undrafted,
         heads=heads,
         rows=list(range(B)),
         out=[[] for _ in prompts],
+        history=[list(p) for p in prompts],  # the first tokens join when they are read
     )
 
 
-def draft(model: Decodable, state: Decoding, K: int, drafted: int, plan: Plan):
-    """The heads draft ``drafted`` tokens per row (K <= drafted are verified) from everything
-    committed since they last drafted. Returns (drafts [B, K], q [B, K, V] or None)."""
-    B = state.pending.size(0)
-    if K == 0:
-        return state.pending.new_zeros(B, 0), None
-    tokens = [state.tokens[b, : state.length[b]] for b in range(B)]
-    step = _joined(state.unseen, tokens)
-    state.unseen = []
-    pick = functools.partial(choose, sampling=plan.sampling, generator=plan.gen)
-    drafts, q = model.heads.draft(state.heads, step, drafted, pick)
-    return drafts[:, :K], (None if q is None else q[:, :K])
-
-
-def verify(model: Decodable, state: Decoding, drafts: torch.Tensor, plan: Plan) -> Verified:
-    """One trunk pass over each row's pending token and its drafts, logits at all K+1; the
-    heads' states come along whenever the call speculates."""
-    ids = torch.cat([state.pending[:, None], drafts], dim=1)  # [B, K+1]
-    start = [n - 1 for n in state.length]
-    branch = model.heads.branch_layer if plan.speculate else None
-    return trunk_pass(model, ids, state.kv, start, ids.size(1), plan.speculate, branch)
-
-
-def accept(drafts, q_draft, logits, plan: Plan) -> tuple[torch.Tensor, list[list[int]]]:
-    """Each row's new tokens d_1..d_m and the bonus g_{m+1}: as the rows of a [B, K+1] tensor
-    on the device (row b's first m+1 entries; the rest is filler) and as lists, read with one
-    device sync for the whole batch."""
-    K = drafts.size(1)
-    if plan.sampling.greedy:
-        new = logits.argmax(-1)  # [B, K+1]: the trunk's own choices, bonus included
-        m = accept_greedy_rows(drafts, new) if K else new.new_zeros(new.size(0))
-    else:
-        p = probs(logits, plan.sampling)  # [B, K+1, V]
-        if K == 0:
-            m, bonus = p.new_zeros(p.size(0), dtype=torch.long), choose_from(p[:, 0], plan)
-        elif plan.cfg.typical > 0:
-            m, bonus = accept_typical_rows(drafts, p, plan.cfg.typical, plan.gen)
-        else:
-            m, bonus = accept_sampled_rows(drafts, q_draft, p, plan.gen)
-        new = torch.cat([drafts, bonus[:, None]], dim=1)
-        new.scatter_(1, m[:, None], bonus[:, None])  # the bonus right after the accepted prefix
-    flat = torch.cat([m[:, None], new], dim=1).tolist()  # the one sync of a step
-    return new, [row[1 : row[0] + 2] for row in flat]
-
-
-def choose_from(p: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """One sample per row of ``p`` [B, V]."""
-    return torch.multinomial(p, 1, generator=plan.gen).squeeze(1)
-
-
-def commit(state: Decoding, new: torch.Tensor, counts: list[int], verified: Verified) -> None:
-    """Row b keeps the first ``counts[b]`` of the verified slots in every KV cache and
-    ``new[b, :counts[b]]`` as its next tokens; the heads will see those positions."""
+def commit(state: Decoding, accepted: Accepted) -> None:
+    """Row b keeps its ``accepted`` tokens' slots in every KV cache (for a tree, its kept nodes
+    moved first) and the tokens as its next ones; the heads will see those positions."""
+    counts, verified = accepted.counts, accepted.verified
+    if accepted.order is not None:
+        verified = _moved_first(state, accepted.order, verified)
     start = [n - 1 for n in state.length]
     state.kv.commit(counts)
-    device = new.device
+    new, device = accepted.new, accepted.new.device
     # the widest row's count is written for every row; past a row's count, later steps
     # overwrite it
     width = max(counts)
@@ -271,10 +244,22 @@ def commit(state: Decoding, new: torch.Tensor, counts: list[int], verified: Veri
     else:
         state.pending = new.gather(1, _column(last, device)).squeeze(1)
     state.length = [n + c for n, c in zip(state.length, counts)]
+    for row, fresh in zip(state.history, accepted.tokens):
+        row.extend(fresh)
     if verified.hidden is not None:  # speculating: the heads draft from these states
-        width = max(counts)
         branch = None if verified.branch is None else verified.branch[:, :width]
-        state.unseen.append(Committed(None, verified.hidden[:, :width], branch, start, counts))
+        state.undrafted.append(Committed(None, verified.hidden[:, :width], branch, start, counts))
+
+
+def _moved_first(state: Decoding, order: torch.Tensor, verified: Verified) -> Verified:
+    """Put each row's kept tree nodes first among the N new cache slots and the states the
+    heads read (``order`` [B, N]), so that they are kept as a prefix."""
+    state.kv.reorder_new(order)
+
+    def reorder(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.gather(1, order[..., None].expand(-1, -1, x.size(-1)))
+
+    return Verified(verified.logits, reorder(verified.hidden), reorder(verified.branch))
 
 
 def emit(state: Decoding, accepted: list[list[int]], plan: Plan, on_tokens) -> list[int]:
@@ -308,9 +293,18 @@ def retire(model: Decodable, state: Decoding, done: list[int]) -> None:
     state.tokens = state.tokens[index]
     state.length = [state.length[b] for b in live]
     state.pending = state.pending[index]
-    state.unseen = [c.select(index) for c in state.unseen]
+    state.undrafted = [c.select(index) for c in state.undrafted]
+    state.history = [state.history[b] for b in live]
     if state.heads is not None:
         state.heads = model.heads.select_draft_rows(state.heads, index)
+
+
+def heads_input(state: Decoding) -> Committed:
+    """What the heads draft from this step: every state committed since they last drafted
+    (several steps' when plain steps drafted nothing), with each row's committed tokens."""
+    tokens = [state.tokens[b, : state.length[b]] for b in range(len(state.length))]
+    parts, state.undrafted = state.undrafted, []
+    return _joined(parts, tokens)
 
 
 def _joined(parts: list[Committed], tokens: list[torch.Tensor]) -> Committed:
@@ -329,13 +323,3 @@ def _joined(parts: list[Committed], tokens: list[torch.Tensor]) -> Committed:
         return torch.stack([torch.nn.functional.pad(x, (0, 0, 0, width - x.size(0))) for x in rows])
 
     return Committed(tokens, join("hidden"), join("branch"), parts[0].start, new)
-
-
-def chain_step(model: Decodable, state: Decoding, plan: Plan, K: int, drafted: int, watch):
-    """draft → verify → accept → commit with a chain of K drafts; each row's new tokens."""
-    with watch.section() if K else contextlib.nullcontext():  # a plain step drafts nothing
-        drafts, q_draft = draft(model, state, K, drafted, plan)
-    verified = verify(model, state, drafts, plan)
-    new, accepted = accept(drafts, q_draft, verified.logits, plan)
-    commit(state, new, [len(a) for a in accepted], verified)
-    return accepted

@@ -45,7 +45,7 @@ def probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return p
 
 
-def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None):
+def draw_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None):
     """One token per distribution from [..., V] logits: (tokens [...], q [..., V] or None when
     greedy)."""
     if sampling.greedy:

@@ -204,7 +204,7 @@ def test_deepseek_drafting_at_every_node_is_what_decides_resting(
     0.2 t1 a node (8 t1 for the 41 nodes of a 3-deep skeleton) the steps as timed rest, though
     the heads are good and the bare curve cheap; at 0.002 t1 a node they draft. Either way the
     output is the trunk's."""
-    from multitoken.decode import phases
+    from multitoken.decode import chain, phases
     from multitoken.decode.trees import step
 
     model = trained("deepseek")
@@ -219,8 +219,8 @@ def test_deepseek_drafting_at_every_node_is_what_decides_resting(
         clock[0] += per_node * tree.size
         return draft_tree(state, step, K, tree, choose)
 
-    monkeypatch.setattr(phases, "trunk_pass", timed_pass)
-    monkeypatch.setattr(step, "trunk_pass", timed_pass)
+    for module in (phases, chain, step):  # prefill, plain steps, tree steps
+        monkeypatch.setattr(module, "trunk_pass", timed_pass)
     monkeypatch.setattr(model.heads, "draft_tree", timed_draft)
     curve = [1.0 + 0.02 * (q - 1) for q in range(1, 41)]
     cost = CostModel(curve, t1_s=1.0, prior_draft=0.0, clock=lambda: clock[0])

@@ -1,4 +1,4 @@
-"""Prompt lookup grafted into the draft trees (``--tree dynamic:N+lookup``, ``auto+lookup``): the
+"""Prompt lookup mergeded into the draft trees (``--tree dynamic:N+lookup``, ``auto+lookup``): the
 continuation found in the row's own text follows the heads' candidates while they carry it and
 hangs its own nodes after, competes for the budget by its measured acceptance, and decoding
 with it stays exact."""
@@ -10,8 +10,8 @@ import torch
 from conftest import PROMPTS, costs, far_heads, sample_the_trunks_law
 
 from multitoken.decode.api import generate, make_plan
-from multitoken.decode.trees.dynamic import own_scores
-from multitoken.decode.trees.lookup import Lookup, LookupRates, continuation
+from multitoken.decode.trees.dynamic import node_log_chances
+from multitoken.decode.trees.lookup import LookupRates, PromptLookup, continuation
 from multitoken.decode.trees.shape import Tree
 from multitoken.decode.trees.spec import DEFAULT_LOOKUP, Dynamic, lookup_len, parse_spec
 from multitoken.errors import MultitokenError
@@ -55,24 +55,24 @@ def test_lookup_joins_only_per_row_trees_of_a_valid_length(spec):
 def test_the_continuation_follows_the_heads_candidates_then_hangs_its_own_nodes():
     S = Tree.parse("2,1")  # root; 1, 2 at depth 1; 3 under 1, 4 under 2
     tokens = torch.tensor([[9, 20, 21, 30, 31]])  # row 0: the pending token is 9
-    own = own_scores(S, torch.tensor([[0.0, -1.0, -2.0, -1.0, -1.0]]))
-    lookup = Lookup(3)
+    chances = node_log_chances(S, torch.tensor([[0.0, -1.0, -2.0, -1.0, -1.0]]))
+    lookup = PromptLookup(3)
     context = [9, 21, 40, 41, 9]  # after 9 came 21, 40, 41: head node 2 carries 21
-    graft = lookup.graft(S, [context], tokens, own)
-    assert graft.path == [[2, 6, 7]]  # node 2, then lookup's own nodes 5 + 1, 5 + 2
-    assert graft.parent[0][1:] == [2, 6] and graft.tokens[0, 6:].tolist() == [40, 41]
+    merged = lookup.merge(S, tokens, chances, [context])
+    assert merged.path == [[2, 6, 7]]  # node 2, then lookup's own nodes 5 + 1, 5 + 2
+    assert merged.parent[0][1:] == [2, 6] and merged.tokens[0, 6:].tolist() == [40, 41]
     rate = lookup.rates.log_rates()[0][0]  # a 1-token match's first token
-    assert graft.own[0, 2].item() == pytest.approx(max(-2.0, rate))  # raised by lookup's rate
-    assert graft.own[0, 5].item() < -1e29  # lookup's own first node: carried by the heads
-    values = graft.values()
+    assert merged.chances[0, 2].item() == pytest.approx(max(-2.0, rate))  # raised by lookup's rate
+    assert merged.chances[0, 5].item() < -1e29  # lookup's own first node: carried by the heads
+    values = merged.values()
     assert values[0, 7].item() == pytest.approx(
-        values[0, 2].item() + graft.own[0, 6].item() + graft.own[0, 7].item()
+        values[0, 2].item() + merged.chances[0, 6].item() + merged.chances[0, 7].item()
     )
-    trees, kept = graft.keep_best(values, 4)
+    trees, kept = merged.keep_best(values, 4)
     # the lookup path (2, 6, 7) beats head node 4's: breadth-first, parents before children
     assert kept.tolist() == [[0, 1, 2, 6, 7]]
     assert trees[0] == Tree((-1, 0, 0, 2, 3))
-    assert graft.tokens.gather(1, kept).tolist() == [[9, 20, 21, 40, 41]]
+    assert merged.tokens.gather(1, kept).tolist() == [[9, 20, 21, 40, 41]]
 
 
 def test_lookup_rates_learn_by_depth_and_match_length():
@@ -88,12 +88,12 @@ def test_lookup_rates_learn_by_depth_and_match_length():
 
 def test_outcomes_count_offered_tokens_up_to_the_first_miss():
     S = Tree.parse("1")
-    lookup = Lookup(3)
-    graft = lookup.graft(S, [[5, 6, 7, 8, 5]], torch.tensor([[5, 3]]), torch.zeros(1, 2))
-    assert graft.path == [[2, 3, 4]]  # the head's 3 is not lookup's 6: lookup's own chain
-    trees, kept = graft.keep_best(graft.values(), 4)
+    lookup = PromptLookup(3)
+    merged = lookup.merge(S, torch.tensor([[5, 3]]), torch.zeros(1, 2), [[5, 6, 7, 8, 5]])
+    assert merged.path == [[2, 3, 4]]  # the head's 3 is not lookup's 6: lookup's own chain
+    trees, kept = merged.keep_best(merged.values(), 4)
     tree_path = [0, *[kept[0].tolist().index(n) for n in (2, 3)]]  # 6, 7 accepted, 8 not
-    assert graft.outcomes(kept, [tree_path]) == [(1, 0, True), (1, 1, True), (1, 2, False)]
+    assert merged.outcomes(kept, [tree_path]) == [(1, 0, True), (1, 1, True), (1, 2, False)]
 
 
 REPEATING = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [3], [10, 11, 12, 13, 10, 11, 12, 13, 10]]
@@ -141,14 +141,14 @@ def test_sampling_with_lookup_in_the_trees_follows_the_trunks_law(family, monkey
 def test_decoding_verifies_auto_trees_with_lookup_unless_chains_are_asked_for(trained):
     model = trained("bpd")
     plan = make_plan(model, PROMPTS, max_new_tokens=16)  # --tree not given
-    assert plan.tree_auto and plan.lookup == DEFAULT_LOOKUP and plan.tree is None
+    assert plan.tree.auto and plan.lookup == DEFAULT_LOOKUP and plan.tree.static is None
     chain = make_plan(model, PROMPTS, max_new_tokens=16, tree="chain", draft_len=2)
-    assert not chain.tree_auto and chain.lookup == 0 and chain.tree is None
+    assert chain.lookup == 0 and chain.tree is None
     assert chain.k_max == 2 and not chain.auto
     # typical acceptance verifies chains only
     typical = make_plan(model, PROMPTS, max_new_tokens=16, temperature=1.0, typical=0.2)
-    assert not typical.tree_auto and typical.lookup == 0 and typical.tree is None
+    assert typical.lookup == 0 and typical.tree is None
     plain = make_plan(model, PROMPTS, max_new_tokens=16, speculate=False)
-    assert not plain.tree_auto and plain.lookup == 0
+    assert plain.tree is None and plain.lookup == 0
     with pytest.raises(MultitokenError, match="typical"):
         make_plan(model, PROMPTS, tree="auto", temperature=1.0, typical=0.2)

@@ -52,6 +52,22 @@ WRONG = torch.tensor(
 V = TRUNK.size(0)
 
 
+def node_paths(path: torch.Tensor) -> list[list[int]]:
+    """The acceptance rules' [B, D] kept nodes (-1 past a row's last) as node lists from the
+    root."""
+    return [[0, *(i for i in row if i >= 0)] for row in path.tolist()]
+
+
+def greedy_paths(trees, tokens, target):
+    path, bonus = accept_greedy_tree(trees, tokens, target)
+    return node_paths(path), bonus
+
+
+def sampled_paths(trees, tokens, p, q, generator):
+    path, nxt = accept_sampled_tree(trees, tokens, p, q, generator)
+    return node_paths(path), nxt
+
+
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -194,14 +210,14 @@ def test_one_tree_per_row_gives_each_row_its_own_mask_positions_and_paths(window
     g = gen(4)
     tokens = torch.randint(0, 3, (3, 5), generator=g)
     target = torch.randint(0, 3, (3, 5), generator=g)
-    path, bonus = accept_greedy_tree(trees, tokens, target)
+    path, bonus = greedy_paths(trees, tokens, target)
     p = torch.softmax(torch.randn(3, 5, V, generator=g), -1)
-    sampled, nxt = accept_sampled_tree(trees, tokens, p, None, gen(5))
+    sampled, nxt = sampled_paths(trees, tokens, p, None, gen(5))
     for b, tree in enumerate(trees):
         alone = tree_attention_mask(keys, start, tree, torch.float32, window)
         assert torch.equal(mask[b], alone[b])
         assert torch.equal(positions[b], tree_positions(start, tree)[b])
-        row_path, row_bonus = accept_greedy_tree(tree, tokens, target)
+        row_path, row_bonus = greedy_paths(tree, tokens, target)
         assert path[b] == row_path[b] and bonus[b] == row_bonus[b]
         assert all(tree.parent[i] == sampled[b][j] for j, i in enumerate(sampled[b][1:]))
     assert len({tuple(p) for p in path}) > 1  # the rows went different ways
@@ -215,7 +231,7 @@ def test_greedy_chain_equals_accept_greedy_rows():
     K, B = 4, 64
     tokens = torch.randint(0, 3, (B, K + 1), generator=g)  # 3 tokens: long matches happen
     target = torch.randint(0, 3, (B, K + 1), generator=g)
-    path, bonus = accept_greedy_tree(Tree.chain(K), tokens, target)
+    path, bonus = greedy_paths(Tree.chain(K), tokens, target)
     m = accept_greedy_rows(tokens[:, 1:], target)
     assert [len(row) - 1 for row in path] == m.tolist()
     assert set(m.tolist()) >= {0, 1, 2}  # the comparison covers several lengths
@@ -227,7 +243,7 @@ def test_greedy_tree_takes_the_second_ranked_candidate():
     tree = Tree.parse("2,1")  # 0 -> 1, 2;  1 -> 3;  2 -> 4
     tokens = torch.tensor([[7, 10, 11, 20, 21]])
     target = torch.tensor([[11, 30, 21, 40, 42]])  # the trunk wants 11, then 21, then 42
-    path, bonus = accept_greedy_tree(tree, tokens, target)
+    path, bonus = greedy_paths(tree, tokens, target)
     assert path == [[0, 2, 4]] and bonus.tolist() == [42]
     # the chain of rank-0 drafts (10, 20) accepts nothing
     assert accept_greedy_rows(tokens[:, [1, 3]], target[:, [0, 1, 3]]).tolist() == [0]
@@ -251,7 +267,7 @@ def test_greedy_tree_rows_accept_different_lengths():
             [2, 0, 6, 0, 0, 0, 44],  # nodes 2, 6: bonus 44
         ]
     )
-    path, bonus = accept_greedy_tree(tree, tokens, target)
+    path, bonus = greedy_paths(tree, tokens, target)
     assert path == [[0], [0, 2], [0, 1, 4], [0, 2, 6]]
     assert bonus.tolist() == [8, 7, 33, 44]
 
@@ -260,11 +276,11 @@ def test_greedy_tree_ties_go_to_the_lowest_index():
     tree = Tree.parse("2,1")
     tokens = torch.tensor([[9, 5, 5, 6, 6]])  # two siblings with one token, each a child 6
     target = torch.tensor([[5, 6, 6, 1, 2]])
-    path, bonus = accept_greedy_tree(tree, tokens, target)
+    path, bonus = greedy_paths(tree, tokens, target)
     assert path == [[0, 1, 3]] and bonus.tolist() == [1]
     # when only the second sibling's subtree goes deeper, the deeper path wins
     tokens = torch.tensor([[9, 5, 5, 4, 6]])
-    path, bonus = accept_greedy_tree(tree, tokens, target)
+    path, bonus = greedy_paths(tree, tokens, target)
     assert path == [[0, 2, 4]] and bonus.tolist() == [2]
 
 
@@ -319,7 +335,7 @@ def test_sampled_tree_is_lossless_over_two_tokens(drawn, spec):
     else:
         tokens, p, q = grow(tree, rows, root, lambda d, k: d.topk(k, dim=-1).indices)
         q = None  # chosen deterministically: point masses
-    path, nxt = accept_sampled_tree(tree, tokens, p, q, g)
+    path, nxt = sampled_paths(tree, tokens, p, q, g)
     x = first_tokens(tokens, path, nxt, 2, g)
     assert_chi_square_fits(torch.bincount(cell(x), minlength=V**2).float(), token_law(root, 2))
     # the test reaches every kind of step: nothing kept, a lower-ranked child, two levels
@@ -335,7 +351,7 @@ def test_sampled_tree_is_lossless_over_three_tokens(drawn):
     tree, rows, root, g = Tree.parse("2,2"), 60_000, 2, gen(5)
     pick = (lambda d, k: sample_candidates(d, k, g)) if drawn else None
     tokens, p, q = grow(tree, rows, root, pick or (lambda d, k: d.topk(k, dim=-1).indices))
-    path, nxt = accept_sampled_tree(tree, tokens, p, q if drawn else None, g)
+    path, nxt = sampled_paths(tree, tokens, p, q if drawn else None, g)
     x = first_tokens(tokens, path, nxt, 3, g)
     assert_chi_square_fits(torch.bincount(cell(x), minlength=V**3).float(), token_law(root, 3))
 
@@ -363,7 +379,7 @@ def test_sampled_chain_matches_accept_sampled_rows_in_law():
     law = chain_law(drafts, q, p)
     tokens = torch.cat([torch.tensor([0]), drafts]).expand(rows, K + 1)
     q_tree = torch.cat([q, torch.zeros(1, V)])  # node K is a leaf: no draft law
-    path, nxt = accept_sampled_tree(
+    path, nxt = sampled_paths(
         Tree.chain(K), tokens, p.expand(rows, -1, -1), q_tree.expand(rows, -1, -1), gen(2)
     )
     m = torch.tensor([len(row) - 1 for row in path])
@@ -377,8 +393,8 @@ def test_sampled_chain_matches_accept_sampled_rows_in_law():
 def test_sampled_tree_follows_the_generator():
     tree = Tree.parse("2,2")
     tokens, p, q = grow(tree, 64, 1, lambda d, k: d.topk(k, dim=-1).indices)
-    first = accept_sampled_tree(tree, tokens, p, q, gen(9))
-    again = accept_sampled_tree(tree, tokens, p, q, gen(9))
+    first = sampled_paths(tree, tokens, p, q, gen(9))
+    again = sampled_paths(tree, tokens, p, q, gen(9))
     assert first[0] == again[0] and torch.equal(first[1], again[1])
 
 
@@ -388,7 +404,7 @@ def test_sampled_tree_accepts_what_the_trunk_is_sure_of():
     p = torch.zeros(1, 5, V)
     p[0, 0, 2] = p[0, 2, 4] = p[0, 4, 0] = 1.0  # the trunk emits 2, 4, 0 for sure
     p[0, 1, 1] = p[0, 3, 1] = 1.0
-    path, nxt = accept_sampled_tree(tree, tokens, p, None, gen(0))
+    path, nxt = sampled_paths(tree, tokens, p, None, gen(0))
     assert path == [[0, 2, 4]] and nxt.tolist() == [0]
 
 
@@ -409,11 +425,11 @@ def test_sample_candidates_draws_without_replacement_in_order():
 def test_a_tree_without_drafts_emits_the_trunks_next_token():
     root = Tree.chain(0)
     tokens, target = torch.tensor([[5], [6]]), torch.tensor([[1], [2]])
-    path, bonus = accept_greedy_tree(root, tokens, target)
+    path, bonus = greedy_paths(root, tokens, target)
     assert path == [[0], [0]] and bonus.tolist() == [1, 2]
     p = torch.zeros(2, 1, V)
     p[0, 0, 3] = p[1, 0, 4] = 1.0
-    path, nxt = accept_sampled_tree(root, tokens, p, None, gen(0))
+    path, nxt = sampled_paths(root, tokens, p, None, gen(0))
     assert path == [[0], [0]] and nxt.tolist() == [3, 4]
 
 

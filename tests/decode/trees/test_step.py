@@ -78,19 +78,20 @@ def test_sampling_through_a_tree_follows_the_trunks_law(family):
 def test_dynamic_trees_are_each_rows_own_and_decode_the_trunks_output(family, monkeypatch, trained):
     """``--tree dynamic:N``: every step each row verifies its own N best nodes by the product of
     draft probabilities (EAGLE-2); rows of one batch get different shapes."""
-    import multitoken.decode.api as gen_module
+    from multitoken.decode.trees.step import RowTrees
 
     model = trained(family)
     shapes = []
-    step = gen_module.tree_step
+    propose = RowTrees.propose
 
     def spy(*args, **kwargs):
-        out = step(*args, **kwargs)
-        shapes.append({tree.parent for tree in out[1]})
-        assert all(tree.size == 7 for tree in out[1])  # the pending token and 6 drafts
+        out = propose(*args, **kwargs)
+        shapes.append({tree.parent for tree in out.trees})
+        assert len(out.trees) == out.tokens.size(0)  # one tree per row
+        assert all(tree.size == 7 for tree in out.trees)  # the pending token and 6 drafts
         return out
 
-    monkeypatch.setattr(gen_module, "tree_step", spy)
+    monkeypatch.setattr(RowTrees, "propose", spy)
     plain = generate(model, PROMPTS, max_new_tokens=24, speculate=False)
     out = generate(model, PROMPTS, max_new_tokens=24, tree="dynamic:6")
     assert out.tokens == plain.tokens

@@ -20,35 +20,43 @@ from multitoken.decode.trees.shape import (
     _max_depth,
     _parents,
     _per_row,
-    _row_tree,
 )
 
 
 def accept_greedy_tree(
     trees: Trees, tokens: torch.Tensor, target: torch.Tensor
-) -> tuple[list[list[int]], torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tree verification (Medusa; SpecInfer): tokens [B, N] the node tokens (the root's
-    is the pending token), target [B, N] the trunk's argmax after each node -> (path, bonus).
+    is the pending token), target [B, N] the trunk's argmax after each node -> (path, next).
 
     Row b keeps the deepest node whose every ancestor's token (and its own) equals its parent's
     target; equal depths go to the lowest node index (so of two siblings with one token, the
-    first). path[b]: the kept nodes from the root; bonus [B]: the trunk's token after the last.
-    ``trees``: one tree for every row, or each row's own. One host sync, for the paths."""
+    first). path [B, D]: the kept nodes at depths 1..D (-1 past the row's last), next [B]: the
+    trunk's token after the last. On the device: the caller reads the result once."""
     B, N = tokens.shape
     device = tokens.device
-    parent = _per_row(trees, B, _parents, device)  # [B, N]
+    parent = _per_row(trees, _parents, device, B)  # [B, N]
     match = tokens == target.gather(1, parent)  # [B, N]: node i is its parent's argmax
     reach = match.clone()
     reach[:, 0] = True
-    for _ in range(_max_depth(trees) - 1):  # after d rounds, depths up to d + 1 are settled
+    D = _max_depth(trees)
+    for _ in range(D - 1):  # after d rounds, depths up to d + 1 are settled
         reach = match & reach.gather(1, parent)
         reach[:, 0] = True
-    depth = _per_row(trees, B, _depths, device)
+    depth = _per_row(trees, _depths, device, B)
     order = torch.arange(N, device=device)
     key = torch.where(reach, depth * N + (N - 1 - order), -1)  # deepest, then lowest index
     last = key.argmax(dim=1)  # [B]
-    bonus = target.gather(1, last[:, None]).squeeze(1)
-    return [_row_tree(trees, b).path(node) for b, node in enumerate(last.tolist())], bonus
+    nxt = target.gather(1, last[:, None]).squeeze(1)
+    # climb from the last node to the root, writing each node at its depth
+    path = torch.full((B, max(D, 1)), -1, dtype=torch.long, device=device)
+    node = last
+    for _ in range(D):
+        at = depth.gather(1, node[:, None])  # [B, 1]
+        slot = (at - 1).clamp_min(0)
+        path.scatter_(1, slot, torch.where(at > 0, node[:, None], path.gather(1, slot)))
+        node = parent.gather(1, node[:, None]).squeeze(1)
+    return path, nxt
 
 
 def sample_candidates(q: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -87,13 +95,12 @@ def accept_sampled_tree(
     and q' <- q' without c, then the next sibling. With no child accepted (or at a leaf) the
     next token is drawn from p'. By induction over the candidates, what is emitted is
     distributed exactly as the trunk's own samples. Children q' cannot draw are skipped.
-    ``trees``: one tree for every row, or each row's own.
-    -> (path [B] lists of nodes from the root, next [B]); vectorised over rows, one host sync."""
+    ``trees``: each row's, or one for every row. -> (path [B, D]: the kept nodes at depths 1..D, -1 past the row's
+    last; next [B]), vectorised over rows, on the device: the caller reads it once."""
     B, _, V = p.shape
     rows = torch.arange(B, device=p.device)
-    one = [trees] if isinstance(trees, Tree) else trees
-    width = max(max(1, *(len(c) for c in t.children)) for t in one)
-    kids = _per_row(trees, B, lambda t: t.child_table(width=width), p.device)  # [B, N, W]
+    width = max(max(1, *(len(c) for c in t.children)) for t in {*_as_list(trees)})
+    kids = _per_row(trees, lambda t: t.child_table(width=width), p.device, B)  # [B, N, W]
     node = torch.zeros(B, dtype=torch.long, device=p.device)
     walking = torch.ones(B, dtype=torch.bool, device=p.device)
     target, draft = p[:, 0], None if q is None else q[:, 0]  # p', q' [B, V]
@@ -121,4 +128,8 @@ def accept_sampled_tree(
         if q is not None:
             draft = torch.where(walking[:, None], q[rows, node], draft)
     nxt = torch.multinomial(target, 1, generator=generator).squeeze(1)
-    return [[0] + [i for i in row if i >= 0] for row in taken.tolist()], nxt
+    return taken, nxt
+
+
+def _as_list(trees: Trees) -> list[Tree]:
+    return [trees] if isinstance(trees, Tree) else list(trees)

@@ -40,7 +40,10 @@ from multitoken.decode.costs import CostModel
 from multitoken.decode.pace import Pace, StepLine
 from multitoken.decode.trees.shape import Tree
 
-MAX_NODES = 32  # the most drafts one step verifies
+# the most drafts one --tree auto step verifies: on the CPUs and models here a verify pass of
+# more costs more than the deepest candidates' chances repay (multitoken.decode.trees.shape
+# MAX_NODES bounds any tree a user gives)
+AUTO_MAX_DRAFTS = 32
 # Bucket boundaries of draft probabilities q; candidates in one bucket share one a(q)
 EDGES = (0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 _EDGES = torch.tensor(EDGES)
@@ -168,12 +171,12 @@ class StepCosts:
 
 @dataclass
 class TreeBudget:
-    """The node budget of each ``--tree auto`` step (a :class:`multitoken.decode.trees.dynamic.Sizer`):
+    """The node budget of each ``--tree auto`` step (a :class:`multitoken.decode.trees.dynamic.NodeBudget`):
     ``costs`` the verify and drafting costs, the heads drafting ``draft_tokens`` a step."""
 
     costs: CostModel
     draft_tokens: int
-    max_nodes: int = MAX_NODES
+    max_nodes: int = AUTO_MAX_DRAFTS
     calibration: Calibration = field(default_factory=Calibration)
     rank_scale: RankScale = field(default_factory=RankScale)
     pace: Pace = field(init=False)

@@ -47,11 +47,12 @@ def path_values(skeleton: Tree, scores: torch.Tensor) -> torch.Tensor:
     """[B, N] each node's value: the log of the product of the draft probabilities along its
     path, ``scores`` [B, N] the log
     draft probability of every node's token under its parent (the root's value is 0)."""
-    return path_sums(skeleton, own_scores(skeleton, scores))
+    return path_sums(skeleton, node_log_chances(skeleton, scores))
 
 
-def own_scores(skeleton: Tree, scores: torch.Tensor) -> torch.Tensor:
-    """[B, N] each node's own term of its value, from ``scores`` [B, N] (log probabilities).
+def node_log_chances(skeleton: Tree, scores: torch.Tensor) -> torch.Tensor:
+    """[B, N] each node's own term of its value (its log chance of acceptance given its parent
+    accepted), from ``scores`` [B, N] (log probabilities).
 
     A kept node brings its parent, and its lower-ranked siblings (for sampled candidates the
     siblings are successive draws, and multi-candidate rejection must try a prefix of them):
@@ -64,18 +65,20 @@ def own_scores(skeleton: Tree, scores: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def path_sums(skeleton: Tree, own: torch.Tensor) -> torch.Tensor:
-    """[B, N] the sum of ``own`` [B, N] along each node's path (in place)."""
-    _, levels = _path_tables(skeleton, str(own.device))
-    # level by level, parent + own: a node never rounds above its parent or an elder sibling
-    for nodes, up in levels:
-        own[:, nodes] += own[:, up]
-    return own
+def path_sums(skeleton: Tree, chances: torch.Tensor) -> torch.Tensor:
+    """[B, N] the sum of ``chances`` [B, N] (:func:`node_log_chances`) along each node's path,
+    in place."""
+    _, levels = _path_tables(skeleton, str(chances.device))
+    # level by level, the parent's sum + the node's own: a node never rounds above its parent
+    # or an elder sibling
+    for nodes, parents in levels:
+        chances[:, nodes] += chances[:, parents]
+    return chances
 
 
 def keep_best(skeleton: Tree, values: torch.Tensor, budget: int) -> tuple[list[Tree], torch.Tensor]:
     """Each row's ``budget`` nodes of largest ``values`` [B, N] (:func:`path_values`), equal
-    values going to the lower index (parents and elders first), as in :func:`prune_tree`."""
+    values going to the lower index (parents and elders first)."""
     kept = best_nodes(values, budget)
     return [_subtree(skeleton, tuple(row)) for row in kept.tolist()], kept
 
@@ -90,7 +93,7 @@ def best_nodes(values: torch.Tensor, budget: int) -> torch.Tensor:
     return torch.sort(torch.cat([best.new_zeros(B, 1), best], dim=1), dim=1).values
 
 
-class Sizer(Protocol):
+class NodeBudget(Protocol):
     """Which nodes each row keeps of a drafted skeleton: :class:`multitoken.decode.trees.shape.Dynamic` (its
     N best by draft probability) or :class:`multitoken.decode.trees.budget.TreeBudget` (by calibrated
     probability, as many as the costs say pay)."""
@@ -112,6 +115,10 @@ class Sizer(Protocol):
     ) -> None:
         """What the step drafted (``scores``), kept (``kept`` [B, n + 1] skeleton nodes, as
         ``trees``) and accepted (``paths``, node indices into each row's tree)."""
+        ...
+
+    def observe_step(self, tokens: float, seconds: float) -> None:
+        """The whole step (drafting or plain) took ``seconds`` and gave ``tokens`` per row."""
         ...
 
 

@@ -1,4 +1,4 @@
-"""Prompt lookup grafted into each row's draft tree (``--tree dynamic:N+lookup``,
+"""Prompt lookup merged into each row's draft tree (``--tree dynamic:N+lookup``,
 ``--tree auto+lookup``).
 
 Prompt lookup decoding (Saxena 2023; ``transformers``' ``prompt_lookup_num_tokens``) drafts
@@ -6,7 +6,7 @@ without a model: it finds the row's last n tokens earlier in the row's own text 
 output so far) and proposes what followed them there. On code, and on any text that quotes or
 repeats its prompt, it is right several tokens in a row exactly where small heads fall off with
 depth; elsewhere it finds nothing or little. So here it is one more path in each row's tree
-(:class:`Graft`): from the root it follows the heads' skeleton while a head candidate carries
+(:class:`MergedTree`): from the root it follows the heads' skeleton while a head candidate carries
 its next token (that candidate's score becomes the better of the two estimates), and from the
 first token no candidate carries it hangs a chain of nodes of its own; the candidates it passes
 by are right only where it is wrong, so their chance is scaled by (1 - its). Heads' nodes and
@@ -16,7 +16,7 @@ accepted where they were offered so far in the call (:class:`LookupRates`).
 
 Exactness is untouched: a lookup node is one more deterministic candidate (a point mass), so
 greedy acceptance keeps the trunk's argmax path and multi-candidate speculative sampling
-stays lossless (:func:`multitoken.decode.trees.shape.accept_sampled_tree` with q = None).
+stays lossless (:func:`multitoken.decode.trees.accept.accept_sampled_tree` with q = None).
 """
 
 from __future__ import annotations
@@ -88,15 +88,17 @@ class LookupRates:
 
 
 @dataclass
-class Graft:
-    """One step's skeleton with each row's lookup path grafted in: S head nodes (the
+class MergedTree:
+    """One step's skeleton with each row's lookup path merged in: S head nodes (the
     skeleton's) then L lookup nodes, their own chain per row (nodes past a row's continuation,
     or whose token a head candidate carries, are never kept: their score is
     :data:`multitoken.decode.trees.dynamic.LEAST_SCORE`)."""
 
     skeleton: Tree
     tokens: torch.Tensor  # [B, S + L] every node's token
-    own: torch.Tensor  # [B, S + L] every node's own log chance (heads': raised where lookup agrees)
+    chances: (
+        torch.Tensor
+    )  # [B, S + L] every node's own log chance (heads': raised where lookup agrees)
     parent: list[list[int]]  # [B][L] each lookup node's parent
     depth: list[list[int]]  # [B][S + L] every node's depth
     path: list[list[int]]  # [B][m] the node carrying each lookup token, j = 1..m
@@ -105,7 +107,7 @@ class Graft:
     def values(self) -> torch.Tensor:
         """[B, S + L] every node's value, the sum of own along its path (log chance)."""
         S = self.skeleton.size
-        values = self.own.clone()
+        values = self.chances.clone()
         path_sums(self.skeleton, values[:, :S])  # a view: the heads' nodes, in place
         parent = torch.tensor(self.parent, device=values.device)  # [B, L]
         for j in range(parent.size(1)):  # each lookup node's parent comes before it
@@ -144,8 +146,9 @@ class Graft:
 
 
 @dataclass
-class Lookup:
-    """Prompt lookup for every row of a call: continuations of up to ``length`` tokens."""
+class PromptLookup:
+    """Prompt lookup as a draft source for every row of a call: continuations of up to
+    ``length`` tokens, merged into the heads' skeleton (:meth:`merge`)."""
 
     length: int
     rates: LookupRates = field(init=False)
@@ -153,64 +156,71 @@ class Lookup:
     def __post_init__(self) -> None:
         self.rates = LookupRates(self.length)
 
-    def graft(
-        self, skeleton: Tree, contexts: list[list[int]], tokens: torch.Tensor, own: torch.Tensor
-    ) -> Graft:
-        """Each row's continuation of ``contexts`` grafted into the drafted ``skeleton``:
-        ``tokens`` [B, S] its nodes' tokens (node 0: the pending token, the last of each
-        context), ``own`` [B, S] their own log chance."""
+    def propose(self, histories: list[list[int]]) -> list[tuple[int, list[int]]]:
+        """Each row's (match length n, continuation) from its committed tokens (the host's copy:
+        no device read)."""
+        return [continuation(history, self.length) for history in histories]
+
+    def merge(
+        self,
+        skeleton: Tree,
+        tokens: torch.Tensor,
+        chances: torch.Tensor,
+        histories: list[list[int]],
+    ) -> MergedTree:
+        """Each row's continuation merged into the drafted ``skeleton``: ``tokens`` [B, S] its
+        nodes' tokens (node 0: the pending token, the last of each history), ``chances``
+        [B, S] their own log chance of acceptance; all on the host."""
         B, S = tokens.shape
         L = self.length
         heads = tokens.tolist()
         rates = self.rates.log_rates()
         lookup_tokens = [[0] * L for _ in range(B)]
-        lookup_own = [[LEAST_SCORE] * L for _ in range(B)]
+        lookup_chances = [[LEAST_SCORE] * L for _ in range(B)]
         parent = [[0] * L for _ in range(B)]
         depth = [list(skeleton.depth) + [0] * L for _ in range(B)]
         paths, ngrams, raised, lowered = [], [], [], []
-        for b, context in enumerate(contexts):
-            n, cont = continuation(context, L)
+        for b, (n, cont) in enumerate(self.propose(histories)):
             node, carried = 0, []
             for j, token in enumerate(cont):
                 score = rates[n - 1][j]
                 kids = skeleton.children[node] if node < S else ()
                 child = next((c for c in kids if heads[b][c] == token), None)
                 # the other candidates here are right only where lookup is wrong
-                doubt = math.log1p(-min(math.exp(score), 1 - 1e-6))
-                lowered += [(b, c, doubt) for c in kids if c != child]
+                lookup_wrong = math.log1p(-min(math.exp(score), 1 - 1e-6))
+                lowered += [(b, c, lookup_wrong) for c in kids if c != child]
                 if child is not None:  # a head candidate carries it: follow the skeleton
                     raised.append((b, child, score))
                     node = child
                 else:  # lookup's own node, under the previous one
-                    lookup_tokens[b][j], lookup_own[b][j], parent[b][j] = token, score, node
+                    lookup_tokens[b][j], lookup_chances[b][j], parent[b][j] = token, score, node
                     depth[b][S + j] = depth[b][node] + 1
                     node = S + j
                 carried.append(node)
             paths.append(carried)
             ngrams.append(n)
-        own = own.clone()
+        chances = chances.clone()
         if raised:
             rows, nodes, scores = (list(x) for x in zip(*raised))
-            better = torch.tensor(scores, dtype=own.dtype, device=own.device)
-            own[rows, nodes] = torch.maximum(own[rows, nodes], better)
+            better = torch.tensor(scores, dtype=chances.dtype)
+            chances[rows, nodes] = torch.maximum(chances[rows, nodes], better)
         if lowered:
-            rows, nodes, doubts = (list(x) for x in zip(*lowered))
-            own[rows, nodes] += torch.tensor(doubts, dtype=own.dtype, device=own.device)
-        device = tokens.device
-        extra = torch.tensor(lookup_tokens, dtype=tokens.dtype, device=device)
-        extra_own = torch.tensor(lookup_own, dtype=own.dtype, device=own.device)
-        return Graft(
+            rows, nodes, scores = (list(x) for x in zip(*lowered))
+            chances[rows, nodes] += torch.tensor(scores, dtype=chances.dtype)
+        extra = torch.tensor(lookup_tokens, dtype=tokens.dtype)
+        extra_chances = torch.tensor(lookup_chances, dtype=chances.dtype)
+        return MergedTree(
             skeleton,
             torch.cat([tokens, extra], dim=1),
-            torch.cat([own, extra_own], dim=1),
+            torch.cat([chances, extra_chances], dim=1),
             parent,
             depth,
             paths,
             ngrams,
         )
 
-    def observe(self, graft: Graft, kept: torch.Tensor, paths: list[list[int]]) -> None:
-        self.rates.observe(graft.outcomes(kept, paths))
+    def observe(self, merged: MergedTree, kept: torch.Tensor, paths: list[list[int]]) -> None:
+        self.rates.observe(merged.outcomes(kept, paths))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -168,17 +168,20 @@ class Tree:
         return torch.tensor(table, dtype=torch.long, device=device)
 
 
-# The trees of a batch: one for every row (a static tree), or one per row, all of N nodes
-# (per-row dynamic trees, :func:`prune_tree`).
+# The trees of a batch: each row's (rows may share one tree object: a static shape), or one
+# tree standing for every row
 Trees = Tree | Sequence[Tree]
 
 
-def _per_row(trees: Trees, batch: int, build, device) -> torch.Tensor:
-    """``build(tree)`` for every row's tree, stacked into [B, ...] on ``device``."""
-    if isinstance(trees, Tree):
-        one = build(trees).to(device)
-        return one.expand(batch, *one.shape)
-    return torch.stack([build(tree) for tree in trees]).to(device)
+def _per_row(trees: Trees, build, device, batch: int) -> torch.Tensor:
+    """``build(tree)`` for each of the ``batch`` rows' trees, stacked into [B, ...] on
+    ``device``."""
+    rows = [trees] * batch if isinstance(trees, Tree) else trees
+    first = rows[0]
+    if all(tree is first for tree in rows):  # one shape for the batch: built once
+        one = build(first).to(device)
+        return one.expand(len(rows), *one.shape)
+    return torch.stack([build(tree) for tree in rows]).to(device)
 
 
 @functools.cache  # trees recur step after step; the tensors are only read
@@ -195,17 +198,6 @@ def _max_depth(trees: Trees) -> int:
     return trees.max_depth if isinstance(trees, Tree) else max(t.max_depth for t in trees)
 
 
-def _size(trees: Trees) -> int:
-    size = trees.size if isinstance(trees, Tree) else trees[0].size
-    if not isinstance(trees, Tree) and any(t.size != size for t in trees):
-        raise ValueError("the trees of one batch need one node count")
-    return size
-
-
-def _row_tree(trees: Trees, b: int) -> Tree:
-    return trees if isinstance(trees, Tree) else trees[b]
-
-
 def _positive(text: str, spec: str) -> int:
     if not (text.isascii() and text.isdigit()) or int(text) == 0:
         raise _bad(f"tree {spec!r}: {text!r} is not a positive integer; {SPEC_HELP}")
@@ -214,7 +206,7 @@ def _positive(text: str, spec: str) -> int:
 
 def tree_positions(start: torch.Tensor, trees: Trees) -> torch.Tensor:
     """[B, N] position of every node: start[b] (the pending token's position) + its depth."""
-    depth = _per_row(trees, start.size(0), _depths, start.device)
+    depth = _per_row(trees, _depths, start.device, start.size(0))
     return start[:, None] + depth.to(start.dtype)
 
 
@@ -230,12 +222,11 @@ def tree_attention_mask(
     sees the cache as :func:`multitoken.decode.kvcache.position_mask` has it and, among the new slots,
     exactly itself and its ancestors (SpecInfer's topology-aware causal mask, Miao et al. 2024
     §4.1). ``window``: transformers' sliding window, q_pos - k_pos < window, on both parts.
-    ``trees``: one tree for every row, or each row's own."""
-    B = start.size(0)
+    ``trees``: each row's (all of N nodes), or one for every row."""
     cached = position_mask(key_positions, tree_positions(start, trees), window, dtype)
-    seen = _per_row(trees, B, Tree.ancestors, start.device)  # [B, N, N]
+    seen = _per_row(trees, Tree.ancestors, start.device, start.size(0))  # [B, N, N]
     if window is not None:
-        depth = _per_row(trees, B, _depths, start.device)
+        depth = _per_row(trees, _depths, start.device, start.size(0))
         seen = seen & (depth[:, :, None] - depth[:, None, :] < window)  # positions: by depths
     new = torch.zeros(seen.shape, dtype=dtype, device=start.device)
     new.masked_fill_(~seen, torch.finfo(dtype).min)

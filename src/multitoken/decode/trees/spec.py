@@ -7,6 +7,7 @@ per-row tree (prompt lookup's continuation joins each row's tree).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ AUTO = "auto"  # --tree auto: each step's tree chosen by the costs (multitoken.d
 CHAIN = "chain"  # --tree chain: one chain of drafts a step, K from --draft-len
 DYNAMIC = "dynamic:"  # --tree dynamic:N: each row's own tree of N drafts a step
 # --tree dynamic:N+lookup[:L], auto+lookup[:L]: prompt lookup's continuation, up to L tokens,
-# grafted into each row's tree (multitoken.decode.trees.lookup)
+# merged into each row's tree (multitoken.decode.trees.lookup)
 LOOKUP = "+lookup"
 DEFAULT_LOOKUP = 8
 
@@ -26,7 +27,8 @@ DEFAULT_LOOKUP = 8
 class Dynamic:
     """``--tree dynamic:N``: every step, each row verifies its own N drafts, those with the
     largest product of draft probabilities along their path (EAGLE-2's rule, Li et al. 2024;
-    :func:`multitoken.decode.trees.dynamic.prune_tree`); a :class:`multitoken.decode.trees.dynamic.Sizer`."""
+    :func:`multitoken.decode.trees.dynamic.keep_best`); a
+    :class:`multitoken.decode.trees.dynamic.NodeBudget`."""
 
     nodes: int
 
@@ -44,31 +46,67 @@ class Dynamic:
     ) -> None:
         pass  # a fixed budget learns nothing
 
+    def observe_step(self, tokens: float, seconds: float) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """A ``--tree`` value, parsed once (:meth:`parse` keeps each value's parse) into what a step
+    verifies: ``shape`` a static :class:`Tree`, a :class:`Dynamic` budget, :data:`AUTO` or
+    :data:`CHAIN` (no tree); ``lookup`` the most prompt-lookup tokens merged into each row's
+    tree (0: none). ``generate``, the bench and the config all read this object."""
+
+    text: str
+    shape: Tree | Dynamic | str
+    lookup: int
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def parse(text: str) -> TreeSpec:
+        base, lookup = _split_lookup(text)
+        if base == CHAIN and not lookup:
+            return TreeSpec(text, CHAIN, 0)
+        if lookup and base != AUTO and not base.startswith(DYNAMIC):
+            raise _bad(
+                f"tree {text!r}: prompt lookup joins per-row trees only, as in "
+                f"'dynamic:8{LOOKUP}' or '{AUTO}{LOOKUP}'"
+            )
+        if base == AUTO:
+            return TreeSpec(text, AUTO, lookup)
+        if base.startswith(DYNAMIC):
+            nodes = _positive(base[len(DYNAMIC) :], text)
+            if nodes >= MAX_NODES:
+                raise _bad(f"a tree of {nodes} drafts is over the limit of {MAX_NODES - 1}")
+            return TreeSpec(text, Dynamic(nodes), lookup)
+        return TreeSpec(text, Tree.parse(text), 0)
+
+    @property
+    def chain(self) -> bool:
+        return self.shape == CHAIN
+
+    @property
+    def auto(self) -> bool:
+        return self.shape == AUTO
+
+    @property
+    def static(self) -> Tree | None:
+        return self.shape if isinstance(self.shape, Tree) else None
+
+    @property
+    def per_row(self) -> bool:
+        """Each row's own tree every step (``dynamic:N``, ``auto``): as deep as the heads draft."""
+        return self.auto or isinstance(self.shape, Dynamic)
+
 
 def parse_spec(spec: str) -> Tree | Dynamic | str:
-    """A ``--tree`` value's shape: a static :class:`Tree`, a :class:`Dynamic` budget,
-    :data:`AUTO` (its lookup part: :func:`lookup_len`) or :data:`CHAIN` (no tree)."""
-    text, lookup = _split_lookup(spec)
-    if text == CHAIN and not lookup:
-        return CHAIN
-    if lookup and text != AUTO and not text.startswith(DYNAMIC):
-        raise _bad(
-            f"tree {spec!r}: prompt lookup joins per-row trees only, as in "
-            f"'dynamic:8{LOOKUP}' or '{AUTO}{LOOKUP}'"
-        )
-    if text == AUTO:
-        return AUTO
-    if text.startswith(DYNAMIC):
-        nodes = _positive(text[len(DYNAMIC) :], spec)
-        if nodes >= MAX_NODES:
-            raise _bad(f"a tree of {nodes} drafts is over the limit of {MAX_NODES - 1}")
-        return Dynamic(nodes)
-    return Tree.parse(spec)
+    """A ``--tree`` value's shape (:attr:`TreeSpec.shape`)."""
+    return TreeSpec.parse(spec).shape
 
 
 def lookup_len(spec: str) -> int:
-    """The most prompt-lookup tokens a ``--tree`` value grafts into each row's tree (0: none)."""
-    return _split_lookup(spec)[1]
+    """The most prompt-lookup tokens a ``--tree`` value merges into each row's tree (0: none)."""
+    return TreeSpec.parse(spec).lookup
 
 
 def _split_lookup(spec: str) -> tuple[str, int]:

@@ -1,11 +1,12 @@
-"""The rungs of a tree step (``--tree``): the chain's draft → verify → accept → commit, over a
-tree of candidates (:mod:`multitoken.decode.trees.shape`).
+"""A tree step (``--tree``): the chain's propose → verify → accept → commit → observe over a
+tree of candidates per row (:mod:`multitoken.decode.trees.shape`).
 
-    draft    each node's children are the heads' top candidates after it (parent-free heads,
+    propose  each node's children are the heads' top candidates after it (parent-free heads,
              bpd and meta: head d's, the same under every node, as in Medusa's static trees,
              Cai et al. 2024; DeepSeek's module d runs at each node of depth d - 1, so the tree
              follows the causal chain); sampling draws them from the draft distribution
-             without replacement instead
+             without replacement instead. Per-row trees (:class:`RowTrees`) keep each row's
+             best nodes of a drafted skeleton, with prompt lookup's continuation merged in
     verify   one trunk pass over every node, each at its own position and seeing the cache, its
              ancestors and itself (SpecInfer's tree mask, Miao et al. 2024)
     accept   each row keeps its longest correct root-to-node path and the trunk's next token
@@ -14,7 +15,8 @@ tree of candidates (:mod:`multitoken.decode.trees.shape`).
              chain's :func:`multitoken.decode.phases.commit` keeps them as a prefix
 
 A row's kept path plays the role of the chain's accepted prefix: everything after it (stats,
-stop tokens, rows leaving the batch) is the chain's.
+stop tokens, rows leaving the batch) is the chain's. A step reads the device once to accept,
+and per-row trees once more before the verify pass, whose shape the kept nodes decide.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from dataclasses import dataclass
 
 import torch
 
+from multitoken.decode.chain import ChainProposal
+from multitoken.decode.costs import CostModel
 from multitoken.decode.kvcache import masks_per_kind
 from multitoken.decode.phases import (
+    Accepted,
     Decodable,
     Decoding,
     Plan,
     Verified,
-    _joined,
-    commit,
+    heads_input,
     trunk_pass,
 )
 from multitoken.decode.sampling import probs
@@ -39,148 +43,210 @@ from multitoken.decode.trees.accept import (
     accept_sampled_tree,
     sample_candidates,
 )
-from multitoken.decode.trees.dynamic import Sizer, keep_best, own_scores, path_sums
-from multitoken.decode.trees.lookup import Graft, Lookup
-from multitoken.decode.trees.shape import Tree, Trees, tree_attention_mask, tree_positions
+from multitoken.decode.trees.dynamic import NodeBudget, keep_best, node_log_chances, path_sums
+from multitoken.decode.trees.lookup import MergedTree, PromptLookup
+from multitoken.decode.trees.shape import (
+    Tree,
+    Trees,
+    _depths,
+    _per_row,
+    tree_attention_mask,
+    tree_positions,
+)
 
 
 @dataclass
-class Cut:
-    """What a sized step cut its trees from: every skeleton node's log draft probability
-    [B, S + L] (NaN: a lookup node), the nodes each row kept [B, N] (in its tree's order), each
-    row's tree, and the lookup graft (None: the heads' skeleton alone)."""
+class Selection:
+    """What per-row trees were selected from, for the draft sources to learn from: every
+    skeleton node's log draft probability [B, S + L] (NaN: a lookup node), the nodes each row
+    kept [B, N] (in its tree's order), each row's tree, and the merged lookup paths (None: the
+    heads' skeleton alone). On the host: read once before the verify pass."""
 
     scores: torch.Tensor
     kept: torch.Tensor
     trees: list[Tree]
-    graft: Graft | None
+    merged: MergedTree | None
 
 
-def draft_tree(
-    model: Decodable,
-    state: Decoding,
-    plan: Plan,
-    tree: Tree,
-    sizer: Sizer | None,
-    lookup: Lookup | None = None,
-):
-    """Each row's tree (``tree`` itself, or with a ``sizer``, each row's best nodes of ``tree``
-    by their draft probabilities, as many as the sizer says: :mod:`multitoken.decode.trees.dynamic`;
-    with a ``lookup`` too, of ``tree`` with prompt lookup's continuation grafted in:
-    :mod:`multitoken.decode.trees.lookup`), every node's token [B, N] (node 0: the pending token), when
-    sampling the draft distribution each node's children were drawn from [B, N, V] (None:
-    top-k candidates), and with a sizer the :class:`Cut`.
+@dataclass
+class TreeProposal:
+    """Each row's tree (rows may share one), every node's token [B, N] (node 0: the pending
+    token), the draft distribution each node's children were drawn from [B, N, V] (None:
+    candidates chosen by rank, point masses), how many tokens the heads drafted, and for
+    per-row trees the :class:`Selection` they came from."""
 
-    Per-row trees take each node's top candidates even when sampling: which nodes a row keeps
-    depends on the candidates' probabilities, and multi-candidate rejection stays exact for
-    candidates chosen from the draft alone (as point masses), not for random draws kept or
-    dropped by their value."""
-    B = state.pending.size(0)
-    tokens = [state.tokens[b, : state.length[b]] for b in range(B)]
-    step = _joined(state.unseen, tokens)
-    state.unseen = []
-    if plan.sampling.greedy or sizer is not None:
+    trees: list[Tree]
+    tokens: torch.Tensor
+    q: torch.Tensor | None
+    drafted: int
+    selection: Selection | None = None
 
-        def choose(logits: torch.Tensor, width: int) -> torch.Tensor:
+    @property
+    def depth(self) -> int:
+        return max(t.max_depth for t in self.trees)
+
+    @property
+    def size(self) -> int:
+        return self.tokens.size(1)
+
+    def verify(self, model: Decodable, state: Decoding, plan: Plan) -> Verified:
+        """One trunk pass over all N nodes of every row, logits at each."""
+        kv, tokens = state.kv, self.tokens
+        start = torch.tensor([n - 1 for n in state.length], device=tokens.device)
+        dtype = model.parts.embed.weight.dtype
+        keys = kv.key_positions()
+        mask = masks_per_kind(
+            kv.config, lambda window: tree_attention_mask(keys, start, self.trees, dtype, window)
+        )
+        layout = (tree_positions(start, self.trees), mask)
+        branch = model.heads.branch_layer
+        begin = [n - 1 for n in state.length]
+        return trunk_pass(model, tokens, kv, begin, tokens.size(1), True, branch, layout)
+
+    def accept(self, verified: Verified, plan: Plan) -> Accepted:
+        """Each row's kept path and its new tokens (the path's drafts and the trunk's next
+        token), read from the device once; the order that moves the path to the front."""
+        tokens, logits = self.tokens, verified.logits
+        if plan.sampling.greedy:
+            path, nxt = accept_greedy_tree(self.trees, tokens, logits.argmax(-1))
+        else:
+            p = probs(logits, plan.sampling)  # [B, N, V]
+            path, nxt = accept_sampled_tree(self.trees, tokens, p, self.q, plan.gen)
+        B, D = path.shape
+        path_tokens = tokens.gather(1, path.clamp_min(0))  # [B, D]
+        flat = torch.cat([path, path_tokens, nxt[:, None]], dim=1).tolist()  # the one read
+        paths, accepted = [], []
+        for row in flat:
+            m = sum(1 for i in row[:D] if i >= 0)
+            paths.append([0, *row[:m]])
+            accepted.append([*row[D : D + m], row[-1]])
+        m = (path >= 0).sum(1, keepdim=True)  # [B, 1]
+        new = torch.cat([path_tokens, nxt[:, None]], dim=1).scatter(1, m, nxt[:, None])
+        return Accepted(accepted, new, verified, self._path_first(path), paths)
+
+    def _path_first(self, path: torch.Tensor) -> torch.Tensor:
+        """[B, N] each row's kept nodes (root and ``path``) first, the others after, in index
+        order: how commit moves the new cache slots."""
+        B, N = self.tokens.shape
+        device = path.device
+        on_path = torch.zeros(B, N + 1, dtype=torch.bool, device=device)
+        on_path[:, 0] = True
+        on_path.scatter_(1, torch.where(path >= 0, path, N), True)  # N: a spare column
+        depth = _per_row(self.trees, _depths, device, B)
+        key = torch.where(on_path[:, :N], depth, N + torch.arange(N, device=device))
+        return key.argsort(dim=1)
+
+
+def draft_tree(model: Decodable, state: Decoding, plan: Plan, tree: Tree, by_rank: bool):
+    """The heads fill ``tree`` for every row: (tokens [B, N] with the pending token at the
+    root, draft logits [B, L, V], for each node the row of those logits its children were
+    chosen from). ``by_rank``: children are the top candidates even when sampling (per-row
+    trees: which nodes a row keeps depends on the candidates' probabilities, and
+    multi-candidate rejection stays exact for candidates chosen from the draft alone, as point
+    masses, not for random draws kept or dropped by their value)."""
+    if plan.sampling.greedy or by_rank:
+
+        def children(logits: torch.Tensor, width: int) -> torch.Tensor:
             return logits.topk(width, dim=-1).indices
 
     else:
 
-        def choose(logits: torch.Tensor, width: int) -> torch.Tensor:
+        def children(logits: torch.Tensor, width: int) -> torch.Tensor:
             return sample_candidates(probs(logits, plan.sampling), width, plan.gen)
 
-    nodes, logits, which = model.heads.draft_tree(state.heads, step, plan.k_max, tree, choose)
-    node_tokens = torch.cat([state.pending[:, None], nodes], dim=1)  # [B, N]
-    q = None if plan.sampling.greedy else probs(logits, plan.sampling)  # [B, L, V]
-    if sizer is not None:  # EAGLE-2: each row's nodes of most probable paths
-        law = logits.log_softmax(-1) if q is None else q.log()  # [B, L, V]
-        up = [which[max(i, 0)] for i in tree.parent]  # the row of each node's parent
-        up = torch.tensor(up, device=law.device)[None] * law.size(-1)
-        scores = law.flatten(1).gather(1, up + node_tokens)  # [B, N] log q of each node
-        own = own_scores(tree, sizer.calibrate(scores))
-        if lookup is None:
-            values = path_sums(tree, own)
-            trees, kept = keep_best(tree, values, sizer.budget(values))
-            return trees, node_tokens.gather(1, kept), None, Cut(scores, kept, trees, None)
-        end = max(state.length)
-        contexts = [row[:n] for row, n in zip(state.tokens[:, :end].tolist(), state.length)]
-        graft = lookup.graft(tree, contexts, node_tokens, own)
-        values = graft.values()
-        trees, kept = graft.keep_best(values, sizer.budget(values))
-        scores = torch.cat([scores, scores.new_full((B, lookup.length), float("nan"))], dim=1)
-        return trees, graft.tokens.gather(1, kept), None, Cut(scores, kept, trees, graft)
-    if q is None:
-        return tree, node_tokens, None, None
-    return tree, node_tokens, q[:, which], None
+    step = heads_input(state)
+    nodes, logits, rows = model.heads.draft_tree(state.heads, step, plan.k_max, tree, children)
+    return torch.cat([state.pending[:, None], nodes], dim=1), logits, rows
 
 
-def verify_tree(model: Decodable, state: Decoding, tokens: torch.Tensor, trees: Trees) -> Verified:
-    """One trunk pass over all N nodes of every row, logits at each."""
-    kv = state.kv
-    start = torch.tensor([n - 1 for n in state.length], device=tokens.device)
-    dtype = model.parts.embed.weight.dtype
-    keys = kv.key_positions()
-    mask = masks_per_kind(
-        kv.config, lambda window: tree_attention_mask(keys, start, trees, dtype, window)
-    )
-    layout = (tree_positions(start, trees), mask)
-    branch = model.heads.branch_layer
-    begin = [n - 1 for n in state.length]
-    return trunk_pass(model, tokens, kv, begin, tokens.size(1), True, branch, layout)
+class StaticTree:
+    """The heads as a draft source of one fixed tree shape for every row (``--tree 3,2,1``)."""
+
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
+
+    def propose(self, model: Decodable, state: Decoding, plan: Plan, watch) -> TreeProposal:
+        with watch.section():
+            tokens, logits, rows = draft_tree(model, state, plan, self.tree, by_rank=False)
+        q = None if plan.sampling.greedy else probs(logits, plan.sampling)[:, rows]
+        return TreeProposal([self.tree] * tokens.size(0), tokens, q, plan.k_max)
+
+    def observe(self, proposal: TreeProposal, accepted: Accepted) -> None:
+        pass  # a fixed shape learns nothing
+
+    def observe_draft(self, seconds: float, proposal: TreeProposal) -> None:
+        pass
+
+    def observe_step(self, seconds: float, tokens: float) -> None:
+        pass
 
 
-def accept_tree(tokens: torch.Tensor, q_draft, logits: torch.Tensor, plan: Plan, trees: Trees):
-    """Each row's kept path (node indices from the root) and its new tokens: the path's drafts
-    and the trunk's next token, as lists and as the rows of a [B, N] tensor on the device."""
-    if plan.sampling.greedy:
-        path, bonus = accept_greedy_tree(trees, tokens, logits.argmax(-1))
-    else:
-        p = probs(logits, plan.sampling)  # [B, N, V]
-        path, bonus = accept_sampled_tree(trees, tokens, p, q_draft, plan.gen)
-    rows = tokens.tolist()
-    accepted = [
-        [row[i] for i in nodes[1:]] + [b] for row, nodes, b in zip(rows, path, bonus.tolist())
-    ]
-    padded = [a + [0] * (tokens.size(1) - len(a)) for a in accepted]
-    return path, torch.tensor(padded, device=tokens.device), accepted
+class RowTrees:
+    """Each row's own tree every step: the heads draft ``skeleton``, prompt lookup (if any)
+    proposes each row's continuation, and every row keeps its best nodes of both, as many as
+    ``budget`` says (``--tree dynamic:N``: N; ``--tree auto``: as many as the costs say pay,
+    :mod:`multitoken.decode.trees.budget`). ``costs`` learn the skeleton's drafting time."""
+
+    def __init__(
+        self,
+        skeleton: Tree,
+        budget: NodeBudget,
+        lookup: PromptLookup | None = None,
+        costs: CostModel | None = None,
+    ) -> None:
+        self.skeleton, self.budget, self.lookup, self.costs = skeleton, budget, lookup, costs
+
+    def propose(
+        self, model: Decodable, state: Decoding, plan: Plan, watch
+    ) -> TreeProposal | ChainProposal:
+        if not self.budget.drafts():  # drafting rests: a plain step
+            return ChainProposal(state.pending.new_zeros(state.pending.size(0), 0), None, 0)
+        with watch.section():
+            tokens, logits, rows = draft_tree(model, state, plan, self.skeleton, by_rank=True)
+            log_q = (
+                logits.log_softmax(-1)
+                if plan.sampling.greedy
+                else probs(logits, plan.sampling).log()
+            )
+            parent_row = [rows[max(i, 0)] for i in self.skeleton.parent]  # [S]
+            at = torch.tensor(parent_row, device=log_q.device)[None] * log_q.size(-1) + tokens
+            scores = log_q.flatten(1).gather(1, at)  # [B, S]: log q of each node's token
+            # the one read before verifying: the nodes' tokens and scores decide each row's tree
+            host = torch.cat([tokens.double(), scores.double()], dim=1).cpu()
+        S = self.skeleton.size
+        tokens_h, scores_h = host[:, :S].long(), host[:, S:].float()
+        node_scores = node_log_chances(self.skeleton, self.budget.calibrate(scores_h))
+        if self.lookup is None:
+            values = path_sums(self.skeleton, node_scores)
+            trees, kept = keep_best(self.skeleton, values, self.budget.budget(values))
+            chosen, merged = tokens_h.gather(1, kept), None
+        else:
+            merged = self.lookup.merge(self.skeleton, tokens_h, node_scores, state.history)
+            values = merged.values()
+            trees, kept = merged.keep_best(values, self.budget.budget(values))
+            chosen = merged.tokens.gather(1, kept)
+            scores_h = torch.cat(
+                [scores_h, scores_h.new_full((len(trees), self.lookup.length), float("nan"))], 1
+            )
+        selection = Selection(scores_h, kept, trees, merged)
+        return TreeProposal(trees, chosen.to(tokens.device), None, plan.k_max, selection)
+
+    def observe(self, proposal: TreeProposal | ChainProposal, accepted: Accepted) -> None:
+        selection = getattr(proposal, "selection", None)  # None: a plain step, nothing offered
+        if selection is None:
+            return
+        self.budget.observe(selection.scores, selection.kept, selection.trees, accepted.paths)
+        if selection.merged is not None:
+            self.lookup.observe(selection.merged, selection.kept, accepted.paths)
+
+    def observe_draft(self, seconds: float, proposal) -> None:
+        if self.costs is not None and self.costs.learn_draft:
+            self.costs.observe_draft(seconds, proposal.drafted)  # the whole skeleton's drafting
+
+    def observe_step(self, seconds: float, tokens: float) -> None:
+        """The last step took ``seconds`` (wall, whole) and gave ``tokens`` per row."""
+        self.budget.observe_step(tokens, seconds)
 
 
-def move_paths_forward(state: Decoding, path: list[list[int]], verified: Verified) -> Verified:
-    """Put each row's kept nodes first among the N new cache slots and the states the heads
-    read, so that the chain's commit keeps them as a prefix."""
-    N = verified.logits.size(1)
-    rows = []
-    for nodes in path:
-        kept = set(nodes)
-        rows.append(nodes + [i for i in range(N) if i not in kept])
-    order = torch.tensor(rows, device=verified.logits.device)  # [B, N]
-    state.kv.reorder_new(order)
-
-    def reorder(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x.gather(1, order[..., None].expand(-1, -1, x.size(-1)))
-
-    return Verified(verified.logits, reorder(verified.hidden), reorder(verified.branch))
-
-
-def tree_step(
-    model: Decodable,
-    state: Decoding,
-    plan: Plan,
-    tree: Tree,
-    watch,
-    sizer: Sizer | None = None,
-    lookup: Lookup | None = None,
-):
-    """draft → verify → accept → commit over ``tree`` (with a ``sizer``: each row's best nodes
-    of it, and of a ``lookup``'s continuation). Returns each row's new tokens, tree and kept
-    path."""
-    with watch.section():
-        trees, tokens, q_draft, cut = draft_tree(model, state, plan, tree, sizer, lookup)
-    verified = verify_tree(model, state, tokens, trees)
-    path, new, accepted = accept_tree(tokens, q_draft, verified.logits, plan, trees)
-    commit(state, new, [len(a) for a in accepted], move_paths_forward(state, path, verified))
-    if cut is not None:
-        sizer.observe(cut.scores, cut.kept, cut.trees, path)
-        if cut.graft is not None:
-            lookup.observe(cut.graft, cut.kept, path)
-    return accepted, trees, path
+Proposal = ChainProposal | TreeProposal
+__all__ = ["Proposal", "RowTrees", "Selection", "StaticTree", "TreeProposal", "Trees"]
