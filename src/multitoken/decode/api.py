@@ -40,6 +40,7 @@ from multitoken.decode.phases import (
     commit,
     emit,
     prefill,
+    read_host,
     retire,
 )
 from multitoken.decode.sampling import Sampling
@@ -124,7 +125,7 @@ def decode(
         head_hits=[0] * plan.deepest,
         seed=None if plan.sampling.greedy else plan.cfg.seed,
     )
-    first = [[t] for t in state.pending.tolist()]
+    first = [[t] for t in read_host(state.pending).tolist()]
     for row, tokens in zip(state.history, first):
         row.extend(tokens)
     retire(model, state, emit(state, first, plan, on_tokens))

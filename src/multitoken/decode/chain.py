@@ -22,6 +22,7 @@ from multitoken.decode.phases import (
     Plan,
     Verified,
     heads_input,
+    read_host,
     trunk_pass,
 )
 from multitoken.decode.sampling import (
@@ -78,7 +79,7 @@ class ChainProposal:
                 m, bonus = accept_sampled_rows(drafts, self.q, p, plan.gen)
             new = torch.cat([drafts, bonus[:, None]], dim=1)
             new.scatter_(1, m[:, None], bonus[:, None])  # the bonus right after the prefix
-        flat = torch.cat([m[:, None], new], dim=1).tolist()  # the one read of a step
+        flat = read_host(torch.cat([m[:, None], new], dim=1)).tolist()  # the step's one read
         return Accepted([row[1 : row[0] + 2] for row in flat], new, verified)
 
 

@@ -101,6 +101,13 @@ class Accepted:
         return [len(a) for a in self.tokens]
 
 
+def read_host(tensor: torch.Tensor) -> torch.Tensor:
+    """The one way a step reads the device: ``tensor`` copied to the host (on a CPU, itself).
+    A step calls it once, to accept; per-row trees once more, before the verify pass whose
+    shape their kept nodes decide. Reads anywhere else in a step are bugs (tests count them)."""
+    return tensor.cpu()
+
+
 # ---------------------------------------------------------------------------------------------
 # The trunk
 # ---------------------------------------------------------------------------------------------

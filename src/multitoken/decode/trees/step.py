@@ -35,6 +35,7 @@ from multitoken.decode.phases import (
     Plan,
     Verified,
     heads_input,
+    read_host,
     trunk_pass,
 )
 from multitoken.decode.sampling import probs
@@ -114,7 +115,7 @@ class TreeProposal:
             path, nxt = accept_sampled_tree(self.trees, tokens, p, self.q, plan.gen)
         B, D = path.shape
         path_tokens = tokens.gather(1, path.clamp_min(0))  # [B, D]
-        flat = torch.cat([path, path_tokens, nxt[:, None]], dim=1).tolist()  # the one read
+        flat = read_host(torch.cat([path, path_tokens, nxt[:, None]], dim=1)).tolist()
         paths, accepted = [], []
         for row in flat:
             m = sum(1 for i in row[:D] if i >= 0)
@@ -212,7 +213,7 @@ class RowTrees:
             at = torch.tensor(parent_row, device=log_q.device)[None] * log_q.size(-1) + tokens
             scores = log_q.flatten(1).gather(1, at)  # [B, S]: log q of each node's token
             # the one read before verifying: the nodes' tokens and scores decide each row's tree
-            host = torch.cat([tokens.double(), scores.double()], dim=1).cpu()
+            host = read_host(torch.cat([tokens.double(), scores.double()], dim=1))
         S = self.skeleton.size
         tokens_h, scores_h = host[:, :S].long(), host[:, S:].float()
         node_scores = node_log_chances(self.skeleton, self.budget.calibrate(scores_h))
