@@ -43,6 +43,7 @@ from multitoken.decode.phases import (
     read_host,
     retire,
 )
+from multitoken.decode.rates import prefix_tries
 from multitoken.decode.sampling import Sampling
 from multitoken.decode.trees.budget import AUTO_MAX_DRAFTS, TreeBudget
 from multitoken.decode.trees.dynamic import skeleton
@@ -209,10 +210,10 @@ def _record(stats: Stats, source: DraftSource, proposal, accepted: list[list[int
     m = [len(a) - 1 for a in accepted]  # each row's accepted prefix
     stats.trunk_passes += len(m)
     stats.draft_lens.append(K)
-    for mr in m:
-        for j in range(min(mr + 1, K)):  # d_{j+1} was tried when d_1..d_j were accepted
-            stats.head_tries[j] += 1
-            stats.head_hits[j] += int(j < mr)
+    tries, hits = prefix_tries(m, K)
+    for j in range(K):
+        stats.head_tries[j] += tries[j]
+        stats.head_hits[j] += hits[j]
     seconds = sum(draft_s)
     if seconds:  # a tree step may draft and then verify no draft (K = 0)
         stats.draft_s += seconds

@@ -39,6 +39,7 @@ from torch import nn
 from multitoken.decode.kernels import active_kernel
 from multitoken.decode.kvcache import rollback_cache
 from multitoken.decode.pace import Pace, StepLine
+from multitoken.decode.rates import HitRates, prefix_tries
 from multitoken.hardware import sync
 
 VERIFY_REPEATS = 7  # multitoken bench: a careful measurement
@@ -190,40 +191,32 @@ def remember_cost(trunk: nn.Module, curve: dict) -> CostModel:
 
 @dataclass
 class Acceptance:
-    """Running estimates of a_k = P(d_k accepted | d_1..d_{k-1} accepted), k = 1..K_max.
-
-    Each estimate is (hits + prior·weight) / (tries + weight), and every step multiplies all
-    counts by ``decay``: recent steps count most, and a position that is no longer tried drifts
-    back towards the prior, so a longer K that stopped paying is tried again now and then (the
-    text may have changed). These are means, without a bonus for what was tried little: a deep
-    position is tried only after every earlier draft was accepted, so a bonus there would never
-    shrink. Whether to draft at all is not judged by them but by the steps measured
-    (:class:`multitoken.decode.pace.Pace`)."""
+    """Running estimates of a_k = P(d_k accepted | d_1..d_{k-1} accepted), k = 1..K_max: the
+    means of :class:`multitoken.decode.rates.HitRates`, without a bonus for what was tried
+    little: a deep position is tried only after every earlier draft was accepted, so a bonus
+    there would never shrink. Whether to draft at all is not judged by them but by the steps
+    measured (:class:`multitoken.decode.pace.Pace`)."""
 
     k_max: int
     prior: float = 0.6
     weight: float = 2.0
     decay: float = 0.98
-    hits: list[float] = field(default_factory=list)
-    tries: list[float] = field(default_factory=list)
+    counts: HitRates = field(init=False)
 
     def __post_init__(self) -> None:
-        self.hits = self.hits or [0.0] * self.k_max
-        self.tries = self.tries or [0.0] * self.k_max
+        prior = torch.full((self.k_max,), self.prior, dtype=torch.float64)  # as Python's floats
+        self.counts = HitRates(prior, self.weight, self.decay)
 
     def observe(self, K: int, accepted: list[int]) -> None:
         """One step with K drafts; ``accepted``: each live row's accepted prefix length m."""
-        self.hits = [h * self.decay for h in self.hits]
-        self.tries = [t * self.decay for t in self.tries]
-        for m in accepted:
-            for j in range(min(m + 1, K)):  # d_{j+1} was tried when d_1..d_j were accepted
-                self.tries[j] += 1.0
-                self.hits[j] += float(j < m)
+        self.counts.forget()
+        tries, hits = prefix_tries(accepted, K)
+        self.counts.tries[:K] += torch.tensor(tries, dtype=torch.float64)
+        self.counts.hits[:K] += torch.tensor(hits, dtype=torch.float64)
 
     @property
     def rates(self) -> list[float]:
-        w = self.weight
-        return [(h + self.prior * w) / (t + w) for h, t in zip(self.hits, self.tries)]
+        return self.counts.mean().tolist()
 
 
 def expected_tokens(a: list[float], K: int) -> float:

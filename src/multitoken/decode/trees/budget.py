@@ -38,6 +38,7 @@ import torch
 
 from multitoken.decode.costs import CostModel
 from multitoken.decode.pace import Pace, StepLine
+from multitoken.decode.rates import HitRates
 from multitoken.decode.trees.shape import Tree
 
 # the most drafts one --tree auto step verifies: on the CPUs and models here a verify pass of
@@ -55,29 +56,25 @@ _PRIORS = ((torch.tensor((0.0, *EDGES)) + torch.tensor((*EDGES, 1.0))) / 2).clam
 
 @dataclass
 class Calibration:
-    """a(q) per bucket of :data:`EDGES`: (accepted + ``weight`` × prior) / (offered + ``weight``)
-    with the prior the bucket's middle q, at least :data:`PRIOR_FLOOR`, every count decaying by
-    ``decay`` a step (recent steps count most), plus one standard error (optimism, as
-    :attr:`multitoken.decode.costs.Acceptance.optimistic`: a bucket seen little gets verified, so heads
-    better than they claim are found out)."""
+    """a(q) per bucket of :data:`EDGES`: the optimistic :class:`multitoken.decode.rates.HitRates`
+    of the candidates offered in each bucket (accepted or not), with the prior the bucket's
+    middle q, at least :data:`PRIOR_FLOOR`: a bucket seen little gets verified, so heads better
+    than they claim are found out."""
 
     weight: float = 2.0
     decay: float = 0.99
-    hits: torch.Tensor = field(default_factory=lambda: torch.zeros(len(EDGES) + 1))
-    offers: torch.Tensor = field(default_factory=lambda: torch.zeros(len(EDGES) + 1))
+    counts: HitRates = field(init=False)
     _rates: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.counts = HitRates(_PRIORS, self.weight, self.decay)
 
     @property
     def rates(self) -> torch.Tensor:
         """a of every bucket, one standard error above its estimate."""
         if self._rates is None:
-            self._rates = self._estimate()
+            self._rates = self.counts.optimistic()
         return self._rates
-
-    def _estimate(self) -> torch.Tensor:
-        seen = self.offers + self.weight
-        a = (self.hits + self.weight * _PRIORS) / seen
-        return (a + (a * (1 - a) / seen).sqrt()).clamp(max=1.0)
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
         """a(q) for draft probabilities ``q`` (any shape)."""
@@ -87,16 +84,12 @@ class Calibration:
     def observe(self, q: torch.Tensor, accepted: torch.Tensor) -> None:
         """One step: the draft probabilities of the candidates offered and whether each was
         accepted."""
-        buckets = torch.bucketize(q.contiguous(), _EDGES)
         self.forget()
-        self.hits.index_add_(0, buckets, accepted.float())
-        self.offers.index_add_(0, buckets, torch.ones_like(q, dtype=torch.float))
-        self._rates = None
+        self.counts.add(torch.bucketize(q.contiguous(), _EDGES), accepted)
 
     def forget(self) -> None:
         """One step's decay (a step that offered no candidate of the heads', or did not draft)."""
-        self.hits.mul_(self.decay)
-        self.offers.mul_(self.decay)
+        self.counts.forget()
         self._rates = None
 
 

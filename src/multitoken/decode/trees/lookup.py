@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from multitoken.decode.rates import HitRates
 from multitoken.decode.trees.dynamic import LEAST_SCORE, best_nodes, path_sums
 from multitoken.decode.trees.shape import Tree
 
@@ -58,33 +59,28 @@ def continuation(context: list[int], length: int, longest: int = NGRAM_MAX) -> t
 @dataclass
 class LookupRates:
     """The chance a lookup token is accepted where it is offered (its predecessor accepted),
-    by the length n of the match it came from and its depth j in the continuation:
-    (accepted + ``weight`` × :data:`PRIOR`) / (offered + ``weight``), decaying by ``decay`` a
-    step, plus one standard error (optimism, as :class:`multitoken.decode.trees.budget.Calibration`)."""
+    by the length n of the match it came from and its depth j in the continuation: the
+    optimistic :class:`multitoken.decode.rates.HitRates` with prior :data:`PRIOR`."""
 
     length: int
     weight: float = 2.0
     decay: float = 0.99
-    hits: torch.Tensor = field(init=False)
-    offers: torch.Tensor = field(init=False)
+    counts: HitRates = field(init=False)
 
     def __post_init__(self) -> None:
-        self.hits = torch.zeros(NGRAM_MAX, self.length)
-        self.offers = torch.zeros(NGRAM_MAX, self.length)
+        prior = torch.full((NGRAM_MAX, self.length), PRIOR)
+        self.counts = HitRates(prior, self.weight, self.decay)
 
     def log_rates(self) -> list[list[float]]:
         """[n - 1][j - 1] log of the chance, one standard error above the estimate."""
-        seen = self.offers + self.weight
-        a = (self.hits + self.weight * PRIOR) / seen
-        return (a + (a * (1 - a) / seen).sqrt()).clamp(max=1.0).log().tolist()
+        return self.counts.optimistic().log().tolist()
 
     def observe(self, outcomes: list[tuple[int, int, bool]]) -> None:
         """One step's offers: (n, j, accepted), j from 0."""
-        self.hits.mul_(self.decay)
-        self.offers.mul_(self.decay)
-        for n, j, hit in outcomes:
-            self.offers[n - 1, j] += 1
-            self.hits[n - 1, j] += hit
+        self.counts.forget()
+        if outcomes:
+            kinds = torch.tensor([(n - 1) * self.length + j for n, j, _ in outcomes])
+            self.counts.add(kinds, torch.tensor([hit for _, _, hit in outcomes]))
 
 
 @dataclass
