@@ -15,7 +15,7 @@ from multitoken.errors import MultitokenError
 from multitoken.io.tokenizer_files import byte_level_backend
 from multitoken.text.chat import sharegpt_messages
 from multitoken.text.tokenizer import HFTokenizer
-from multitoken.training import conversations
+from multitoken.training import conversations, json_records
 from multitoken.training.conversations import (
     RecordReader,
     is_conversation_file,
@@ -184,7 +184,7 @@ def test_which_files_are_conversation_sources(tmp_path: Path) -> None:
 
 
 def test_reader_streams_records_across_tiny_chunks(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(conversations, "CHUNK_BYTES", 5)  # cuts records and UTF-8 characters
+    monkeypatch.setattr(json_records, "CHUNK_BYTES", 5)  # cuts records and UTF-8 characters
     # A bare number cut by a chunk must not be read as its first digits.
     records = [sharegpt(i, answer="€😀 " * i) for i in range(6)] + [1234567890, {"n": 1}]
     for path in (write_array(tmp_path / "a.json", records), write_jsonl(tmp_path / "b.jsonl", records)):  # fmt: skip

@@ -1,5 +1,6 @@
-"""``multitoken bench``: measuring (:mod:`~multitoken.bench.run`), the peers measured against
-(:mod:`~multitoken.bench.peers`), and the table and plot (:mod:`~multitoken.bench.plot`).
+"""``multitoken bench``: measuring (:mod:`~multitoken.bench.run`, timing one method
+:mod:`~multitoken.bench.timing`), the peers measured against (:mod:`~multitoken.bench.peers`),
+and the table and plot (:mod:`~multitoken.bench.plot`).
 
 ``multitoken.bench.X`` for a name of :mod:`~multitoken.bench.run` still works (it was one module
 before issue 20); the lookup is lazy, so importing the plot alone does not load the runner.

