@@ -138,6 +138,14 @@ def test_a_different_output_is_flagged():
     assert run["identical"]
 
 
+def test_rows_whose_steps_choose_their_tree_report_no_fixed_node_count():
+    """auto and auto+lookup steps verify as many nodes as pay (their mean is reported);
+    static and dynamic trees verify the same count every step."""
+    assert bench.fixed_nodes("auto", 3) is None and bench.fixed_nodes("auto+lookup:4", 3) is None
+    assert bench.fixed_nodes("2,1", 2) == 5
+    assert bench.fixed_nodes("dynamic:6+lookup", 3) == bench.fixed_nodes("dynamic:6", 3) == 7
+
+
 def test_tau_acceptance_and_verify_cost(report):
     result, _ = report
     for run in result["runs"]:

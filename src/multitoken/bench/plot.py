@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from multitoken.decode.trees.shape import Tree
-from multitoken.decode.trees.spec import AUTO, Dynamic, lookup_len, parse_spec
+from multitoken.decode.trees.spec import TreeSpec
 from multitoken.io.atomic import atomic_path
 
 # auto and transformers' methods: one horizontal line each (no one K of ours)
@@ -237,13 +236,13 @@ def _row_kind(r: dict) -> str | None:
         return "auto K"
     if r["method"] != "tree":
         return None
-    shape = parse_spec(r["tree"])
-    lookup = " + lookup" if lookup_len(r["tree"]) else ""
-    if isinstance(shape, Tree):
+    spec = TreeSpec.parse(r["tree"])
+    lookup = " + lookup" if spec.lookup else ""
+    if spec.static is not None:
         return "static trees"
-    if isinstance(shape, Dynamic):
-        return "dynamic:N" + lookup
-    return "tree auto" + lookup if shape == AUTO else None
+    if spec.per_row:
+        return ("tree auto" if spec.auto else "dynamic:N") + lookup
+    return None
 
 
 def _plot_nodes(ax, result: dict) -> None:

@@ -55,10 +55,8 @@ from multitoken.config import GenerateConfig
 from multitoken.decode.api import check_prompts
 from multitoken.decode.costs import remember_cost, verify_cost
 from multitoken.decode.kernels import choose_linear_kernel, linear_kernels
-from multitoken.decode.trees.budget import AUTO_MAX_DRAFTS as TREE_NODES
-from multitoken.decode.trees.shape import Tree
-from multitoken.decode.trees.spec import AUTO as AUTO_TREE
-from multitoken.decode.trees.spec import Dynamic, parse_spec
+from multitoken.decode.trees.budget import AUTO_MAX_DRAFTS
+from multitoken.decode.trees.spec import TreeSpec
 from multitoken.errors import MultitokenError
 from multitoken.hardware import cpu_kind
 from multitoken.heads import head_class
@@ -223,13 +221,20 @@ def _check_request(model, prompts, draft_lens, new, repeats, prompt_lookup, also
 
 def _tree_depth_and_nodes(spec: str, depth: int) -> tuple[int, int]:
     """How deep a --tree spec drafts and the most drafts a step verifies (auto: up to
-    :data:`multitoken.decode.trees.budget.MAX_NODES` over all ``depth`` heads; dynamic:N, N over them)."""
-    tree = parse_spec(spec)
-    if tree == AUTO_TREE:
-        return depth, TREE_NODES
-    if isinstance(tree, Dynamic):
-        return depth, tree.nodes
-    return tree.max_depth, tree.size - 1
+    :data:`multitoken.decode.trees.budget.AUTO_MAX_DRAFTS` over all ``depth`` heads; dynamic:N,
+    N over them)."""
+    tree = TreeSpec.parse(spec)
+    if tree.auto:
+        return depth, AUTO_MAX_DRAFTS
+    if tree.static is None:
+        return depth, tree.shape.nodes
+    return tree.static.max_depth, tree.static.size - 1
+
+
+def fixed_nodes(spec: str, depth: int) -> int | None:
+    """The tokens every step of a --tree row verifies, the pending one included; None where
+    the steps choose (``auto``, with lookup or not: their mean is reported instead)."""
+    return None if TreeSpec.parse(spec).auto else _tree_depth_and_nodes(spec, depth)[1] + 1
 
 
 def _ours(
@@ -249,7 +254,7 @@ def _ours(
         methods += [Method(SPECULATIVE, K, ours(m, new, K, kernel), label) for K in lens]
         methods.append(Method(AUTO, None, ours(m, new, "auto", kernel), label))
         for spec, (tree_depth, _) in (trees or {}).items():
-            if not isinstance(parse_spec(spec), Tree):  # auto, dynamic: as deep as the heads
+            if TreeSpec.parse(spec).per_row:  # auto, dynamic: as deep as the heads
                 tree_depth = m.depth
             if longest is None or tree_depth <= longest:
                 decode = ours(m, new, tree_depth, kernel, spec)
@@ -302,10 +307,7 @@ def _measure_all(
         run, outputs = t.summary(reference)
         if method.tree is not None:  # auto: as many nodes as its steps chose
             tree = method.tree
-            run.update(
-                tree=tree,
-                nodes=None if tree == AUTO_TREE else _tree_depth_and_nodes(tree, method.K)[1] + 1,
-            )
+            run.update(tree=tree, nodes=fixed_nodes(tree, method.K))
         if method.label is not None:  # which heads, and how many tokens they draft from
             run["heads"] = method.label
             run["draft_vocab"] = heads[method.label].head_config.draft_vocab or vocab

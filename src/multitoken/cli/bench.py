@@ -109,10 +109,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _check_trees(specs: list[str]) -> None:
     """Each --tree parses (its depth is checked against each set of heads when rows are made)."""
-    from multitoken.decode.trees.spec import CHAIN, parse_spec
+    from multitoken.decode.trees.spec import TreeSpec
 
     for spec in specs:
-        if parse_spec(spec) == CHAIN:
+        if TreeSpec.parse(spec).chain:
             raise MultitokenError("chains are the speculative and auto rows already", "--tree")
 
 
@@ -227,7 +227,7 @@ def _corpus(args: argparse.Namespace, config: dict) -> tuple[Corpus | None, str 
 def _check_inputs(args: argparse.Namespace) -> _Inputs:
     """Every input, in the order a person would fix them; nothing is timed yet."""
     from multitoken.bench.run import check_fits, load_draft_model, parse_draft_lens
-    from multitoken.decode.trees.spec import lookup_len
+    from multitoken.decode.trees.spec import TreeSpec
 
     model, also, precision = _load_model(args)
     depth = max(m.depth for m in [model, *also.values()])
@@ -237,7 +237,9 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
     draft = None if args.draft_model is None else load_draft_model(args.draft_model, vocab)
     corpus, corpus_error = _corpus(args, config)
     prompts, source, flag = _prompts(args, model.tokenizer, corpus, corpus_error)
-    lookups = [lookup_len(spec) for spec in args.tree or []]  # trees' lookup paths go deeper
+    lookups = [
+        TreeSpec.parse(spec).lookup for spec in args.tree or []
+    ]  # trees' lookup paths go deeper
     longest = max(draft_lens + lookups + [args.prompt_lookup, model.depth])  # auto: up to D
     check_fits(model, prompts, args.max_new_tokens, longest, flag)
     return _Inputs(model, also, precision, draft_lens, ckpt, config, draft, corpus, prompts, source)

@@ -14,20 +14,24 @@ checkpoint builds its MTP layers (MoE even where the trunk's first layers are de
 released module maps onto it: ``multitoken.io.v3layout`` reads and writes that layout and says how
 other loaders' chains differ. ``Emb`` and ``Unembed`` are the trunk's; with a draft vocabulary
 (``--draft-vocab N``) ``Unembed`` is used over N tokens only (:mod:`multitoken.heads.draft_vocab`).
+Drafting keeps each module's own KV cache: :mod:`multitoken.heads.deepseek_state` holds that
+state and catches a module up on what each step commits, for chains and trees alike.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from multitoken.config import HeadConfig
-from multitoken.decode.kvcache import RaggedCache, position_mask
+from multitoken.decode.kvcache import position_mask
 from multitoken.errors import MultitokenError
 from multitoken.heads.base import Choose, Committed, HeadInputs, MTPHeads, Pick, register
+from multitoken.heads.deepseek_state import DeepSeekDraftState, ModuleInputs
 from multitoken.heads.draft_vocab import DraftVocab
 from multitoken.trunk import TrunkParts, run_layer
 
@@ -165,7 +169,7 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
             if ahead.size(1) < T:  # [B, T - k + 1] -> [B, T]
                 pad = ahead.new_full((ahead.size(0), T - ahead.size(1)), pad_id)
                 ahead = torch.cat([ahead, pad], dim=1)
-            module = self.mtp[min(k, self.depth) - 1]
+            module = self._module(k)
             if module.kind not in by_kind:
                 by_kind[module.kind] = self.parts.with_kind(block_kwargs, h0, module.kind)
             h = module(h, self.parts.embed(ahead), by_kind[module.kind])
@@ -193,68 +197,46 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
         over x_0..x_{N-1}, d_1..d_{k-1} read at module k's last position.
 
         Module k's positions up to N-1-k read only committed tokens: they stay in its KV cache.
-        Positions N-k..N-2 read drafts: computed for this step only, never kept. K may exceed D:
-        the last module is then applied again, with a cache of its own. Each module runs over
-        every row at once (rows padded to the longest); the loop over k is the chain itself.
+        Positions N-k..N-2 read drafts: computed for this step only, never kept
+        (:meth:`DeepSeekDraftState.catch_up`). K may exceed D: the last module is then applied
+        again, with a cache of its own. Each module runs over every row at once (rows padded
+        to the longest); the loop over k is the chain itself.
         Returns (drafts [B, K], q [B, K, V] or None).
         """
         hidden = step.hidden  # [B, n, d]: h^0 of row r at positions start[r] .. + new[r] - 1
         state.ensure(K, hidden)
         device, B = hidden.device, hidden.size(0)
-        N = torch.tensor([t.numel() for t in step.tokens])  # [B] committed tokens, on the CPU
+        N = [t.numel() for t in step.tokens]  # committed tokens per row
         # [B, max N + K]: each row's committed tokens, then its drafts as they are chosen
         ext = nn.functional.pad(
             nn.utils.rnn.pad_sequence(list(step.tokens), batch_first=True), (0, K)
         )
         rows = torch.arange(B, device=device)
-        fresh, fresh_len = hidden, torch.tensor(step.new)  # h^{k-1} computed this step
+        pending = torch.tensor(N, device=device) - 1  # [B] where each row's pending token is
+        fresh, fresh_len = hidden, list(step.new)  # h^{k-1} computed this step
         drafts, qs = [], []
         for k in range(1, K + 1):
-            h_out, count = self._chain_step(state, k, ext, N, fresh, fresh_len)
-            newest = (count - 1).clamp(min=0).to(device)  # position N-2 of every row
+            forward = functools.partial(self._chain_forward, self._module(k))
+            h_out, run = state.catch_up(k, N, ext, fresh, fresh_len, forward, through_drafts=True)
+            newest = (run.count_on_device - 1).clamp(min=0)  # position N-2 of every row
             logits = self.out_head(min(k, self.depth) - 1, h_out[rows, newest])
             token, q_k = pick(self.full_logits(logits))  # over [B, V]
-            ext.scatter_(1, (N - 1 + k).to(device)[:, None], token[:, None].to(ext.dtype))
+            ext.scatter_(1, (pending + k)[:, None], token[:, None].to(ext.dtype))
             drafts.append(token)
             qs.append(q_k)
-            fresh, fresh_len = h_out, count
+            fresh, fresh_len = h_out, run.count
         q_all = None if qs[0] is None else torch.stack(qs, dim=1)
         return torch.stack(drafts, dim=1), q_all
 
-    def _chain_step(
-        self,
-        state: DeepSeekDraftState,
-        k: int,
-        ext: torch.Tensor,
-        N: torch.Tensor,
-        fresh: torch.Tensor,
-        fresh_len: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Module k over positions done..N-2 of every row, reading h^{k-1} there: what its
-        cache had not taken yet (``state.held``) followed by what module k-1 (the trunk, for
-        k = 1) computed this step, ``fresh`` [B, *, d] with ``fresh_len`` [B] per row. Commits
-        the positions that read committed tokens only; returns h^k over the positions it ran,
-        [B, q, d], and each row's count of them [B] (on the CPU)."""
-        i = k - 1
-        module = self.mtp[min(k, self.depth) - 1]
-        kv, done, held, held_len = state.caches[i], state.done[i], state.held[i], state.held_len[i]
-        count = N - 1 - done  # [B]
-        assert bool((held_len + fresh_len == count).all()), "h^{k-1} must stay contiguous"
-        q = max(int(count.max()), 1)
-        h_in = _join_rows(held, held_len, fresh, q)  # [B, q, d]
-        positions = done.to(ext.device)[:, None] + torch.arange(q, device=ext.device)  # [B, q]
-        ahead = ext.gather(1, (positions + k).clamp(max=ext.size(1) - 1))  # x_{p+k}
-        kwargs = self.parts.ragged_block_kwargs(h_in, positions, kv, module.kind)
-        h_out = module(h_in, self.parts.embed(ahead), kwargs)  # [B, q, d]
-        committed = (N - k - done).clamp(min=0)
-        kv.commit(committed.tolist())
-        # h^{k-1} is committed up to N-2 (the trunk's) or N-k: what module k has not cached
-        # of it stays held for the next step
-        frontier = N - max(k, 2)
-        keep = (frontier - done - committed + 1).clamp(min=0)
-        state.held[i], state.held_len[i] = _take_rows(h_in, committed, keep), keep
-        state.done[i] = done + committed
-        return h_out, count
+    def _module(self, k: int) -> DeepSeekModule:
+        """The module drafting k ahead: module k, or past D module D again."""
+        return self.mtp[min(k, self.depth) - 1]
+
+    def _chain_forward(self, module: DeepSeekModule, run: ModuleInputs) -> torch.Tensor:
+        """``module`` over the positions a step runs (:meth:`DeepSeekDraftState.catch_up`), its
+        cache before them: h^k [B, q, d]."""
+        kwargs = self.parts.ragged_block_kwargs(run.hidden, run.positions, run.kv, module.kind)
+        return module(run.hidden, self.parts.embed(run.ahead), kwargs)
 
     def draft_tree(
         self, state: DeepSeekDraftState, step: Committed, K: int, tree: Tree, choose: Choose
@@ -273,19 +255,33 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
         [B, L, V], node i's row of them: i, or filler for the deepest)."""
         hidden = step.hidden  # [B, n, d]
         state.ensure(K, hidden)
-        B = hidden.size(0)
-        N = torch.tensor([t.numel() for t in step.tokens])  # [B] on the CPU
+        B, device = hidden.size(0), hidden.device
+        N = [t.numel() for t in step.tokens]  # committed tokens per row
         ext = nn.utils.rnn.pad_sequence(list(step.tokens), batch_first=True)  # [B, max N]
+        rows = torch.arange(B, device=device)
+        pending = torch.tensor(N, device=device) - 1  # [B] where each row's pending token is
         tokens = ext.new_zeros(B, tree.size)
-        tokens[:, 0] = ext[torch.arange(B, device=ext.device), (N - 1).to(ext.device)]
-        fresh, fresh_len = hidden, torch.tensor(step.new)  # h^{k-1} committed this step
+        tokens[:, 0] = ext[rows, pending]
+        depth = torch.tensor(tree.depth, device=device)  # [tree.size] each node's depth
+        family = tree.ancestors().to(device)  # [tree.size, tree.size] ancestors-or-self
+        fresh, fresh_len = hidden, list(step.new)  # h^{k-1} committed this step
         below = hidden.new_zeros(B, tree.size, hidden.size(-1))  # h^{k-1} at every node
         logits_by_level = []
         for k in range(1, K + 1):
             M = tree.levels[k - 1].stop if k <= tree.max_depth else 1  # root + nodes 1..M-1
-            here, fresh, fresh_len = self._tree_module_step(
-                state, k, ext, N, (fresh, fresh_len), below, tokens, tree, M
-            )  # here: h^k at the root and nodes 1..M-1, [B, M, d]
+            nodes = NodeInputs(
+                below[:, [tree.parent[v] for v in range(1, M)]],  # h^{k-1} at their parents
+                tokens[:, 1:M],
+                (pending - k)[:, None] + depth[1:M],  # may be < 0 (no such node)
+                family[1:M, 1:M],
+                depth[1:M],
+            )
+            forward = functools.partial(self._tree_forward, self._module(k), nodes)
+            h_out, run = state.catch_up(k, N, ext, fresh, fresh_len, forward, through_drafts=False)
+            q_c = run.hidden.size(1)  # h_out: h^k at the committed positions, then the nodes
+            root = h_out[rows, (run.count_on_device - 1).clamp(min=0)]  # filler where count = 0
+            here = torch.cat([root[:, None], h_out[:, q_c:]], dim=1)  # [B, M, d]
+            fresh, fresh_len = h_out[:, :q_c], run.count
             if k <= tree.max_depth:
                 level = tree.levels[k - 1]
                 logits = self.full_logits(self.out_head(min(k, self.depth) - 1, here[:, level]))
@@ -298,142 +294,51 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
         which = [min(i, deepest.start - 1) for i in range(tree.size)]
         return tokens[:, 1:], torch.cat(logits_by_level, dim=1), which
 
-    def _tree_module_step(
-        self,
-        state: DeepSeekDraftState,
-        k: int,
-        ext: torch.Tensor,
-        N: torch.Tensor,
-        fresh: tuple[torch.Tensor, torch.Tensor],
-        below: torch.Tensor,
-        tokens: torch.Tensor,
-        tree: Tree,
-        M: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Module k over each row's c committed positions ``done .. N-1-k`` (padded to q_c)
-        and over tree nodes 1..M-1, whose h^{k-1} is ``below`` at their parents. Commits the
-        former as :meth:`_chain_step` does. Returns h^k at the root (N-1-k) and at the nodes
-        [B, M, d], and h^k over the committed positions [B, q_c, d] with c [B] (CPU)."""
-        i = k - 1
-        module = self.mtp[min(k, self.depth) - 1]
-        kv, done, held, held_len = state.caches[i], state.done[i], state.held[i], state.held_len[i]
-        device = ext.device
-        c = (N - k - done).clamp(min=0)  # [B]
-        # h^{k-1} committed up to N-2 (the trunk's, k = 1) or N-k (module k-1's root)
-        assert bool((held_len + fresh[1] == (N - max(k, 2) + 1 - done).clamp(min=0)).all())
-        q_c = max(int(c.max()), 1)
-        chain = _join_rows(held, held_len, fresh[0], max(q_c, int((c + 1).max())))
-        nodes = list(range(1, M))
-        h_in = torch.cat([chain[:, :q_c], below[:, [tree.parent[v] for v in nodes]]], dim=1)
-        pos_c = done.to(device)[:, None] + torch.arange(q_c, device=device)  # [B, q_c]
-        depth = torch.tensor([tree.depth[v] for v in nodes], device=device, dtype=torch.long)
-        pos_n = (N - 1 - k).to(device)[:, None] + depth  # [B, M-1]: may be < 0 (no such node)
-        ahead = ext.gather(1, (pos_c + k).clamp(max=ext.size(1) - 1))  # x_{p+k}
-        ahead = torch.cat([ahead, tokens[:, 1:M]], dim=1)  # [B, q_c + M-1]
+    def _tree_forward(
+        self, module: DeepSeekModule, nodes: NodeInputs, run: ModuleInputs
+    ) -> torch.Tensor:
+        """``module`` over its inputs at the committed positions of a step, then at tree nodes
+        1..M-1: h^k [B, q_c + M-1, d]."""
+        h_in = torch.cat([run.hidden, nodes.hidden], dim=1)
+        ahead = torch.cat([run.ahead, nodes.tokens], dim=1)  # [B, q_c + M-1]
         window = self.parts.window(module.kind)
-        mask = _tree_module_mask(kv, pos_c, c, pos_n, tree, M, window, h_in.dtype)
-        positions = torch.cat([pos_c, pos_n], dim=1).clamp(min=0)
-        kwargs = self.parts.block_kwargs(h_in, positions, kv.cache, mask, module.kind)
-        h_out = module(h_in, self.parts.embed(ahead), kwargs)  # [B, q_c + M-1, d]
-        kv.commit(c.tolist())
-        keep = (N - max(k, 2) - done - c + 1).clamp(min=0)  # h^{k-1} not yet taken: at N-k
-        state.held[i], state.held_len[i] = _take_rows(chain, c, keep), keep
-        state.done[i] = done + c
-        rows = torch.arange(h_out.size(0), device=device)
-        root = h_out[rows, (c - 1).clamp(min=0).to(device)]  # filler where c = 0
-        here = torch.cat([root[:, None], h_out[:, q_c:]], dim=1)
-        return here, h_out[:, :q_c], c
-
-
-def _tree_module_mask(
-    kv: RaggedCache,
-    pos_c: torch.Tensor,
-    c: torch.Tensor,
-    pos_n: torch.Tensor,
-    tree: Tree,
-    M: int,
-    window: int | None,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Additive mask [B, 1, q_c + M-1, S + q_c + M-1] for a module forward over the
-    committed positions ``pos_c`` [B, q_c] (the first c [B] of each row real) and tree nodes
-    1..M-1 at ``pos_n`` [B, M-1] (negative: no such node): every query sees the cache and the
-    committed positions up to its own position, a node also its ancestors and itself."""
-    device = pos_c.device
-    real_c = torch.arange(pos_c.size(1), device=device)[None, :] < c.to(device)[:, None]
-    keys = torch.cat([kv.key_positions(), pos_c.masked_fill(~real_c, -1)], dim=1)
-    queries = torch.cat([pos_c, pos_n], dim=1)
-    seen_before = position_mask(keys, queries, window, dtype)  # [B, 1, q, S + q_c]
-    family = tree.ancestors()[1:M, 1:M].to(device)  # [M-1, M-1]: ancestors-or-self
-    depth = torch.tensor(tree.depth[1:M], device=device)
-    if window is not None:
-        family = family & (depth[:, None] - depth[None, :] < window)
-    seen = family[None] & (pos_n >= 0)[:, None, :]  # [B, M-1, M-1]
-    from_c = torch.zeros(pos_c.size(0), pos_c.size(1), M - 1, dtype=torch.bool, device=device)
-    seen = torch.cat([from_c, seen], dim=1)[:, None]  # [B, 1, q, M-1]
-    nodes = torch.zeros(seen.shape, dtype=dtype, device=device)
-    nodes.masked_fill_(~seen, torch.finfo(dtype).min)
-    return torch.cat([seen_before, nodes], dim=-1)
-
-
-def _join_rows(a: torch.Tensor, a_len: torch.Tensor, b: torch.Tensor, q: int) -> torch.Tensor:
-    """[B, q, d]: row r's first ``a_len[r]`` entries of ``a`` [B, Wa, d], then ``b`` [B, Wb, d]
-    from its start. Entries past a row's own count are filler (never committed, and causal
-    attention keeps them from the positions before)."""
-    B, d = b.size(0), b.size(-1)
-    if b.size(1) < q:  # room for any row whose a part is empty
-        b = torch.cat([b, b.new_zeros(B, q - b.size(1), d)], dim=1)
-    j = torch.arange(q, device=b.device)[None, :]
-    a_len = a_len.to(b.device)[:, None]
-    index = torch.where(j < a_len, j, a.size(1) + j - a_len)  # [B, q] into [a ; b]
-    index = index.clamp(max=a.size(1) + b.size(1) - 1)
-    both = torch.cat([a, b], dim=1)  # [B, Wa + Wb, d]
-    return both.gather(1, index[..., None].expand(-1, -1, d))
-
-
-def _take_rows(x: torch.Tensor, begin: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """[B, max count, d]: row r's entries ``begin[r] .. begin[r] + count[r] - 1`` of ``x``
-    [B, W, d], left-aligned (past a row's count: filler)."""
-    width = int(count.max()) if count.numel() else 0
-    j = torch.arange(width, device=x.device)[None, :]
-    index = (begin.to(x.device)[:, None] + j).clamp(max=max(x.size(1) - 1, 0))  # [B, width]
-    return x.gather(1, index[..., None].expand(-1, -1, x.size(-1)))
+        mask = _tree_module_mask(run, nodes, window, h_in.dtype)
+        positions = torch.cat([run.positions, nodes.positions], dim=1).clamp(min=0)
+        kwargs = self.parts.block_kwargs(h_in, positions, run.kv.cache, mask, module.kind)
+        return module(h_in, self.parts.embed(ahead), kwargs)
 
 
 @dataclass
-class DeepSeekDraftState:
-    """Decode-time state of the chain, passed explicitly, for each (virtual) module k = i + 1:
-    its KV cache, ``done[i]`` [B] (CPU) the positions of each row it holds, and ``held[i]``
-    [B, W, d] the committed h^{k-1} at positions ``done[i]`` onwards that it has not taken
-    into its cache yet, ``held_len[i]`` [B] (CPU) of them per row (one, between steps, for
-    k > 1: h^{k-1} at N-k, whose token x_N is not committed yet)."""
+class NodeInputs:
+    """What module k reads at tree nodes 1..M-1, in every row."""
 
-    batch: int
-    device: torch.device
-    caches: list[RaggedCache] = field(default_factory=list)
-    done: list[torch.Tensor] = field(default_factory=list)
-    held: list[torch.Tensor] = field(default_factory=list)
-    held_len: list[torch.Tensor] = field(default_factory=list)
+    hidden: torch.Tensor  # [B, M-1, d] h^{k-1} at each node's parent
+    tokens: torch.Tensor  # [B, M-1] each node's token
+    positions: torch.Tensor  # [B, M-1] each node's position (negative: no such node)
+    family: torch.Tensor  # [M-1, M-1] bool: (i, j) iff node j is node i or an ancestor of it
+    depth: torch.Tensor  # [M-1] each node's depth
 
-    def ensure(self, K: int, hidden: torch.Tensor) -> None:
-        """An empty chain of K modules at the first draft; the same K at every later one (a
-        module left out of a step would miss the states the next one reads)."""
-        if self.caches:
-            if K != len(self.caches):
-                raise ValueError(f"the chain drafted {len(self.caches)} tokens before, not {K}")
-            return
-        empty = hidden.new_zeros(self.batch, 0, hidden.size(-1))
-        self.caches = [RaggedCache(self.batch, self.device) for _ in range(K)]
-        self.done = [torch.zeros(self.batch, dtype=torch.long) for _ in range(K)]
-        self.held = [empty] * K
-        self.held_len = [torch.zeros(self.batch, dtype=torch.long) for _ in range(K)]
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows ``rows`` ([n] long, in that order)."""
-        on_cpu = rows.cpu()
-        for kv in self.caches:
-            kv.select(rows)
-        self.done = [done[on_cpu] for done in self.done]
-        self.held = [held[rows.to(held.device)] for held in self.held]
-        self.held_len = [n[on_cpu] for n in self.held_len]
-        self.batch = rows.numel()
+def _tree_module_mask(
+    run: ModuleInputs, nodes: NodeInputs, window: int | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive mask [B, 1, q_c + M-1, S + q_c + M-1] for a module forward over the committed
+    positions of ``run`` (the first ``count`` of each row real) and tree nodes 1..M-1: every
+    query sees the cache and the committed positions up to its own position, a node also its
+    ancestors and itself."""
+    pos_c, pos_n = run.positions, nodes.positions
+    device = pos_c.device
+    real_c = torch.arange(pos_c.size(1), device=device)[None, :] < run.count_on_device[:, None]
+    keys = torch.cat([run.kv.key_positions(), pos_c.masked_fill(~real_c, -1)], dim=1)
+    queries = torch.cat([pos_c, pos_n], dim=1)
+    seen_before = position_mask(keys, queries, window, dtype)  # [B, 1, q, S + q_c]
+    family, depth = nodes.family, nodes.depth
+    if window is not None:
+        family = family & (depth[:, None] - depth[None, :] < window)
+    seen = family[None] & (pos_n >= 0)[:, None, :]  # [B, M-1, M-1]
+    B, q_c, n_nodes = pos_c.size(0), pos_c.size(1), pos_n.size(1)
+    from_c = torch.zeros(B, q_c, n_nodes, dtype=torch.bool, device=device)
+    seen = torch.cat([from_c, seen], dim=1)[:, None]  # [B, 1, q, M-1]
+    mask = torch.zeros(seen.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~seen, torch.finfo(dtype).min)
+    return torch.cat([seen_before, mask], dim=-1)

@@ -1,10 +1,10 @@
 """Typed configuration: head config, training config, decoding — validated in one place.
 
 Every default lives in a dataclass field of the config modules this one names: the choices and
-field helpers in :mod:`multitoken.config_fields`, :class:`HeadConfig` in
-:mod:`multitoken.head_config`, :class:`TrainConfig` (with :class:`RuntimeConfig` and the λ
-schedule) in :mod:`multitoken.train_config`, :class:`GenerateConfig` in
-:mod:`multitoken.generate_config`. The CLI builds its flags from these fields
+field helpers in :mod:`multitoken.config.fields`, :class:`HeadConfig` in
+:mod:`multitoken.config.heads`, :class:`TrainConfig` (with :class:`RuntimeConfig` and the λ
+schedule) in :mod:`multitoken.config.training`, :class:`GenerateConfig` in
+:mod:`multitoken.config.decoding`. The CLI builds its flags from these fields
 (``multitoken.cli``), config files name the same fields (:func:`read_config_file`, here), and
 ``multitoken.train(**kwargs)`` takes them as keyword arguments, so there is exactly one copy of
 each default. Import them from here.
@@ -22,7 +22,8 @@ if sys.version_info >= (3, 11):
 else:  # the standard library's TOML parser from 3.11 on; the same code as tomli before it
     import tomli as tomllib
 
-from multitoken.config_fields import (
+from multitoken.config.decoding import GenerateConfig, draft_len_value
+from multitoken.config.fields import (
     DEFAULT_TREE,
     FAMILIES,
     HEAD_LABELS,
@@ -30,11 +31,10 @@ from multitoken.config_fields import (
     PRECISIONS,
     SOFT_TOP_K,
 )
+from multitoken.config.heads import HeadConfig
+from multitoken.config.training import LambdaSchedule, RuntimeConfig, TrainConfig, default_lambda
 from multitoken.errors import MultitokenError
-from multitoken.generate_config import GenerateConfig, draft_len_value
-from multitoken.head_config import HeadConfig
 from multitoken.presets import PRESETS, PRETRAINED_LR, TrunkPreset
-from multitoken.train_config import LambdaSchedule, RuntimeConfig, TrainConfig, default_lambda
 
 # The trunk presets are named here too: the options that choose among them are this module's.
 __all__ = [

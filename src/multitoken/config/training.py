@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from multitoken.config_fields import HEAD_LABELS, PRECISIONS, SOFT_TOP_K, _field, _flag, _opt
+from multitoken.config.fields import HEAD_LABELS, PRECISIONS, SOFT_TOP_K, _field, _flag, _opt
+from multitoken.config.heads import HeadConfig
 from multitoken.errors import MultitokenError
 from multitoken.families import FAMILIES as TRAITS
-from multitoken.head_config import HeadConfig
 from multitoken.presets import PRESETS, PRETRAINED_LR
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from multitoken.config_fields import FAMILIES, _field
+from multitoken.config.fields import FAMILIES, _field
 from multitoken.errors import MultitokenError
 from multitoken.families import FAMILIES as TRAITS
 

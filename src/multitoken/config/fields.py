@@ -1,7 +1,7 @@
 """What every config dataclass shares: the choices options take, and the field helpers.
 
-The lowest of the config modules: :mod:`multitoken.head_config`,
-:mod:`multitoken.train_config` and :mod:`multitoken.generate_config` build their fields from it,
+The lowest of the config modules: :mod:`multitoken.config.heads`,
+:mod:`multitoken.config.training` and :mod:`multitoken.config.decoding` build their fields from it,
 and :mod:`multitoken.config` names them all, so nothing here may import any of those (no circle).
 """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from multitoken.config_fields import DEFAULT_TREE, LINEAR_KERNELS, _field, _whole
+from multitoken.config.fields import DEFAULT_TREE, LINEAR_KERNELS, _field, _whole
 from multitoken.errors import MultitokenError
 
 
@@ -104,7 +104,7 @@ class GenerateConfig:
                 "--linear-kernel",
             )
         if self.tree is not None:
-            from multitoken.decode.trees.spec import CHAIN, parse_spec  # torch: only for a tree
+            from multitoken.decode.trees.spec import TreeSpec  # torch: only for a tree
 
-            if parse_spec(self.tree) != CHAIN and self.typical > 0:
+            if not TreeSpec.parse(self.tree).chain and self.typical > 0:
                 raise MultitokenError("typical acceptance verifies chains only", "--tree")
