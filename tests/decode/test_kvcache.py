@@ -59,9 +59,11 @@ def ragged(trunk) -> tuple[RaggedCache, list[int]]:
     return kv, lengths
 
 
+@pytest.mark.parametrize("make", [micro_llama, micro_deepseek], ids=["llama", "deepseek-mla"])
 @torch.no_grad()
-def test_compaction_leaves_every_row_attending_to_the_same_entries():
-    trunk = micro_llama().eval()
+def test_compaction_leaves_every_row_attending_to_the_same_entries(make):
+    """DeepSeek-V3's MLA caches keys and values of different head sizes: both are moved."""
+    trunk = make().eval()
     kv, lengths = ragged(trunk)
     assert kv.ragged and kv.slots == 6 and kv.kept == lengths
     probe = torch.tensor([[7, 8], [9, 10]])

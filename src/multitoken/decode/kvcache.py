@@ -117,7 +117,7 @@ class RaggedCache:
         self.kept = [self.kept[r] for r in rows.tolist()]
         if self.keep is not None:
             self.keep = self.keep[rows]
-            if bool(self.keep.all()):
+            if min(self.kept) == self.slots:  # every row keeps every slot: no hole left
                 self.keep = None
             else:
                 self._compact_if_worth_it()
@@ -134,12 +134,13 @@ class RaggedCache:
         for layer in self.cache.layers:
             if getattr(layer, "keys", None) is None or not layer.keys.numel():
                 continue
-            index = order[:, None, :, None].expand(-1, layer.keys.size(1), -1, layer.keys.size(3))
-            layer.keys = layer.keys.gather(2, index)  # [B, H, S, Dh] -> [B, H, width, Dh]
-            layer.values = layer.values.gather(2, index)
+            for name in ("keys", "values"):  # MLA's keys and values differ in Dh
+                full = getattr(layer, name)  # [B, H, S, Dh] -> [B, H, width, Dh]
+                index = order[:, None, :, None].expand(-1, full.size(1), -1, full.size(3))
+                setattr(layer, name, full.gather(2, index))
         self.slots = width
         kept = torch.arange(width, device=self.device)[None, :] < counts[:, None]
-        self.keep = None if bool(kept.all()) else kept
+        self.keep = None if min(self.kept) == width else kept  # no row short of the widest
 
     def _compact_if_worth_it(self) -> None:
         freed = self.slots - max(self.kept)
