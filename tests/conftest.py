@@ -207,7 +207,7 @@ class OracleHeads(MTPHeads):
     def new_draft_state(self, batch):
         return None
 
-    def draft(self, _state, step, K, pick):
+    def draft(self, _state, step, K, sample):
         rows = []
         for ids in step.tokens:
             with torch.no_grad():
@@ -263,8 +263,8 @@ class CheckedHeads(torch.nn.Module):
         except AttributeError:
             return getattr(self.inner, name)
 
-    def draft(self, state, step, K, pick):
-        drafts, q = self.inner.draft(state, step, K, pick)
+    def draft(self, state, step, K, sample):
+        drafts, q = self.inner.draft(state, step, K, sample)
         model = self.model
         model.heads = self.inner
         try:

@@ -116,8 +116,8 @@ def test_greedy_with_a_draft_vocabulary_equals_plain_greedy(family):
     seen = []
     real = model.heads.draft
 
-    def spy(state, step, K, pick):
-        drafts, q = real(state, step, K, pick)
+    def spy(state, step, K, sample):
+        drafts, q = real(state, step, K, sample)
         seen.append(drafts)
         return drafts, q
 

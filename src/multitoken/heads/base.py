@@ -3,7 +3,7 @@
 The model, the trainer, the feature cache and the decoder program against :class:`MTPHeads`
 only (as torchtitan's ``ModelProtocol`` + ``TrainSpec``): which trunk state a family reads, its
 loss weights, its training forward over :class:`HeadInputs`, its draft state and
-``draft(state, step, K, pick)`` over :class:`Committed`, and how far it can draft. A family is
+``draft(state, step, K, sample)`` over :class:`Committed`, and how far it can draft. A family is
 one module under ``multitoken.heads`` whose class is decorated with :func:`register`; nothing
 else compares family names.
 """
@@ -62,11 +62,11 @@ class HeadInputs:
 
 
 # Turns draft logits [B, K, V] into (drafts [B, K], q [B, K, V] or None): argmax or a sample.
-Pick = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+DraftSampler = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 # Chooses w children under each of M tree nodes from the draft logits there, [B, M, V] ->
 # [B, M, w] tokens in rank order: the top w, or w draws without replacement.
-Choose = Callable[[torch.Tensor, int], torch.Tensor]
+ChildSampler = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 class MTPHeads(nn.Module):
@@ -120,10 +120,10 @@ class MTPHeads(nn.Module):
         """The state drafting carries from step to step (None for stateless heads)."""
         raise NotImplementedError
 
-    def draft(self, state: Any, step: Committed, K: int, pick: Pick):
+    def draft(self, state: Any, step: Committed, K: int, sample: DraftSampler):
         """Drafts d_1..d_K for every row from what ``step`` commits: (drafts [B, K], q or None).
         Parent-free families pick from :meth:`draft_logits`."""
-        return pick(self.draft_logits(state, step, K))
+        return sample(self.draft_logits(state, step, K))
 
     def draft_logits(self, state: Any, step: Committed, K: int) -> torch.Tensor:
         """Parent-free families only: heads 1..K's logits at each row's newest committed
@@ -132,7 +132,7 @@ class MTPHeads(nn.Module):
         raise NotImplementedError
 
     def draft_tree(
-        self, state: Any, step: Committed, K: int, tree: Tree, choose: Choose
+        self, state: Any, step: Committed, K: int, tree: Tree, sample_children: ChildSampler
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Fills ``tree`` (root: each row's pending token) from what ``step`` commits. Returns
         the tokens of nodes 1..N-1 [B, N-1], draft logits [B, L, V] and, for each node, the
@@ -143,13 +143,13 @@ class MTPHeads(nn.Module):
         of depth d - 1, so node i is head depth[i]'s rank[i]-th candidate (Medusa's trees),
         and the logits are the D heads' (L = D)."""
         logits = self.draft_logits(state, step, K)[:, : tree.max_depth]  # [B, D, V]
-        candidates = choose(logits, max(tree.widths))  # [B, D, w]
+        candidates = sample_children(logits, max(tree.widths))  # [B, D, w]
         device = logits.device
         depth = torch.tensor(tree.depth[1:], device=device) - 1
         rank = torch.tensor(tree.rank[1:], device=device)
         # a node's children are drafts for depth[i] + 1 (leaves at depth D: any row will do)
-        below = [min(d, tree.max_depth - 1) for d in tree.depth]
-        return candidates[:, depth, rank], logits, below
+        logits_row = [min(d, tree.max_depth - 1) for d in tree.depth]
+        return candidates[:, depth, rank], logits, logits_row
 
     def select_draft_rows(self, state: Any, rows: torch.Tensor) -> Any:
         """The draft state of the batch rows ``rows`` ([n] long, in that order) only: rows that

@@ -30,7 +30,14 @@ from torch import nn
 from multitoken.config import HeadConfig
 from multitoken.decode.kvcache import position_mask
 from multitoken.errors import MultitokenError
-from multitoken.heads.base import Choose, Committed, HeadInputs, MTPHeads, Pick, register
+from multitoken.heads.base import (
+    ChildSampler,
+    Committed,
+    DraftSampler,
+    HeadInputs,
+    MTPHeads,
+    register,
+)
 from multitoken.heads.deepseek_state import DeepSeekDraftState, ModuleInputs
 from multitoken.heads.draft_vocab import DraftVocab
 from multitoken.trunk import TrunkParts, run_layer
@@ -187,7 +194,7 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
         state.select(rows)
         return state
 
-    def draft(self, state: DeepSeekDraftState, step: Committed, K: int, pick: Pick):
+    def draft(self, state: DeepSeekDraftState, step: Committed, K: int, sample: DraftSampler):
         """Free-running drafting along the causal chain (docs/design.md §Inference, step 1).
 
         Position p (0-based) of module k reads h^{k-1}_p and Emb(x_{p+k}) and predicts
@@ -220,7 +227,7 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
             h_out, run = state.catch_up(k, N, ext, fresh, fresh_len, forward, through_drafts=True)
             newest = (run.count_on_device - 1).clamp(min=0)  # position N-2 of every row
             logits = self.out_head(min(k, self.depth) - 1, h_out[rows, newest])
-            token, q_k = pick(self.full_logits(logits))  # over [B, V]
+            token, q_k = sample(self.full_logits(logits))  # over [B, V]
             ext.scatter_(1, (pending + k)[:, None], token[:, None].to(ext.dtype))
             drafts.append(token)
             qs.append(q_k)
@@ -239,7 +246,12 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
         return module(run.hidden, self.parts.embed(run.ahead), kwargs)
 
     def draft_tree(
-        self, state: DeepSeekDraftState, step: Committed, K: int, tree: Tree, choose: Choose
+        self,
+        state: DeepSeekDraftState,
+        step: Committed,
+        K: int,
+        tree: Tree,
+        sample_children: ChildSampler,
     ):
         """Tree drafting along the causal chain: node v's children are module depth(v) + 1's
         candidates at v, so every path of the tree is a chain :meth:`draft` could have drafted.
@@ -265,12 +277,12 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
         depth = torch.tensor(tree.depth, device=device)  # [tree.size] each node's depth
         family = tree.ancestors().to(device)  # [tree.size, tree.size] ancestors-or-self
         fresh, fresh_len = hidden, list(step.new)  # h^{k-1} committed this step
-        below = hidden.new_zeros(B, tree.size, hidden.size(-1))  # h^{k-1} at every node
+        parent_states = hidden.new_zeros(B, tree.size, hidden.size(-1))  # h^{k-1} at every node
         logits_by_level = []
         for k in range(1, K + 1):
             M = tree.levels[k - 1].stop if k <= tree.max_depth else 1  # root + nodes 1..M-1
             nodes = NodeInputs(
-                below[:, [tree.parent[v] for v in range(1, M)]],  # h^{k-1} at their parents
+                parent_states[:, [tree.parent[v] for v in range(1, M)]],  # h^{k-1} at their parents
                 tokens[:, 1:M],
                 (pending - k)[:, None] + depth[1:M],  # may be < 0 (no such node)
                 family[1:M, 1:M],
@@ -286,13 +298,13 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
                 level = tree.levels[k - 1]
                 logits = self.full_logits(self.out_head(min(k, self.depth) - 1, here[:, level]))
                 logits_by_level.append(logits)  # [B, |level|, V]
-                children = choose(logits, tree.widths[k - 1])  # [B, |level|, w]
+                children = sample_children(logits, tree.widths[k - 1])  # [B, |level|, w]
                 for v in tree.levels[k]:
                     tokens[:, v] = children[:, tree.parent[v] - level.start, tree.rank[v]]
-            below = torch.cat([here, below[:, M:]], dim=1)
+            parent_states = torch.cat([here, parent_states[:, M:]], dim=1)
         deepest = tree.levels[-1]
-        which = [min(i, deepest.start - 1) for i in range(tree.size)]
-        return tokens[:, 1:], torch.cat(logits_by_level, dim=1), which
+        logits_row = [min(i, deepest.start - 1) for i in range(tree.size)]
+        return tokens[:, 1:], torch.cat(logits_by_level, dim=1), logits_row
 
     def _tree_forward(
         self, module: DeepSeekModule, nodes: NodeInputs, run: ModuleInputs

@@ -44,7 +44,12 @@ from multitoken.decode.trees.accept import (
     accept_sampled_tree,
     sample_candidates,
 )
-from multitoken.decode.trees.dynamic import NodeBudget, keep_best, node_log_chances, path_sums
+from multitoken.decode.trees.dynamic import (
+    NodeBudget,
+    keep_best,
+    node_log_chances,
+    path_values,
+)
 from multitoken.decode.trees.lookup import MergedTree, PromptLookup
 from multitoken.decode.trees.shape import (
     Tree,
@@ -202,7 +207,7 @@ class RowTrees:
     ) -> TreeProposal | ChainProposal:
         if not self.budget.drafts():  # drafting rests: a plain step
             return ChainProposal(state.pending.new_zeros(state.pending.size(0), 0), None, 0)
-        with watch.section():
+        with watch.section():  # drafting, and choosing each row's nodes: what a tree costs
             tokens, logits, rows = draft_tree(model, state, plan, self.skeleton, by_rank=True)
             log_q = (
                 logits.log_softmax(-1)
@@ -214,23 +219,27 @@ class RowTrees:
             scores = log_q.flatten(1).gather(1, at)  # [B, S]: log q of each node's token
             # the one read before verifying: the nodes' tokens and scores decide each row's tree
             host = read_host(torch.cat([tokens.double(), scores.double()], dim=1))
+            chosen, selection = self._select(host, state.history)
+        return TreeProposal(selection.trees, chosen.to(tokens.device), None, plan.k_max, selection)
+
+    def _select(self, host: torch.Tensor, history: list[list[int]]):
+        """Each row's nodes, on the host: from ``host`` [B, 2S] the skeleton's node tokens and
+        their log draft probabilities (and with lookup, each row's ``history``). Returns the
+        chosen nodes' tokens [B, N] and the :class:`Selection`."""
         S = self.skeleton.size
-        tokens_h, scores_h = host[:, :S].long(), host[:, S:].float()
-        node_scores = node_log_chances(self.skeleton, self.budget.calibrate(scores_h))
+        tokens, scores = host[:, :S].long(), host[:, S:].float()
+        chances = self.budget.calibrate(scores)
         if self.lookup is None:
-            values = path_sums(self.skeleton, node_scores)
+            values = path_values(self.skeleton, chances)
             trees, kept = keep_best(self.skeleton, values, self.budget.budget(values))
-            chosen, merged = tokens_h.gather(1, kept), None
-        else:
-            merged = self.lookup.merge(self.skeleton, tokens_h, node_scores, state.history)
-            values = merged.values()
-            trees, kept = merged.keep_best(values, self.budget.budget(values))
-            chosen = merged.tokens.gather(1, kept)
-            scores_h = torch.cat(
-                [scores_h, scores_h.new_full((len(trees), self.lookup.length), float("nan"))], 1
-            )
-        selection = Selection(scores_h, kept, trees, merged)
-        return TreeProposal(trees, chosen.to(tokens.device), None, plan.k_max, selection)
+            return tokens.gather(1, kept), Selection(scores, kept, trees, None)
+        chances = node_log_chances(self.skeleton, chances)
+        merged = self.lookup.merge(self.skeleton, tokens, chances, history)
+        values = merged.values()
+        trees, kept = merged.keep_best(values, self.budget.budget(values))
+        lookup_scores = scores.new_full((len(trees), self.lookup.length), float("nan"))
+        selection = Selection(torch.cat([scores, lookup_scores], 1), kept, trees, merged)
+        return merged.tokens.gather(1, kept), selection
 
     def observe(self, proposal: TreeProposal | ChainProposal, accepted: Accepted) -> None:
         selection = getattr(proposal, "selection", None)  # None: a plain step, nothing offered
