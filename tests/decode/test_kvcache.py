@@ -137,12 +137,13 @@ def test_reordering_the_new_slots_permutes_each_rows_entries_and_nothing_else(ma
     kv.commit([2, 2])
     forward(trunk, kv, torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), [2, 2])
     before = [(layer.keys.clone(), layer.values.clone()) for layer in kv.cache.layers]
-    order = torch.tensor([[0, 2, 1, 3], [3, 0, 1, 2]])
-    kv.reorder_new(order)
+    order = torch.tensor([[0, 2], [3, 0]])  # each row's first two new slots: what these held
+    kv.reorder_new(order, q=4)
     for (keys, values), layer in zip(before, kv.cache.layers):
         for old, new in ((keys, layer.keys), (values, layer.values)):
             assert torch.equal(new[:, :, :2], old[:, :, :2])
             for b in range(2):
-                assert torch.equal(new[b, :, 2:], old[b, :, 2:][:, order[b]])
+                assert torch.equal(new[b, :, 2:4], old[b, :, 2:][:, order[b]])
+                assert torch.equal(new[b, :, 4:], old[b, :, 4:])  # past w: as it was
     kv.commit([2, 1])
     assert kv.slots == 4 and kv.kept == [4, 3]

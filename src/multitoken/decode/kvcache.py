@@ -95,18 +95,20 @@ class RaggedCache:
         if self.keep is not None:
             self._compact_if_worth_it()
 
-    def reorder_new(self, order: torch.Tensor) -> None:
-        """Permute the q slots the last forward appended, per row: new slot j of row b takes
-        what slot ``order[b, j]`` held ([B, q] long). A tree's accepted path is moved to the
-        front this way, so that :meth:`commit` keeps it as a prefix."""
-        q = order.size(1)
+    def reorder_new(self, order: torch.Tensor, q: int) -> None:
+        """Of the q slots the last forward appended, the first ``w`` of row b take what slots
+        ``order[b, :w]`` held ([B, w] long, w <= q): a tree's accepted path is moved to the
+        front this way, so that :meth:`commit` keeps it as a prefix (the slots past w are
+        kept by no row: commit crops them)."""
+        w = order.size(1)
         for layer in self.cache.layers:
             if getattr(layer, "keys", None) is None or not layer.keys.numel():
                 continue
             for name in ("keys", "values"):
                 full = getattr(layer, name)  # [B, H, S + q, Dh]; MLA's keys and values differ in Dh
                 index = order[:, None, :, None].expand(-1, full.size(1), -1, full.size(3))
-                full[:, :, -q:] = full[:, :, -q:].gather(2, index)
+                start = full.size(2) - q
+                full[:, :, start : start + w] = full[:, :, start:].gather(2, index)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` ([n] long, in that order): finished rows leave."""

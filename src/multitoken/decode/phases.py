@@ -93,7 +93,7 @@ class Accepted:
     tokens: list[list[int]]
     new: torch.Tensor  # [B, W]: row b's first len(tokens[b]) entries; the rest is filler
     verified: Verified
-    order: torch.Tensor | None = None  # [B, N] kept nodes first, then the others
+    order: torch.Tensor | None = None  # [B, w] each row's kept nodes from the root (then filler)
     paths: list[list[int]] | None = None  # a tree's kept nodes per row, from the root
 
     @property
@@ -259,9 +259,10 @@ def commit(state: Decoding, accepted: Accepted) -> None:
 
 
 def _moved_first(state: Decoding, order: torch.Tensor, verified: Verified) -> Verified:
-    """Put each row's kept tree nodes first among the N new cache slots and the states the
-    heads read (``order`` [B, N]), so that they are kept as a prefix."""
-    state.kv.reorder_new(order)
+    """Put each row's kept tree nodes (``order`` [B, w]: the path from the root, then filler)
+    first among the new cache slots and the states the heads read, so that they are kept as
+    a prefix."""
+    state.kv.reorder_new(order, verified.logits.size(1))
 
     def reorder(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x.gather(1, order[..., None].expand(-1, -1, x.size(-1)))

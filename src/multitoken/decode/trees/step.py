@@ -54,8 +54,6 @@ from multitoken.decode.trees.lookup import MergedTree, PromptLookup
 from multitoken.decode.trees.shape import (
     Tree,
     Trees,
-    _depths,
-    _per_row,
     tree_attention_mask,
     tree_positions,
 )
@@ -128,19 +126,8 @@ class TreeProposal:
             accepted.append([*row[D : D + m], row[-1]])
         m = (path >= 0).sum(1, keepdim=True)  # [B, 1]
         new = torch.cat([path_tokens, nxt[:, None]], dim=1).scatter(1, m, nxt[:, None])
-        return Accepted(accepted, new, verified, self._path_first(path), paths)
-
-    def _path_first(self, path: torch.Tensor) -> torch.Tensor:
-        """[B, N] each row's kept nodes (root and ``path``) first, the others after, in index
-        order: how commit moves the new cache slots."""
-        B, N = self.tokens.shape
-        device = path.device
-        on_path = torch.zeros(B, N + 1, dtype=torch.bool, device=device)
-        on_path[:, 0] = True
-        on_path.scatter_(1, torch.where(path >= 0, path, N), True)  # N: a spare column
-        depth = _per_row(self.trees, _depths, device, B)
-        key = torch.where(on_path[:, :N], depth, N + torch.arange(N, device=device))
-        return key.argsort(dim=1)
+        order = torch.cat([path.new_zeros(B, 1), path.clamp_min(0)], dim=1)  # [B, D + 1]
+        return Accepted(accepted, new, verified, order, paths)
 
 
 def draft_tree(model: Decodable, state: Decoding, plan: Plan, tree: Tree, by_rank: bool):
