@@ -58,7 +58,7 @@ def test_the_continuation_follows_the_heads_candidates_then_hangs_its_own_nodes(
     chances = node_log_chances(S, torch.tensor([[0.0, -1.0, -2.0, -1.0, -1.0]]))
     lookup = PromptLookup(3)
     context = [9, 21, 40, 41, 9]  # after 9 came 21, 40, 41: head node 2 carries 21
-    merged = lookup.merge(S, tokens, chances, [context])
+    merged = lookup.merge(S, tokens, chances, lookup.continue_texts([context]))
     assert merged.path == [[2, 6, 7]]  # node 2, then lookup's own nodes 5 + 1, 5 + 2
     assert merged.parent[0][1:] == [2, 6] and merged.tokens[0, 6:].tolist() == [40, 41]
     rate = lookup.rates.log_rates()[0][0]  # a 1-token match's first token
@@ -89,7 +89,8 @@ def test_lookup_rates_learn_by_depth_and_match_length():
 def test_outcomes_count_offered_tokens_up_to_the_first_miss():
     S = Tree.parse("1")
     lookup = PromptLookup(3)
-    merged = lookup.merge(S, torch.tensor([[5, 3]]), torch.zeros(1, 2), [[5, 6, 7, 8, 5]])
+    found = lookup.continue_texts([[5, 6, 7, 8, 5]])
+    merged = lookup.merge(S, torch.tensor([[5, 3]]), torch.zeros(1, 2), found)
     assert merged.path == [[2, 3, 4]]  # the head's 3 is not lookup's 6: lookup's own chain
     trees, kept = merged.keep_best(merged.values(), 4)
     tree_path = [0, *[kept[0].tolist().index(n) for n in (2, 3)]]  # 6, 7 accepted, 8 not

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from multitoken.decode.phases import Accepted
 from multitoken.decode.rates import HitRates
 from multitoken.decode.trees.dynamic import LEAST_SCORE, best_nodes, path_sums
 from multitoken.decode.trees.shape import Tree
@@ -142,9 +143,21 @@ class MergedTree:
 
 
 @dataclass
+class LookupProposal:
+    """Prompt lookup's proposal for a step: each row's (match length n, continuation); once
+    merged into the step's trees, where its tokens sit (``merged``) and which nodes each row
+    kept (``kept``), for :meth:`PromptLookup.observe`."""
+
+    continuations: list[tuple[int, list[int]]]
+    merged: MergedTree | None = None
+    kept: torch.Tensor | None = None
+
+
+@dataclass
 class PromptLookup:
     """Prompt lookup as a draft source for every row of a call: continuations of up to
-    ``length`` tokens, merged into the heads' skeleton (:meth:`merge`)."""
+    ``length`` tokens, which :class:`multitoken.decode.trees.step.RowTrees` merges into the
+    heads' skeleton (:meth:`merge`) under the step's node budget."""
 
     length: int
     rates: LookupRates = field(init=False)
@@ -152,21 +165,24 @@ class PromptLookup:
     def __post_init__(self) -> None:
         self.rates = LookupRates(self.length)
 
-    def propose(self, histories: list[list[int]]) -> list[tuple[int, list[int]]]:
-        """Each row's (match length n, continuation) from its committed tokens (the host's copy:
-        no device read)."""
-        return [continuation(history, self.length) for history in histories]
+    def propose(self, model, state, plan, watch) -> LookupProposal:
+        """Each row's continuation of its committed tokens, searched in the host's copy
+        (``state.history``): no device read, no model."""
+        return self.continue_texts(state.history)
+
+    def continue_texts(self, histories: list[list[int]]) -> LookupProposal:
+        return LookupProposal([continuation(history, self.length) for history in histories])
 
     def merge(
         self,
         skeleton: Tree,
         tokens: torch.Tensor,
         chances: torch.Tensor,
-        histories: list[list[int]],
+        proposal: LookupProposal,
     ) -> MergedTree:
         """Each row's continuation merged into the drafted ``skeleton``: ``tokens`` [B, S] its
         nodes' tokens (node 0: the pending token, the last of each history), ``chances``
-        [B, S] their own log chance of acceptance; all on the host."""
+        [B, S] their own log chance of acceptance; all on the host. Kept on ``proposal``."""
         B, S = tokens.shape
         L = self.length
         heads = tokens.tolist()
@@ -176,7 +192,7 @@ class PromptLookup:
         parent = [[0] * L for _ in range(B)]
         depth = [list(skeleton.depth) + [0] * L for _ in range(B)]
         paths, ngrams, raised, lowered = [], [], [], []
-        for b, (n, cont) in enumerate(self.propose(histories)):
+        for b, (n, cont) in enumerate(proposal.continuations):
             node, carried = 0, []
             for j, token in enumerate(cont):
                 score = rates[n - 1][j]
@@ -205,7 +221,7 @@ class PromptLookup:
             chances[rows, nodes] += torch.tensor(scores, dtype=chances.dtype)
         extra = torch.tensor(lookup_tokens, dtype=tokens.dtype)
         extra_chances = torch.tensor(lookup_chances, dtype=chances.dtype)
-        return MergedTree(
+        proposal.merged = MergedTree(
             skeleton,
             torch.cat([tokens, extra], dim=1),
             torch.cat([chances, extra_chances], dim=1),
@@ -214,9 +230,11 @@ class PromptLookup:
             paths,
             ngrams,
         )
+        return proposal.merged
 
-    def observe(self, merged: MergedTree, kept: torch.Tensor, paths: list[list[int]]) -> None:
-        self.rates.observe(merged.outcomes(kept, paths))
+    def observe(self, proposal: LookupProposal, accepted: Accepted) -> None:
+        """How far each row's offered lookup tokens were accepted: their rates learn it."""
+        self.rates.observe(proposal.merged.outcomes(proposal.kept, accepted.paths))
 
 
 @functools.lru_cache(maxsize=4096)

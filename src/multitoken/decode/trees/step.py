@@ -50,7 +50,7 @@ from multitoken.decode.trees.dynamic import (
     node_log_chances,
     path_values,
 )
-from multitoken.decode.trees.lookup import MergedTree, PromptLookup
+from multitoken.decode.trees.lookup import LookupProposal, PromptLookup
 from multitoken.decode.trees.shape import (
     Tree,
     Trees,
@@ -63,13 +63,13 @@ from multitoken.decode.trees.shape import (
 class Selection:
     """What per-row trees were selected from, for the draft sources to learn from: every
     skeleton node's log draft probability [B, S + L] (NaN: a lookup node), the nodes each row
-    kept [B, N] (in its tree's order), each row's tree, and the merged lookup paths (None: the
+    kept [B, N] (in its tree's order), each row's tree, and prompt lookup's proposal (None: the
     heads' skeleton alone). On the host: read once before the verify pass."""
 
     scores: torch.Tensor
     kept: torch.Tensor
     trees: list[Tree]
-    merged: MergedTree | None
+    lookup: LookupProposal | None
 
 
 @dataclass
@@ -206,26 +206,28 @@ class RowTrees:
             scores = log_q.flatten(1).gather(1, at)  # [B, S]: log q of each node's token
             # the one read before verifying: the nodes' tokens and scores decide each row's tree
             host = read_host(torch.cat([tokens.double(), scores.double()], dim=1))
-            chosen, selection = self._select(host, state.history)
+            found = None if self.lookup is None else self.lookup.propose(model, state, plan, watch)
+            chosen, selection = self._select(host, found)
         return TreeProposal(selection.trees, chosen.to(tokens.device), None, plan.k_max, selection)
 
-    def _select(self, host: torch.Tensor, history: list[list[int]]):
+    def _select(self, host: torch.Tensor, found: LookupProposal | None):
         """Each row's nodes, on the host: from ``host`` [B, 2S] the skeleton's node tokens and
-        their log draft probabilities (and with lookup, each row's ``history``). Returns the
-        chosen nodes' tokens [B, N] and the :class:`Selection`."""
+        their log draft probabilities, and prompt lookup's continuations ``found`` merged in.
+        Returns the chosen nodes' tokens [B, N] and the :class:`Selection`."""
         S = self.skeleton.size
         tokens, scores = host[:, :S].long(), host[:, S:].float()
         chances = self.budget.calibrate(scores)
-        if self.lookup is None:
+        if found is None:
             values = path_values(self.skeleton, chances)
             trees, kept = keep_best(self.skeleton, values, self.budget.budget(values))
             return tokens.gather(1, kept), Selection(scores, kept, trees, None)
         chances = node_log_chances(self.skeleton, chances)
-        merged = self.lookup.merge(self.skeleton, tokens, chances, history)
+        merged = self.lookup.merge(self.skeleton, tokens, chances, found)
         values = merged.values()
         trees, kept = merged.keep_best(values, self.budget.budget(values))
+        found.kept = kept
         lookup_scores = scores.new_full((len(trees), self.lookup.length), float("nan"))
-        selection = Selection(torch.cat([scores, lookup_scores], 1), kept, trees, merged)
+        selection = Selection(torch.cat([scores, lookup_scores], 1), kept, trees, found)
         return merged.tokens.gather(1, kept), selection
 
     def observe(self, proposal: TreeProposal | ChainProposal, accepted: Accepted) -> None:
@@ -233,8 +235,8 @@ class RowTrees:
         if selection is None:
             return
         self.budget.observe(selection.scores, selection.kept, selection.trees, accepted.paths)
-        if selection.merged is not None:
-            self.lookup.observe(selection.merged, selection.kept, accepted.paths)
+        if selection.lookup is not None:
+            self.lookup.observe(selection.lookup, accepted)
 
     def observe_draft(self, seconds: float, proposal) -> None:
         if self.costs is not None and self.costs.learn_draft:
