@@ -81,7 +81,7 @@ MUTANTS = [
     ),
     Mutant(
         "chain-verify-ignores-top-k-p",
-        "decode/phases.py",
+        "decode/chain.py",
         "p = probs(logits, plan.sampling)  # [B, K+1, V]",
         "p = probs(logits, type(plan.sampling)(plan.sampling.temperature, 0, 1.0))",
         "a chain verifies against p without top-k / top-p",
