@@ -134,3 +134,19 @@ def test_a_tree_is_checked_against_the_heads_before_decoding():
         with pytest.raises(MultitokenError) as err:
             generate(model_of("bpd", depth=2), PROMPTS, max_new_tokens=4, tree=bad)
         assert err.value.flag == "--tree"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("family", ["bpd", "meta"])
+def test_a_budget_of_no_drafts_verifies_the_root_alone(family, temperature, monkeypatch, trained):
+    """A per-row step whose budget keeps no draft (auto does so where none pays) verifies each
+    row's pending token alone, and decodes what plain decoding does."""
+    from multitoken.decode.trees.spec import Dynamic
+
+    model = trained(family)
+    monkeypatch.setattr(Dynamic, "budget", lambda self, values: 0)
+    options = {"max_new_tokens": 12, "temperature": temperature, "seed": 3}
+    plain = generate(model, PROMPTS, speculate=False, **options)
+    for tree in ("dynamic:4", "dynamic:4+lookup"):
+        out = generate(model, PROMPTS, tree=tree, **options)
+        assert out.tokens == plain.tokens and set(out.stats.nodes) == {1}

@@ -49,7 +49,7 @@ def accept_greedy_tree(
     last = key.argmax(dim=1)  # [B]
     nxt = target.gather(1, last[:, None]).squeeze(1)
     # climb from the last node to the root, writing each node at its depth
-    path = torch.full((B, max(D, 1)), -1, dtype=torch.long, device=device)
+    path = torch.full((B, D), -1, dtype=torch.long, device=device)  # D = 0: the root alone
     node = last
     for _ in range(D):
         at = depth.gather(1, node[:, None])  # [B, 1]
