@@ -36,26 +36,21 @@ def accept_greedy_tree(
     B, N = tokens.shape
     device = tokens.device
     parent = _per_row(trees, _parents, device, B)  # [B, N]
+    ancestors = _per_row(trees, Tree.ancestors, device, B)  # [B, N, N]: j is i or above it
     match = tokens == target.gather(1, parent)  # [B, N]: node i is its parent's argmax
-    reach = match.clone()
-    reach[:, 0] = True
-    D = _max_depth(trees)
-    for _ in range(D - 1):  # after d rounds, depths up to d + 1 are settled
-        reach = match & reach.gather(1, parent)
-        reach[:, 0] = True
+    match[:, 0] = True  # the root: the pending token, the trunk's already
+    reach = ~(ancestors & ~match[:, None, :]).any(-1)  # [B, N]: no node on the way misses
     depth = _per_row(trees, _depths, device, B)
     order = torch.arange(N, device=device)
     key = torch.where(reach, depth * N + (N - 1 - order), -1)  # deepest, then lowest index
     last = key.argmax(dim=1)  # [B]
     nxt = target.gather(1, last[:, None]).squeeze(1)
-    # climb from the last node to the root, writing each node at its depth
-    path = torch.full((B, D), -1, dtype=torch.long, device=device)  # D = 0: the root alone
-    node = last
-    for _ in range(D):
-        at = depth.gather(1, node[:, None])  # [B, 1]
-        slot = (at - 1).clamp_min(0)
-        path.scatter_(1, slot, torch.where(at > 0, node[:, None], path.gather(1, slot)))
-        node = parent.gather(1, node[:, None]).squeeze(1)
+    # the path: the last node's ancestors, in index order (= depth order, breadth-first)
+    on_path = ancestors.gather(1, last[:, None, None].expand(-1, 1, N)).squeeze(1)  # [B, N]
+    nodes = torch.where(on_path, order, N + order).sort(dim=1).values  # path first, root first
+    D = _max_depth(trees)
+    kept = on_path.sum(1, keepdim=True) - 1  # [B, 1] drafts kept
+    path = torch.where(order[:D] < kept, nodes[:, 1 : D + 1], -1)  # [B, D]; D = 0: root alone
     return path, nxt
 
 
