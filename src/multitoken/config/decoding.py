@@ -66,7 +66,7 @@ class GenerateConfig:
         "probabilities (EAGLE-2); auto = such trees, each step as many drafts as pay for "
         "themselves under the measured verify cost and the acceptance seen so far; "
         "'dynamic:N+lookup[:L]', 'auto+lookup[:L]' = with prompt lookup's continuation (up to "
-        "L tokens, default 8, found in the row's own text) grafted into each row's tree",
+        "L tokens, default 8, found in the row's own text) merged into each row's tree",
     )
     linear_kernel: str = _field(
         "auto",

@@ -1,7 +1,8 @@
 """Decoding: the trunk alone (method 1) or self-speculative decoding with the MTP heads (method 2).
 
-A call climbs the ladder of :mod:`multitoken.decode.phases` — prefill, then draft → verify → accept →
-commit → emit (→ retire) until every row is done — over one explicit state.
+A call runs the phases of :mod:`multitoken.decode.phases` — prefill, then propose → verify →
+accept → commit → observe → emit (→ retire) until every row is done — over one explicit state,
+with the draft source its plan asks for (:func:`draft_source`).
 
 K is fixed (``--draft-len 3``) or chosen before each step (``--draft-len auto``,
 :mod:`multitoken.decode.costs`) from the measured verify cost c(q), the measured drafting cost and

@@ -57,7 +57,7 @@ class Decodable(Protocol):
 
 @dataclass
 class Decoding:
-    """The state one call carries from rung to rung (nothing is kept on the model). Index b is
+    """The state one call carries from phase to phase (nothing is kept on the model). Index b is
     a row of the batch still decoding; ``rows[b]`` is the caller's index of that prompt."""
 
     kv: RaggedCache  # the trunk's cache
@@ -165,7 +165,7 @@ def _column(values: list[int], device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# The rungs of a step
+# The phases of a step
 # ---------------------------------------------------------------------------------------------
 
 
@@ -316,7 +316,7 @@ def heads_input(state: Decoding) -> Committed:
 
 
 def _joined(parts: list[Committed], tokens: list[torch.Tensor]) -> Committed:
-    """The unseen positions of several steps (steps with K = 0 draft nothing) as one."""
+    """The undrafted positions of several steps (steps with K = 0 draft nothing) as one."""
     if len(parts) == 1:
         return dataclasses.replace(parts[0], tokens=tokens)
     new = [sum(p.new[r] for p in parts) for r in range(len(tokens))]
