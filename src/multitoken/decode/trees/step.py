@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from multitoken.decode.chain import ChainProposal
+from multitoken.decode.chain import ChainProposal, draft_chain
 from multitoken.decode.costs import CostModel
 from multitoken.decode.kvcache import masks_per_kind
 from multitoken.decode.phases import (
@@ -193,7 +193,7 @@ class RowTrees:
         self, model: Decodable, state: Decoding, plan: Plan, watch
     ) -> TreeProposal | ChainProposal:
         if not self.budget.drafts():  # drafting rests: a plain step
-            return ChainProposal(state.pending.new_zeros(state.pending.size(0), 0), None, 0)
+            return draft_chain(model, state, 0, 0, plan)
         with watch.section():  # drafting, and choosing each row's nodes: what a tree costs
             tokens, logits, rows = draft_tree(model, state, plan, self.skeleton, by_rank=True)
             log_q = (
