@@ -4,7 +4,7 @@ Every default lives in a dataclass field of the config modules this one names: t
 field helpers in :mod:`multitoken.config.fields`, :class:`HeadConfig` in
 :mod:`multitoken.config.heads`, :class:`TrainConfig` (with :class:`RuntimeConfig` and the λ
 schedule) in :mod:`multitoken.config.training`, :class:`GenerateConfig` in
-:mod:`multitoken.config.decoding`. The CLI builds its flags from these fields
+:mod:`multitoken.config.decoding`, :class:`ServeConfig` in :mod:`multitoken.config.serving`. The CLI builds its flags from these fields
 (``multitoken.cli``), config files name the same fields (:func:`read_config_file`, here), and
 ``multitoken.train(**kwargs)`` takes them as keyword arguments, so there is exactly one copy of
 each default. Import them from here.
@@ -32,12 +32,14 @@ from multitoken.config.fields import (
     SOFT_TOP_K,
 )
 from multitoken.config.heads import HeadConfig
+from multitoken.config.serving import API_KEY_VARIABLE, ServeConfig
 from multitoken.config.training import LambdaSchedule, RuntimeConfig, TrainConfig, default_lambda
 from multitoken.errors import MultitokenError
 from multitoken.presets import PRESETS, PRETRAINED_LR, TrunkPreset
 
 # The trunk presets are named here too: the options that choose among them are this module's.
 __all__ = [
+    "API_KEY_VARIABLE",
     "DEFAULT_TREE",
     "FAMILIES",
     "HEAD_LABELS",
@@ -50,6 +52,7 @@ __all__ = [
     "HeadConfig",
     "LambdaSchedule",
     "RuntimeConfig",
+    "ServeConfig",
     "TrainConfig",
     "TrunkPreset",
     "default_lambda",

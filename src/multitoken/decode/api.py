@@ -135,11 +135,7 @@ def decode(
     watch = Stopwatch(state.tokens.device, clock)
     while state.rows:
         start = clock()  # a whole step: choosing it, drafting, verifying, the bookkeeping
-        proposal = source.propose(model, state, plan, watch)
-        verified = proposal.verify(model, state, plan)
-        accepted = proposal.accept(verified, plan)
-        commit(state, accepted)
-        source.observe(proposal, accepted)
+        proposal, accepted = step(model, state, plan, source, watch)
         done = emit(state, accepted.tokens, plan, on_tokens)
         stats.nodes.append(proposal.size)
         _record(stats, source, proposal, accepted.tokens, watch.take())
@@ -147,6 +143,18 @@ def decode(
         source.observe_step(clock() - start, sum(accepted.counts) / len(accepted.counts))
     stats.tokens = sum(map(len, state.out))
     return Generation(state.out, stats)
+
+
+def step(
+    model: Decodable, state: Decoding, plan: Plan, source: DraftSource, watch: Stopwatch
+) -> tuple[Proposal, Accepted]:
+    """One step over every row of ``state``: propose → verify → accept → commit → observe."""
+    proposal = source.propose(model, state, plan, watch)
+    verified = proposal.verify(model, state, plan)
+    accepted = proposal.accept(verified, plan)
+    commit(state, accepted)
+    source.observe(proposal, accepted)
+    return proposal, accepted
 
 
 class DraftSource(Protocol):
@@ -215,11 +223,19 @@ def _record(stats: Stats, source: DraftSource, proposal, accepted: list[list[int
     for j in range(K):
         stats.head_tries[j] += tries[j]
         stats.head_hits[j] += hits[j]
-    seconds = sum(draft_s)
-    if seconds:  # a tree step may draft and then verify no draft (K = 0)
+    seconds = observe_drafting(source, proposal, draft_s)
+    if seconds:
         stats.draft_s += seconds
         stats.draft_steps += 1
+
+
+def observe_drafting(source: DraftSource, proposal: Proposal, draft_s: list[float]) -> float:
+    """Tell ``source`` what drafting cost this step (``draft_s``: the stopwatch's sections);
+    returns the seconds, 0 for a step that drafted nothing."""
+    seconds = sum(draft_s)
+    if seconds:  # a tree step may draft and then verify no draft (K = 0)
         source.observe_draft(seconds, proposal)
+    return seconds
 
 
 def generate(

@@ -29,6 +29,7 @@ from multitoken.decode.sampling import (
     accept_greedy_rows,
     accept_sampled_rows,
     accept_typical_rows,
+    categorical,
     draw_tokens,
     probs,
 )
@@ -72,7 +73,7 @@ class ChainProposal:
             p = probs(logits, plan.sampling)  # [B, K+1, V]
             if K == 0:
                 m = p.new_zeros(p.size(0), dtype=torch.long)
-                bonus = torch.multinomial(p[:, 0], 1, generator=plan.gen).squeeze(1)
+                bonus = categorical(p[:, 0], plan.gen)
             elif plan.cfg.typical > 0:
                 m, bonus = accept_typical_rows(drafts, p, plan.cfg.typical, plan.gen)
             else:

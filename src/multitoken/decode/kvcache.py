@@ -124,6 +124,39 @@ class RaggedCache:
             else:
                 self._compact_if_worth_it()
 
+    def extend(self, other: RaggedCache) -> None:
+        """Append the rows of ``other`` (a cache of the same trunk) after this one's: requests
+        prefilled apart join a running batch (continuous batching). Both sides are padded to
+        the longer one's slots; the padding is a trailing hole of the shorter side's rows."""
+        slots = max(self.slots, other.slots)
+        layers = max(len(self.cache.layers), len(other.cache.layers))
+        for cache in (self.cache, other.cache):  # a cache without a config grows layers lazily
+            cache.layers.extend(DynamicLayer() for _ in range(layers - len(cache.layers)))
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            parts = [
+                _padded(layer, self.batch if i == 0 else other.batch, slots, mine, theirs)
+                for i, layer in enumerate((mine, theirs))
+            ]
+            if parts[0] is None:
+                continue  # no row of either side has reached this layer
+            keys = torch.cat([parts[0][0], parts[1][0]])
+            values = torch.cat([parts[0][1], parts[1][1]])
+            if not getattr(mine, "is_initialized", True):
+                mine.lazy_initialization(keys, values)
+            mine.keys, mine.values = keys, values
+        keep = torch.cat([self._keep_mask(slots), other._keep_mask(slots)])
+        self.batch += other.batch
+        self.kept = self.kept + other.kept
+        self.slots = slots
+        self.keep = None if min(self.kept) == slots else keep
+
+    def _keep_mask(self, slots: int) -> torch.Tensor:
+        """[B, slots] which slots each row keeps, this cache's padded with holes to ``slots``."""
+        keep = self.keep
+        if keep is None:
+            keep = torch.ones(self.batch, self.slots, dtype=torch.bool, device=self.device)
+        return torch.nn.functional.pad(keep, (0, slots - self.slots), value=False)
+
     def compact(self) -> None:
         """Move every row's kept entries to its first slots, in order; trailing holes remain
         only where rows hold fewer entries than the longest."""
@@ -148,6 +181,28 @@ class RaggedCache:
         freed = self.slots - max(self.kept)
         if freed >= COMPACT_MIN_SLOTS and freed >= COMPACT_MIN_SHARE * self.slots:
             self.compact()
+
+
+def _filled(layer) -> bool:
+    return getattr(layer, "keys", None) is not None and layer.keys.numel() > 0
+
+
+def _padded(layer, batch: int, slots: int, *pair) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``layer``'s keys and values [batch, H, slots, Dh], zeros past its own slots (or all
+    zeros, shaped as the other layer of ``pair``'s, where it holds nothing yet); None when
+    neither layer of ``pair`` holds anything."""
+    like = next((x for x in pair if _filled(x)), None)
+    if like is None:
+        return None
+    out = []
+    for name in ("keys", "values"):  # MLA's keys and values differ in Dh
+        ref = getattr(like, name)
+        if _filled(layer):
+            x = getattr(layer, name)
+            out.append(torch.nn.functional.pad(x, (0, 0, 0, slots - x.size(2))))
+        else:
+            out.append(ref.new_zeros(batch, ref.size(1), slots, ref.size(3)))
+    return out[0], out[1]
 
 
 def position_mask(

@@ -13,6 +13,9 @@
     emit     the caller gets each row's new tokens, up to its budget and through a stop token
     retire   rows that are done leave the batch
 
+A server's engine (:mod:`multitoken.serve.engine`) runs the same step, and between steps lets
+rows prefilled apart join the batch (:mod:`multitoken.decode.batching`).
+
 :func:`multitoken.decode.api.decode` runs them in that order.
 """
 
@@ -31,7 +34,7 @@ from transformers import PreTrainedModel
 
 from multitoken.config import GenerateConfig
 from multitoken.decode.kvcache import RaggedCache, trunk_attention_mask
-from multitoken.decode.sampling import Sampling, draw_tokens
+from multitoken.decode.sampling import Generators, RowSampling, Sampling, draw_tokens
 from multitoken.decode.trees.spec import TreeSpec
 from multitoken.heads.base import Committed, MTPHeads
 from multitoken.trunk import TrunkParts, watch_states
@@ -177,9 +180,9 @@ class Plan:
     cfg: GenerateConfig
     k_max: int
     auto: bool
-    sampling: Sampling
+    sampling: Sampling | RowSampling  # one for every row, or each row's (a server's batch)
     stop: frozenset
-    gen: torch.Generator | None = None
+    gen: Generators = None  # one generator for the batch, or each row's
     tree: TreeSpec | None = None  # --tree: steps verify trees instead of a chain (None: chains)
 
     @property
@@ -197,10 +200,11 @@ class Plan:
         return self.cfg.speculate
 
 
-def prefill(model: Decodable, prompts: list[list[int]], plan: Plan) -> Decoding:
+def prefill(model: Decodable, prompts: list[list[int]], plan: Plan, final: bool = True) -> Decoding:
     """One pass over the right-padded prompts (causal attention keeps each row's tokens from
     seeing its padding), logits at each row's last position only; each row's first new token
-    becomes its pending token."""
+    becomes its pending token. ``final=False``: the prompts are only the first chunk of one
+    (:func:`multitoken.decode.batching.extend_prefill` passes the rest); no token is drawn."""
     device = model.parts.embed.weight.device
     B, P = len(prompts), max(map(len, prompts))
     lengths = [len(p) for p in prompts]
@@ -212,8 +216,10 @@ def prefill(model: Decodable, prompts: list[list[int]], plan: Plan) -> Decoding:
     branch = model.heads.branch_layer if plan.speculate else None
     out = trunk_pass(model, tokens[:, :P], kv, [0] * B, last, plan.speculate, branch)
     kv.commit(lengths)
-    first, _ = draw_tokens(out.logits[:, 0], plan.sampling, plan.gen)  # [B]
-    tokens[torch.arange(B, device=device), torch.tensor(lengths, device=device)] = first
+    first = None
+    if final:
+        first, _ = draw_tokens(out.logits[:, 0], plan.sampling, plan.gen)  # [B]
+        tokens[torch.arange(B, device=device), torch.tensor(lengths, device=device)] = first
     undrafted = []  # h^0 is watched only when the heads will draft
     if plan.speculate:
         undrafted = [Committed(None, out.hidden, out.branch, [0] * B, lengths)]
@@ -221,7 +227,7 @@ def prefill(model: Decodable, prompts: list[list[int]], plan: Plan) -> Decoding:
     return Decoding(
         kv=kv,
         tokens=tokens,
-        length=[n + 1 for n in lengths],
+        length=[n + final for n in lengths],
         pending=first,
         undrafted=undrafted,
         heads=heads,
@@ -312,10 +318,10 @@ def heads_input(state: Decoding) -> Committed:
     (several steps' when plain steps drafted nothing), with each row's committed tokens."""
     tokens = [state.tokens[b, : state.length[b]] for b in range(len(state.length))]
     parts, state.undrafted = state.undrafted, []
-    return _joined(parts, tokens)
+    return join_parts(parts, tokens)
 
 
-def _joined(parts: list[Committed], tokens: list[torch.Tensor]) -> Committed:
+def join_parts(parts: list[Committed], tokens: list[torch.Tensor]) -> Committed:
     """The undrafted positions of several steps (steps with K = 0 draft nothing) as one."""
     if len(parts) == 1:
         return dataclasses.replace(parts[0], tokens=tokens)

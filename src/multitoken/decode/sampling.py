@@ -28,8 +28,12 @@ class Sampling:
         return self.temperature == 0
 
 
-def probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """[..., V] logits -> [..., V] float32 probabilities after temperature, top-k and top-p."""
+def probs(logits: torch.Tensor, sampling: Sampling | RowSampling) -> torch.Tensor:
+    """[B, ..., V] logits -> [B, ..., V] float32 probabilities after temperature, top-k and
+    top-p (each row's own with :class:`RowSampling`, where a greedy row's are the point mass
+    on its argmax)."""
+    if isinstance(sampling, RowSampling):
+        return sampling.probs(logits)
     x = logits.float() / sampling.temperature
     if sampling.top_k and sampling.top_k < x.size(-1):
         kth = torch.topk(x, sampling.top_k, dim=-1).values[..., -1:]
@@ -45,13 +49,116 @@ def probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return p
 
 
-def draw_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None):
-    """One token per distribution from [..., V] logits: (tokens [...], q [..., V] or None when
-    greedy)."""
+def log_chances(logits: torch.Tensor, sampling: Sampling | RowSampling) -> torch.Tensor:
+    """[B, ..., V] log-probabilities that rank draft candidates: the draft's own softmax for
+    greedy rows (a point mass would rank every candidate but one at -inf), the sampling law's
+    for sampled ones."""
+    if sampling.greedy:
+        return logits.float().log_softmax(-1)
+    if isinstance(sampling, RowSampling):
+        return sampling.log_chances(logits)
+    return probs(logits, sampling).log()
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """Each batch row's own :class:`Sampling` (a server's requests, decoded together). Where
+    rows differ, a greedy row's law is the point mass on its argmax: speculative sampling with
+    point masses accepts exactly the drafts equal to the argmax and then emits the argmax, so
+    such a row decodes exactly as greedy decoding would, in the same batch as sampled rows."""
+
+    rows: tuple[Sampling, ...]
+
+    @property
+    def greedy(self) -> bool:
+        return all(s.greedy for s in self.rows)
+
+    def select(self, index: list[int]) -> RowSampling:
+        return RowSampling(tuple(self.rows[i] for i in index))
+
+    def __add__(self, other: RowSampling) -> RowSampling:
+        return RowSampling(self.rows + other.rows)
+
+    def _groups(self) -> dict[Sampling, list[int]]:
+        groups: dict[Sampling, list[int]] = {}
+        for b, s in enumerate(self.rows):
+            groups.setdefault(s, []).append(b)
+        return groups
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, ..., V] -> [B, ..., V]: one computation per distinct setting."""
+        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        for setting, rows in self._groups().items():
+            index = torch.tensor(rows, device=logits.device)
+            part = logits[index]
+            if setting.greedy:
+                p = torch.zeros(part.shape, dtype=torch.float32, device=part.device)
+                p.scatter_(-1, part.argmax(-1, keepdim=True), 1.0)
+            else:
+                p = probs(part, setting)
+            out[index] = p
+        return out
+
+    def log_chances(self, logits: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        for setting, rows in self._groups().items():
+            index = torch.tensor(rows, device=logits.device)
+            out[index] = log_chances(logits[index], setting)
+        return out
+
+
+@dataclass(frozen=True)
+class RowGenerators:
+    """One random generator per batch row: a row's draws do not depend on which other rows
+    share its batch (a seeded server request repeats whatever else is in flight, given the
+    same drafts). Every draw's first dimension is the batch row (:func:`uniform`,
+    :func:`categorical`)."""
+
+    rows: tuple[torch.Generator, ...]
+
+    def select(self, index: list[int]) -> RowGenerators:
+        return RowGenerators(tuple(self.rows[i] for i in index))
+
+    def __add__(self, other: RowGenerators) -> RowGenerators:
+        return RowGenerators(self.rows + other.rows)
+
+
+Generators = torch.Generator | RowGenerators | None
+
+
+def uniform(shape: tuple[int, ...], generator: Generators, device) -> torch.Tensor:
+    """U[0, 1) draws of ``shape`` (the first dimension: batch rows)."""
+    if not isinstance(generator, RowGenerators):
+        return torch.rand(shape, generator=generator, device=device)
+    return torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in generator.rows])
+
+
+def categorical(p: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """One token per distribution [B, V] -> [B] (``torch.multinomial``)."""
+    if not isinstance(generator, RowGenerators):
+        return torch.multinomial(p, 1, generator=generator).squeeze(1)
+    return torch.cat(
+        [
+            torch.multinomial(p[b : b + 1], 1, generator=g)[:, 0]
+            for b, g in enumerate(generator.rows)
+        ]
+    )
+
+
+def draw_tokens(logits: torch.Tensor, sampling: Sampling | RowSampling, generator: Generators):
+    """One token per distribution from [B, ..., V] logits: (tokens [B, ...], q [B, ..., V] or
+    None when greedy)."""
     if sampling.greedy:
         return logits.argmax(-1), None
     q = probs(logits, sampling)
-    flat = q.reshape(-1, q.size(-1))  # multinomial takes [N, V]
+    B, V = q.size(0), q.size(-1)
+    if isinstance(generator, RowGenerators):
+        flat = q.reshape(B, -1, V)  # [B, n, V]: each row's draws from its own generator
+        tokens = torch.stack(
+            [torch.multinomial(flat[b], 1, generator=g)[:, 0] for b, g in enumerate(generator.rows)]
+        )
+        return tokens.view(q.shape[:-1]), q
+    flat = q.reshape(-1, V)  # multinomial takes [N, V]
     tokens = torch.multinomial(flat, 1, generator=generator).view(q.shape[:-1])
     return tokens, q
 
@@ -67,7 +174,7 @@ def accept_sampled_rows(
     drafts: torch.Tensor,
     q: torch.Tensor,
     p: torch.Tensor,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling for a batch, on the device: drafts [B, K], q [B, K, V] the draft
     distributions, p [B, K+1, V] the trunk's -> (m [B], next [B]).
@@ -79,11 +186,11 @@ def accept_sampled_rows(
     rows = torch.arange(B, device=p.device)
     index = drafts[..., None]  # [B, K, 1]
     ratio = p[:, :K].gather(-1, index) / q.gather(-1, index).clamp_min(1e-30)  # q(d) > 0
-    u = torch.rand(B, K, generator=generator, device=p.device)
+    u = uniform((B, K), generator, p.device)
     m = (u < ratio.squeeze(-1).clamp(max=1.0)).long().cumprod(dim=1).sum(dim=1)  # [B]
     q_next = torch.cat([q, q.new_zeros(B, 1, q.size(-1))], dim=1)[rows, m]  # [B, V]
     p_next = p[rows, m]
-    return m, torch.multinomial(residual(p_next, q_next), 1, generator=generator).squeeze(1)
+    return m, categorical(residual(p_next, q_next), generator)
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -96,7 +203,7 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def accept_typical_rows(
-    drafts: torch.Tensor, p: torch.Tensor, eps: float, generator: torch.Generator | None
+    drafts: torch.Tensor, p: torch.Tensor, eps: float, generator: Generators
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Medusa's typical acceptance (Cai et al. 2024, §2.3.1) — LOSSY, opt-in.
 
@@ -111,4 +218,4 @@ def accept_typical_rows(
     likely = head.gather(-1, drafts[..., None]).squeeze(-1) > threshold
     m = likely.long().cumprod(dim=1).sum(dim=1)
     p_next = p[torch.arange(p.size(0), device=p.device), m]
-    return m, torch.multinomial(p_next, 1, generator=generator).squeeze(1)
+    return m, categorical(p_next, generator)

@@ -156,6 +156,11 @@ class MTPHeads(nn.Module):
         finished leave the batch. Stateless heads keep None."""
         return state
 
+    def join_draft_rows(self, state: Any, other: Any) -> Any:
+        """One draft state of ``state``'s rows followed by ``other``'s (requests prefilled apart
+        join a running batch). Stateless heads keep None."""
+        return state
+
     def max_draft_len(self) -> int | None:
         """The most tokens a step can draft (None: no limit)."""
         return None if self.drafts_past_depth else self.depth

@@ -194,6 +194,10 @@ class DeepSeekHeads(DraftVocab, MTPHeads):
         state.select(rows)
         return state
 
+    def join_draft_rows(self, state: DeepSeekDraftState, other: DeepSeekDraftState):
+        state.join(other)
+        return state
+
     def draft(self, state: DeepSeekDraftState, step: Committed, K: int, sample: DraftSampler):
         """Free-running drafting along the causal chain (docs/design.md §Inference, step 1).
 

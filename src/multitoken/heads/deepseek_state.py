@@ -72,6 +72,30 @@ class DeepSeekDraftState:
         self.held_len = [[n[r] for r in keep] for n in self.held_len]
         self.batch = len(keep)
 
+    def join(self, other: DeepSeekDraftState) -> None:
+        """Append ``other``'s rows after this state's. A side that has not drafted yet holds
+        nothing: its rows join every module empty, as a fresh state's would be."""
+        if not self.caches and not other.caches:
+            self.batch += other.batch
+            return
+        chain = self.held if self.caches else other.held
+        for side in (self, other):
+            if not side.caches:
+                side.ensure(len(chain), chain[0].new_zeros(side.batch, 0, chain[0].size(-1)))
+        if len(self.caches) != len(other.caches):
+            raise ValueError(f"chains of {len(self.caches)} and {len(other.caches)} modules")
+        for i in range(len(self.caches)):
+            self.caches[i].extend(other.caches[i])
+            self.done[i] = self.done[i] + other.done[i]
+            self.held_len[i] = self.held_len[i] + other.held_len[i]
+            a, b = self.held[i], other.held[i]
+            width = max(a.size(1), b.size(1))
+            pad = torch.nn.functional.pad
+            self.held[i] = torch.cat(
+                [pad(a, (0, 0, 0, width - a.size(1))), pad(b, (0, 0, 0, width - b.size(1)))]
+            )
+        self.batch += other.batch
+
     def catch_up(
         self,
         k: int,

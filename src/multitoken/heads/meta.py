@@ -75,6 +75,11 @@ class MetaHeads(DraftVocab, MTPHeads):
             kv.select(rows)
         return caches
 
+    def join_draft_rows(self, caches: list[RaggedCache], other: list[RaggedCache]):
+        for kv, theirs in zip(caches, other):
+            kv.extend(theirs)
+        return caches
+
     def draft_logits(self, caches: list[RaggedCache], step: Committed, K: int) -> torch.Tensor:
         """Heads 1..K extend their KV caches over each row's newly committed positions of the
         branch stream (committed positions only, so the caches never need rolling back); the

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from multitoken.decode.sampling import residual
+from multitoken.decode.sampling import Generators, categorical, residual, uniform
 from multitoken.decode.trees.shape import (
     Tree,
     Trees,
@@ -54,12 +54,12 @@ def accept_greedy_tree(
     return path, nxt
 
 
-def sample_candidates(q: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+def sample_candidates(q: torch.Tensor, k: int, generator: Generators) -> torch.Tensor:
     """k distinct tokens [..., k] from probabilities q [..., V], distributed as k successive
     draws without replacement, in draw order (Gumbel-top-k, Kool et al. 2019): the candidates
     :func:`accept_sampled_tree` expects when given q. Past q's support, the extra picks are
     tokens q cannot draw, which acceptance skips."""
-    u = torch.rand(q.shape, generator=generator, device=q.device).clamp_min(1e-30)
+    u = uniform(tuple(q.shape), generator, q.device).clamp_min(1e-30)
     keys = q.log() - torch.log(-torch.log(u))  # log q + Gumbel noise; log 0 = -inf sorts last
     return keys.topk(k, dim=-1).indices
 
@@ -76,7 +76,7 @@ def accept_sampled_tree(
     tokens: torch.Tensor,
     p: torch.Tensor,
     q: torch.Tensor | None,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> tuple[list[list[int]], torch.Tensor]:
     """Lossless multi-candidate speculative sampling (SpecInfer, Miao et al. 2024, §4.2; the
     recursive rejection of EAGLE-2, Li et al. 2024, and of Jeon et al. 2024 for draws without
@@ -109,7 +109,7 @@ def accept_sampled_tree(
             pt = target.gather(1, token[:, None]).squeeze(1)
             qt = offer.gather(1, token[:, None]).squeeze(1)
             tried = searching & (child >= 0) & (qt > 0)
-            u = torch.rand(B, generator=generator, device=p.device)
+            u = uniform((B,), generator, p.device)
             accept = tried & (u * qt < pt)  # u < p'(c) / q'(c), without dividing
             reject = (tried & ~accept)[:, None]
             target = torch.where(reject, residual(target, offer), target)
@@ -122,7 +122,7 @@ def accept_sampled_tree(
         target = torch.where(walking[:, None], p[rows, node], target)
         if q is not None:
             draft = torch.where(walking[:, None], q[rows, node], draft)
-    nxt = torch.multinomial(target, 1, generator=generator).squeeze(1)
+    nxt = categorical(target, generator)
     return taken, nxt
 
 

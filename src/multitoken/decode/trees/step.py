@@ -38,7 +38,7 @@ from multitoken.decode.phases import (
     read_host,
     trunk_pass,
 )
-from multitoken.decode.sampling import probs
+from multitoken.decode.sampling import log_chances, probs
 from multitoken.decode.trees.accept import (
     accept_greedy_tree,
     accept_sampled_tree,
@@ -196,11 +196,7 @@ class RowTrees:
             return draft_chain(model, state, 0, 0, plan)
         with watch.section():  # drafting, and choosing each row's nodes: what a tree costs
             tokens, logits, rows = draft_tree(model, state, plan, self.skeleton, by_rank=True)
-            log_q = (
-                logits.log_softmax(-1)
-                if plan.sampling.greedy
-                else probs(logits, plan.sampling).log()
-            )
+            log_q = log_chances(logits, plan.sampling)
             parent_row = [rows[max(i, 0)] for i in self.skeleton.parent]  # [S]
             at = torch.tensor(parent_row, device=log_q.device)[None] * log_q.size(-1) + tokens
             scores = log_q.flatten(1).gather(1, at)  # [B, S]: log q of each node's token
