@@ -26,8 +26,9 @@ class ServeConfig:
     max_queue: int = _field(256, "most requests waiting for a row; past it a request gets 429")
     max_prefill: int = _field(
         512,
-        "most prompt tokens prefilled between two decoding steps, so that newcomers' prompts "
-        "do not stall the rows already decoding (a longer prompt is prefilled in chunks)",
+        "most prompt tokens prefilled before a decoding step; while rows are decoding, about "
+        "as many as the last step verified, so that newcomers' prompts (a long one in chunks) "
+        "hold the decoding rows up for about one step at most",
     )
     api_key: str | None = _field(
         None,

@@ -4,10 +4,11 @@ One thread runs the phases of :mod:`multitoken.decode.phases` — the same ``ste
 :func:`multitoken.decode.api.generate` — over the batch, and between two steps:
 
     drop     rows whose request was cancelled (a client went away) leave
-    admit    queued requests, up to ``max_batch`` rows and ``max_prefill`` prompt tokens, are
-             prefilled apart and join the batch (:func:`multitoken.decode.phases.join`); a
-             prompt longer than ``max_prefill`` is prefilled alone, one chunk per step, so no
-             newcomer stalls the rows decoding for longer than one chunk
+    admit    queued requests, up to ``max_batch`` rows, are prefilled apart and join the batch
+             (:func:`multitoken.decode.batching.join`); while rows are decoding, about as
+             many prompt tokens as the last step verified are prefilled before the next step
+             (a longer prompt alone, in such chunks), so newcomers hold the decoding rows up
+             for about one step at most; with no row decoding, up to ``max_prefill``
     step     propose → verify → accept → commit → observe, the draft source chosen for the
              batch's size by the same cost model as ``generate`` (speculation turns itself down
              where the batch makes verification dear: whole steps are timed per batch size)
@@ -56,6 +57,7 @@ from multitoken.errors import MultitokenError, first_line
 log = logging.getLogger("multitoken")
 
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this many recent seconds
+MIN_PREFILL_CHUNK = 32  # prompt tokens prefilled between two steps at least
 
 
 class QueueFull(MultitokenError):
@@ -100,6 +102,7 @@ class EngineStats:
     tokens_in: int = 0  # prompt tokens prefilled
     tokens_out: int = 0  # tokens emitted
     steps: int = 0  # decoding steps (one trunk pass each)
+    draft_steps: int = 0  # of them, steps that verified drafts
     row_passes: int = 0  # rows summed over steps
     drafts_accepted: int = 0  # accepted drafts summed over rows and steps
     queue_length: int = 0
@@ -123,7 +126,7 @@ class _Row:
 
 @dataclass(eq=False)
 class _Chunked:
-    """A prompt longer than ``max_prefill`` being prefilled alone, a chunk between steps."""
+    """A prompt past the prefill budget being prefilled alone, a chunk between steps."""
 
     row: _Row
     state: Decoding | None = None
@@ -164,6 +167,7 @@ class Engine:
         self._state: Decoding | None = None
         self._rows: list[_Row] = []  # row b of the batch is self._rows[b]
         self._plan: Plan | None = None
+        self._last_step_tokens = 0  # tokens the last step verified, over all rows
         self._sources: dict[int, DraftSource] = {}  # by batch size
         self._ids = itertools.count(1)
         self._accepting, self._stopping = True, False
@@ -257,15 +261,21 @@ class Engine:
     def stats(self) -> EngineStats:
         """A snapshot of the counters."""
         with self._cond:
-            now = time.monotonic()
-            while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
-                self._recent.popleft()
+            self._count_recent(0)
             stats = dataclasses.replace(self._stats, histogram=dict(self._stats.histogram))
             stats.queue_length = len(self._queue) + (self._chunked is not None)
             stats.batch_size = len(self._rows)
             stats.tokens_per_s = sum(n for _, n in self._recent) / RATE_WINDOW_S
             stats.tau = stats.tokens_out / max(1, stats.row_passes)
         return stats
+
+    def _count_recent(self, tokens: int) -> None:
+        """Tokens emitted now (under the lock); what is older than the window goes."""
+        now = time.monotonic()
+        if tokens:
+            self._recent.append((now, tokens))
+        while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+            self._recent.popleft()
 
     @property
     def alive(self) -> bool:
@@ -299,9 +309,10 @@ class Engine:
 
     def _take_newcomers(self) -> list[_Row]:
         """Queued requests that join before the next step (under the lock): as many as free
-        rows and the prefill budget allow; at least one while a row is free."""
+        rows and the prefill budget allow, whole prompts; a first prompt past the budget is
+        taken alone and prefilled in chunks."""
         free = self.serving.max_batch - len(self._rows) - (self._chunked is not None)
-        budget, taken = self.serving.max_prefill, []
+        budget, taken = self._prefill_budget(), []
         while self._queue and free > 0 and self._chunked is None:
             size = len(self._queue[0].request.prompt)
             if taken and size > budget:
@@ -313,6 +324,15 @@ class Engine:
                 break
         return taken
 
+    def _prefill_budget(self) -> int:
+        """Prompt tokens to prefill before the next step: ``max_prefill`` while no row is
+        decoding; else about as many tokens as the last step verified (the batch's rows times
+        its nodes), so that admitting newcomers holds the decoding rows up for no longer than
+        about one more step."""
+        if not self._rows:
+            return self.serving.max_prefill
+        return min(self.serving.max_prefill, max(MIN_PREFILL_CHUNK, self._last_step_tokens))
+
     def _drop(self, cancelled: set[int]) -> None:
         if self._chunked is not None and self._chunked.row.rid in cancelled:
             row, self._chunked = self._chunked.row, None
@@ -323,37 +343,32 @@ class Engine:
         self._retire(gone)
 
     def _admit(self, newcomers: list[_Row]) -> None:
-        """Prefill ``newcomers`` (a long prompt alone and in chunks) and join them to the batch."""
+        """Prefill ``newcomers`` and join them to the batch; a prompt past the prefill budget
+        is prefilled alone, a chunk before each step."""
+        if self._chunked is None and newcomers:
+            if len(newcomers[0].request.prompt) <= self._prefill_budget():
+                prompts = [r.request.prompt for r in newcomers]
+                self._join(newcomers, prefill(self.model, prompts, self._plan_of(newcomers)))
+                return
+            (row,) = newcomers
+            self._chunked = _Chunked(row)
         if self._chunked is not None:
             self._prefill_chunk()
-            return
-        if len(newcomers) == 1 and len(newcomers[0].request.prompt) > self.serving.max_prefill:
-            self._chunked = _Chunked(newcomers[0])
-            self._prefill_chunk()
-            return
-        if newcomers:
-            self._join(
-                newcomers,
-                prefill(
-                    self.model, [r.request.prompt for r in newcomers], self._plan_of(newcomers)
-                ),
-            )
 
     def _prefill_chunk(self) -> None:
-        """The next ``max_prefill`` tokens of the long prompt being prefilled alone; after
-        its last chunk, it joins the batch."""
+        """The next chunk (the prefill budget's size) of the prompt being prefilled alone;
+        after its last, the request joins the batch."""
         job = self._chunked
-        prompt, size = job.row.request.prompt, self.serving.max_prefill
+        prompt = job.row.request.prompt
         plan = self._plan_of([job.row])
-        end = min(len(prompt), job.done + size)
+        end = min(len(prompt), job.done + self._prefill_budget())
+        final = end == len(prompt)
         if job.state is None:
-            job.state = prefill(self.model, [prompt[:end]], plan, final=end == len(prompt))
+            job.state = prefill(self.model, [prompt[:end]], plan, final=final)
         else:
-            extend_prefill(
-                self.model, job.state, prompt[job.done : end], plan, final=end == len(prompt)
-            )
+            extend_prefill(self.model, job.state, prompt[job.done : end], plan, final=final)
         job.done = end
-        if end == len(prompt):
+        if final:
             self._chunked = None
             self._join([job.row], job.state)
 
@@ -383,11 +398,13 @@ class Engine:
         watch = Stopwatch(state.tokens.device, clock)
         start = clock()
         proposal, accepted = step(self.model, state, plan, source, watch)
+        self._last_step_tokens = len(self._rows) * proposal.size
         done = self._emit(self._rows, accepted.tokens)
         observe_drafting(source, proposal, watch.take())
         counts = accepted.counts
         with self._cond:
             self._stats.steps += 1
+            self._stats.draft_steps += proposal.depth > 0
             self._stats.row_passes += len(counts)
             self._stats.drafts_accepted += sum(counts) - len(counts)
             for n in counts:
@@ -418,7 +435,7 @@ class Engine:
                 finish = "length"
             with self._cond:
                 self._stats.tokens_out += len(tokens)
-                self._recent.append((time.monotonic(), len(tokens)))
+                self._count_recent(len(tokens))
             if finish is not None:
                 done.append(b)
                 self._finish(row, Event(tokens, finish))
