@@ -147,3 +147,43 @@ def test_reordering_the_new_slots_permutes_each_rows_entries_and_nothing_else(ma
                 assert torch.equal(new[b, :, 4:], old[b, :, 4:])  # past w: as it was
     kv.commit([2, 1])
     assert kv.slots == 4 and kv.kept == [4, 3]
+
+
+@pytest.mark.parametrize("make", [micro_llama, micro_deepseek], ids=["llama", "deepseek-mla"])
+@torch.no_grad()
+def test_rows_joining_a_batch_attend_to_their_own_entries_only(make):
+    """Continuous batching: a ragged batch (holes) and a plain one of other lengths join; every
+    row's next logits are what they were in its own batch (padding is a trailing hole)."""
+    trunk = make().eval()
+    kv, lengths = ragged(trunk)
+    newcomers = RaggedCache(batch=2, device=torch.device("cpu"), config=trunk.config)
+    prompts = torch.tensor(
+        [[11, 12, 13, 14, 15, 16, 17, 18, 19], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
+    )
+    forward(trunk, newcomers, prompts, [0, 0])
+    newcomers.commit([9, 4])  # right padding: row 1's prompt is 4 tokens
+    probe = torch.tensor([[7, 8], [9, 10], [11, 12], [13, 14]])
+    before = torch.cat(
+        [forward(trunk, kv, probe[:2], lengths), forward(trunk, newcomers, probe[2:], [9, 4])]
+    )
+    kv.commit([0, 0])
+    newcomers.commit([0, 0])
+    kv.extend(newcomers)
+    assert kv.batch == 4 and kv.kept == lengths + [9, 4] and kv.slots == 9
+    after = forward(trunk, kv, probe, lengths + [9, 4])
+    torch.testing.assert_close(after, before)
+
+
+@torch.no_grad()
+def test_a_layer_cropped_to_no_slot_still_follows_the_rows():
+    """A cache whose every slot was rolled back keeps a [B, H, 0, Dh] tensor per layer: rows
+    leaving and joining must reshape it too, or the next forward's rows do not match."""
+    trunk = micro_llama().eval()
+    kv = RaggedCache(batch=3, device=torch.device("cpu"), config=trunk.config)
+    forward(trunk, kv, torch.tensor([[5, 6], [7, 8], [9, 10]]), [0, 0, 0])
+    kv.commit([0, 0, 0])  # nothing kept: cropped to no slot
+    kv.select(torch.tensor([0, 2]))
+    kv.extend(RaggedCache(batch=2, device=torch.device("cpu"), config=trunk.config))
+    logits = forward(trunk, kv, torch.tensor([[5], [9], [3], [4]]), [0, 0, 0, 0])
+    alone = trunk(torch.tensor([[5], [9], [3], [4]])).logits
+    torch.testing.assert_close(logits, alone)

@@ -113,7 +113,7 @@ class RaggedCache:
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` ([n] long, in that order): finished rows leave."""
         for layer in self.cache.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            if _filled(layer):  # a layer cropped to no slot still has a row per batch row
                 layer.keys, layer.values = layer.keys[rows], layer.values[rows]
         self.batch = rows.numel()
         self.kept = [self.kept[r] for r in rows.tolist()]
@@ -184,7 +184,9 @@ class RaggedCache:
 
 
 def _filled(layer) -> bool:
-    return getattr(layer, "keys", None) is not None and layer.keys.numel() > 0
+    """The layer holds a [B, H, S, Dh] tensor per row (S may be 0: cropped back to nothing);
+    a layer not run yet holds None or an empty placeholder."""
+    return getattr(layer, "keys", None) is not None and layer.keys.dim() == 4
 
 
 def _padded(layer, batch: int, slots: int, *pair) -> tuple[torch.Tensor, torch.Tensor] | None:
