@@ -361,7 +361,15 @@ def test_every_subcommand_in_the_dispatch_table_has_a_parser_and_a_runner():
 
     listed = build_parser()._subparsers._group_actions[0].choices
     assert list(listed) == list(COMMANDS)
-    assert set(COMMANDS) == {"train", "generate", "distill", "bench", "export", "tokenizer"}
+    assert set(COMMANDS) == {
+        "train",
+        "generate",
+        "serve",
+        "distill",
+        "bench",
+        "export",
+        "tokenizer",
+    }
     for name, module in COMMANDS.items():
         subparsers = Parser().add_subparsers(dest="command")
         module.add_parser(subparsers)

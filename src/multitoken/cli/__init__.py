@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from multitoken.cli import bench, distill, export, generate, tokenizer, train
+from multitoken.cli import bench, distill, export, generate, serve, tokenizer, train
 from multitoken.cli.flags import EXIT_USAGE, Parser, add_dataclass_flags
 from multitoken.cli.stderr import error_line, log_warnings_to_stderr
 from multitoken.errors import MultitokenError
@@ -25,6 +25,7 @@ __all__ = ["COMMANDS", "EXIT_USAGE", "add_dataclass_flags", "build_parser", "err
 COMMANDS: dict[str, ModuleType] = {
     "train": train,
     "generate": generate,
+    "serve": serve,
     "distill": distill,
     "bench": bench,
     "export": export,

@@ -28,13 +28,19 @@ def _base_type(annotation) -> type:
     return origin or annotation
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    title: str,
+    exclude: typing.Collection[str] = (),
+) -> None:
     """One flag per field; the default shown is the dataclass's (the parser's is SUPPRESS, so
-    only flags the user typed override the config file)."""
+    only flags the user typed override the config file). ``exclude``: fields that are not the
+    command's to set (``serve`` takes the sampling options per request, not as flags)."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name == "heads":
+        if f.name == "heads" or f.name in exclude:
             continue
         meta = f.metadata
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
