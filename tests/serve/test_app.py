@@ -319,6 +319,16 @@ def test_a_client_leaving_mid_stream_frees_its_row(serve, answer):
     assert server.client().completions.create(model=MODEL, prompt="a").choices[0].text == ANSWER
 
 
+def assert_cancelled_and_drained(engine, server) -> None:
+    """Request 1 gets cancelled within 5 seconds; resumed, the engine drains."""
+    deadline = time.monotonic() + 5
+    while 1 not in engine.cancelled:
+        assert time.monotonic() < deadline, "the request was not cancelled"
+        time.sleep(0.01)
+    engine.resume()
+    assert server.wait_idle().queue_length == 0
+
+
 def test_a_streaming_client_leaving_while_queued_is_cancelled(serve, answer):
     engine = FakeEngine(answer)
     server = serve(engine)
@@ -326,12 +336,7 @@ def test_a_streaming_client_leaving_while_queued_is_cancelled(serve, answer):
     with server.http() as http:
         with http.stream("POST", "/v1/completions", json={"prompt": "a", "stream": True}) as r:
             assert r.status_code == 200 and engine.stats().queue_length == 1
-    deadline = time.monotonic() + 5
-    while 1 not in engine.cancelled:
-        assert time.monotonic() < deadline, "the request was not cancelled"
-        time.sleep(0.01)
-    engine.resume()
-    assert server.wait_idle().queue_length == 0
+    assert_cancelled_and_drained(engine, server)
 
 
 def test_a_client_leaving_before_a_whole_answer_frees_its_row(serve, answer):
@@ -340,12 +345,7 @@ def test_a_client_leaving_before_a_whole_answer_frees_its_row(serve, answer):
     engine.pause()
     with server.http() as http, pytest.raises(httpx.ReadTimeout):
         http.post("/v1/completions", json={"prompt": "a"}, timeout=0.3)
-    deadline = time.monotonic() + 5
-    while 1 not in engine.cancelled:
-        assert time.monotonic() < deadline, "the request was not cancelled"
-        time.sleep(0.01)
-    engine.resume()
-    assert server.wait_idle().queue_length == 0
+    assert_cancelled_and_drained(engine, server)
 
 
 def test_a_request_the_engine_cancels_is_a_503(serve, answer):

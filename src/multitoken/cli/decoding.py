@@ -12,6 +12,17 @@ if TYPE_CHECKING:  # torch and transformers load only once a command runs, not f
     from multitoken.model import MTPModel
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` and ``--heads``: the model a decoding command loads."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint or run folder, or a plain transformers model folder or .gguf file "
+        "(with --heads)",
+    )
+    parser.add_argument("--heads", metavar="DIR", help="heads folder to attach to that trunk")
+
+
 def load_for_decoding(
     args: argparse.Namespace, heads: str | None = None
 ) -> tuple[MTPModel, Precision]:

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from multitoken.cli.decoding import load_for_decoding
+from multitoken.cli.decoding import add_model_flags, load_for_decoding
 from multitoken.cli.flags import add_dataclass_flags, given_fields
 from multitoken.config import GenerateConfig, RuntimeConfig
 from multitoken.errors import MultitokenError
@@ -21,13 +21,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="decode with a trained checkpoint (self-speculative by default)",
         description="Generate text. The prompt comes from --prompt, --prompt-file or stdin.",
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="checkpoint or run folder, or a plain transformers model folder or .gguf file "
-        "(with --heads)",
-    )
-    parser.add_argument("--heads", metavar="DIR", help="heads folder to attach to that trunk")
+    add_model_flags(parser)
     parser.add_argument("--prompt", help="prompt text")
     parser.add_argument("--prompt-file", help="file whose whole text is the prompt")
     parser.add_argument("--json", action="store_true", help="print text and statistics as JSON")

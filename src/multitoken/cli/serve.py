@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from multitoken.cli.decoding import load_for_decoding
+from multitoken.cli.decoding import add_model_flags, load_for_decoding
 from multitoken.cli.flags import add_dataclass_flags, given_fields
 from multitoken.config import API_KEY_VARIABLE, GenerateConfig, RuntimeConfig, ServeConfig
 from multitoken.errors import MultitokenError
@@ -34,13 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "seed; how every request is decoded (--tree, --draft-len, --no-speculate) is the "
         "server's.",
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="checkpoint or run folder, or a plain transformers model folder or .gguf file "
-        "(with --heads)",
-    )
-    parser.add_argument("--heads", metavar="DIR", help="heads folder to attach to that trunk")
+    add_model_flags(parser)
     add_dataclass_flags(parser, ServeConfig, "serving")
     add_dataclass_flags(parser, GenerateConfig, "decoding", exclude=NOT_FLAGS)
     add_dataclass_flags(parser, RuntimeConfig, "hardware")

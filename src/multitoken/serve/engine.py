@@ -372,10 +372,13 @@ class Engine:
 
     def _source(self, rows: int) -> DraftSource:
         """The draft source for a batch of ``rows``: what an automatic mode learnt carries
-        over between the steps of each batch size (a step's time depends on it)."""
-        if rows not in self._sources:
-            self._sources[rows] = draft_source(self.model, self.base, self.costs, rows)
-        return self._sources[rows]
+        over between the steps of batches of about that size (a step's time depends on it;
+        sizes 1, 2, 3-4, 5-8, ... share one, so that each learns from enough steps while
+        requests come and go)."""
+        size = 1 << (rows - 1).bit_length()
+        if size not in self._sources:
+            self._sources[size] = draft_source(self.model, self.base, self.costs, size)
+        return self._sources[size]
 
     def _emit(self, rows: list[_Row], fresh: list[list[int]]) -> list[int]:
         """Each row's new tokens to its request, up to its max_tokens and through a stop
