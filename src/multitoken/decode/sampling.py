@@ -73,12 +73,6 @@ class RowSampling:
     def greedy(self) -> bool:
         return all(s.greedy for s in self.rows)
 
-    def select(self, index: list[int]) -> RowSampling:
-        return RowSampling(tuple(self.rows[i] for i in index))
-
-    def __add__(self, other: RowSampling) -> RowSampling:
-        return RowSampling(self.rows + other.rows)
-
     def _groups(self) -> dict[Sampling, list[int]]:
         groups: dict[Sampling, list[int]] = {}
         for b, s in enumerate(self.rows):
@@ -115,12 +109,6 @@ class RowGenerators:
     :func:`categorical`)."""
 
     rows: tuple[torch.Generator, ...]
-
-    def select(self, index: list[int]) -> RowGenerators:
-        return RowGenerators(tuple(self.rows[i] for i in index))
-
-    def __add__(self, other: RowGenerators) -> RowGenerators:
-        return RowGenerators(self.rows + other.rows)
 
 
 Generators = torch.Generator | RowGenerators | None
