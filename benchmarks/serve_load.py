@@ -1,10 +1,14 @@
 """``multitoken serve`` under load: the speculative server against the plain one, in one run.
 
-For each server (self-speculative, the default; plain, ``--no-speculate``), started here on
-127.0.0.1 on a free port (no traffic goes anywhere else), N concurrent clients (default 1, 4,
-16, 64) send chat prompts from a file through the official ``openai`` client, streamed, greedy,
-``--max-tokens`` each, and the table shows per concurrency: aggregate tokens/s, time to first
-token and per-token latency (p50/p95), errors. Greedy answers must be the same from both
+Both servers (self-speculative, the default; plain, ``--no-speculate``) are started here on
+127.0.0.1 on free ports (no traffic goes anywhere else). At each concurrency N (default 1, 4,
+16, 64), N clients send chat prompts from a file through the official ``openai`` client,
+streamed, greedy, ``--max-tokens`` each, to one server and then the other, ``--rounds`` times
+with the order swapped each round, so that the machine's drift (the same decoding runs 10%
+apart from one minute to the next on a shared 2-core machine) slows both alike. The table shows
+per concurrency: aggregate tokens/s, time to first token and per-token latency (p50/p95),
+errors, and for the speculative server the share of its steps that drafted (read from its
+``/metrics``). Greedy answers must be the same from both
 servers (checked: speculation is lossless under load). ``multitoken generate``'s tokens/s on
 the same prompts, one at a time, is the concurrency-1 reference. ``--soak S`` adds a run of S
 seconds at concurrency 16 where 5% of the clients disconnect mid-stream: errors, lost requests
@@ -107,6 +111,14 @@ class Server:
     def _drain(self) -> None:
         for line in self.process.stderr:
             self.log.append(line)
+
+    def counters(self) -> dict[str, float]:
+        """The engine's counters from ``/metrics`` (Prometheus text), by name."""
+        import httpx
+
+        text = httpx.get(self.url.removesuffix("/v1") + "/metrics", timeout=30).text
+        found = re.findall(r"^(multitoken_\w+_total) ([0-9.e+]+)$", text, flags=re.M)
+        return {name: float(value) for name, value in found}
 
     def rss_mib(self) -> float:
         """The server's resident memory (Linux /proc)."""
@@ -215,6 +227,22 @@ def summarize(mode, concurrency, outcomes, wall) -> Level:
     )
 
 
+def drafting(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What the speculative server's steps did between two reads of its counters."""
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    steps = delta("multitoken_steps_total")
+    if steps <= 0:
+        return {}
+    return {
+        "drafting_share": delta("multitoken_draft_steps_total") / steps,
+        "drafts_accepted_per_step": delta("multitoken_drafts_accepted_total") / steps,
+        "steps": steps,
+    }
+
+
 def generate_reference(args, prompts) -> float:
     """``multitoken generate``'s tokens/s on the prompts, one at a time, greedy, in process."""
     import multitoken
@@ -250,6 +278,7 @@ def main() -> int:
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2, help="turns of each server per level")
     parser.add_argument("--level-limit", type=float, default=300, help="seconds per level")
     parser.add_argument("--request-timeout", type=float, default=300)
     parser.add_argument("--reference-prompts", type=int, default=8)
@@ -271,39 +300,46 @@ def main() -> int:
     reference = generate_reference(args, prompts)
     print(f"multitoken generate, one prompt at a time: {reference:.1f} tokens/s", flush=True)
 
-    levels: list[Level] = []
-    answers: dict[str, dict[int, str]] = {}
-    exits = {}
-    for mode, speculate in (("speculative", True), ("plain", False)):
-        server = Server(args, speculate)
-        import openai
+    import openai
 
-        model = openai.OpenAI(base_url=server.url, api_key="none").models.list().data[0].id
+    servers = {"speculative": Server(args, True), "plain": Server(args, False)}
+    model = openai.OpenAI(base_url=servers["plain"].url, api_key="none").models.list().data[0].id
+    for server in servers.values():
         run_level(server.url, model, prompts, 1, 1, args)  # warm-up
-        answers[mode] = {}
-        for c in args.concurrency:
-            n = max(args.min_requests, c * args.requests_per_client)
-            outcomes, wall = run_level(server.url, model, prompts, c, n, args)
+    levels: list[Level] = []
+    answers: dict[str, dict[int, str]] = {mode: {} for mode in servers}
+    for c in args.concurrency:
+        n = max(args.min_requests, c * args.requests_per_client)
+        got: dict[str, tuple[list[Outcome], float]] = {mode: ([], 0.0) for mode in servers}
+        before = servers["speculative"].counters()
+        for round_ in range(args.rounds):
+            order = list(servers) if round_ % 2 == 0 else list(servers)[::-1]
+            for mode in order:
+                outcomes, wall = run_level(servers[mode].url, model, prompts, c, n, args)
+                got[mode] = (got[mode][0] + outcomes, got[mode][1] + wall)
+        after = servers["speculative"].counters()
+        for mode, (outcomes, wall) in got.items():
             level = summarize(mode, c, outcomes, wall)
+            if mode == "speculative":
+                level.extra = drafting(before, after)
             levels.append(level)
             for o in outcomes:
-                if o.error is None:
+                if o.error is None and not o.disconnected:
                     answers[mode].setdefault(o.prompt % len(prompts), o.text)
+            share = level.extra.get("drafting_share")
             print(
                 f"  {mode:>11} c={c:<3} {level.tokens_per_s:7.1f} tok/s  ttft p50 "
-                f"{level.ttft_p50:.2f}s  errors {level.errors}",
+                f"{level.ttft_p50:.2f}s  errors {level.errors}"
+                + (f"  drafting steps {100 * share:.0f}%" if share is not None else ""),
                 flush=True,
             )
-        exits[mode] = server.stop()
+    exits = {mode: server.stop() for mode, server in servers.items()}
     same = [k for k in answers["speculative"] if k in answers["plain"]]
     differ = [k for k in same if answers["speculative"][k] != answers["plain"][k]]
 
     soak = None
     if args.soak > 0:
         server = Server(args, True)
-        import openai
-
-        model = openai.OpenAI(base_url=server.url, api_key="none").models.list().data[0].id
         run_level(server.url, model, prompts, 1, 1, args)
         rss = [server.rss_mib()]
         done = threading.Event()
@@ -350,14 +386,16 @@ def main() -> int:
 def print_table(levels, reference, differ, same, exits, soak) -> None:
     print()
     print(
-        "| server | clients | requests | tokens/s | TTFT p50 / p95 (s) | per token p50 / p95 (ms) | errors |"
+        "| server | clients | requests | tokens/s | TTFT p50 / p95 (s) | per token p50 / p95 (ms) "
+        "| errors | drafting steps |"
     )
-    print("|---|---:|---:|---:|---|---|---:|")
+    print("|---|---:|---:|---:|---|---|---:|---:|")
     for v in levels:
+        share = v.extra.get("drafting_share")
         print(
             f"| {v.mode} | {v.concurrency} | {v.requests} | {v.tokens_per_s:.1f} | "
             f"{v.ttft_p50:.2f} / {v.ttft_p95:.2f} | {1e3 * v.tpot_p50:.0f} / {1e3 * v.tpot_p95:.0f} "
-            f"| {v.errors} |"
+            f"| {v.errors} | {'-' if share is None else f'{100 * share:.0f}%'} |"
         )
     print()
     by = {(v.mode, v.concurrency): v for v in levels}

@@ -70,6 +70,11 @@ def train_frozen_heads(model: str, data: str, out: Path, name: str, steps: int, 
     """Heads trained on the frozen ``model`` for ``steps`` of 8 × 256 tokens of ``data`` into
     ``out/name``, every run of an ablation sharing ``out/feature-cache`` (equal compute: the
     trunk runs once per row); returns the last held-out figures (multitoken.training.evaluate)."""
+    return train_frozen(model, data, out, name, steps, **options).val
+
+
+def train_frozen(model: str, data: str, out: Path, name: str, steps: int, **options):
+    """:func:`train_frozen_heads`, returning the whole ``TrainResult`` (the trained model too)."""
     import torch
 
     from multitoken.config import TrainConfig
@@ -81,4 +86,4 @@ def train_frozen_heads(model: str, data: str, out: Path, name: str, steps: int, 
         batch_size=8, max_steps=steps, lr=1e-3, eval_every=max(steps // 2, 1),
         save_every=10**6, out=str(out / name), feature_cache_dir=str(out / "feature-cache"),
     )  # fmt: skip
-    return run(TrainConfig.from_dict({**settings, **options})).val
+    return run(TrainConfig.from_dict({**settings, **options}))

@@ -23,7 +23,7 @@ from conftest import (
 from multitoken.cli import build_parser
 from multitoken.config import GenerateConfig, draft_len_value
 from multitoken.decode import costs
-from multitoken.decode.api import generate
+from multitoken.decode.api import draft_source, generate, make_plan
 from multitoken.decode.costs import Acceptance, CostModel, DraftLen, best_draft_len, expected_tokens
 from multitoken.decode.pace import FIRST_REST, LONGEST_REST, PLAIN_EVERY, PLAIN_TIMED, Pace
 
@@ -56,10 +56,10 @@ def test_auto_greedy_equals_plain_for_every_family_and_batch_row(family):
         assert alone.tokens == [tokens]
 
 
-@pytest.mark.parametrize("tree, points", [("chain", 3), (None, 8)])
+@pytest.mark.parametrize("tree, points", [("chain", 3), (None, 9)])
 def test_auto_is_the_default_and_measures_its_costs_once_per_trunk(tree, points):
     """Chains measure c(1..3) for K up to D = 2; the default, trees sized by the costs, c(q)
-    for q = 1..4, 6, 8, 16 and 33 (the interpolated rest: tests/decode/test_costs.py)."""
+    for q = 1..4, 6, 8, 16, 32 and 33 (the interpolated rest: tests/decode/test_costs.py)."""
     model = perturb_heads(model_of("bpd", depth=2), scale=0.3)
     assert GenerateConfig().draft_len == "auto"
     calls = []
@@ -252,6 +252,29 @@ def test_cost_model_measures_a_long_curve_sparsely_and_fills_it_in(monkeypatch):
         hook.remove()
     assert timed == {1, 2, 3, 4, 6, 8, 16, 20}  # 4: the context's prefill as well
     assert model.c == pytest.approx([1 + (q - 1) / 2 for q in range(1, 21)])
+
+
+def test_a_batch_is_priced_by_its_tokens_over_its_own_plain_step():
+    """c_B(q) = c(B·q) / c(B) and t1_B = c(B)·t1, past the curve along its last slope; one
+    model per batch size, kept; a batch of one is the model itself."""
+    model = CostModel([1 + (q - 1) / 2 for q in range(1, 9)], t1_s=0.01)  # c(q) = (q + 1) / 2
+    four = model.for_batch(4)
+    assert four.t1_s == pytest.approx(0.01 * 2.5)
+    assert four.c[:3] == pytest.approx([1.0, 4.5 / 2.5, 6.5 / 2.5])  # c(4), c(8), c(12) / c(4)
+    assert model.for_batch(4) is four and model.for_batch(1) is model
+    four.observe_draft(0.025, 1)  # learnt per batch size: the base model keeps its prior
+    assert four.draft_per_token == pytest.approx(1.0) and model.draft_per_token == model.prior_draft
+
+
+def test_a_batch_draft_source_prices_its_steps_for_its_rows():
+    model = model_of("bpd", depth=2)
+    plan = make_plan(model, PROMPTS[:2], tree="chain", draft_len="auto", max_new_tokens=4)
+    measured = CostModel([1.0, 1.2, 1.4], t1_s=0.01)
+    source = draft_source(model, plan, measured, 2)
+    assert source.choice.costs is measured.for_batch(2)
+    assert source.choice.costs.t1_s == pytest.approx(0.012)
+    fixed = CostModel([1.0, 1.2, 1.4], t1_s=0.01, learn_draft=False)  # a test's figures: as given
+    assert draft_source(model, plan, fixed, 2).choice.costs is fixed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ def test_engine_statistics_are_read_at_each_scrape():
         tokens_in=40,
         tokens_out=90,
         steps=30,
+        draft_steps=12,
         row_passes=45,
         drafts_accepted=45,
         queue_length=2,
@@ -40,6 +41,8 @@ def test_engine_statistics_are_read_at_each_scrape():
     assert got["multitoken_prompt_tokens_total", ()] == 40
     assert got["multitoken_generation_tokens_total", ()] == 90
     assert got["multitoken_tau", ()] == 2.0
+    assert got["multitoken_steps_total", ()] == 30
+    assert got["multitoken_draft_steps_total", ()] == 12
     assert got["multitoken_tokens_per_second", ()] == 12.5
     assert got["multitoken_drafts_accepted_per_step", ()] == 1.0
     assert got["multitoken_queue_length", ()] == 2 and got["multitoken_batch_size", ()] == 3

@@ -192,7 +192,9 @@ def _learnt(model: Decodable, key: tuple, make: Callable[[], TreeBudget | DraftL
 
 
 def draft_source(model: Decodable, plan: Plan, costs: CostModel | None, rows: int) -> DraftSource:
-    """The draft source of a call's plan."""
+    """The draft source of a call's plan, for a batch of ``rows`` (the automatic modes price
+    its steps by :meth:`CostModel.for_batch`)."""
+    costs = None if costs is None else costs.for_batch(rows)
     spec = plan.tree
     if spec is not None and spec.static is not None:
         return StaticTree(spec.static)
@@ -269,8 +271,8 @@ def generate(
         tree_auto = plan.tree is not None and plan.tree.auto
         if (plan.auto or tree_auto) and plan.speculate and costs is None:
             q_max = (AUTO_MAX_DRAFTS if tree_auto else plan.k_max) + 1
-            with torch.no_grad():
-                costs = cost_model(model.trunk, q_max, prompts[0])
+            with torch.no_grad():  # a batch's step verifies q tokens in every row
+                costs = cost_model(model.trunk, q_max * len(prompts), prompts[0])
         result = decode(model, prompts, plan, costs, on_tokens)
     result.stats.wall_s = time.perf_counter() - t0
     return result

@@ -45,6 +45,7 @@ from multitoken.hardware import sync
 VERIFY_REPEATS = 7  # multitoken bench: a careful measurement
 AUTO_REPEATS = 3  # --draft-len auto: a quick one, once per trunk, device and dtype
 CONTEXT_TOKENS = 64  # cached tokens under the measured passes
+MAX_CURVE = 512  # c(q) is timed up to this q at most; past it, extended along its last slope
 PRIOR_DRAFT_COST = (
     0.1  # d(1) in units of t1 until a draft has been timed (docs/design.md §Measured)
 )
@@ -108,6 +109,8 @@ class CostModel:
     learn_draft: bool = True
     draft_samples: deque = field(default_factory=lambda: deque(maxlen=9))
     clock: Callable[[], float] = field(default_factory=lambda: time.perf_counter)
+    # rows -> this model for batches of that many rows (for_batch), made once each
+    batches: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_curve(cls, curve: dict, **options) -> CostModel:
@@ -139,6 +142,30 @@ class CostModel:
         if drafted > 0 and self.t1_s > 0:
             self.draft_samples.append(seconds / self.t1_s / drafted)
 
+    def for_batch(self, rows: int) -> CostModel:
+        """The costs of a step of a batch of ``rows``, in units of its own plain step: a pass
+        verifying q tokens in each of B rows reads the weights once for B·q tokens, as one
+        row's pass over B·q tokens does, so c_B(q) = c(B·q) / c(B) and t1_B = c(B)·t1. A
+        batch-1 curve would price a batch of 16 verifying 4 tokens a row at c(4) — 64 tokens
+        at the price of 4 — and keep drafting where verification has become dear; the steps
+        timed then correct what the model is off by (:class:`~multitoken.decode.pace.StepLine`).
+        The drafting time is learnt per batch size (it grows with the rows). One model per
+        ``rows``, kept, so that what an automatic mode learnt stays keyed to it. A model that
+        learns nothing (``learn_draft`` False: a test's figures) is taken at its word for any
+        batch."""
+        if rows <= 1 or not self.learn_draft:
+            return self
+        if rows not in self.batches:
+            one = self.verify(rows)
+            self.batches[rows] = CostModel(
+                [self.verify(rows * q) / one for q in range(1, self.q_max + 1)],
+                self.t1_s * one,
+                prior_draft=self.prior_draft,
+                learn_draft=self.learn_draft,
+                clock=self.clock,
+            )
+        return self.batches[rows]
+
 
 # trunk module -> {(device, dtype): CostModel}; an entry goes when its trunk does
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -152,14 +179,17 @@ def _key(trunk: nn.Module) -> tuple[str, torch.dtype, str]:
 def cost_model(trunk: nn.Module, q_max: int, context: list[int]) -> CostModel:
     """This trunk's :class:`CostModel` on its current device and dtype, measured over up to
     ``CONTEXT_TOKENS`` tokens of ``context`` the first time (or when a longer curve is asked
-    for), then kept for the process."""
+    for: a batch of B rows verifying q tokens each needs c up to B·q), then kept for the
+    process."""
     known, key = _MEASURED.setdefault(trunk, {}), _key(trunk)
     old = known.get(key)
-    if old is not None and old.q_max >= q_max:
+    if old is not None and old.q_max >= min(q_max, MAX_CURVE):
         return old
-    # q = 1..4 each (a chain's K + 1), then 6, 8, 16 (a tree auto needs up to 33): the rest
-    # between: the first call of a tree auto times 8 q's, not 33 (SmolLM2-135M on 2 cores: 2.8 s)
-    qs = [q for q in (1, 2, 3, 4, 6, 8, 16) if q < q_max] + [q_max]
+    # q = 1..4 each (a chain's K + 1), then 6, 8, 16 (a tree auto needs up to 33), doubling
+    # for batches (CostModel.for_batch reads c(B·q)): the rest between: the first call of a
+    # tree auto times 8 q's, not 33 (SmolLM2-135M on 2 cores: 2.8 s)
+    q_max = min(q_max, MAX_CURVE)
+    qs = [q for q in (1, 2, 3, 4, 6, 8, 16, 32, 64, 128, 256) if q < q_max] + [q_max]
     curve = verify_cost(trunk, list(context[:CONTEXT_TOKENS]), q_max, AUTO_REPEATS, qs)
     known[key] = CostModel.from_curve(_interpolated(curve))
     if old is not None:  # keep what was learnt about drafting

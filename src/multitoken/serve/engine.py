@@ -143,8 +143,8 @@ class Engine:
             q_max = (AUTO_MAX_DRAFTS if tree_auto else base.k_max) + 1
             vocab = self.model.parts.unembed.weight.size(0)
             context = [i % vocab for i in range(1, 65)]
-            with torch.no_grad():
-                self.costs = cost_model(self.model.trunk, q_max, context)
+            with torch.no_grad():  # a full batch's step verifies q tokens in every row
+                self.costs = cost_model(self.model.trunk, q_max * self.serving.max_batch, context)
         self._thread = threading.Thread(target=self._run, name="multitoken-engine", daemon=True)
         self._thread.start()
 

@@ -37,6 +37,7 @@ class _EngineCollector(Collector):
             ("multitoken_prompt_tokens", "prompt tokens prefilled", s.tokens_in),
             ("multitoken_generation_tokens", "tokens generated", s.tokens_out),
             ("multitoken_steps", "decoding steps (one trunk pass each)", s.steps),
+            ("multitoken_draft_steps", "decoding steps that verified drafts", s.draft_steps),
             (
                 "multitoken_drafts_accepted",
                 "drafts accepted, over rows and steps",
