@@ -196,8 +196,8 @@ def test_unknown_fields_do_not_bother_the_server(serve, answer):
     body = {
         "model": MODEL,
         "messages": CHAT,
-        "presence_penalty": "high",
-        "logit_bias": {"1": 5},
+        "presence_penalty": 0,
+        "repetition_penalty": "high",
         "tools": [],
         "response_format": {"type": "text"},
         "user": "someone",
@@ -206,6 +206,17 @@ def test_unknown_fields_do_not_bother_the_server(serve, answer):
         response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == ANSWER
+
+
+def test_an_unimplemented_option_is_a_400_through_the_client_and_nothing_is_queued(serve, answer):
+    server = serve(FakeEngine(answer))
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=CHAT, frequency_penalty=1.0)
+    assert "frequency_penalty" in str(caught.value)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="hi", logprobs=2)
+    assert server.engine.requests == []
 
 
 def test_messages_a_chat_template_refuses_are_a_400(serve, answer, served_model, monkeypatch):

@@ -32,8 +32,7 @@ def refused(model, body: dict | bytes) -> ApiError:
 
 def test_unknown_fields_of_any_type_are_tolerated():
     extra = {
-        "frequency_penalty": "not even a number",
-        "logit_bias": {"50256": -100},
+        "repetition_penalty": "not even a number",  # another server's field
         "tools": [{"type": "function", "function": {"name": "f"}}],
         "parallel_tool_calls": None,
         "metadata": [1, [2, {"x": None}]],
@@ -59,12 +58,53 @@ def test_unknown_fields_of_any_type_are_tolerated():
         ("stream_options", 1),
         ("messages", "hi"),
         ("model", 3),
+        ("frequency_penalty", "high"),
+        ("presence_penalty", [0]),
+        ("logit_bias", {"50256": "-100"}),
+        ("logprobs", "yes"),
+        ("response_format", "json"),
     ],
 )
 def test_a_known_field_of_the_wrong_type_is_a_400_naming_it(field, value):
     error = refused(ChatCompletionRequest, {**CHAT, field: value})
-    assert error.param == field, error.message
+    assert error.param.split(".")[0] == field, error.message  # logit_bias.50256: where inside
     assert error.body()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "model, field, value",
+    [
+        (ChatCompletionRequest, "frequency_penalty", 0.5),
+        (ChatCompletionRequest, "presence_penalty", -1),
+        (ChatCompletionRequest, "logit_bias", {"50256": -100}),
+        (ChatCompletionRequest, "logprobs", True),
+        (ChatCompletionRequest, "top_logprobs", 2),
+        (ChatCompletionRequest, "response_format", {"type": "json_object"}),
+        (CompletionRequest, "logprobs", 1),
+        (CompletionRequest, "echo", True),
+        (CompletionRequest, "best_of", 2),
+        (CompletionRequest, "suffix", "}"),
+    ],
+)
+def test_a_field_that_would_change_the_answer_and_is_not_implemented_is_refused(
+    model, field, value
+):
+    base = CHAT if model is ChatCompletionRequest else {"model": "m", "prompt": "hi"}
+    error = refused(model, {**base, field: value})
+    assert error.param == field and "not supported" in error.message
+
+
+def test_those_fields_at_their_neutral_values_are_accepted():
+    chat = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "logprobs": False}
+    chat |= {"top_logprobs": 0, "response_format": {"type": "text"}}
+    assert parse(ChatCompletionRequest, {**CHAT, **chat}).logprobs is False
+    text = {"model": "m", "prompt": "hi", "logprobs": 0, "echo": False, "best_of": 1}
+    assert parse(CompletionRequest, {**text, "suffix": ""}).best_of == 1
+
+
+def test_a_penalty_out_of_range_is_a_400():
+    error = refused(ChatCompletionRequest, {**CHAT, "presence_penalty": 2.5})
+    assert error.param == "presence_penalty" and "[-2, 2]" in error.message
 
 
 def test_a_wrong_type_inside_a_message_names_its_place():

@@ -2,10 +2,15 @@
 the responses and stream chunks they get, and the error body.
 
 Clients written for OpenAI (its Python client, chat UIs, evaluation harnesses) send fields this
-server does not use (``frequency_penalty``, ``logit_bias``, ``tools`` ...): unknown fields are
-accepted whatever their type, so such clients work unchanged. The fields it does use are typed
-strictly, as OpenAI types them (``"max_tokens": "5"`` is refused, not coerced), and their ranges
-are checked here, so that a bad request is a 400 naming the field before anything is queued.
+server has no use for (``tools``, ``metadata``, ``user`` ...) and fields of other servers'
+APIs: fields it does not know are accepted whatever their type, so such clients work unchanged.
+The fields it uses are typed strictly, as OpenAI types them (``"max_tokens": "5"`` is refused,
+not coerced), and their ranges are checked here, so that a bad request is a 400 naming the field
+before anything is queued. OpenAI's fields that would change the answer and that this server does
+not implement (penalties, ``logit_bias``, log-probabilities, ``echo``, ``best_of``, ``suffix``,
+a JSON ``response_format``) are typed as well and refused with a 400 naming the field when set
+to anything but their neutral value, rather than silently ignored: a client that asked for them
+would otherwise take an answer made without them for one made with them.
 """
 
 from __future__ import annotations
@@ -88,6 +93,16 @@ class ChatMessage(_Body):
         return message
 
 
+class ResponseFormat(_Body):
+    type: str
+
+
+def _unsupported(name: str, value: Any, neutral: Any) -> None:
+    """Refuse ``name`` set to a value other than ``neutral`` (None, the default, is neutral)."""
+    if value is not None and value != neutral:
+        raise ApiError(400, f"{name} is not supported by this server (got {value!r})", param=name)
+
+
 class _Sampling(_Body):
     """The fields both endpoints share."""
 
@@ -102,6 +117,10 @@ class _Sampling(_Body):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # OpenAI's, typed and checked, refused unless neutral (module docstring)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -128,6 +147,16 @@ class _Sampling(_Body):
             raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop sequences", param="stop")
         if any(not s for s in stops):
             raise ApiError(400, "a stop sequence is empty", param="stop")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if value is not None and not -2 <= value <= 2:
+                raise ApiError(400, f"{name} must be in [-2, 2], got {value}", param=name)
+            _unsupported(name, value, 0)
+        _unsupported("logit_bias", self.logit_bias, {})
+        self.check_unsupported()
+
+    def check_unsupported(self) -> None:
+        """The endpoint's own fields this server does not implement."""
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -142,6 +171,15 @@ class _Sampling(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+
+    def check_unsupported(self) -> None:
+        _unsupported("logprobs", self.logprobs, False)
+        _unsupported("top_logprobs", self.top_logprobs, 0)
+        kind = None if self.response_format is None else self.response_format.type
+        _unsupported("response_format", kind, "text")
 
     def requested_max_tokens(self) -> int | None:
         if self.max_completion_tokens is not None:
@@ -157,6 +195,16 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     # a text, a list of one text, token ids, or a list of one list of token ids
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check_unsupported(self) -> None:
+        _unsupported("logprobs", self.logprobs, 0)
+        _unsupported("echo", self.echo, False)
+        _unsupported("best_of", self.best_of, 1)
+        _unsupported("suffix", self.suffix, "")
 
     def check(self) -> None:
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str | list):
