@@ -77,6 +77,27 @@ def test_auto_takes_onednn_for_big_fp32_cpu_layers_on_avx512_only(monkeypatch):
         choose_linear_kernel("mkl", small)
 
 
+def test_auto_takes_torchs_kernel_off_the_main_thread_and_onednn_only_when_asked(monkeypatch):
+    """The serving engine decodes on a worker thread, where oneDNN's OpenMP work costs more."""
+    import threading
+
+    from multitoken.decode import kernels
+
+    monkeypatch.setattr(kernels, "cpu_kind", lambda: "AVX512")
+    big = torch.nn.Sequential(torch.nn.Linear(512, 512))
+    chosen = {}
+
+    def choose() -> None:
+        chosen["auto"] = choose_linear_kernel("auto", big)
+        chosen["onednn"] = choose_linear_kernel("onednn", big)
+
+    worker = threading.Thread(target=choose)
+    worker.start()
+    worker.join()
+    assert chosen == {"auto": "torch", "onednn": "onednn"}
+    assert choose_linear_kernel("auto", big) == "onednn"  # the main thread's choice
+
+
 @pytest.mark.parametrize("family", ["bpd", "meta", "deepseek"])
 def test_speculative_greedy_on_onednn_equals_plain_on_onednn(family):
     model = perturb_heads(model_of(family, depth=3), scale=0.3)

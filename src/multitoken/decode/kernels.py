@@ -21,6 +21,7 @@ one kernel for the whole call.
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Iterator
 
@@ -50,7 +51,11 @@ def choose_linear_kernel(requested: str, model: nn.Module) -> str:
     weights. On an AVX2-only CPU (a 2-core AMD EPYC, SmolLM2-135M) oneDNN made a one-token
     step 24% slower (70.6 ms against 57.0) while saving 10–18% on verify passes of 3–8 tokens:
     plain decoding, and the auto modes that mostly rest where drafting does not pay, lose more
-    than the verify passes gain (``python benchmarks/trunk_pass.py MODEL``)."""
+    than the verify passes gain (``python benchmarks/trunk_pass.py MODEL``). Off the main
+    thread (the serving engine's) ``auto`` is ``torch``: oneDNN's calls from a second Python
+    thread start OpenMP work that costs far more there (SmolLM2-135M on 2 AVX-512 cores: plain
+    decoding at 8 tokens/s from a worker thread against 14 from the main thread; torch's kernel
+    13 from either)."""
     if requested not in LINEAR_KERNELS:
         raise MultitokenError(
             f"unknown kernel {requested!r} (choose from {', '.join(LINEAR_KERNELS)})",
@@ -65,6 +70,8 @@ def choose_linear_kernel(requested: str, model: nn.Module) -> str:
             "--linear-kernel",
         )
     if requested == "auto":
+        if threading.current_thread() is not threading.main_thread():
+            return "torch"
         largest = max((m.weight.numel() for m in _linears(model)), default=0)
         big = fits and largest >= AUTO_MIN_WEIGHTS
         return "onednn" if big and cpu_kind().startswith("AVX512") else "torch"
