@@ -187,7 +187,7 @@ def cost_model(trunk: nn.Module, q_max: int, context: list[int]) -> CostModel:
         return old
     # q = 1..4 each (a chain's K + 1), then 6, 8, 16 (a tree auto needs up to 33), doubling
     # for batches (CostModel.for_batch reads c(B·q)): the rest between: the first call of a
-    # tree auto times 8 q's, not 33 (SmolLM2-135M on 2 cores: 2.8 s)
+    # tree auto at batch 1 times 9 q's, not 33
     q_max = min(q_max, MAX_CURVE)
     qs = [q for q in (1, 2, 3, 4, 6, 8, 16, 32, 64, 128, 256) if q < q_max] + [q_max]
     curve = verify_cost(trunk, list(context[:CONTEXT_TOKENS]), q_max, AUTO_REPEATS, qs)
