@@ -54,8 +54,8 @@ def choose_linear_kernel(requested: str, model: nn.Module) -> str:
     than the verify passes gain (``python benchmarks/trunk_pass.py MODEL``). Off the main
     thread (the serving engine's) ``auto`` is ``torch``: oneDNN's calls from a second Python
     thread start OpenMP work that costs far more there (SmolLM2-135M on 2 AVX-512 cores: plain
-    decoding at 8 tokens/s from a worker thread against 14 from the main thread; torch's kernel
-    13 from either)."""
+    decoding at 9.4 tokens/s from a worker thread against 16.5 from the main thread; torch's
+    kernel 14.7 and 15.0: ``python benchmarks/worker_thread.py MODEL``)."""
     if requested not in LINEAR_KERNELS:
         raise MultitokenError(
             f"unknown kernel {requested!r} (choose from {', '.join(LINEAR_KERNELS)})",
